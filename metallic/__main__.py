@@ -1,0 +1,5 @@
+import sys
+
+from metallic.cli import main
+
+sys.exit(main())

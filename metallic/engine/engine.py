@@ -1,0 +1,215 @@
+"""The generation engine: load a GGUF model, then prefill, decode, sample and stream text.
+
+Runs one request at a time through a model step that already takes many sequences (flat token
+batch + per-sequence slices), so continuous batching can later schedule several.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from metallic.engine.detokenizer import StopMatcher, StreamingDetokenizer
+from metallic.engine.sampling import Sampler, SamplingParams, top_logprobs
+from metallic.errors import MetallicError
+from metallic.gguf.config import ModelConfig, config_from_metadata
+from metallic.gguf.default_model import default_model_path
+from metallic.gguf.reader import open_gguf
+from metallic.gguf.tokenizer import Tokenizer
+from metallic.models.transformer import SequenceSlice, Transformer
+from metallic.models.weights import load_weights
+from metallic.runtime.device import choose_device, choose_dtype
+from metallic.runtime.kv_cache import KVCache
+
+DEFAULT_CONTEXT = 4096
+PREFILL_CHUNK = 512  # bounds the attention score matrix of long prompts
+
+
+class PromptTooLong(MetallicError):
+    """The prompt does not leave room for a single generated token in the context."""
+
+
+@dataclass
+class GeneratedToken:
+    """One step's result: the chosen id, its text piece, and optionally the top log-probs."""
+
+    token_id: int
+    text: str
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    finish_reason: str = ""
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        steps = max(self.generated_tokens - 1, 0)  # the first token comes out of the prefill
+        return steps / self.decode_seconds if self.decode_seconds else 0.0
+
+
+class Engine:
+    """A loaded model ready to generate; create it with `metallic.load`."""
+
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        context_size: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.path = Path(path) if path is not None else default_model_path()
+        self.gguf = open_gguf(self.path)
+        self.config: ModelConfig = config_from_metadata(self.gguf.metadata, str(self.path))
+        self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
+        self.device = choose_device(device)
+        self.dtype = choose_dtype(self.device, dtype)
+        weights = load_weights(self.gguf, self.config, self.device, self.dtype, progress)
+        self.model = Transformer(self.config, weights, self.device)
+        ctx = context_size or min(self.config.context_length, DEFAULT_CONTEXT)
+        if ctx <= 1:
+            raise MetallicError(f"context size must be at least 2, got {ctx}")
+        self.cache = KVCache(self.config, 1, ctx, self.device)
+        self.sampler = Sampler(self.config.vocab_size, self.device, sorted(self.tokenizer.stop_ids))
+        self.last_stats = GenerationStats()
+
+    @property
+    def context_size(self) -> int:
+        return self.cache.context_size
+
+    def encode_prompt(self, prompt: str | list[int], *, truncate: bool = False) -> list[int]:
+        ids = (
+            self.tokenizer.encode(prompt, parse_special=True) if isinstance(prompt, str) else prompt
+        )
+        room = self.context_size - 1
+        if len(ids) > room:
+            if not truncate:
+                raise PromptTooLong(
+                    f"the prompt has {len(ids)} tokens but the context holds {self.context_size}"
+                    " (raise --ctx-size, or pass --truncate to keep the prompt's end)"
+                )
+            ids = ids[-room:]
+        if not ids:
+            raise MetallicError("the prompt is empty (and the model adds no BOS token)")
+        return ids
+
+    def _step(self, slot: int, tokens: list[int], start: int) -> torch.Tensor:
+        """Run `tokens` at positions start.. and return the logits of the last one [1, vocab]."""
+        logits = torch.empty(0)
+        for offset in range(0, len(tokens), PREFILL_CHUNK):
+            chunk = tokens[offset : offset + PREFILL_CHUNK]
+            batch = torch.tensor(chunk, device=self.device)
+            piece = SequenceSlice(slot=slot, start=start + offset, offset=0, length=len(chunk))
+            last = torch.tensor([len(chunk) - 1], device=self.device)
+            logits = self.model.forward(batch, [piece], self.cache, last)
+        return logits
+
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Teacher-forced logits [len, vocab] of every position (for evaluation and tests)."""
+        self.cache.check_room(len(token_ids))
+        slot = self.cache.allocate()
+        try:
+            rows = []
+            for offset in range(0, len(token_ids), PREFILL_CHUNK):
+                chunk = token_ids[offset : offset + PREFILL_CHUNK]
+                piece = SequenceSlice(slot=slot, start=offset, offset=0, length=len(chunk))
+                batch = torch.tensor(chunk, device=self.device)
+                rows.append(self.model.forward(batch, [piece], self.cache))
+            return torch.cat(rows)
+        finally:
+            self.cache.release(slot)
+
+    def generate_tokens(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        *,
+        logprobs: int = 0,
+        truncate: bool = False,
+    ) -> Iterator[GeneratedToken]:
+        """Yield each generated token with its text piece until EOS, a stop string or the limit."""
+        params.validate()
+        ids = self.encode_prompt(prompt, truncate=truncate)
+        limit = params.max_tokens or self.context_size
+        stats = GenerationStats(prompt_tokens=len(ids))
+        self.last_stats = stats
+        slot = self.cache.allocate()
+        seq_id = slot
+        self.sampler.add(seq_id, params, ids)
+        detok = StreamingDetokenizer(self.tokenizer)
+        stops = StopMatcher(params.stop)
+        try:
+            began = time.perf_counter()
+            logits = self._step(slot, ids, 0)
+            stats.prefill_seconds = time.perf_counter() - began
+            began = time.perf_counter()
+            position = len(ids)
+            while True:
+                token = int(self.sampler.sample(logits, [seq_id])[0])
+                stats.generated_tokens += 1
+                top = []
+                if logprobs:
+                    top_ids, top_lp = top_logprobs(logits, logprobs)
+                    top = list(zip(top_ids[0].tolist(), top_lp[0].tolist(), strict=True))
+                if token in self.tokenizer.stop_ids and not params.ignore_eos:
+                    stats.finish_reason = "stop"
+                    tail = stops.push(detok.flush()) + stops.flush()
+                    yield GeneratedToken(token, tail, top)
+                    break
+                text = stops.push(detok.push(token))
+                if stops.stopped:
+                    stats.finish_reason = "stop"
+                    yield GeneratedToken(token, text, top)
+                    break
+                if stats.generated_tokens >= limit or position + 1 >= self.context_size:
+                    stats.finish_reason = "length"
+                    yield GeneratedToken(
+                        token, text + stops.push(detok.flush()) + stops.flush(), top
+                    )
+                    break
+                yield GeneratedToken(token, text, top)
+                logits = self._step(slot, [token], position)
+                position += 1
+            stats.decode_seconds = time.perf_counter() - began
+        finally:
+            self.sampler.remove(seq_id)
+            self.cache.release(slot)
+
+    def stream(
+        self, prompt: str | list[int], max_tokens: int = 256, **sampling: object
+    ) -> Iterator[str]:
+        """Yield text pieces as they are generated (keyword arguments: `SamplingParams` fields)."""
+        params = _params(max_tokens, sampling)
+        for step in self.generate_tokens(prompt, params):
+            if step.text:
+                yield step.text
+
+    def generate(self, prompt: str | list[int], max_tokens: int = 256, **sampling: object) -> str:
+        """The whole completion of `prompt` as one string."""
+        return "".join(self.stream(prompt, max_tokens, **sampling))
+
+
+def _params(max_tokens: int, sampling: dict[str, object]) -> SamplingParams:
+    known = SamplingParams.__dataclass_fields__
+    unknown = sorted(set(sampling) - set(known))
+    if unknown:
+        raise MetallicError(f"unknown sampling option(s): {', '.join(unknown)}")
+    if "stop" in sampling and isinstance(sampling["stop"], (list, str)):
+        stop = sampling["stop"]
+        sampling = {**sampling, "stop": (stop,) if isinstance(stop, str) else tuple(stop)}
+    return replace(SamplingParams(), max_tokens=max_tokens, **sampling)  # type: ignore[arg-type]
+
+
+def load(path: str | Path | None = None, **options: object) -> Engine:
+    """Open a GGUF model (default: Gemma 3 270M Q4_K_M) and return a ready `Engine`."""
+    return Engine(path, **options)  # type: ignore[arg-type]

@@ -1,0 +1,17 @@
+"""Model-facing operations with one signature each: Triton kernels on CUDA, PyTorch elsewhere."""
+
+from metallic.ops.activation import gated_activation
+from metallic.ops.attention import attention
+from metallic.ops.linear import LinearWeight, linear
+from metallic.ops.norm import rms_norm
+from metallic.ops.rope import RopeTable, apply_rope
+
+__all__ = [
+    "LinearWeight",
+    "RopeTable",
+    "apply_rope",
+    "attention",
+    "gated_activation",
+    "linear",
+    "rms_norm",
+]

@@ -1,0 +1,38 @@
+"""Matrix products against weights kept as the device prefers them.
+
+On the CPU a weight is dequantized once at load into a compact dense dtype (the PyTorch path); on
+CUDA it stays in its ggml blocks and a Triton kernel dequantizes in registers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+
+
+@dataclass
+class LinearWeight:
+    """A [out_features, in_features] matrix plus optional bias, in the device's chosen form."""
+
+    out_features: int
+    in_features: int
+    ggml_type: GGMLQuantizationType
+    dense: torch.Tensor  # [out, in] in the compute dtype
+    bias: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        extra = self.bias.numel() * self.bias.element_size() if self.bias is not None else 0
+        return self.dense.numel() * self.dense.element_size() + extra
+
+
+def linear(x: torch.Tensor, weight: LinearWeight) -> torch.Tensor:
+    """`x @ W.T + b` with x [..., in]; the result keeps x's dtype."""
+    w = weight.dense
+    out = F.linear(x.to(w.dtype), w)
+    if weight.bias is not None:
+        out = out + weight.bias.to(out.dtype)
+    return out.to(x.dtype)

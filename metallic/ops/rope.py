@@ -1,0 +1,59 @@
+"""Rotary position embeddings: a cos/sin table per (base, scaling) and its application.
+
+`neox=True` rotates the two halves of each head (GPT-NeoX, used by qwen and gemma); `False` rotates
+adjacent pairs (GPT-J style, what llama.cpp's converter leaves llama models in).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RopeTable:
+    """Precomputed cos/sin for positions [0, max_positions), grown on demand."""
+
+    def __init__(
+        self,
+        rope_dim: int,
+        base: float,
+        *,
+        linear_scale: float = 1.0,
+        freq_factors: torch.Tensor | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        exponents = torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim
+        inv_freq = 1.0 / (base**exponents)
+        if freq_factors is not None:  # Llama-3 frequency scaling, stored as rope_freqs.weight
+            inv_freq = inv_freq / freq_factors.to(torch.float64)
+        self.inv_freq = inv_freq / linear_scale
+        self.rope_dim = rope_dim
+        self.device = torch.device(device)
+        self.cos = torch.empty(0, rope_dim // 2, device=self.device)
+        self.sin = torch.empty(0, rope_dim // 2, device=self.device)
+
+    def ensure(self, n_positions: int) -> None:
+        if n_positions <= self.cos.shape[0]:
+            return
+        size = max(n_positions, 2 * self.cos.shape[0], 256)
+        angles = torch.outer(torch.arange(size, dtype=torch.float64), self.inv_freq)
+        self.cos = angles.cos().float().to(self.device)
+        self.sin = angles.sin().float().to(self.device)
+
+
+def apply_rope(
+    x: torch.Tensor, positions: torch.Tensor, table: RopeTable, neox: bool
+) -> torch.Tensor:
+    """Rotate `x` [tokens, heads, head_dim] by each token's position; dims past rope_dim pass."""
+    table.ensure(int(positions.max()) + 1 if positions.numel() else 0)
+    half = table.rope_dim // 2
+    cos = table.cos[positions].unsqueeze(1)
+    sin = table.sin[positions].unsqueeze(1)
+    xf = x.float()
+    rot, rest = xf[..., : table.rope_dim], xf[..., table.rope_dim :]
+    if neox:
+        a, b = rot[..., :half], rot[..., half:]
+        out = torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
+    else:
+        a, b = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+    return torch.cat((out, rest), dim=-1).to(x.dtype) if rest.numel() else out.to(x.dtype)
