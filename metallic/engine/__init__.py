@@ -1,0 +1,1 @@
+"""Generation engine: sampling, streaming text output, and the decode loop."""
