@@ -1,0 +1,131 @@
+"""Rotary position embeddings as one in-place Triton kernel over queries and keys together.
+
+Computes exactly `metallic.ops.rope.apply_rope` (f32 math, the cos/sin of a `RopeTable`). Working
+in place means the dims past rope_dim are never touched, and one launch serves q and k.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from metallic.errors import MetallicError
+
+
+@triton.jit
+def _rope_kernel(
+    q_ptr,
+    k_ptr,
+    pos_ptr,
+    cos_ptr,
+    sin_ptr,
+    n_q_heads,
+    n_heads,
+    half,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_table,
+    NEOX: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    token = tl.program_id(0)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    pairs = tl.arange(0, BLOCK_HALF)
+    pair_ok = pairs < half
+    pos = tl.load(pos_ptr + token).to(tl.int64)
+    cos = tl.load(cos_ptr + pos * stride_table + pairs, mask=pair_ok, other=0.0)[None, :]
+    sin = tl.load(sin_ptr + pos * stride_table + pairs, mask=pair_ok, other=0.0)[None, :]
+    # Element offsets of the two members of each rotated pair.
+    if NEOX:
+        first, second = pairs, pairs + half
+    else:
+        first, second = 2 * pairs, 2 * pairs + 1
+    is_q = heads < n_q_heads
+    k_heads = heads - n_q_heads
+    q_rows = token * stride_qt + heads * stride_qh
+    k_rows = token * stride_kt + k_heads * stride_kh
+    mask_q = is_q[:, None] & pair_ok[None, :]
+    mask_k = ((heads >= n_q_heads) & (heads < n_heads))[:, None] & pair_ok[None, :]
+    _rotate(q_ptr, q_rows, mask_q, first, second, cos, sin)
+    _rotate(k_ptr, k_rows, mask_k, first, second, cos, sin)
+
+
+@triton.jit
+def _rotate(ptr, rows, mask, first, second, cos, sin):
+    """Rotate the pairs (first, second) of the rows at `rows` in place."""
+    a_ptrs = ptr + rows[:, None] + first[None, :]
+    b_ptrs = ptr + rows[:, None] + second[None, :]
+    a = tl.load(a_ptrs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptrs, mask=mask, other=0.0).to(tl.float32)
+    dtype = ptr.dtype.element_ty
+    tl.store(a_ptrs, (a * cos - b * sin).to(dtype), mask=mask)
+    tl.store(b_ptrs, (a * sin + b * cos).to(dtype), mask=mask)
+
+
+def _head_strides(t: torch.Tensor, name: str) -> tuple[int, int]:
+    if t.dim() != 3 or t.stride(-1) != 1:
+        raise MetallicError(
+            f"apply_rope: {name} must be [T, H, D] with a contiguous last dim, "
+            f"got shape {tuple(t.shape)} strides {t.stride()}"
+        )
+    return t.stride(0), t.stride(1)
+
+
+def apply_rope(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    neox: bool,
+) -> None:
+    """Rotate q [T, Hq, D] and k [T, Hkv, D] (or None) IN PLACE by each token's position.
+
+    cos/sin are a `RopeTable`'s [P, rope_dim / 2] f32 tables, already grown past the largest
+    position; rope_dim = 2 * cos.shape[1] may be smaller than D (the rest passes unchanged).
+    `neox` rotates the two halves of the rotated span, otherwise adjacent pairs.
+    """
+    stride_qt, stride_qh = _head_strides(q, "q")
+    stride_kt, stride_kh = _head_strides(k, "k") if k is not None else (0, 0)
+    n_tokens, n_q_heads, head_dim = q.shape
+    n_k_heads = 0 if k is None else k.shape[1]
+    half = cos.shape[1]
+    if k is not None and (k.shape[0] != n_tokens or k.shape[2] != head_dim or k.dtype != q.dtype):
+        raise MetallicError(
+            f"apply_rope: k {tuple(k.shape)} {k.dtype} does not go with q "
+            f"{tuple(q.shape)} {q.dtype}"
+        )
+    if positions.shape != (n_tokens,):
+        raise MetallicError(f"apply_rope: positions {tuple(positions.shape)} for {n_tokens} tokens")
+    if sin.shape != cos.shape or cos.stride(1) != 1 or sin.stride() != cos.stride():
+        raise MetallicError("apply_rope: cos and sin must be tables of one shape, rows contiguous")
+    if not 0 < 2 * half <= head_dim:
+        raise MetallicError(f"apply_rope: rope_dim {2 * half} does not fit head_dim {head_dim}")
+    if n_tokens == 0:
+        return
+    n_heads = n_q_heads + n_k_heads
+    block_half = triton.next_power_of_2(half)
+    block_h = min(triton.next_power_of_2(n_heads), max(1, 2048 // block_half))
+    _rope_kernel[(n_tokens, triton.cdiv(n_heads, block_h))](
+        q,
+        k if k is not None else q,
+        positions,
+        cos,
+        sin,
+        n_q_heads,
+        n_heads,
+        half,
+        stride_qt,
+        stride_qh,
+        stride_kt,
+        stride_kh,
+        cos.stride(0),
+        NEOX=neox,
+        BLOCK_H=block_h,
+        BLOCK_HALF=block_half,
+        num_warps=4,
+    )

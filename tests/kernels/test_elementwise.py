@@ -1,0 +1,141 @@
+"""RMSNorm, RoPE and gated-activation Triton kernels against the torch ops, in the interpreter."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CI has no GPU
+
+import pytest
+import torch
+
+from metallic.errors import MetallicError
+from metallic.kernels.activation import gated_activation
+from metallic.kernels.norm import rms_norm
+from metallic.kernels.rope import apply_rope
+from metallic.ops import activation as ref_activation
+from metallic.ops import norm as ref_norm
+from metallic.ops import rope as ref_rope
+
+TOLERANCE = {torch.float16: 2e-3, torch.float32: 2e-6}
+
+
+@pytest.fixture(autouse=True)
+def poisoned_allocations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every float buffer a wrapper allocates starts as NaN, so an unwritten element shows."""
+    real_empty = torch.empty
+
+    def nan_empty(*args: object, **kwargs: object) -> torch.Tensor:
+        tensor = real_empty(*args, **kwargs)
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("dim", [64, 640])
+def test_rms_norm_rows(dtype: torch.dtype, dim: int) -> None:
+    x = torch.randn(37, dim).to(dtype)
+    weight = torch.rand(dim) + 0.5
+    out = rms_norm(x, weight, 1e-6)
+    ref = ref_norm.rms_norm(x.double(), weight.double(), 1e-6)
+    assert out.dtype == dtype
+    assert relative_error(out, ref) < TOLERANCE[dtype]
+
+
+def test_rms_norm_per_head_on_a_strided_view() -> None:
+    """QK-norm: weight [head_dim] over each head of a [T, H, D] slice of a wider projection."""
+    tokens, heads, head_dim = 9, 3, 64
+    fused = torch.randn(tokens, heads * head_dim + 32).half()
+    x = fused[:, : heads * head_dim].view(tokens, heads, head_dim)
+    weight = torch.randn(head_dim)
+    out = rms_norm(x, weight, 1e-5)
+    ref = ref_norm.rms_norm(x.double(), weight.double(), 1e-5)
+    assert out.shape == x.shape
+    assert relative_error(out, ref) < TOLERANCE[torch.float16]
+
+
+def test_rms_norm_fused_residual_add() -> None:
+    x = torch.randn(11, 256).half()
+    residual = torch.randn(11, 256)
+    summed = residual + x.float()
+    weight = torch.randn(256)
+    out = rms_norm(x, weight, 1e-6, residual=residual)
+    assert torch.equal(residual, summed)  # written back in place
+    assert out.dtype == torch.float32
+    ref = ref_norm.rms_norm(summed.double(), weight.double(), 1e-6)
+    assert relative_error(out, ref) < TOLERANCE[torch.float32]
+
+
+def test_rms_norm_rejects_a_wrong_weight() -> None:
+    with pytest.raises(MetallicError, match="weight"):
+        rms_norm(torch.randn(4, 64), torch.ones(32), 1e-6)
+
+
+@pytest.mark.parametrize("neox", [True, False])
+@pytest.mark.parametrize(("head_dim", "rope_dim"), [(64, 64), (80, 32)])
+def test_rope_in_place_on_q_and_k(neox: bool, head_dim: int, rope_dim: int) -> None:
+    tokens, q_heads, k_heads = 7, 4, 2
+    table = ref_rope.RopeTable(rope_dim, 10000.0)
+    table.ensure(200)
+    positions = torch.randint(0, 200, (tokens,))
+    qkv = torch.randn(tokens, (q_heads + 2 * k_heads) * head_dim)
+    q = qkv[:, : q_heads * head_dim].view(tokens, q_heads, head_dim)
+    k = qkv[:, q_heads * head_dim : (q_heads + k_heads) * head_dim].view(tokens, k_heads, head_dim)
+    untouched_v = qkv[:, (q_heads + k_heads) * head_dim :].clone()
+    ref_q = ref_rope.apply_rope(q.double(), positions, table, neox)
+    ref_k = ref_rope.apply_rope(k.double(), positions, table, neox)
+    apply_rope(q, k, positions, table.cos, table.sin, neox)
+    assert relative_error(q, ref_q) < TOLERANCE[torch.float32]
+    assert relative_error(k, ref_k) < TOLERANCE[torch.float32]
+    assert torch.equal(qkv[:, (q_heads + k_heads) * head_dim :], untouched_v)
+
+
+def test_rope_half_precision_queries_only() -> None:
+    table = ref_rope.RopeTable(128, 1e6)
+    table.ensure(64)
+    positions = torch.arange(30, 35, dtype=torch.int32)
+    q = torch.randn(5, 3, 128).half()
+    ref = ref_rope.apply_rope(q.double(), positions, table, True)
+    apply_rope(q, None, positions, table.cos, table.sin, True)
+    assert relative_error(q, ref) < TOLERANCE[torch.float16]
+
+
+def test_rope_rejects_a_table_wider_than_the_head() -> None:
+    table = ref_rope.RopeTable(128, 1e4)
+    table.ensure(8)
+    q = torch.randn(2, 1, 64)
+    with pytest.raises(MetallicError, match="rope_dim"):
+        apply_rope(q, None, torch.zeros(2, dtype=torch.long), table.cos, table.sin, True)
+
+
+@pytest.mark.parametrize("kind", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_gated_activation_separate_and_fused(kind: str, dtype: torch.dtype) -> None:
+    width = 1100  # spans two column blocks, the second partial
+    gate_up = (3 * torch.randn(6, 2 * width)).to(dtype)
+    gate, up = gate_up[:, :width], gate_up[:, width:]
+    ref = ref_activation.gated_activation(gate.double(), up.double(), kind)
+    separate = gated_activation(gate.contiguous(), up.contiguous(), kind)
+    fused = gated_activation(gate_up, None, kind)
+    assert separate.dtype == fused.dtype == dtype
+    assert relative_error(separate, ref) < TOLERANCE[dtype]
+    assert torch.equal(separate, fused)
+
+
+def test_gated_activation_saturates_without_nan() -> None:
+    gate = torch.tensor([[-1e4, -100.0, 0.0, 100.0, 1e4]])
+    up = torch.ones_like(gate)
+    for kind in ("silu", "gelu_tanh"):
+        out = gated_activation(gate, up, kind)
+        ref = ref_activation.gated_activation(gate.double(), up.double(), kind)
+        assert torch.allclose(out.double(), ref, atol=1e-6), kind
+
+
+def test_gated_activation_rejects_an_unknown_kind() -> None:
+    with pytest.raises(MetallicError, match="relu"):
+        gated_activation(torch.randn(2, 8), None, "relu")
