@@ -72,6 +72,7 @@ I am afraid there is only salted fish." She laughed, and that evening the lamp w
 """
 
 TOP = 20  # logits kept per recorded position
+GGML_TYPE_F32 = 0
 
 
 def top_logits(row: np.ndarray) -> list[list[float]]:
@@ -91,9 +92,16 @@ def main() -> int:
     llm = Llama(
         model_path=args.model,
         n_ctx=2048,
-        n_batch=512,
+        # One token per micro-batch: every position takes ggml's decode (GEMV) path, whose
+        # activation rounding metallic's "ggml" numerics reproduce; batched GEMM kernels
+        # quantize activation rows in interleaved groups and round slightly differently.
+        n_batch=1,
+        n_ubatch=1,
         logits_all=True,
         n_threads=args.threads,
+        flash_attn=False,  # the CPU flash-attention path accumulates V in f16
+        type_k=GGML_TYPE_F32,  # f32 KV cache: compare models, not cache rounding
+        type_v=GGML_TYPE_F32,
         verbose=False,
     )
     prompts = []
@@ -126,6 +134,7 @@ def main() -> int:
     fixture = {
         "model": Path(args.model).name,
         "llama_cpp": __import__("llama_cpp").__version__,
+        "settings": "n_ubatch=1, f32 KV cache, flash attention off, 2 threads",
         "prompts": prompts,
         "teacher_forcing": {
             "ids": ids,

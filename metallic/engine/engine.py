@@ -27,6 +27,9 @@ from metallic.runtime.kv_cache import KVCache
 
 DEFAULT_CONTEXT = 4096
 PREFILL_CHUNK = 512  # bounds the attention score matrix of long prompts
+# "ggml": round activations like llama.cpp's CPU backend, to give its text token for token;
+# "exact": plain f32 products of the exactly dequantized weights.
+NUMERICS = ("ggml", "exact")
 
 
 class PromptTooLong(MetallicError):
@@ -66,6 +69,7 @@ class Engine:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         context_size: int | None = None,
+        numerics: str | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> None:
         self.path = Path(path) if path is not None else default_model_path()
@@ -74,8 +78,14 @@ class Engine:
         self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
         self.device = choose_device(device)
         self.dtype = choose_dtype(self.device, dtype)
-        weights = load_weights(self.gguf, self.config, self.device, self.dtype, progress)
-        self.model = Transformer(self.config, weights, self.device)
+        self.numerics = numerics or ("ggml" if self.device.type == "cpu" else "exact")
+        if self.numerics not in NUMERICS:
+            raise MetallicError(f"unknown numerics {self.numerics!r} (choose ggml or exact)")
+        ggml = self.numerics == "ggml"
+        weights = load_weights(
+            self.gguf, self.config, self.device, self.dtype, progress, ggml_numerics=ggml
+        )
+        self.model = Transformer(self.config, weights, self.device, ggml_numerics=ggml)
         ctx = context_size or min(self.config.context_length, DEFAULT_CONTEXT)
         if ctx <= 1:
             raise MetallicError(f"context size must be at least 2, got {ctx}")

@@ -28,8 +28,16 @@ class SequenceSlice:
 
 
 class Transformer:
-    def __init__(self, config: ModelConfig, weights: ModelWeights, device: torch.device) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: ModelWeights,
+        device: torch.device,
+        *,
+        ggml_numerics: bool = False,
+    ) -> None:
         self.config = config
+        self.ggml_numerics = ggml_numerics
         self.weights = weights
         self.device = device
         tables: dict[float, RopeTable] = {}
@@ -102,7 +110,10 @@ class Transformer:
             h = rms_norm(h, w.post_attn_norm, c.rms_eps)
         x = x + h
         h = rms_norm(x, w.ffn_norm, c.rms_eps)
-        h = linear(gated_activation(linear(h, w.gate), linear(h, w.up), c.activation), w.down)
+        gate, up = linear(h, w.gate), linear(h, w.up)
+        h = linear(
+            gated_activation(gate, up, c.activation, ggml_numerics=self.ggml_numerics), w.down
+        )
         if w.post_ffn_norm is not None:
             h = rms_norm(h, w.post_ffn_norm, c.rms_eps)
         return x + h

@@ -16,6 +16,7 @@ from metallic.errors import GGUFError, MetallicError
 from metallic.gguf.config import ModelConfig
 from metallic.gguf.reader import GGUFFile, TensorInfo
 from metallic.ops.linear import LinearWeight
+from metallic.quant.activation import vec_dot_format
 from metallic.quant.formats import block_format
 from metallic.quant.reference import dequantize_rows
 
@@ -73,10 +74,13 @@ def _all_tensors(w: ModelWeights) -> list[torch.Tensor]:
 class WeightLoader:
     """Dequantizes tensors from the map into dense device tensors of the compute dtype."""
 
-    def __init__(self, gguf: GGUFFile, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, gguf: GGUFFile, device: torch.device, dtype: torch.dtype, ggml_numerics: bool
+    ) -> None:
         self.gguf = gguf
         self.device = device
         self.dtype = dtype
+        self.ggml_numerics = ggml_numerics
 
     def _info(self, name: str) -> TensorInfo:
         info = self.gguf.tensors.get(name)
@@ -109,6 +113,7 @@ class WeightLoader:
             ggml_type=info.ggml_type,
             dense=dense.to(self.device),
             bias=self.vector(bias) if bias else None,
+            activation_format=vec_dot_format(info.ggml_type) if self.ggml_numerics else None,
         )
 
 
@@ -118,9 +123,13 @@ def load_weights(
     device: torch.device,
     dtype: torch.dtype,
     progress: Callable[[int, int], None] | None = None,
+    *,
+    ggml_numerics: bool = False,
 ) -> ModelWeights:
-    """Build every layer's weights; `progress(done, total)` is called after each layer."""
-    load = WeightLoader(gguf, device, dtype)
+    """Build every layer's weights; `progress(done, total)` is called after each layer.
+
+    With `ggml_numerics`, each matrix rounds its input as ggml's CPU backend would."""
+    load = WeightLoader(gguf, device, dtype, ggml_numerics)
     c = config
     total = c.n_layers + 1
     tied = not load.has("output.weight")

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
+from metallic.quant.activation import round_activation
+
 
 @dataclass
 class LinearWeight:
@@ -22,6 +24,7 @@ class LinearWeight:
     ggml_type: GGMLQuantizationType
     dense: torch.Tensor  # [out, in] in the compute dtype
     bias: torch.Tensor | None = None
+    activation_format: str | None = None  # round x as ggml would (see quant.activation)
 
     @property
     def nbytes(self) -> int:
@@ -32,6 +35,8 @@ class LinearWeight:
 def linear(x: torch.Tensor, weight: LinearWeight) -> torch.Tensor:
     """`x @ W.T + b` with x [..., in]; the result keeps x's dtype."""
     w = weight.dense
+    if weight.activation_format is not None:
+        x = round_activation(x.float(), weight.activation_format)
     out = F.linear(x.to(w.dtype), w)
     if weight.bias is not None:
         out = out + weight.bias.to(out.dtype)
