@@ -22,14 +22,11 @@ from metallic.gguf.reader import open_gguf
 from metallic.gguf.tokenizer import Tokenizer
 from metallic.models.transformer import SequenceSlice, Transformer
 from metallic.models.weights import load_weights
-from metallic.runtime.device import choose_device, choose_dtype
+from metallic.runtime.device import choose_device, choose_dtype, choose_vocab_dtype
 from metallic.runtime.kv_cache import KVCache
 
 DEFAULT_CONTEXT = 4096
 PREFILL_CHUNK = 512  # bounds the attention score matrix of long prompts
-# "ggml": round activations like llama.cpp's CPU backend, to give its text token for token;
-# "exact": plain f32 products of the exactly dequantized weights.
-NUMERICS = ("ggml", "exact")
 
 
 class PromptTooLong(MetallicError):
@@ -69,7 +66,6 @@ class Engine:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         context_size: int | None = None,
-        numerics: str | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> None:
         self.path = Path(path) if path is not None else default_model_path()
@@ -78,14 +74,15 @@ class Engine:
         self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
         self.device = choose_device(device)
         self.dtype = choose_dtype(self.device, dtype)
-        self.numerics = numerics or ("ggml" if self.device.type == "cpu" else "exact")
-        if self.numerics not in NUMERICS:
-            raise MetallicError(f"unknown numerics {self.numerics!r} (choose ggml or exact)")
-        ggml = self.numerics == "ggml"
         weights = load_weights(
-            self.gguf, self.config, self.device, self.dtype, progress, ggml_numerics=ggml
+            self.gguf,
+            self.config,
+            self.device,
+            self.dtype,
+            progress,
+            vocab_dtype=choose_vocab_dtype(self.device, self.dtype),
         )
-        self.model = Transformer(self.config, weights, self.device, ggml_numerics=ggml)
+        self.model = Transformer(self.config, weights, self.device)
         ctx = context_size or min(self.config.context_length, DEFAULT_CONTEXT)
         if ctx <= 1:
             raise MetallicError(f"context size must be at least 2, got {ctx}")

@@ -33,11 +33,8 @@ class Transformer:
         config: ModelConfig,
         weights: ModelWeights,
         device: torch.device,
-        *,
-        ggml_numerics: bool = False,
     ) -> None:
         self.config = config
-        self.ggml_numerics = ggml_numerics
         self.weights = weights
         self.device = device
         tables: dict[float, RopeTable] = {}
@@ -68,11 +65,12 @@ class Transformer:
         positions = torch.cat(
             [torch.arange(s.start, s.start + s.length, device=self.device) for s in slices]
         )
+        angles = {id(t): t.angles(positions) for t in self.rope}
         x = self.weights.embedding[tokens].float()
         if c.embed_scale != 1.0:
             x = x * c.embed_scale
         for i, layer in enumerate(self.weights.layers):
-            x = self._block(i, layer, x, positions, slices, cache)
+            x = self._block(i, layer, x, positions, angles[id(self.rope[i])], slices, cache)
         if logit_rows is not None:
             x = x[logit_rows]
         x = rms_norm(x, self.weights.output_norm, c.rms_eps)
@@ -84,19 +82,21 @@ class Transformer:
         w: LayerWeights,
         x: torch.Tensor,
         positions: torch.Tensor,
+        angles: tuple[torch.Tensor, torch.Tensor],
         slices: list[SequenceSlice],
         cache: KVCache,
     ) -> torch.Tensor:
         c = self.config
         h = rms_norm(x, w.attn_norm, c.rms_eps)
-        q = linear(h, w.q).view(-1, c.n_heads, c.head_dim)
-        k = linear(h, w.k).view(-1, c.n_kv_heads, c.head_dim)
-        v = linear(h, w.v).view(-1, c.n_kv_heads, c.head_dim)
+        q, k, v = linear(h, w.qkv).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        q = q.reshape(-1, c.n_heads, c.head_dim)
+        k = k.reshape(-1, c.n_kv_heads, c.head_dim)
+        v = v.reshape(-1, c.n_kv_heads, c.head_dim)
         if w.q_norm is not None and w.k_norm is not None:
             q = rms_norm(q, w.q_norm, c.rms_eps)
             k = rms_norm(k, w.k_norm, c.rms_eps)
-        q = apply_rope(q, positions, self.rope[i], c.rope_neox)
-        k = apply_rope(k, positions, self.rope[i], c.rope_neox)
+        q = apply_rope(q, angles, c.rope_dim, c.rope_neox)
+        k = apply_rope(k, angles, c.rope_dim, c.rope_neox)
         window = c.sliding_window if c.is_sliding(i) else 0
         out = torch.empty_like(q)
         for s in slices:
@@ -110,10 +110,8 @@ class Transformer:
             h = rms_norm(h, w.post_attn_norm, c.rms_eps)
         x = x + h
         h = rms_norm(x, w.ffn_norm, c.rms_eps)
-        gate, up = linear(h, w.gate), linear(h, w.up)
-        h = linear(
-            gated_activation(gate, up, c.activation, ggml_numerics=self.ggml_numerics), w.down
-        )
+        gate, up = linear(h, w.gate_up).chunk(2, dim=-1)
+        h = linear(gated_activation(gate, up, c.activation), w.down)
         if w.post_ffn_norm is not None:
             h = rms_norm(h, w.post_ffn_norm, c.rms_eps)
         return x + h

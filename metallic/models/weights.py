@@ -15,8 +15,7 @@ import torch
 from metallic.errors import GGUFError, MetallicError
 from metallic.gguf.config import ModelConfig
 from metallic.gguf.reader import GGUFFile, TensorInfo
-from metallic.ops.linear import LinearWeight
-from metallic.quant.activation import vec_dot_format
+from metallic.ops.linear import LinearWeight, stack
 from metallic.quant.formats import block_format
 from metallic.quant.reference import dequantize_rows
 
@@ -24,13 +23,10 @@ from metallic.quant.reference import dequantize_rows
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor
-    q: LinearWeight
-    k: LinearWeight
-    v: LinearWeight
+    qkv: LinearWeight  # q | k | v stacked
     o: LinearWeight
     ffn_norm: torch.Tensor
-    gate: LinearWeight
-    up: LinearWeight
+    gate_up: LinearWeight  # gate | up stacked
     down: LinearWeight
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
@@ -60,6 +56,8 @@ class ModelWeights:
 
 def _all_tensors(w: ModelWeights) -> list[torch.Tensor]:
     tensors = [w.embedding, w.output.dense, w.output_norm]
+    if w.rope_freqs is not None:
+        tensors.append(w.rope_freqs)
     for layer in w.layers:
         for value in vars(layer).values():
             if isinstance(value, LinearWeight):
@@ -74,13 +72,10 @@ def _all_tensors(w: ModelWeights) -> list[torch.Tensor]:
 class WeightLoader:
     """Dequantizes tensors from the map into dense device tensors of the compute dtype."""
 
-    def __init__(
-        self, gguf: GGUFFile, device: torch.device, dtype: torch.dtype, ggml_numerics: bool
-    ) -> None:
+    def __init__(self, gguf: GGUFFile, device: torch.device, dtype: torch.dtype) -> None:
         self.gguf = gguf
         self.device = device
         self.dtype = dtype
-        self.ggml_numerics = ggml_numerics
 
     def _info(self, name: str) -> TensorInfo:
         info = self.gguf.tensors.get(name)
@@ -100,20 +95,27 @@ class WeightLoader:
         info = self._info(name)
         return dequantize_rows(info.raw_bytes(), info.ggml_type, info.shape).to(self.device)
 
-    def matrix(self, name: str, rows: int, cols: int, bias: str | None = None) -> LinearWeight:
+    def matrix(
+        self,
+        name: str,
+        rows: int,
+        cols: int,
+        bias: str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> LinearWeight:
         info = self._info(name)
         if info.shape != (rows, cols):
             raise GGUFError(
                 self.gguf.path, f"tensor {name} has shape {info.shape}, expected {(rows, cols)}"
             )
-        dense = dequantize_rows(info.raw_bytes(), info.ggml_type, info.shape, dtype=self.dtype)
+        dense = dequantize_rows(
+            info.raw_bytes(), info.ggml_type, info.shape, dtype=dtype or self.dtype
+        )
         return LinearWeight(
-            out_features=rows,
-            in_features=cols,
-            ggml_type=info.ggml_type,
             dense=dense.to(self.device),
+            ggml_types=(info.ggml_type,),
+            part_rows=(rows,),
             bias=self.vector(bias) if bias else None,
-            activation_format=vec_dot_format(info.ggml_type) if self.ggml_numerics else None,
         )
 
 
@@ -124,17 +126,18 @@ def load_weights(
     dtype: torch.dtype,
     progress: Callable[[int, int], None] | None = None,
     *,
-    ggml_numerics: bool = False,
+    vocab_dtype: torch.dtype | None = None,
 ) -> ModelWeights:
     """Build every layer's weights; `progress(done, total)` is called after each layer.
 
-    With `ggml_numerics`, each matrix rounds its input as ggml's CPU backend would."""
-    load = WeightLoader(gguf, device, dtype, ggml_numerics)
+    `vocab_dtype` overrides `dtype` for the (largest) embedding/output matrix."""
+    load = WeightLoader(gguf, device, dtype)
     c = config
     total = c.n_layers + 1
     tied = not load.has("output.weight")
-    embedding = load.matrix("token_embd.weight", c.vocab_size, c.hidden_size)
-    output = embedding if tied else load.matrix("output.weight", c.vocab_size, c.hidden_size)
+    vocab = (c.vocab_size, c.hidden_size)
+    embedding = load.matrix("token_embd.weight", *vocab, dtype=vocab_dtype)
+    output = embedding if tied else load.matrix("output.weight", *vocab, dtype=vocab_dtype)
     rope_freqs = load.vector("rope_freqs.weight") if load.has("rope_freqs.weight") else None
     if progress:
         progress(1, total)
@@ -147,13 +150,21 @@ def load_weights(
 
         layer = LayerWeights(
             attn_norm=load.vector(p + "attn_norm.weight"),
-            q=load.matrix(p + "attn_q.weight", c.q_size, c.hidden_size, bias("q")),
-            k=load.matrix(p + "attn_k.weight", c.kv_size, c.hidden_size, bias("k")),
-            v=load.matrix(p + "attn_v.weight", c.kv_size, c.hidden_size, bias("v")),
+            qkv=stack(
+                [
+                    load.matrix(p + "attn_q.weight", c.q_size, c.hidden_size, bias("q")),
+                    load.matrix(p + "attn_k.weight", c.kv_size, c.hidden_size, bias("k")),
+                    load.matrix(p + "attn_v.weight", c.kv_size, c.hidden_size, bias("v")),
+                ]
+            ),
             o=load.matrix(p + "attn_output.weight", c.hidden_size, c.q_size),
             ffn_norm=load.vector(p + "ffn_norm.weight"),
-            gate=load.matrix(p + "ffn_gate.weight", c.ffn_size, c.hidden_size),
-            up=load.matrix(p + "ffn_up.weight", c.ffn_size, c.hidden_size),
+            gate_up=stack(
+                [
+                    load.matrix(p + "ffn_gate.weight", c.ffn_size, c.hidden_size),
+                    load.matrix(p + "ffn_up.weight", c.ffn_size, c.hidden_size),
+                ]
+            ),
             down=load.matrix(p + "ffn_down.weight", c.hidden_size, c.ffn_size),
         )
         if c.qk_norm:

@@ -20,17 +20,23 @@ def attention(
     window: int = 0,
 ) -> torch.Tensor:
     """q [T, Hq, D], k/v [S, Hkv, D] -> [T, Hq, D]; key j is visible to query i when
-    `k_pos[j] <= q_pos[i]` and, with a window W > 0, `q_pos[i] - k_pos[j] < W`."""
-    n_rep = q.shape[1] // k.shape[1]
+    `k_pos[j] <= q_pos[i]` and, with a window W > 0, `q_pos[i] - k_pos[j] < W`.
+
+    Query heads sharing a KV head are folded into that head's query rows, so GQA never copies
+    keys or values."""
+    n_tokens, n_heads, head_dim = q.shape
+    n_kv = k.shape[1]
+    group = n_heads // n_kv
     delta = q_positions[:, None] - k_positions[None, :]
     visible = delta >= 0
     if window:
         visible &= delta < window
-    qh = q.transpose(0, 1).float()
-    kh = k.transpose(0, 1).float()
-    vh = v.transpose(0, 1).float()
-    if n_rep > 1:
-        kh = kh.repeat_interleave(n_rep, dim=0)
-        vh = vh.repeat_interleave(n_rep, dim=0)
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=visible, scale=scale)
-    return out.transpose(0, 1).to(q.dtype)
+    # [T, Hkv, group, D] -> [Hkv, group * T, D]: rows ordered (group member, token)
+    qg = q.float().view(n_tokens, n_kv, group, head_dim).permute(1, 2, 0, 3)
+    qg = qg.reshape(n_kv, group * n_tokens, head_dim)
+    mask = visible.repeat(group, 1)
+    out = F.scaled_dot_product_attention(
+        qg, k.float().transpose(0, 1), v.float().transpose(0, 1), attn_mask=mask, scale=scale
+    )
+    out = out.view(n_kv, group, n_tokens, head_dim).permute(2, 0, 1, 3)
+    return out.reshape(n_tokens, n_heads, head_dim).to(q.dtype)

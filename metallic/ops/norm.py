@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`x / rms(x) * weight`; GGUF stores Gemma's (1 + w) already folded into `weight`."""
-    xf = x.float()
-    scaled = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (scaled * weight.float()).to(x.dtype)
+    out = F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps)
+    return out.to(x.dtype)

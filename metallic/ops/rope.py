@@ -39,17 +39,22 @@ class RopeTable:
         self.cos = angles.cos().float().to(self.device)
         self.sin = angles.sin().float().to(self.device)
 
+    def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [tokens, 1, rope_dim/2] at `positions`: gathered once per step and
+        shared by every layer using this table."""
+        self.ensure(int(positions.max()) + 1 if positions.numel() else 0)
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
 
 def apply_rope(
-    x: torch.Tensor, positions: torch.Tensor, table: RopeTable, neox: bool
+    x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor], rope_dim: int, neox: bool
 ) -> torch.Tensor:
-    """Rotate `x` [tokens, heads, head_dim] by each token's position; dims past rope_dim pass."""
-    table.ensure(int(positions.max()) + 1 if positions.numel() else 0)
-    half = table.rope_dim // 2
-    cos = table.cos[positions].unsqueeze(1)
-    sin = table.sin[positions].unsqueeze(1)
+    """Rotate `x` [tokens, heads, head_dim] by `RopeTable.angles` of its tokens' positions; dims
+    past rope_dim pass unchanged."""
+    cos, sin = angles
+    half = rope_dim // 2
     xf = x.float()
-    rot, rest = xf[..., : table.rope_dim], xf[..., table.rope_dim :]
+    rot, rest = xf[..., :rope_dim], xf[..., rope_dim:]
     if neox:
         a, b = rot[..., :half], rot[..., half:]
         out = torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
