@@ -14,29 +14,31 @@ from metallic.errors import MetallicError
 Message = Mapping[str, str]
 
 # Built-in templates for files without `tokenizer.chat_template`, by model family.
+# Whitespace that matters is written as string literals, so Jinja's block trimming cannot eat it.
 GEMMA_TEMPLATE = (
     "{{ bos_token }}"
-    "{%- set first = 0 -%}{%- set system = '' -%}"
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{%- set system = messages[0]['content'] + '\n\n' -%}{%- set first = 1 -%}{%- endif -%}"
-    "{%- for m in messages[first:] -%}"
-    "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
-    "{{ system if loop.first else '' }}{{ m['content'] | trim }}<end_of_turn>\n"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt %}<start_of_turn>model\n{% endif -%}"
+    "{% set system = messages[0]['content'] ~ '\\n\\n' if messages and "
+    "messages[0]['role'] == 'system' else '' %}"
+    "{% for m in messages if m['role'] != 'system' %}"
+    "{{ '<start_of_turn>' ~ ('model' if m['role'] == 'assistant' else 'user') ~ '\\n' }}"
+    "{{ (system if loop.first else '') ~ (m['content'] | trim) ~ '<end_of_turn>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
 )
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}"
-    "{%- for m in messages -%}"
-    "<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] | trim }}<|eot_id|>"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif -%}"
+    "{% for m in messages %}"
+    "{{ '<|start_header_id|>' ~ m['role'] ~ '<|end_header_id|>\\n\\n' }}"
+    "{{ (m['content'] | trim) ~ '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
 CHATML_TEMPLATE = (
-    "{%- for m in messages -%}"
-    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif -%}"
+    "{% for m in messages %}"
+    "{{ '<|im_start|>' ~ m['role'] ~ '\\n' ~ m['content'] ~ '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 BUILTIN_TEMPLATES = {"gemma3": GEMMA_TEMPLATE, "qwen2": CHATML_TEMPLATE, "qwen3": CHATML_TEMPLATE}
 
