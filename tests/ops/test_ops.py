@@ -78,3 +78,15 @@ def test_gated_activations():
     )
     torch.testing.assert_close(gated_activation(g, u, "silu").double(), silu)
     torch.testing.assert_close(gated_activation(g, u, "gelu_tanh").double(), gelu)
+
+
+def test_llama3_frequency_factors_and_linear_scaling():
+    """rope_freqs.weight divides each frequency; rope.scaling.type linear divides positions."""
+    factors = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    table = RopeTable(8, 10000.0, freq_factors=factors, linear_scale=2.0)
+    expected = 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8) / factors.double() / 2
+    torch.testing.assert_close(table.inv_freq, expected)
+    cos, _ = table.angles(torch.tensor([5]))
+    torch.testing.assert_close(
+        cos.flatten().double(), torch.cos(5 * expected), rtol=1e-6, atol=1e-6
+    )
