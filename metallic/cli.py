@@ -183,7 +183,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         for step in engine.generate_tokens(args.prompt, params, truncate=args.truncate):
             print(step.text, end="", flush=True)
-        print()
+        print(flush=True)
     if args.stats:
         s = engine.last_stats
         print(

@@ -108,33 +108,37 @@ class Engine:
             ids = ids[-room:]
         if not ids:
             raise MetallicError("the prompt is empty (and the model adds no BOS token)")
+        self._check_ids(ids)
         return ids
 
-    def _step(self, slot: int, tokens: list[int], start: int) -> torch.Tensor:
-        """Run `tokens` at positions start.. and return the logits of the last one [1, vocab]."""
-        logits = torch.empty(0)
+    def _run(self, slot: int, tokens: list[int], start: int, *, every_row: bool) -> torch.Tensor:
+        """Feed `tokens` at positions start.. in chunks; return the logits of every row [T, V]
+        or of the last one only [1, V] (all a generation step needs)."""
+        rows = []
         for offset in range(0, len(tokens), PREFILL_CHUNK):
             chunk = tokens[offset : offset + PREFILL_CHUNK]
             batch = torch.tensor(chunk, device=self.device)
             piece = SequenceSlice(slot=slot, start=start + offset, offset=0, length=len(chunk))
-            last = torch.tensor([len(chunk) - 1], device=self.device)
-            logits = self.model.forward(batch, [piece], self.cache, last)
-        return logits
+            last = None if every_row else torch.tensor([len(chunk) - 1], device=self.device)
+            rows.append(self.model.forward(batch, [piece], self.cache, last))
+        return torch.cat(rows) if every_row else rows[-1]
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """Teacher-forced logits [len, vocab] of every position (for evaluation and tests)."""
+        self._check_ids(token_ids)
         self.cache.check_room(len(token_ids))
         slot = self.cache.allocate()
         try:
-            rows = []
-            for offset in range(0, len(token_ids), PREFILL_CHUNK):
-                chunk = token_ids[offset : offset + PREFILL_CHUNK]
-                piece = SequenceSlice(slot=slot, start=offset, offset=0, length=len(chunk))
-                batch = torch.tensor(chunk, device=self.device)
-                rows.append(self.model.forward(batch, [piece], self.cache))
-            return torch.cat(rows)
+            return self._run(slot, token_ids, 0, every_row=True)
         finally:
             self.cache.release(slot)
+
+    def _check_ids(self, ids: list[int]) -> None:
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise MetallicError(
+                f"token id {bad[0]} is outside the vocabulary of {self.config.vocab_size}"
+            )
 
     def generate_tokens(
         self,
@@ -157,7 +161,7 @@ class Engine:
         stops = StopMatcher(params.stop)
         try:
             began = time.perf_counter()
-            logits = self._step(slot, ids, 0)
+            logits = self._run(slot, ids, 0, every_row=False)
             stats.prefill_seconds = time.perf_counter() - began
             began = time.perf_counter()
             position = len(ids)
@@ -168,24 +172,23 @@ class Engine:
                 if logprobs:
                     top_ids, top_lp = top_logprobs(logits, logprobs)
                     top = list(zip(top_ids[0].tolist(), top_lp[0].tolist(), strict=True))
+                finish = ""
                 if token in self.tokenizer.stop_ids and not params.ignore_eos:
-                    stats.finish_reason = "stop"
-                    tail = stops.push(detok.flush()) + stops.flush()
-                    yield GeneratedToken(token, tail, top)
-                    break
-                text = stops.push(detok.push(token))
-                if stops.stopped:
-                    stats.finish_reason = "stop"
+                    text, finish = "", "stop"
+                else:
+                    text = stops.push(detok.push(token))
+                    if stops.stopped:
+                        finish = "stop"
+                    elif stats.generated_tokens >= limit or position + 1 >= self.context_size:
+                        finish = "length"
+                if finish:
+                    if not stops.stopped:  # release text held back for a possible stop string
+                        text += stops.push(detok.flush()) + stops.flush()
+                    stats.finish_reason = finish
                     yield GeneratedToken(token, text, top)
                     break
-                if stats.generated_tokens >= limit or position + 1 >= self.context_size:
-                    stats.finish_reason = "length"
-                    yield GeneratedToken(
-                        token, text + stops.push(detok.flush()) + stops.flush(), top
-                    )
-                    break
                 yield GeneratedToken(token, text, top)
-                logits = self._step(slot, [token], position)
+                logits = self._run(slot, [token], position, every_row=False)
                 position += 1
             stats.decode_seconds = time.perf_counter() - began
         finally:

@@ -77,3 +77,10 @@ def test_cache_slots_are_reused(engine: Engine) -> None:
 def test_unknown_option(engine: Engine) -> None:
     with pytest.raises(MetallicError, match="unknown sampling option"):
         engine.generate("abc", max_tokens=3, temprature=0.5)
+
+
+def test_token_ids_outside_the_vocabulary(engine: Engine) -> None:
+    with pytest.raises(MetallicError, match="outside the vocabulary"):
+        engine.generate([1, 99999], max_tokens=2)
+    with pytest.raises(MetallicError, match="outside the vocabulary"):
+        engine.logits([-1])
