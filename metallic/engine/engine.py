@@ -66,8 +66,12 @@ class Engine:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         context_size: int | None = None,
+        native: bool = False,
         progress: Callable[[int, int], None] | None = None,
     ) -> None:
+        """`native` (experimental, not yet measured on a GPU) keeps the layers' matrices in
+        their GGUF blocks and multiplies with the Triton kernels instead of dequantizing at
+        load; it needs triton (and a CUDA device, or TRITON_INTERPRET=1 on the CPU)."""
         self.path = Path(path) if path is not None else default_model_path()
         self.gguf = open_gguf(self.path)
         self.config: ModelConfig = config_from_metadata(self.gguf.metadata, str(self.path))
@@ -81,6 +85,7 @@ class Engine:
             self.dtype,
             progress,
             vocab_dtype=choose_vocab_dtype(self.device, self.dtype),
+            native=native,
         )
         self.model = Transformer(self.config, weights, self.device)
         ctx = context_size or min(self.config.context_length, DEFAULT_CONTEXT)

@@ -55,13 +55,16 @@ class ModelWeights:
 
 
 def _all_tensors(w: ModelWeights) -> list[torch.Tensor]:
-    tensors = [w.embedding, w.output.dense, w.output_norm]
+    tensors = [w.embedding, w.output.dense, w.output_norm]  # the output is always dense
     if w.rope_freqs is not None:
         tensors.append(w.rope_freqs)
     for layer in w.layers:
         for value in vars(layer).values():
             if isinstance(value, LinearWeight):
-                tensors.append(value.dense)
+                if value.dense is not None:
+                    tensors.append(value.dense)
+                for packed in value.native or ():
+                    tensors.extend(packed.planes)
                 if value.bias is not None:
                     tensors.append(value.bias)
             elif value is not None:
@@ -70,12 +73,16 @@ def _all_tensors(w: ModelWeights) -> list[torch.Tensor]:
 
 
 class WeightLoader:
-    """Dequantizes tensors from the map into dense device tensors of the compute dtype."""
+    """Turns mapped tensors into device weights: dense in the compute dtype, or (`native`) the
+    GGUF blocks themselves for the Triton kernels, where the kernels know the format."""
 
-    def __init__(self, gguf: GGUFFile, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, gguf: GGUFFile, device: torch.device, dtype: torch.dtype, native: bool = False
+    ) -> None:
         self.gguf = gguf
         self.device = device
         self.dtype = dtype
+        self.native = native
 
     def _info(self, name: str) -> TensorInfo:
         info = self.gguf.tensors.get(name)
@@ -108,14 +115,21 @@ class WeightLoader:
             raise GGUFError(
                 self.gguf.path, f"tensor {name} has shape {info.shape}, expected {(rows, cols)}"
             )
+        bias_vector = self.vector(bias) if bias else None
+        if self.native and dtype is None:
+            from metallic.kernels import KERNEL_TYPES, prepare_weight
+
+            if info.ggml_type in KERNEL_TYPES:
+                raw = info.raw_bytes().to(self.device)
+                packed = prepare_weight(raw, info.ggml_type, rows, cols, tensor_name=name)
+                return LinearWeight(
+                    (info.ggml_type,), (rows,), cols, native=(packed,), bias=bias_vector
+                )
         dense = dequantize_rows(
             info.raw_bytes(), info.ggml_type, info.shape, dtype=dtype or self.dtype
         )
         return LinearWeight(
-            dense=dense.to(self.device),
-            ggml_types=(info.ggml_type,),
-            part_rows=(rows,),
-            bias=self.vector(bias) if bias else None,
+            (info.ggml_type,), (rows,), cols, dense=dense.to(self.device), bias=bias_vector
         )
 
 
@@ -127,14 +141,17 @@ def load_weights(
     progress: Callable[[int, int], None] | None = None,
     *,
     vocab_dtype: torch.dtype | None = None,
+    native: bool = False,
 ) -> ModelWeights:
     """Build every layer's weights; `progress(done, total)` is called after each layer.
 
-    `vocab_dtype` overrides `dtype` for the (largest) embedding/output matrix."""
-    load = WeightLoader(gguf, device, dtype)
+    `vocab_dtype` overrides `dtype` for the (largest) embedding/output matrix, which stays
+    dense (token lookups read its rows); `native` keeps the layers' matrices in GGUF blocks."""
+    load = WeightLoader(gguf, device, dtype, native)
     c = config
     total = c.n_layers + 1
     tied = not load.has("output.weight")
+    vocab_dtype = vocab_dtype or dtype
     vocab = (c.vocab_size, c.hidden_size)
     embedding = load.matrix("token_embd.weight", *vocab, dtype=vocab_dtype)
     output = embedding if tied else load.matrix("output.weight", *vocab, dtype=vocab_dtype)

@@ -1,56 +1,74 @@
 """Matrix products against weights kept as the device prefers them.
 
-On the CPU a weight is dequantized once at load into a compact dense dtype (the PyTorch path); on
-CUDA it stays in its ggml blocks and a Triton kernel dequantizes in registers. Matrices that share
-an input (q|k|v, gate|up) are stacked into one so a step makes one pass instead of several.
+Two forms: dense (dequantized once at load into the compute dtype; the CPU path) and native (the
+GGUF blocks themselves, laid out for the Triton kernels, which dequantize in registers).
+Matrices that share an input (q|k|v, gate|up) are stacked into one weight so a step makes one
+pass: dense parts are concatenated once at load, native parts stay separate blocks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
+if TYPE_CHECKING:  # the kernels need triton, which CPU-only installs may lack
+    from metallic.kernels import PackedWeight
+
 
 @dataclass
 class LinearWeight:
-    """A dense [out, in] matrix, possibly several stacked row blocks ("parts"), plus bias.
+    """An [out, in] matrix made of one or more stacked row blocks ("parts"), plus bias.
 
-    Each part remembers its ggml type (the GPU path reads blocks per part)."""
+    Exactly one of `dense` (the whole matrix) and `native` (one kernel layout per part) is set."""
 
-    dense: torch.Tensor  # [out, in] in the compute dtype
     ggml_types: tuple[GGMLQuantizationType, ...]
     part_rows: tuple[int, ...]
+    in_features: int
+    dense: torch.Tensor | None = None  # [out, in] in the compute dtype
+    native: tuple[PackedWeight, ...] | None = None
     bias: torch.Tensor | None = None
 
     @property
     def out_features(self) -> int:
-        return self.dense.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.dense.shape[1]
+        return sum(self.part_rows)
 
 
 def stack(parts: Sequence[LinearWeight]) -> LinearWeight:
-    """One weight computing every part's output side by side (a copy, made once at load)."""
+    """One weight computing every part's output side by side."""
     biases = [p.bias for p in parts]
     if any(b is None for b in biases) and not all(b is None for b in biases):
         raise ValueError("cannot stack weights where only some have a bias")
+    dense = [p.dense for p in parts if p.dense is not None]
     return LinearWeight(
-        dense=torch.cat([p.dense for p in parts]),
         ggml_types=sum((p.ggml_types for p in parts), ()),
         part_rows=sum((p.part_rows for p in parts), ()),
+        in_features=parts[0].in_features,
+        dense=torch.cat(dense) if len(dense) == len(parts) else None,
+        native=None if dense else sum((p.native or () for p in parts), ()),
         bias=None if biases[0] is None else torch.cat(biases),  # type: ignore[arg-type]
     )
 
 
 def linear(x: torch.Tensor, weight: LinearWeight) -> torch.Tensor:
     """`x @ W.T + b` with x [..., in]; the result keeps x's dtype."""
-    out = F.linear(x.to(weight.dense.dtype), weight.dense)
+    if weight.dense is not None:
+        out = F.linear(x.to(weight.dense.dtype), weight.dense)
+    else:
+        from metallic.kernels import quant_matmul
+
+        rows = x.reshape(-1, weight.in_features)
+        outs = [
+            quant_matmul(rows, packed, packed.ggml_type, packed.n, packed.k)
+            for packed in weight.native or ()
+        ]
+        out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)).view(
+            *x.shape[:-1], weight.out_features
+        )
     if weight.bias is not None:
         out = out + weight.bias.to(out.dtype)
     return out.to(x.dtype)
