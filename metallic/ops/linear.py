@@ -57,7 +57,12 @@ def stack(parts: Sequence[LinearWeight]) -> LinearWeight:
 def linear(x: torch.Tensor, weight: LinearWeight) -> torch.Tensor:
     """`x @ W.T + b` with x [..., in]; the result keeps x's dtype."""
     if weight.dense is not None:
-        out = F.linear(x.to(weight.dense.dtype), weight.dense)
+        w = weight.dense
+        if w.device.type == "cpu" and w.dtype == torch.float16 and x.numel() > x.shape[-1]:
+            # CPU f16 matrix-matrix products are slow without native f16 arithmetic; for a
+            # prefill chunk, widening the weight once costs far less than the product saves.
+            w = w.float()
+        out = F.linear(x.to(w.dtype), w)
     else:
         from metallic.kernels import quant_matmul
 
