@@ -37,19 +37,18 @@ class Transformer:
         self.config = config
         self.weights = weights
         self.device = device
-        tables: dict[float, RopeTable] = {}
-        self.rope = []
-        for i in range(config.n_layers):
-            base = config.layer_rope_base(i)
-            if base not in tables:
-                tables[base] = RopeTable(
-                    config.rope_dim,
-                    base,
-                    linear_scale=config.rope_linear_scale,
-                    freq_factors=weights.rope_freqs,
-                    device=device,
-                )
-            self.rope.append(tables[base])
+        # One RoPE table per distinct base (gemma3: local and global), shared by its layers.
+        self.layer_rope_base = [config.layer_rope_base(i) for i in range(config.n_layers)]
+        self.rope = {
+            base: RopeTable(
+                config.rope_dim,
+                base,
+                linear_scale=config.rope_linear_scale,
+                freq_factors=weights.rope_freqs,
+                device=device,
+            )
+            for base in set(self.layer_rope_base)
+        }
 
     def forward(
         self,
@@ -65,12 +64,13 @@ class Transformer:
         positions = torch.cat(
             [torch.arange(s.start, s.start + s.length, device=self.device) for s in slices]
         )
-        angles = {id(t): t.angles(positions) for t in self.rope}
+        angles = {base: table.angles(positions) for base, table in self.rope.items()}
         x = self.weights.embedding[tokens].float()
         if c.embed_scale != 1.0:
             x = x * c.embed_scale
         for i, layer in enumerate(self.weights.layers):
-            x = self._block(i, layer, x, positions, angles[id(self.rope[i])], slices, cache)
+            angle = angles[self.layer_rope_base[i]]
+            x = self._block(i, layer, x, positions, angle, slices, cache)
         if logit_rows is not None:
             x = x[logit_rows]
         x = rms_norm(x, self.weights.output_norm, c.rms_eps)
