@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from gguf import GGMLQuantizationType
 
 from metallic.errors import GGUFError, MetallicError
 from metallic.gguf.config import ModelConfig
@@ -45,36 +46,29 @@ class ModelWeights:
     @property
     def nbytes(self) -> int:
         """Bytes held for weights (a tied embedding counted once)."""
-        seen: set[int] = set()
-        total = 0
-        for t in _all_tensors(self):
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
-        return total
+        linears = [self.output] + [w for layer in self.layers for w in _linears(layer)]
+        vectors = [self.output_norm, self.rope_freqs] + [
+            v for layer in self.layers for v in vars(layer).values() if isinstance(v, torch.Tensor)
+        ]
+        total = sum(w.nbytes for w in linears) + sum(_size(v) for v in vectors)
+        tied = (
+            self.output.dense is not None
+            and self.output.dense.data_ptr() == self.embedding.data_ptr()
+        )
+        return total if tied else total + _size(self.embedding)
 
 
-def _all_tensors(w: ModelWeights) -> list[torch.Tensor]:
-    tensors = [w.embedding, w.output.dense, w.output_norm]  # the output is always dense
-    if w.rope_freqs is not None:
-        tensors.append(w.rope_freqs)
-    for layer in w.layers:
-        for value in vars(layer).values():
-            if isinstance(value, LinearWeight):
-                if value.dense is not None:
-                    tensors.append(value.dense)
-                for packed in value.native or ():
-                    tensors.extend(packed.planes)
-                if value.bias is not None:
-                    tensors.append(value.bias)
-            elif value is not None:
-                tensors.append(value)
-    return tensors
+def _linears(layer: LayerWeights) -> list[LinearWeight]:
+    return [v for v in vars(layer).values() if isinstance(v, LinearWeight)]
+
+
+def _size(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
 
 
 class WeightLoader:
     """Turns mapped tensors into device weights: dense in the compute dtype, or (`native`) the
-    GGUF blocks themselves for the Triton kernels, where the kernels know the format."""
+    GGUF blocks themselves for the Triton kernels, where the kernels know every part's format."""
 
     def __init__(
         self, gguf: GGUFFile, device: torch.device, dtype: torch.dtype, native: bool = False
@@ -84,14 +78,16 @@ class WeightLoader:
         self.dtype = dtype
         self.native = native
 
-    def _info(self, name: str) -> TensorInfo:
-        info = self.gguf.tensors.get(name)
-        if info is None:
-            raise GGUFError(self.gguf.path, f"missing tensor {name}")
+    def _info(self, name: str, shape: tuple[int, ...] | None = None) -> TensorInfo:
+        info = self.gguf.tensor(name)
         try:
             block_format(info.ggml_type, name)
         except MetallicError as err:
             raise GGUFError(self.gguf.path, str(err)) from None
+        if shape is not None and info.shape != shape:
+            raise GGUFError(
+                self.gguf.path, f"tensor {name} has shape {info.shape}, expected {shape}"
+            )
         return info
 
     def has(self, name: str) -> bool:
@@ -102,35 +98,45 @@ class WeightLoader:
         info = self._info(name)
         return dequantize_rows(info.raw_bytes(), info.ggml_type, info.shape).to(self.device)
 
-    def matrix(
-        self,
-        name: str,
-        rows: int,
-        cols: int,
-        bias: str | None = None,
-        dtype: torch.dtype | None = None,
+    def dense(
+        self, name: str, rows: int, cols: int, dtype: torch.dtype | None = None
     ) -> LinearWeight:
-        info = self._info(name)
-        if info.shape != (rows, cols):
-            raise GGUFError(
-                self.gguf.path, f"tensor {name} has shape {info.shape}, expected {(rows, cols)}"
-            )
-        bias_vector = self.vector(bias) if bias else None
-        if self.native and dtype is None:
-            from metallic.kernels import KERNEL_TYPES, prepare_weight
+        """A matrix dequantized into `dtype` (default: the compute dtype)."""
+        info = self._info(name, (rows, cols))
+        values = dequantize_rows(
+            info.raw_bytes(),
+            info.ggml_type,
+            info.shape,
+            dtype=dtype or self.dtype,
+            tensor_name=name,
+        )
+        return LinearWeight((info.ggml_type,), (rows,), cols, dense=values.to(self.device))
 
-            if info.ggml_type in KERNEL_TYPES:
+    def linear(self, parts: list[tuple[str, int, str | None]], cols: int) -> LinearWeight:
+        """Matrices sharing an input, stacked: `parts` are (name, rows, bias name or None).
+
+        Native only when the kernels know every part's format, so a stack is never half of each."""
+        infos = [self._info(name, (rows, cols)) for name, rows, _ in parts]
+        native = self.native and all(i.ggml_type in _kernel_types() for i in infos)
+        weights = []
+        for info, (name, rows, bias) in zip(infos, parts, strict=True):
+            if native:
+                from metallic.kernels import prepare_weight
+
                 raw = info.raw_bytes().to(self.device)
                 packed = prepare_weight(raw, info.ggml_type, rows, cols, tensor_name=name)
-                return LinearWeight(
-                    (info.ggml_type,), (rows,), cols, native=(packed,), bias=bias_vector
-                )
-        dense = dequantize_rows(
-            info.raw_bytes(), info.ggml_type, info.shape, dtype=dtype or self.dtype
-        )
-        return LinearWeight(
-            (info.ggml_type,), (rows,), cols, dense=dense.to(self.device), bias=bias_vector
-        )
+                weight = LinearWeight((info.ggml_type,), (rows,), cols, native=(packed,))
+            else:
+                weight = self.dense(name, rows, cols)
+            weight.bias = self.vector(bias) if bias else None
+            weights.append(weight)
+        return stack(weights) if len(weights) > 1 else weights[0]
+
+
+def _kernel_types() -> tuple[GGMLQuantizationType, ...]:
+    from metallic.kernels import KERNEL_TYPES  # needs triton: imported only for native weights
+
+    return KERNEL_TYPES
 
 
 def load_weights(
@@ -153,8 +159,8 @@ def load_weights(
     tied = not load.has("output.weight")
     vocab_dtype = vocab_dtype or dtype
     vocab = (c.vocab_size, c.hidden_size)
-    embedding = load.matrix("token_embd.weight", *vocab, dtype=vocab_dtype)
-    output = embedding if tied else load.matrix("output.weight", *vocab, dtype=vocab_dtype)
+    embedding = load.dense("token_embd.weight", *vocab, dtype=vocab_dtype)
+    output = embedding if tied else load.dense("output.weight", *vocab, dtype=vocab_dtype)
     rope_freqs = load.vector("rope_freqs.weight") if load.has("rope_freqs.weight") else None
     if progress:
         progress(1, total)
@@ -167,22 +173,24 @@ def load_weights(
 
         layer = LayerWeights(
             attn_norm=load.vector(p + "attn_norm.weight"),
-            qkv=stack(
+            qkv=load.linear(
                 [
-                    load.matrix(p + "attn_q.weight", c.q_size, c.hidden_size, bias("q")),
-                    load.matrix(p + "attn_k.weight", c.kv_size, c.hidden_size, bias("k")),
-                    load.matrix(p + "attn_v.weight", c.kv_size, c.hidden_size, bias("v")),
-                ]
+                    (p + "attn_q.weight", c.q_size, bias("q")),
+                    (p + "attn_k.weight", c.kv_size, bias("k")),
+                    (p + "attn_v.weight", c.kv_size, bias("v")),
+                ],
+                c.hidden_size,
             ),
-            o=load.matrix(p + "attn_output.weight", c.hidden_size, c.q_size),
+            o=load.linear([(p + "attn_output.weight", c.hidden_size, None)], c.q_size),
             ffn_norm=load.vector(p + "ffn_norm.weight"),
-            gate_up=stack(
+            gate_up=load.linear(
                 [
-                    load.matrix(p + "ffn_gate.weight", c.ffn_size, c.hidden_size),
-                    load.matrix(p + "ffn_up.weight", c.ffn_size, c.hidden_size),
-                ]
+                    (p + "ffn_gate.weight", c.ffn_size, None),
+                    (p + "ffn_up.weight", c.ffn_size, None),
+                ],
+                c.hidden_size,
             ),
-            down=load.matrix(p + "ffn_down.weight", c.hidden_size, c.ffn_size),
+            down=load.linear([(p + "ffn_down.weight", c.hidden_size, None)], c.ffn_size),
         )
         if c.qk_norm:
             layer.q_norm = load.vector(p + "attn_q_norm.weight")

@@ -37,6 +37,14 @@ class LinearWeight:
     def out_features(self) -> int:
         return sum(self.part_rows)
 
+    @property
+    def nbytes(self) -> int:
+        """Device bytes of the matrix (dense, or the blocks as the kernels hold them) and bias."""
+        held = sum(p.nbytes for p in self.native or ())
+        for t in (self.dense, self.bias):
+            held += 0 if t is None else t.numel() * t.element_size()
+        return held
+
 
 def stack(parts: Sequence[LinearWeight]) -> LinearWeight:
     """One weight computing every part's output side by side."""
@@ -44,6 +52,8 @@ def stack(parts: Sequence[LinearWeight]) -> LinearWeight:
     if any(b is None for b in biases) and not all(b is None for b in biases):
         raise ValueError("cannot stack weights where only some have a bias")
     dense = [p.dense for p in parts if p.dense is not None]
+    if dense and len(dense) != len(parts):
+        raise ValueError("cannot stack dense and native weights")
     return LinearWeight(
         ggml_types=sum((p.ggml_types for p in parts), ()),
         part_rows=sum((p.part_rows for p in parts), ()),

@@ -23,3 +23,16 @@ def test_native_weights_match_dense(tmp_path, mix):
     ref, got = dense.logits(ids).double(), native.logits(ids).double()
     assert torch.isfinite(got).all()
     assert float((got - ref).norm() / ref.norm()) < 1e-4
+
+
+def test_a_part_the_kernels_cannot_read_keeps_its_whole_stack_dense(tmp_path):
+    mix = {"base": "Q8_0", "blk.*.attn_v.weight": "Q4_1"}  # Q4_1 has no native kernel
+    path = write_synthetic_model(tmp_path / "m.gguf", "tiny-llama", mix, seed=6)
+    native = Engine(path, device="cpu", dtype="f32", context_size=32, native=True)
+    layer = native.model.weights.layers[0]
+    assert layer.qkv.dense is not None and layer.qkv.native is None
+    assert layer.gate_up.native is not None and layer.gate_up.dense is None
+    dense = Engine(path, device="cpu", dtype="f32", context_size=32)
+    ids = dense.tokenizer.encode("mixed stack")[:4]
+    ref, got = dense.logits(ids).double(), native.logits(ids).double()
+    assert float((got - ref).norm() / ref.norm()) < 1e-4

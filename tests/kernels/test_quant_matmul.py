@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CI has no GPU
-
 import numpy as np
 import pytest
 import torch

@@ -27,7 +27,7 @@ def test_unsupported_type_is_a_one_line_error(tmp_path, qtype):
 
     loader = WeightLoader(open_gguf(path), torch.device("cpu"), torch.float32)
     with pytest.raises(GGUFError) as err:
-        loader.matrix("blk.0.attn_q.weight", rows, cols)
+        loader.dense("blk.0.attn_q.weight", rows, cols)
     message = str(err.value)
     assert message.startswith(str(path))
     assert f"unsupported tensor type {qtype.name} in tensor blk.0.attn_q.weight" in message
