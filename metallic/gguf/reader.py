@@ -296,6 +296,10 @@ class GGUFFile:
     def __iter__(self) -> Iterator[TensorInfo]:
         return iter(self.tensors.values())
 
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(t.n_bytes for t in self.tensors.values())
+
 
 def open_gguf(path: str | os.PathLike[str]) -> GGUFFile:
     """Open and validate a GGUF file; every problem becomes a one-line `GGUFError`."""
