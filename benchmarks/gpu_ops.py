@@ -160,8 +160,8 @@ def check_elementwise(checks: list[dict[str, object]]) -> None:
         table.ensure(8192)
         positions = torch.randint(0, 8192, (300,), device=DEVICE)
         q, k = randn(300, 32, 256), randn(300, 8, 256)
-        ref_q = ref_rope.apply_rope(q.double(), table.angles(positions), table.rope_dim, neox)
-        ref_k = ref_rope.apply_rope(k.double(), table.angles(positions), table.rope_dim, neox)
+        ref_q = ref_rope.rotate(q.double(), *table.angles(positions), table.rope_dim, neox)
+        ref_k = ref_rope.rotate(k.double(), *table.angles(positions), table.rope_dim, neox)
         apply_rope(q, k, positions, table.cos, table.sin, neox)
         err = max(relative_error(q, ref_q), relative_error(k, ref_k))
         check(checks, f"rope neox={neox} rope_dim={rope_dim}", err)
@@ -414,8 +414,8 @@ def time_elementwise(rows: list[dict[str, object]], copy_bw: float) -> None:
     q, k = randn(tokens, 32, 128), randn(tokens, 8, 128)
 
     def torch_rope() -> None:
-        q.copy_(ref_rope.apply_rope(q, table.angles(positions), table.rope_dim, False))
-        k.copy_(ref_rope.apply_rope(k, table.angles(positions), table.rope_dim, False))
+        q.copy_(ref_rope.rotate(q, *table.angles(positions), table.rope_dim, False))
+        k.copy_(ref_rope.rotate(k, *table.angles(positions), table.rope_dim, False))
 
     add(
         "rope q+k in place",

@@ -20,10 +20,13 @@ from metallic.gguf.config import ModelConfig, config_from_metadata
 from metallic.gguf.default_model import default_model_path
 from metallic.gguf.reader import open_gguf
 from metallic.gguf.tokenizer import Tokenizer
-from metallic.models.transformer import SequenceSlice, Transformer
+from metallic.models.transformer import Transformer
 from metallic.models.weights import load_weights
+from metallic.ops.dispatch import use_kernels
+from metallic.runtime.batch import SequenceChunk
 from metallic.runtime.device import choose_device, choose_dtype, choose_vocab_dtype
-from metallic.runtime.kv_cache import KVCache
+from metallic.runtime.graphs import DecodeGraphs
+from metallic.runtime.kv_cache import ContiguousKVCache, KVCache, PagedKVCache
 
 DEFAULT_CONTEXT = 4096
 PREFILL_CHUNK = 512  # bounds the attention score matrix of long prompts
@@ -66,18 +69,22 @@ class Engine:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         context_size: int | None = None,
-        native: bool = False,
+        native: bool | None = None,
+        cuda_graphs: bool = True,
         progress: Callable[[int, int], None] | None = None,
     ) -> None:
-        """`native` (experimental, not yet measured on a GPU) keeps the layers' matrices in
-        their GGUF blocks and multiplies with the Triton kernels instead of dequantizing at
-        load; it needs triton (and a CUDA device, or TRITON_INTERPRET=1 on the CPU)."""
+        """On CUDA the Triton kernels run everything: weights stay in their GGUF blocks
+        (`native`, default on), the KV cache is paged, and decode steps replay as CUDA graphs
+        (`cuda_graphs`). Elsewhere weights are dequantized once at load into `dtype` and torch
+        runs the ops (`native=True` there needs TRITON_INTERPRET=1: a testing mode)."""
         self.path = Path(path) if path is not None else default_model_path()
         self.gguf = open_gguf(self.path)
         self.config: ModelConfig = config_from_metadata(self.gguf.metadata, str(self.path))
         self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
         self.device = choose_device(device)
         self.dtype = choose_dtype(self.device, dtype)
+        kernels = use_kernels(self.device)
+        native = kernels if native is None else native
         weights = load_weights(
             self.gguf,
             self.config,
@@ -87,11 +94,21 @@ class Engine:
             vocab_dtype=choose_vocab_dtype(self.device, self.dtype),
             native=native,
         )
-        self.model = Transformer(self.config, weights, self.device)
+        # The CPU path keeps activations in f32: its f16 weights are widened for the products.
+        act_dtype = self.dtype if kernels else torch.float32
+        self.model = Transformer(self.config, weights, self.device, act_dtype)
         ctx = context_size or min(self.config.context_length, DEFAULT_CONTEXT)
         if ctx <= 1:
             raise MetallicError(f"context size must be at least 2, got {ctx}")
-        self.cache = KVCache(self.config, 1, ctx, self.device)
+        self.cache: KVCache
+        if kernels:
+            self.cache = PagedKVCache(self.config, 1, ctx, self.device, self.dtype)
+        else:
+            self.cache = ContiguousKVCache(self.config, 1, ctx, self.device)
+        self.model.reserve_positions(ctx)
+        self.graphs = None
+        if cuda_graphs and self.device.type == "cuda":
+            self.graphs = DecodeGraphs(lambda batch: self.model.forward(batch, self.cache))
         self.sampler = Sampler(self.config.vocab_size, self.device, sorted(self.tokenizer.stop_ids))
         self.last_stats = GenerationStats()
 
@@ -121,11 +138,12 @@ class Engine:
         or of the last one only [1, V] (all a generation step needs)."""
         rows = []
         for offset in range(0, len(tokens), PREFILL_CHUNK):
-            chunk = tokens[offset : offset + PREFILL_CHUNK]
-            batch = torch.tensor(chunk, device=self.device)
-            piece = SequenceSlice(slot=slot, start=start + offset, offset=0, length=len(chunk))
-            last = None if every_row else torch.tensor([len(chunk) - 1], device=self.device)
-            rows.append(self.model.forward(batch, [piece], self.cache, last))
+            chunk = SequenceChunk(slot, start + offset, tokens[offset : offset + PREFILL_CHUNK])
+            batch = self.cache.batch([chunk])
+            if batch.decode and self.graphs is not None and not every_row:
+                rows.append(self.graphs.run(batch))
+            else:
+                rows.append(self.model.forward(batch, self.cache, every_row))
         return torch.cat(rows) if every_row else rows[-1]
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
@@ -137,6 +155,10 @@ class Engine:
             return self._run(slot, token_ids, 0, every_row=True)
         finally:
             self.cache.release(slot)
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _check_ids(self, ids: list[int]) -> None:
         bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
@@ -167,6 +189,7 @@ class Engine:
         try:
             began = time.perf_counter()
             logits = self._run(slot, ids, 0, every_row=False)
+            self._synchronize()  # the timer stops when the logits exist, not when queued
             stats.prefill_seconds = time.perf_counter() - began
             began = time.perf_counter()
             position = len(ids)

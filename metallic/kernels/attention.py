@@ -29,6 +29,8 @@ _MAX_HEAD_DIM = 256
 _NO_WINDOW = 1 << 30  # the window the kernels get for full attention: farther than any position
 # (query, head) rows of one decode tile, few enough for its f32 accumulator to stay in registers
 _MAX_DECODE_ROWS = 64
+_MIN_SPLIT_KEYS = 256  # keys per decode split at least (default split count)
+_MAX_SPLITS = 64  # the merge holds every split of a row at once
 
 
 @dataclass(frozen=True)
@@ -337,40 +339,42 @@ def _combine_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
-    """Merge the splits of BLOCK_R query rows of one tile: weights 2^(lse_i - max lse)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    """Merge the splits of one query row, all splits at once (weights 2^(lse_i - max lse)):
+    a loop over splits would chain one memory latency per split."""
+    row = tl.program_id(0)
     kv_head = tl.program_id(1) // n_subgroups
     subgroup = tl.program_id(1) % n_subgroups
     seq = tl.program_id(2)
-    token = rows // heads_per_tile
-    head_in_group = subgroup * heads_per_tile + rows % heads_per_tile
-    row_ok = (token < queries_per_seq) & (head_in_group < group)
+    token = row // heads_per_tile
+    head_in_group = subgroup * heads_per_tile + row % heads_per_tile
+    splits = tl.arange(0, BLOCK_S)
+    # The row's validity as a vector: scalar masks are not portable across backends.
+    row_ok = (splits * 0 + token < queries_per_seq) & (splits * 0 + head_in_group < group)
+    split_ok = (splits < num_splits) & row_ok
     first_part = (seq * tl.num_programs(1) + tl.program_id(1)) * num_splits
-    lse_max = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    for split in range(num_splits):
-        lse_ptrs = part_lse_ptr + (first_part + split) * BLOCK_M + rows
-        lse_max = tl.maximum(lse_max, tl.load(lse_ptrs, mask=row_ok, other=float("-inf")))
-    lse_ref = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    part_rows = (first_part + splits) * BLOCK_M + row
+    lse = tl.load(part_lse_ptr + part_rows, mask=split_ok, other=float("-inf"))
+    lse_max = tl.max(lse, axis=0)
+    weight = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))
     offs_d = tl.arange(0, BLOCK_D)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    total = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for split in range(num_splits):
-        part_rows = (first_part + split) * BLOCK_M + rows
-        lse = tl.load(part_lse_ptr + part_rows, mask=row_ok, other=float("-inf"))
-        weight = tl.exp2(lse - lse_ref)
-        part_ptrs = part_out_ptr + part_rows[:, None] * BLOCK_D + offs_d[None, :]
-        acc += weight[:, None] * tl.load(part_ptrs, mask=row_ok[:, None], other=0.0)
-        total += weight
-    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
-    out_rows = (seq * queries_per_seq + token) * stride_ot + (
+    parts = tl.load(
+        part_out_ptr + part_rows[:, None] * BLOCK_D + offs_d[None, :],
+        mask=split_ok[:, None],
+        other=0.0,
+    )
+    total = tl.sum(weight, axis=0)
+    out = tl.sum(parts * weight[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
+    out_row = (seq * queries_per_seq + token) * stride_ot + (
         kv_head * group + head_in_group
     ) * stride_oh
     tl.store(
-        out_ptr + out_rows[:, None] + offs_d[None, :],
+        out_ptr + out_row + offs_d,
         out.to(out_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :],
+        mask=(offs_d < HEAD_DIM)
+        & (offs_d * 0 + token < queries_per_seq)
+        & (offs_d * 0 + head_in_group < group),
     )
 
 
@@ -518,10 +522,13 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _default_splits(q: torch.Tensor, base_programs: int, max_keys: int, block_n: int) -> int:
-    """Enough splits to give every SM about two programs, never a split without a key tile."""
+def _default_splits(q: torch.Tensor, base_programs: int, max_keys: int) -> int:
+    """Enough splits to give every SM about two programs, but each split at least
+    _MIN_SPLIT_KEYS keys: fewer, longer splits keep the merge cheap (and a graph captured for
+    the whole context runs short sequences with few empty splits)."""
     programs = 2 * _multiprocessors(q.device.index or 0) if q.is_cuda else 4
-    return max(1, min(triton.cdiv(max_keys, block_n), triton.cdiv(programs, base_programs)))
+    by_keys = triton.cdiv(max_keys, _MIN_SPLIT_KEYS)
+    return max(1, min(by_keys, triton.cdiv(programs, base_programs), _MAX_SPLITS))
 
 
 def paged_attention_decode(
@@ -575,9 +582,11 @@ def paged_attention_decode(
     max_keys = min(max_seq_len, window + queries_per_seq - 1) if window else max_seq_len
     base_programs = n_seqs * layout.n_kv_heads * n_subgroups
     if num_splits is None:
-        num_splits = _default_splits(q, base_programs, max(max_keys, 1), config.block_n)
-    elif num_splits < 1:
-        raise MetallicError(f"paged_attention_decode: num_splits {num_splits} < 1")
+        num_splits = _default_splits(q, base_programs, max(max_keys, 1))
+    elif not 1 <= num_splits <= _MAX_SPLITS:
+        raise MetallicError(
+            f"paged_attention_decode: num_splits {num_splits} outside 1..{_MAX_SPLITS}"
+        )
     split = num_splits > 1
     part_shape = (base_programs * num_splits, block_m)
     part_lse = torch.empty(part_shape if split else (1,), dtype=torch.float32, device=q.device)
@@ -623,12 +632,7 @@ def paged_attention_decode(
         num_stages=config.num_stages,
     )
     if split:
-        combine_rows = min(block_m, max(1, 2048 // block_d))
-        combine_grid = (
-            triton.cdiv(queries_per_seq * heads_per_tile, combine_rows),
-            grid[1],
-            n_seqs,
-        )
+        combine_grid = (queries_per_seq * heads_per_tile, grid[1], n_seqs)
         _combine_kernel[combine_grid](
             part_out,
             part_lse,
@@ -643,7 +647,7 @@ def paged_attention_decode(
             HEAD_DIM=layout.head_dim,
             BLOCK_M=block_m,
             BLOCK_D=block_d,
-            BLOCK_R=combine_rows,
+            BLOCK_S=triton.next_power_of_2(num_splits),
             num_warps=4,
         )
     return out

@@ -71,12 +71,13 @@ def rms_norm(
     weight: torch.Tensor,
     eps: float,
     residual: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """`norm(x) * weight` over the last dim of x [T, D] or [T, H, D]; returns a new tensor.
 
     With `residual`, first forms `s = x + residual`, writes s into `residual` in place (in
     residual's dtype) and returns `norm(s)` in `promote_types(x, residual)`: the add and the norm
-    of a pre-norm block in one pass over memory.
+    of a pre-norm block in one pass over memory. `out_dtype` overrides the result's dtype.
     """
     dim = x.shape[-1]
     if weight.shape != (dim,):
@@ -84,7 +85,7 @@ def rms_norm(
     if dim > _MAX_DIM:
         raise MetallicError(f"rms_norm: rows of {dim} exceed the supported {_MAX_DIM}")
     stride_xt, stride_xh = _row_strides(x, "x")
-    out_dtype = x.dtype
+    promoted = x.dtype
     stride_rt, stride_rh = 0, 0
     if residual is not None:
         if residual.shape != x.shape:
@@ -92,7 +93,8 @@ def rms_norm(
                 f"rms_norm: residual {tuple(residual.shape)} does not match x {tuple(x.shape)}"
             )
         stride_rt, stride_rh = _row_strides(residual, "residual")
-        out_dtype = torch.promote_types(x.dtype, residual.dtype)
+        promoted = torch.promote_types(x.dtype, residual.dtype)
+    out_dtype = out_dtype or promoted
     n_heads = x.shape[1] if x.dim() == 3 else 1
     n_rows = x.shape[0] * n_heads
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)

@@ -119,3 +119,14 @@ def prepare_weight(
         for (start, end), dtype in zip(_SPLIT_FIELDS[qtype], _PLANE_DTYPES[qtype], strict=True)
     )
     return PackedWeight(qtype, n, k, planes)
+
+
+def gather_rows(weight: PackedWeight, rows: torch.Tensor) -> PackedWeight:
+    """The matrix made of ``rows`` of ``weight``, still in blocks (every plane is [N, ...]): an
+    embedding lookup reads only its tokens' blocks, and `dequantize_gpu` widens just those."""
+    if weight.ggml_type in (T.Q4_K, T.Q5_K):  # one byte plane seen as words and as f16
+        words = weight.planes[0][rows]
+        planes: tuple[torch.Tensor, ...] = (words, words.view(torch.float16))
+    else:
+        planes = tuple(p[rows] for p in weight.planes)
+    return PackedWeight(weight.ggml_type, rows.shape[0], weight.k, planes)

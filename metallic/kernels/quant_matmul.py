@@ -72,6 +72,8 @@ _FMA_GROUPS, _DOT_GROUPS = 32, 8
 _FMA_ROWS_PER_THREAD = 2  # x is loaded once for this many rows (4 was 1.6x slower: registers)
 _DOT_ROWS, _DEQUANT_ROWS, _DENSE_ROWS = 64, 32, 16
 _PROGRAMS_PER_SM = 4  # split K until the grid has this many programs per multiprocessor
+# Below this many weight bytes a decode product is launch-bound: no split-K, no merge launch.
+_MIN_SPLIT_BYTES = 4 << 20
 
 
 def _geometry(fmt: int, mode: int, k: int) -> tuple[int, int, int, int]:
@@ -560,8 +562,8 @@ def _step_dense(acc, s, w_ptr, rows, row_ok, x_ptr, out_ptr, M, K, stride_xm,
 
 
 @triton.jit(do_not_specialize=["group_stride"])
-def _quant_kernel(x_ptr, x64_ptr, out_ptr, p0, p1, p2, p3, M, N, K, stride_xm, n_steps,
-                  steps_per_split, one_bits, group_stride, FMT: tl.constexpr,
+def _quant_kernel(x_ptr, x64_ptr, out_ptr, p0, p1, p2, p3, M, N, K, stride_xm, stride_om,
+                  n_steps, steps_per_split, one_bits, group_stride, FMT: tl.constexpr,
                   MODE: tl.constexpr, G: tl.constexpr, W: tl.constexpr, SBS: tl.constexpr,
                   BN: tl.constexpr, BM: tl.constexpr, XKIND: tl.constexpr, EVEN: tl.constexpr,
                   PARTIAL: tl.constexpr, PREC: tl.constexpr):
@@ -613,24 +615,26 @@ def _quant_kernel(x_ptr, x64_ptr, out_ptr, p0, p1, p2, p3, M, N, K, stride_xm, n
     elif MODE == 1:
         res = acc
         m = tl.arange(0, BM)[None, :]
-        ptrs = out_ptr + m * N + row_ids[:, None]
+        ptrs = out_ptr + m * stride_om + row_ids[:, None]
         mask = (row_ids < N)[:, None] & (m < M)
     if MODE != 2:
-        if PARTIAL:
+        if PARTIAL:  # the scratch is [splits, M, N] with stride_om = N
             tl.store(ptrs + pid_k * M * N, res, mask=mask)
         else:
             tl.store(ptrs, res.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _sum_splits_kernel(part_ptr, out_ptr, total, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
-    """out[i] = sum over splits of part[split, i], in f32, stored in out's dtype."""
+def _sum_splits_kernel(part_ptr, out_ptr, total, N, stride_om, SPLIT: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """out[m, n] = sum over splits of part[split, m, n], in f32, stored in out's dtype."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for split in tl.static_range(SPLIT):
         acc += tl.load(part_ptr + split * total + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    dst = (offs // N) * stride_om + offs % N
+    tl.store(out_ptr + dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
 # fmt: on
 
 
@@ -691,7 +695,7 @@ def dequantize_gpu(
     out = torch.empty((n, k), dtype=dtype, device=packed.device)
     n_steps = triton.cdiv(k, STEP)
     _quant_kernel[(triton.cdiv(n, rows), n_steps)](
-        out, out, out, *_launch_args(packed), 0, n, k, 0, n_steps, 1, _ONE_BITS, 1,
+        out, out, out, *_launch_args(packed), 0, n, k, 0, 0, n_steps, 1, _ONE_BITS, 1,
         FMT=fmt, MODE=_MODE_DEQUANT, G=groups, W=words, SBS=sbs, BN=rows, BM=1,
         XKIND=_X_SINGLE,
         EVEN=k % STEP == 0, PARTIAL=False, PREC="ieee",
@@ -700,8 +704,11 @@ def dequantize_gpu(
     return out
 
 
-def _steps_per_split(row_blocks: int, n_steps: int, device: torch.device) -> int:
-    """Split K until there are about _PROGRAMS_PER_SM programs per multiprocessor."""
+def _steps_per_split(row_blocks: int, n_steps: int, nbytes: int, device: torch.device) -> int:
+    """Split K until there are about _PROGRAMS_PER_SM programs per multiprocessor, unless the
+    matrix is so small that the launch of the merge would cost more than the split saves."""
+    if nbytes < _MIN_SPLIT_BYTES and device.type == "cuda":
+        return n_steps
     target = _PROGRAMS_PER_SM * _sm_count(device)
     splits = min(n_steps, max(1, triton.cdiv(target, row_blocks)))
     return triton.cdiv(n_steps, splits)
@@ -724,6 +731,7 @@ def quant_matmul(
     k: int,
     *,
     steps_per_split: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ W.T`` for x [M, k] (f16/bf16/f32) and W [n, k] in ggml blocks; [M, n] in x's dtype.
 
@@ -731,7 +739,8 @@ def quant_matmul(
     Q8_0 and Q6_K are repacked on every call). Accumulation is f32. M <= 16 runs the fused
     kernel; larger M dequantizes into a scratch matrix and calls torch.matmul.
     ``steps_per_split`` (K steps per program; a step is 256 elements or, for M = 1, up to 2048)
-    overrides the split-K choice.
+    overrides the split-K choice. ``out`` (an [M, n] tensor of x's dtype whose rows are
+    contiguous, such as a column slice of a wider output) receives the result in place.
     """
     if x.dim() != 2 or x.shape[1] != k:
         raise MetallicError(f"x must be [M, {k}], got {list(x.shape)}")
@@ -744,10 +753,19 @@ def quant_matmul(
     if x.device != packed.device:
         raise MetallicError(f"x is on {x.device} but the weight is on {packed.device}")
     m = x.shape[0]
+    if out is not None and (out.shape != (m, n) or out.dtype != x.dtype or out.stride(1) != 1):
+        raise MetallicError(
+            f"out must be [{m}, {n}] {x.dtype} with contiguous rows, got {list(out.shape)} "
+            f"{out.dtype} strides {out.stride()}"
+        )
     if m > MAX_DECODE_M:
-        return torch.matmul(x, dequantize_gpu(packed, packed.ggml_type, n, k, x.dtype).T)
+        dense = dequantize_gpu(packed, packed.ggml_type, n, k, x.dtype)
+        product = torch.matmul(x, dense.T)
+        return product if out is None else out.copy_(product)
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
-        return x.new_empty((0, n))
+        return out
     if x.stride(1) != 1:
         x = x.contiguous()
     fmt = _FMT_IDS[packed.ggml_type]
@@ -755,15 +773,15 @@ def quant_matmul(
     sbs, groups, words, rows = _geometry(fmt, mode, k)
     row_blocks = triton.cdiv(n, rows)
     n_steps = triton.cdiv(k, sbs * STEP)
-    per_split = steps_per_split or _steps_per_split(row_blocks, n_steps, x.device)
+    per_split = steps_per_split or _steps_per_split(row_blocks, n_steps, packed.nbytes, x.device)
     splits = triton.cdiv(n_steps, per_split)
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     target = out
     if splits > 1:
         target = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     x64 = _packed_x(x)
     _quant_kernel[(row_blocks, splits)](
-        x, x64, target, *_launch_args(packed), m, n, k, x.stride(0), n_steps, per_split,
+        x, x64, target, *_launch_args(packed), m, n, k, x.stride(0),
+        n if splits > 1 else out.stride(0), n_steps, per_split,
         _ONE_BITS, 1,
         FMT=fmt, MODE=mode, G=groups, W=words, SBS=sbs, BN=rows,
         BM=1 if mode == _MODE_FMA else 16, XKIND=_X_SINGLE if x64 is x else _X_KINDS[x.dtype],
@@ -775,6 +793,6 @@ def quant_matmul(
         total = m * n
         block = 1024
         _sum_splits_kernel[(triton.cdiv(total, block),)](
-            target, out, total, SPLIT=splits, BLOCK=block, num_warps=4
+            target, out, total, n, out.stride(0), SPLIT=splits, BLOCK=block, num_warps=4
         )
     return out

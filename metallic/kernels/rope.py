@@ -39,31 +39,43 @@ def _rope_kernel(
     pos = tl.load(pos_ptr + token).to(tl.int64)
     cos = tl.load(cos_ptr + pos * stride_table + pairs, mask=pair_ok, other=0.0)[None, :]
     sin = tl.load(sin_ptr + pos * stride_table + pairs, mask=pair_ok, other=0.0)[None, :]
-    # Element offsets of the two members of each rotated pair.
-    if NEOX:
-        first, second = pairs, pairs + half
-    else:
-        first, second = 2 * pairs, 2 * pairs + 1
     is_q = heads < n_q_heads
     k_heads = heads - n_q_heads
     q_rows = token * stride_qt + heads * stride_qh
     k_rows = token * stride_kt + k_heads * stride_kh
-    mask_q = is_q[:, None] & pair_ok[None, :]
-    mask_k = ((heads >= n_q_heads) & (heads < n_heads))[:, None] & pair_ok[None, :]
-    _rotate(q_ptr, q_rows, mask_q, first, second, cos, sin)
-    _rotate(k_ptr, k_rows, mask_k, first, second, cos, sin)
+    is_k = (heads >= n_q_heads) & (heads < n_heads)
+    if NEOX:  # pairs (i, i + half): two contiguous halves
+        _rotate_halves(q_ptr, q_rows, is_q, pairs, pair_ok, half, cos, sin)
+        _rotate_halves(k_ptr, k_rows, is_k, pairs, pair_ok, half, cos, sin)
+    else:  # pairs (2i, 2i + 1): one contiguous load, split into its even and odd elements
+        _rotate_adjacent(q_ptr, q_rows, is_q, half, cos, sin, BLOCK_HALF)
+        _rotate_adjacent(k_ptr, k_rows, is_k, half, cos, sin, BLOCK_HALF)
 
 
 @triton.jit
-def _rotate(ptr, rows, mask, first, second, cos, sin):
-    """Rotate the pairs (first, second) of the rows at `rows` in place."""
-    a_ptrs = ptr + rows[:, None] + first[None, :]
-    b_ptrs = ptr + rows[:, None] + second[None, :]
+def _rotate_halves(ptr, rows, row_ok, pairs, pair_ok, half, cos, sin):
+    """Rotate the pairs (i, i + half) of the rows at `rows` in place."""
+    mask = row_ok[:, None] & pair_ok[None, :]
+    a_ptrs = ptr + rows[:, None] + pairs[None, :]
+    b_ptrs = a_ptrs + half
     a = tl.load(a_ptrs, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(b_ptrs, mask=mask, other=0.0).to(tl.float32)
     dtype = ptr.dtype.element_ty
     tl.store(a_ptrs, (a * cos - b * sin).to(dtype), mask=mask)
     tl.store(b_ptrs, (a * sin + b * cos).to(dtype), mask=mask)
+
+
+@triton.jit
+def _rotate_adjacent(ptr, rows, row_ok, half, cos, sin, BLOCK_HALF: tl.constexpr):
+    """Rotate the pairs (2i, 2i + 1) of the rows at `rows` in place, with contiguous loads
+    and stores (strided ones of every other element run at a fraction of the bandwidth)."""
+    cols = tl.arange(0, 2 * BLOCK_HALF)
+    mask = row_ok[:, None] & (cols < 2 * half)[None, :]
+    ptrs = ptr + rows[:, None] + cols[None, :]
+    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    a, b = tl.split(tl.reshape(x, (x.shape[0], BLOCK_HALF, 2)))
+    y = tl.join(a * cos - b * sin, a * sin + b * cos)
+    tl.store(ptrs, tl.reshape(y, (x.shape[0], 2 * BLOCK_HALF)).to(ptr.dtype.element_ty), mask=mask)
 
 
 def _head_strides(t: torch.Tensor, name: str) -> tuple[int, int]:

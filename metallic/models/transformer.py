@@ -1,30 +1,23 @@
 """The one decoder-only transformer, configured per family by `ModelConfig`.
 
-A step takes a flat batch of tokens from one or more sequences (a prefill chunk or one decode
-token each) and returns logits for the rows asked for.
+A step takes a `StepBatch` (tokens of one or more sequences: a prefill chunk or one decode token
+each) and returns logits for each sequence's last token or for every token.
+
+The residual stream stays float32; activations entering the matrix products are in the compute
+dtype. Each residual add is folded into the norm that follows it (`rms_norm(..., residual=x)`),
+so on the GPU the add costs no pass over memory of its own.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 from metallic.gguf.config import ModelConfig
 from metallic.models.weights import LayerWeights, ModelWeights
-from metallic.ops import RopeTable, apply_rope, attention, gated_activation, linear, rms_norm
+from metallic.ops import RopeTable, apply_rope, embed, gated_activation, linear, rms_norm
+from metallic.ops.rope import RopeStep
+from metallic.runtime.batch import StepBatch
 from metallic.runtime.kv_cache import KVCache
-
-
-@dataclass(frozen=True)
-class SequenceSlice:
-    """Tokens `offset .. offset+length` of the flat batch belong to the sequence in `slot`,
-    at positions `start .. start+length`."""
-
-    slot: int
-    start: int
-    offset: int
-    length: int
 
 
 class Transformer:
@@ -33,10 +26,13 @@ class Transformer:
         config: ModelConfig,
         weights: ModelWeights,
         device: torch.device,
+        act_dtype: torch.dtype = torch.float32,
     ) -> None:
+        """`act_dtype`: the dtype of activations fed to the matrix products."""
         self.config = config
         self.weights = weights
         self.device = device
+        self.act_dtype = act_dtype
         # One RoPE table per distinct base (gemma3: local and global), shared by its layers.
         self.layer_rope_base = [config.layer_rope_base(i) for i in range(config.n_layers)]
         self.rope = {
@@ -50,68 +46,66 @@ class Transformer:
             for base in set(self.layer_rope_base)
         }
 
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        slices: list[SequenceSlice],
-        cache: KVCache,
-        logit_rows: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """tokens [T] -> float32 logits [R, vocab] for rows `logit_rows` (default: every row)."""
+    def reserve_positions(self, n_positions: int) -> None:
+        """Size the RoPE tables for the whole context now (a CUDA graph captures their address)."""
+        for table in self.rope.values():
+            table.ensure(n_positions)
+
+    def forward(self, batch: StepBatch, cache: KVCache, every_row: bool = False) -> torch.Tensor:
+        """float32 logits [B, vocab] of each sequence's last token, or [T, vocab] of every one."""
         c = self.config
-        for s in slices:
-            cache.check_room(s.start + s.length)
-        positions = torch.cat(
-            [torch.arange(s.start, s.start + s.length, device=self.device) for s in slices]
-        )
-        angles = {base: table.angles(positions) for base, table in self.rope.items()}
-        x = self.weights.embedding[tokens].float()
+        steps = {
+            base: table.for_step(batch.positions, batch.max_position)
+            for base, table in self.rope.items()
+        }
+        x = embed(batch.tokens, self.weights.embedding, torch.float32)
         if c.embed_scale != 1.0:
-            x = x * c.embed_scale
+            x *= c.embed_scale
+        delta = None  # the last block's output, not yet added into x
         for i, layer in enumerate(self.weights.layers):
-            angle = angles[self.layer_rope_base[i]]
-            x = self._block(i, layer, x, positions, angle, slices, cache)
-        if logit_rows is not None:
-            x = x[logit_rows]
-        x = rms_norm(x, self.weights.output_norm, c.rms_eps)
-        return linear(x, self.weights.output).float()
+            h = self._norm(delta, x, layer.attn_norm)
+            delta = self._block(i, layer, h, x, steps[self.layer_rope_base[i]], batch, cache)
+        if not every_row:
+            rows = batch.last_rows.long()
+            x, delta = x[rows], None if delta is None else delta[rows]
+        h = self._norm(delta, x, self.weights.output_norm)
+        return linear(h, self.weights.output).float()
+
+    def _norm(self, delta: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor):
+        """norm(x + delta) in the activation dtype, leaving the sum in x."""
+        eps = self.config.rms_eps
+        if delta is None:
+            return rms_norm(x, weight, eps, out_dtype=self.act_dtype)
+        return rms_norm(delta, weight, eps, residual=x, out_dtype=self.act_dtype)
 
     def _block(
         self,
         i: int,
         w: LayerWeights,
+        h: torch.Tensor,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        angles: tuple[torch.Tensor, torch.Tensor],
-        slices: list[SequenceSlice],
+        rope: RopeStep,
+        batch: StepBatch,
         cache: KVCache,
     ) -> torch.Tensor:
+        """Layer i on its normed input h; adds the attention half into x and returns the MLP
+        half's output (added by the next norm)."""
         c = self.config
-        h = rms_norm(x, w.attn_norm, c.rms_eps)
         q, k, v = linear(h, w.qkv).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
-        q = q.reshape(-1, c.n_heads, c.head_dim)
-        k = k.reshape(-1, c.n_kv_heads, c.head_dim)
-        v = v.reshape(-1, c.n_kv_heads, c.head_dim)
+        q = q.view(-1, c.n_heads, c.head_dim)
+        k = k.view(-1, c.n_kv_heads, c.head_dim)
+        v = v.view(-1, c.n_kv_heads, c.head_dim)
         if w.q_norm is not None and w.k_norm is not None:
             q = rms_norm(q, w.q_norm, c.rms_eps)
             k = rms_norm(k, w.k_norm, c.rms_eps)
-        q = apply_rope(q, angles, c.rope_dim, c.rope_neox)
-        k = apply_rope(k, angles, c.rope_dim, c.rope_neox)
+        q, k = apply_rope(q, k, rope, c.rope_dim, c.rope_neox)
         window = c.sliding_window if c.is_sliding(i) else 0
-        out = torch.empty_like(q)
-        for s in slices:
-            rows = slice(s.offset, s.offset + s.length)
-            keys, values, key_pos = cache.attend_and_store(i, s.slot, s.start, k[rows], v[rows])
-            out[rows] = attention(
-                q[rows], keys, values, positions[rows], key_pos, c.softmax_scale, window
-            )
-        h = linear(out.view(-1, c.q_size), w.o)
+        out = cache.attend(i, q, k, v, batch, c.softmax_scale, window)
+        a = linear(out.view(-1, c.q_size), w.o)
         if w.post_attn_norm is not None:
-            h = rms_norm(h, w.post_attn_norm, c.rms_eps)
-        x = x + h
-        h = rms_norm(x, w.ffn_norm, c.rms_eps)
-        gate, up = linear(h, w.gate_up).chunk(2, dim=-1)
-        h = linear(gated_activation(gate, up, c.activation), w.down)
+            a = rms_norm(a, w.post_attn_norm, c.rms_eps, out_dtype=torch.float32)
+        h = self._norm(a, x, w.ffn_norm)
+        m = linear(gated_activation(linear(h, w.gate_up), None, c.activation), w.down)
         if w.post_ffn_norm is not None:
-            h = rms_norm(h, w.post_ffn_norm, c.rms_eps)
-        return x + h
+            m = rms_norm(m, w.post_ffn_norm, c.rms_eps, out_dtype=torch.float32)
+        return m

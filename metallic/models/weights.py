@@ -7,6 +7,7 @@ gemma3, the sandwich norms of gemma).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,7 +38,7 @@ class LayerWeights:
 
 @dataclass
 class ModelWeights:
-    embedding: torch.Tensor  # [vocab, hidden]; shares storage with `output` when tied
+    embedding: LinearWeight  # [vocab, hidden]; the same object as `output` when tied
     output: LinearWeight
     output_norm: torch.Tensor
     layers: list[LayerWeights]
@@ -47,15 +48,12 @@ class ModelWeights:
     def nbytes(self) -> int:
         """Bytes held for weights (a tied embedding counted once)."""
         linears = [self.output] + [w for layer in self.layers for w in _linears(layer)]
+        if self.embedding is not self.output:
+            linears.append(self.embedding)
         vectors = [self.output_norm, self.rope_freqs] + [
             v for layer in self.layers for v in vars(layer).values() if isinstance(v, torch.Tensor)
         ]
-        total = sum(w.nbytes for w in linears) + sum(_size(v) for v in vectors)
-        tied = (
-            self.output.dense is not None
-            and self.output.dense.data_ptr() == self.embedding.data_ptr()
-        )
-        return total if tied else total + _size(self.embedding)
+        return sum(w.nbytes for w in linears) + sum(_size(v) for v in vectors)
 
 
 def _linears(layer: LayerWeights) -> list[LinearWeight]:
@@ -115,22 +113,41 @@ class WeightLoader:
     def linear(self, parts: list[tuple[str, int, str | None]], cols: int) -> LinearWeight:
         """Matrices sharing an input, stacked: `parts` are (name, rows, bias name or None).
 
-        Native only when the kernels know every part's format, so a stack is never half of each."""
+        Native only when the kernels know every part's format, so a stack is never half of each;
+        consecutive native parts of one format become one block matrix (one kernel launch)."""
         infos = [self._info(name, (rows, cols)) for name, rows, _ in parts]
-        native = self.native and all(i.ggml_type in _kernel_types() for i in infos)
-        weights = []
-        for info, (name, rows, bias) in zip(infos, parts, strict=True):
-            if native:
-                from metallic.kernels import prepare_weight
+        biases = [self.vector(bias) if bias else None for _, _, bias in parts]
+        if not (self.native and all(i.ggml_type in _kernel_types() for i in infos)):
+            weights = [self.dense(name, rows, cols) for name, rows, _ in parts]
+            for weight, bias in zip(weights, biases, strict=True):
+                weight.bias = bias
+            return stack(weights) if len(weights) > 1 else weights[0]
+        from metallic.kernels import prepare_weight
 
-                raw = info.raw_bytes().to(self.device)
-                packed = prepare_weight(raw, info.ggml_type, rows, cols, tensor_name=name)
-                weight = LinearWeight((info.ggml_type,), (rows,), cols, native=(packed,))
-            else:
-                weight = self.dense(name, rows, cols)
-            weight.bias = self.vector(bias) if bias else None
-            weights.append(weight)
-        return stack(weights) if len(weights) > 1 else weights[0]
+        packed = []
+        for qtype, run in itertools.groupby(infos, key=lambda info: info.ggml_type):
+            run = list(run)
+            raw = torch.cat([info.raw_bytes() for info in run]) if len(run) > 1 else None
+            raw = (run[0].raw_bytes() if raw is None else raw).to(self.device)
+            rows = sum(info.shape[0] for info in run)
+            name = "+".join(info.name for info in run)
+            packed.append(prepare_weight(raw, qtype, rows, cols, tensor_name=name))
+        return LinearWeight(
+            ggml_types=tuple(info.ggml_type for info in infos),
+            part_rows=tuple(rows for _, rows, _ in parts),
+            in_features=cols,
+            native=tuple(packed),
+            bias=None if biases[0] is None else torch.cat(biases),  # type: ignore[arg-type]
+        )
+
+    def matrix(self, name: str, rows: int, cols: int, dense_dtype: torch.dtype) -> LinearWeight:
+        """A matrix used alone (embedding, output): native when the kernels read its format,
+        else dense in `dense_dtype`."""
+        return (
+            self.linear([(name, rows, None)], cols)
+            if self.native
+            else self.dense(name, rows, cols, dtype=dense_dtype)
+        )
 
 
 def _kernel_types() -> tuple[GGMLQuantizationType, ...]:
@@ -151,16 +168,16 @@ def load_weights(
 ) -> ModelWeights:
     """Build every layer's weights; `progress(done, total)` is called after each layer.
 
-    `vocab_dtype` overrides `dtype` for the (largest) embedding/output matrix, which stays
-    dense (token lookups read its rows); `native` keeps the layers' matrices in GGUF blocks."""
+    `vocab_dtype` overrides `dtype` for the (largest) embedding/output matrix when it is dense;
+    `native` keeps every matrix the kernels can read in its GGUF blocks."""
     load = WeightLoader(gguf, device, dtype, native)
     c = config
     total = c.n_layers + 1
     tied = not load.has("output.weight")
     vocab_dtype = vocab_dtype or dtype
     vocab = (c.vocab_size, c.hidden_size)
-    embedding = load.dense("token_embd.weight", *vocab, dtype=vocab_dtype)
-    output = embedding if tied else load.dense("output.weight", *vocab, dtype=vocab_dtype)
+    embedding = load.matrix("token_embd.weight", *vocab, vocab_dtype)
+    output = embedding if tied else load.matrix("output.weight", *vocab, vocab_dtype)
     rope_freqs = load.vector("rope_freqs.weight") if load.has("rope_freqs.weight") else None
     if progress:
         progress(1, total)
@@ -202,7 +219,7 @@ def load_weights(
         if progress:
             progress(i + 2, total)
     return ModelWeights(
-        embedding=embedding.dense,
+        embedding=embedding,
         output=output,
         output_norm=load.vector("output_norm.weight"),
         layers=layers,

@@ -2,7 +2,7 @@
 
 from metallic.ops.activation import gated_activation
 from metallic.ops.attention import attention
-from metallic.ops.linear import LinearWeight, linear
+from metallic.ops.linear import LinearWeight, embed, linear
 from metallic.ops.norm import rms_norm
 from metallic.ops.rope import RopeTable, apply_rope
 
@@ -11,6 +11,7 @@ __all__ = [
     "RopeTable",
     "apply_rope",
     "attention",
+    "embed",
     "gated_activation",
     "linear",
     "rms_norm",

@@ -5,9 +5,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from metallic.ops.dispatch import use_kernels
 
-def gated_activation(gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
-    """`act(gate) * up` in one expression so a fused kernel can replace it on the GPU."""
+
+def gated_activation(gate: torch.Tensor, up: torch.Tensor | None, kind: str) -> torch.Tensor:
+    """`act(gate) * up`; with `up=None`, gate is the fused [..., 2F] = [gate | up] output of one
+    stacked matmul, and the kernel reads both halves in place."""
+    if use_kernels(gate):
+        from metallic.kernels.activation import gated_activation as kernel
+
+        return kernel(gate, up, kind)
+    if up is None:
+        gate, up = gate.chunk(2, dim=-1)
     if kind == "silu":
         return F.silu(gate) * up
     if kind == "gelu_tanh":

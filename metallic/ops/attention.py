@@ -1,13 +1,17 @@
-"""Scaled dot-product attention over explicit positions (causal, sliding window, GQA).
+"""Attention: over explicit key positions (torch), and over a paged KV cache (kernels on CUDA).
 
-Keys carry their absolute positions, so the same call serves a contiguous cache, a ring buffer of
-the last W positions (sliding-window layers) and, later, pages gathered from a paged cache.
+`attention` takes keys with their absolute positions, so one call serves a contiguous cache, a ring
+buffer of the last W positions (sliding-window layers) and pages gathered from a paged cache.
+`store_kv` and `paged_attention` read and write the paged pools through a step's block table.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from metallic.ops.dispatch import use_kernels
+from metallic.runtime.batch import StepBatch
 
 
 def attention(
@@ -40,3 +44,98 @@ def attention(
     )
     out = out.view(n_kv, group, n_tokens, head_dim).permute(2, 0, 1, 3)
     return out.reshape(n_tokens, n_heads, head_dim).to(q.dtype)
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    batch: StepBatch,
+) -> None:
+    """Write a step's keys and values [T, Hkv, D] into pools [blocks, block_size, Hkv, D] at
+    their positions, through the batch's block table."""
+    if use_kernels(k):
+        from metallic.kernels.attention import store_kv as kernel
+
+        kernel(
+            k,
+            v,
+            k_pool,
+            v_pool,
+            batch.block_table,
+            batch.cu_seqlens_q,
+            batch.positions,
+            max_q_len=batch.max_q_len,
+        )
+        return
+    slots = _pool_rows(batch, batch.positions, k_pool.shape[1])
+    k_pool.view(-1, *k_pool.shape[2:])[slots] = k.to(k_pool.dtype)
+    v_pool.view(-1, *v_pool.shape[2:])[slots] = v.to(v_pool.dtype)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    batch: StepBatch,
+    scale: float,
+    window: int = 0,
+    *,
+    max_seq_len: int,
+) -> torch.Tensor:
+    """Each sequence's queries [T, Hq, D] over its keys in the paged pools (this step's already
+    stored); `max_seq_len` bounds every sequence's length (sizes the decode split)."""
+    if use_kernels(q):
+        from metallic.kernels.attention import paged_attention_decode, paged_attention_prefill
+
+        if batch.decode:
+            return paged_attention_decode(
+                q,
+                k_pool,
+                v_pool,
+                batch.block_table,
+                batch.seq_lens,
+                scale,
+                window,
+                max_seq_len=max_seq_len,
+            )
+        return paged_attention_prefill(
+            q,
+            k_pool,
+            v_pool,
+            batch.block_table,
+            batch.seq_lens,
+            batch.cu_seqlens_q,
+            batch.positions,
+            scale,
+            window,
+            max_q_len=batch.max_q_len,
+        )
+    out = torch.empty_like(q)
+    block_size = k_pool.shape[1]
+    flat_k = k_pool.view(-1, *k_pool.shape[2:])
+    flat_v = v_pool.view(-1, *v_pool.shape[2:])
+    offset = 0
+    for s, chunk in enumerate(batch.chunks):
+        rows = slice(offset, offset + len(chunk.tokens))
+        offset += len(chunk.tokens)
+        end = chunk.start + len(chunk.tokens)
+        key_pos = torch.arange(
+            max(0, chunk.start - window + 1) if window else 0, end, device=q.device
+        )
+        table = batch.block_table[s].long()
+        slots = table[key_pos // block_size] * block_size + key_pos % block_size
+        out[rows] = attention(
+            q[rows], flat_k[slots], flat_v[slots], batch.positions[rows], key_pos, scale, window
+        )
+    return out
+
+
+def _pool_rows(batch: StepBatch, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Flat pool row of every token of the batch (torch path of `store_kv`)."""
+    device = positions.device
+    lengths = torch.tensor([len(c.tokens) for c in batch.chunks], device=device)
+    seq_of_token = torch.repeat_interleave(torch.arange(len(batch.chunks), device=device), lengths)
+    pos = positions.long()
+    return batch.block_table.long()[seq_of_token, pos // block_size] * block_size + pos % block_size

@@ -77,13 +77,24 @@ def linear(x: torch.Tensor, weight: LinearWeight) -> torch.Tensor:
         from metallic.kernels import quant_matmul
 
         rows = x.reshape(-1, weight.in_features)
-        outs = [
-            quant_matmul(rows, packed, packed.ggml_type, packed.n, packed.k)
-            for packed in weight.native or ()
-        ]
-        out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)).view(
-            *x.shape[:-1], weight.out_features
-        )
+        flat = torch.empty(rows.shape[0], weight.out_features, dtype=x.dtype, device=x.device)
+        column = 0
+        for packed in weight.native or ():  # each part writes its own columns: no concatenation
+            part = flat[:, column : column + packed.n]
+            quant_matmul(rows, packed, packed.ggml_type, packed.n, packed.k, out=part)
+            column += packed.n
+        out = flat.view(*x.shape[:-1], weight.out_features)
     if weight.bias is not None:
         out = out + weight.bias.to(out.dtype)
     return out.to(x.dtype)
+
+
+def embed(tokens: torch.Tensor, weight: LinearWeight, dtype: torch.dtype) -> torch.Tensor:
+    """Rows `tokens` of the matrix, in `dtype`: a lookup that widens only those rows."""
+    if weight.dense is not None:
+        return weight.dense[tokens].to(dtype)
+    from metallic.kernels import dequantize_gpu, gather_rows
+
+    (packed,) = weight.native or ()
+    rows = gather_rows(packed, tokens)
+    return dequantize_gpu(rows, rows.ggml_type, rows.n, rows.k, dtype)

@@ -6,7 +6,22 @@ adjacent pairs (GPT-J style, what llama.cpp's converter leaves llama models in).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from metallic.ops.dispatch import use_kernels
+
+
+@dataclass(frozen=True)
+class RopeStep:
+    """One step's rotation, prepared once and shared by every layer using the table: the
+    kernel reads the whole table by position, the torch path the angles gathered per token."""
+
+    positions: torch.Tensor  # [T]
+    cos: torch.Tensor  # [P, rope_dim/2] table, or [T, 1, rope_dim/2] gathered
+    sin: torch.Tensor
+    gathered: bool
 
 
 class RopeTable:
@@ -24,7 +39,7 @@ class RopeTable:
         exponents = torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim
         inv_freq = 1.0 / (base**exponents)
         if freq_factors is not None:  # Llama-3 frequency scaling, stored as rope_freqs.weight
-            inv_freq = inv_freq / freq_factors.to(torch.float64)
+            inv_freq = inv_freq / freq_factors.to(torch.float64).cpu()
         self.inv_freq = inv_freq / linear_scale
         self.rope_dim = rope_dim
         self.device = torch.device(device)
@@ -32,6 +47,8 @@ class RopeTable:
         self.sin = torch.empty(0, rope_dim // 2, device=self.device)
 
     def ensure(self, n_positions: int) -> None:
+        """Grow the table to cover n_positions. Growing reallocates it: captured CUDA graphs
+        hold its address, so engines size it for the whole context before capturing."""
         if n_positions <= self.cos.shape[0]:
             return
         size = max(n_positions, 2 * self.cos.shape[0], 256)
@@ -40,18 +57,38 @@ class RopeTable:
         self.sin = angles.sin().float().to(self.device)
 
     def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [tokens, 1, rope_dim/2] at `positions`: gathered once per step and
-        shared by every layer using this table."""
+        """cos and sin [tokens, 1, rope_dim/2] at `positions`."""
         self.ensure(int(positions.max()) + 1 if positions.numel() else 0)
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
+    def for_step(self, positions: torch.Tensor, max_position: int) -> RopeStep:
+        """The rotation of a step whose largest position (known on the host, so no device sync)
+        is `max_position`."""
+        self.ensure(max_position + 1)
+        if use_kernels(positions):
+            return RopeStep(positions, self.cos, self.sin, gathered=False)
+        cos, sin = self.angles(positions)
+        return RopeStep(positions, cos, sin, gathered=True)
+
 
 def apply_rope(
-    x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor], rope_dim: int, neox: bool
+    q: torch.Tensor, k: torch.Tensor, step: RopeStep, rope_dim: int, neox: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [T, Hq, D] and k [T, Hkv, D] by their tokens' positions; dims past rope_dim
+    pass unchanged. The kernel works in place on q and k; the torch path returns new tensors."""
+    if not step.gathered:
+        from metallic.kernels.rope import apply_rope as kernel
+
+        kernel(q, k, step.positions, step.cos, step.sin, neox)  # the table spans rope_dim
+        return q, k
+    cos, sin = step.cos, step.sin
+    return rotate(q, cos, sin, rope_dim, neox), rotate(k, cos, sin, rope_dim, neox)
+
+
+def rotate(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dim: int, neox: bool
 ) -> torch.Tensor:
-    """Rotate `x` [tokens, heads, head_dim] by `RopeTable.angles` of its tokens' positions; dims
-    past rope_dim pass unchanged."""
-    cos, sin = angles
+    """x [tokens, heads, head_dim] rotated by per-token angles (`RopeTable.angles`), in f32."""
     half = rope_dim // 2
     xf = x.float()
     rot, rest = xf[..., :rope_dim], xf[..., rope_dim:]

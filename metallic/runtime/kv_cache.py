@@ -1,48 +1,38 @@
-"""A contiguous KV cache: one slot per sequence, a ring of the last W positions on sliding layers.
+"""KV caches behind one interface: slots per sequence, a step's batch metadata, and attention.
 
-Allocated once and reused across runs (a finished sequence just frees its slot). The paged cache
-replaces this behind the same three calls: `keys_values` (what a step's attention sees),
-`store` (append a step's keys and values) and slot management.
+- `ContiguousKVCache` (the CPU path): one row per slot and layer, a ring of the last W positions
+  on sliding-window layers, attention in torch over the keys it hands back.
+- `PagedKVCache` (the kernel path): per layer a pool of fixed-size blocks; each slot's block
+  table maps positions to blocks, allocated as the sequence grows and returned to a free list
+  when it ends. The Triton kernels store and attend through the table.
+
+Both are allocated once and reused across runs; the model calls only `attend`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from metallic.errors import MetallicError
 from metallic.gguf.config import ModelConfig
+from metallic.ops.attention import attention, paged_attention, store_kv
+from metallic.runtime.batch import SequenceChunk, StepBatch
+
+BLOCK_SIZE = 16  # tokens per KV block
 
 
 class ContextFull(MetallicError):
     """A sequence grew past the cache's context size."""
 
 
-class KVCache:
-    def __init__(
-        self,
-        config: ModelConfig,
-        n_slots: int,
-        context_size: int,
-        device: torch.device,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        self.context_size = context_size
-        self.capacity = [
-            min(context_size, config.sliding_window) if config.is_sliding(i) else context_size
-            for i in range(config.n_layers)
-        ]
-        shape = (config.n_kv_heads, config.head_dim)
-        self.k = [
-            torch.zeros(n_slots, cap, *shape, device=device, dtype=dtype) for cap in self.capacity
-        ]
-        self.v = [
-            torch.zeros(n_slots, cap, *shape, device=device, dtype=dtype) for cap in self.capacity
-        ]
-        self.free_slots = list(range(n_slots - 1, -1, -1))
+class _Slots:
+    """Slot bookkeeping and the context limit, shared by both caches."""
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+    def __init__(self, n_slots: int, context_size: int) -> None:
+        self.context_size = context_size
+        self.free_slots = list(range(n_slots - 1, -1, -1))
 
     def allocate(self) -> int:
         if not self.free_slots:
@@ -58,6 +48,62 @@ class KVCache:
                 f"the sequence needs {end} positions but the context holds {self.context_size} "
                 "(raise --ctx-size or shorten the prompt)"
             )
+
+
+class ContiguousKVCache(_Slots):
+    def __init__(
+        self,
+        config: ModelConfig,
+        n_slots: int,
+        context_size: int,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__(n_slots, context_size)
+        self.device = device
+        self.capacity = [
+            min(context_size, config.sliding_window) if config.is_sliding(i) else context_size
+            for i in range(config.n_layers)
+        ]
+        shape = (config.n_kv_heads, config.head_dim)
+        self.k = [
+            torch.zeros(n_slots, cap, *shape, device=device, dtype=dtype) for cap in self.capacity
+        ]
+        self.v = [
+            torch.zeros(n_slots, cap, *shape, device=device, dtype=dtype) for cap in self.capacity
+        ]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def batch(self, chunks: Sequence[SequenceChunk]) -> StepBatch:
+        for chunk in chunks:
+            self.check_room(chunk.start + len(chunk.tokens))
+        return StepBatch.build(chunks, self.device)
+
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: StepBatch,
+        scale: float,
+        window: int,
+    ) -> torch.Tensor:
+        out = torch.empty_like(q)
+        offset = 0
+        for chunk in batch.chunks:
+            rows = slice(offset, offset + len(chunk.tokens))
+            offset += len(chunk.tokens)
+            keys, values, key_pos = self.attend_and_store(
+                layer, chunk.slot, chunk.start, k[rows], v[rows]
+            )
+            out[rows] = attention(
+                q[rows], keys, values, batch.positions[rows], key_pos, scale, window
+            )
+        return out
 
     def attend_and_store(
         self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor
@@ -82,3 +128,66 @@ class KVCache:
         kc[keep % cap] = k[keep - start]
         vc[keep % cap] = v[keep - start]
         return keys, values, positions
+
+
+class PagedKVCache(_Slots):
+    """Pools of `BLOCK_SIZE`-token blocks, enough for every slot at the full context."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        n_slots: int,
+        context_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        block_size: int = BLOCK_SIZE,
+    ) -> None:
+        super().__init__(n_slots, context_size)
+        self.device = device
+        self.block_size = block_size
+        self.max_blocks = -(-context_size // block_size)
+        n_blocks = n_slots * self.max_blocks
+        shape = (n_blocks, block_size, config.n_kv_heads, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.free_blocks = list(range(n_blocks - 1, -1, -1))
+        self.tables: dict[int, list[int]] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def release(self, slot: int) -> None:
+        self.free_blocks.extend(reversed(self.tables.pop(slot, [])))
+        super().release(slot)
+
+    def reserve(self, slot: int, end: int) -> None:
+        """Give `slot` blocks for positions [0, end)."""
+        self.check_room(end)
+        table = self.tables.setdefault(slot, [])
+        while len(table) * self.block_size < end:
+            table.append(self.free_blocks.pop())
+
+    def batch(self, chunks: Sequence[SequenceChunk]) -> StepBatch:
+        for chunk in chunks:
+            self.reserve(chunk.slot, chunk.start + len(chunk.tokens))
+        rows = [self.tables[chunk.slot] for chunk in chunks]
+        return StepBatch.build(chunks, self.device, rows, self.max_blocks)
+
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: StepBatch,
+        scale: float,
+        window: int,
+    ) -> torch.Tensor:
+        store_kv(k, v, self.k[layer], self.v[layer], batch)
+        return paged_attention(
+            q, self.k[layer], self.v[layer], batch, scale, window, max_seq_len=self.context_size
+        )
+
+
+KVCache = ContiguousKVCache | PagedKVCache

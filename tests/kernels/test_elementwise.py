@@ -71,8 +71,8 @@ def test_rope_in_place_on_q_and_k(neox: bool, head_dim: int, rope_dim: int) -> N
     q = qkv[:, : q_heads * head_dim].view(tokens, q_heads, head_dim)
     k = qkv[:, q_heads * head_dim : (q_heads + k_heads) * head_dim].view(tokens, k_heads, head_dim)
     untouched_v = qkv[:, (q_heads + k_heads) * head_dim :].clone()
-    ref_q = ref_rope.apply_rope(q.double(), table.angles(positions), table.rope_dim, neox)
-    ref_k = ref_rope.apply_rope(k.double(), table.angles(positions), table.rope_dim, neox)
+    ref_q = ref_rope.rotate(q.double(), *table.angles(positions), table.rope_dim, neox)
+    ref_k = ref_rope.rotate(k.double(), *table.angles(positions), table.rope_dim, neox)
     apply_rope(q, k, positions, table.cos, table.sin, neox)
     assert relative_error(q, ref_q) < TOLERANCE[torch.float32]
     assert relative_error(k, ref_k) < TOLERANCE[torch.float32]
@@ -84,7 +84,7 @@ def test_rope_half_precision_queries_only() -> None:
     table.ensure(64)
     positions = torch.arange(30, 35, dtype=torch.int32)
     q = torch.randn(5, 3, 128).half()
-    ref = ref_rope.apply_rope(q.double(), table.angles(positions), table.rope_dim, True)
+    ref = ref_rope.rotate(q.double(), *table.angles(positions), table.rope_dim, True)
     apply_rope(q, None, positions, table.cos, table.sin, True)
     assert relative_error(q, ref) < TOLERANCE[torch.float16]
 

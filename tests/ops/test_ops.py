@@ -4,7 +4,8 @@ import math
 
 import torch
 
-from metallic.ops import RopeTable, apply_rope, attention, gated_activation, rms_norm
+from metallic.ops import RopeTable, attention, gated_activation, rms_norm
+from metallic.ops.rope import rotate
 
 
 def test_rms_norm_matches_float64():
@@ -32,14 +33,14 @@ def test_rope_both_layouts():
     x = torch.randn(4, 3, 16)
     pos = torch.tensor([0, 1, 7, 300])
     for neox in (True, False):
-        got = apply_rope(x, RopeTable(16, 10000.0).angles(pos), 16, neox)
+        got = rotate(x, *RopeTable(16, 10000.0).angles(pos), 16, neox)
         ref = _rope_reference(x, pos, 10000.0, neox)
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_rope_partial_dims_pass_through():
     x = torch.randn(2, 1, 16)
-    got = apply_rope(x, RopeTable(8, 10000.0).angles(torch.tensor([3, 4])), 8, True)
+    got = rotate(x, *RopeTable(8, 10000.0).angles(torch.tensor([3, 4])), 8, True)
     assert torch.equal(got[..., 8:], x[..., 8:])
 
 

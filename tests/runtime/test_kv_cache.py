@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from metallic.gguf.config import ModelConfig
-from metallic.runtime.kv_cache import ContextFull, KVCache
+from metallic.runtime.kv_cache import ContextFull, ContiguousKVCache
 
 
 def _config(window: int) -> ModelConfig:
@@ -30,7 +30,9 @@ def _config(window: int) -> ModelConfig:
 @pytest.mark.parametrize("chunks", [[1] * 20, [7, 1, 1, 9, 2], [13, 7], [20]])
 def test_ring_buffer_sees_the_window(chunks):
     window = 5
-    cache = KVCache(_config(window), n_slots=2, context_size=32, device=torch.device("cpu"))
+    cache = ContiguousKVCache(
+        _config(window), n_slots=2, context_size=32, device=torch.device("cpu")
+    )
     assert cache.capacity == [window, 32]
     slot = cache.allocate()
     keys = torch.randn(sum(chunks), 1, 4)
@@ -51,7 +53,7 @@ def test_ring_buffer_sees_the_window(chunks):
 
 
 def test_context_full_and_slots():
-    cache = KVCache(_config(0), n_slots=1, context_size=8, device=torch.device("cpu"))
+    cache = ContiguousKVCache(_config(0), n_slots=1, context_size=8, device=torch.device("cpu"))
     with pytest.raises(ContextFull, match="context holds 8"):
         cache.check_room(9)
     slot = cache.allocate()

@@ -1,0 +1,150 @@
+"""Where a decode step and a prefill spend their time on the GPU, kernel by kernel.
+
+For each model: the CUDA time of every kernel of one eager decode step and one 512-token prefill
+(torch.profiler), grouped by kernel name; the replay time of the captured decode graph; and the
+whole step as the engine runs it (host work included). Prints tables and writes JSON to $OUT.
+
+    python benchmarks/gpu_profile.py --synthetic llama3-8b --synthetic gemma3-270m
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from metallic.engine.engine import Engine
+from metallic.runtime.batch import SequenceChunk
+from metallic.testing.synthetic import write_synthetic_model
+
+
+def kernel_table(fn, repeats: int = 3) -> tuple[list[tuple[str, int, float]], float]:
+    """(name, launches per call, microseconds per call) of every kernel fn launches, and the
+    total kernel microseconds per call."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for event in prof.events():
+        if event.device_type.name == "CUDA":
+            entry = totals[event.name[:60]]
+            entry[0] += 1
+            entry[1] += event.device_time
+    rows = [(name, int(n / repeats), us / repeats) for name, (n, us) in totals.items()]
+    rows.sort(key=lambda r: -r[2])
+    return rows, sum(r[2] for r in rows)
+
+
+def event_us(fn, repeats: int = 20) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def wall_us(fn, repeats: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - began) * 1e6)
+    return statistics.median(times)
+
+
+def profile_model(label: str, path: Path, ctx: int) -> dict:
+    engine = Engine(path, device="cuda", context_size=ctx)
+    cache, model = engine.cache, engine.model
+    slot = cache.allocate()
+    prompt = list(range(100, 612))
+    prefill = cache.batch([SequenceChunk(slot, 0, prompt)])
+    model.forward(prefill, cache)
+    decode = cache.batch([SequenceChunk(slot, len(prompt), [7])])
+    assert engine.graphs is not None
+    engine.graphs.run(decode)
+    result: dict[str, object] = {"model": label}
+    result["decode_kernels"], result["decode_kernel_us"] = kernel_table(
+        lambda: model.forward(decode, cache)
+    )
+    result["decode_graph_us"] = event_us(lambda: engine.graphs.run(decode))
+    result["decode_eager_wall_us"] = wall_us(lambda: model.forward(decode, cache))
+
+    def engine_step() -> None:  # what generation does per token, minus the detokenizer
+        batch = cache.batch([SequenceChunk(slot, len(prompt), [7])])
+        logits = engine.graphs.run(batch)
+        int(logits.argmax())
+
+    result["decode_step_wall_us"] = wall_us(engine_step)
+    result["prefill_kernels"], result["prefill_kernel_us"] = kernel_table(
+        lambda: model.forward(prefill, cache)
+    )
+    result["prefill_wall_us"] = wall_us(lambda: model.forward(prefill, cache), 5)
+    cache.release(slot)
+    return result
+
+
+def print_profile(r: dict, top: int = 14) -> None:
+    print(f"\n== {r['model']}")
+    print(
+        f"decode: kernels {r['decode_kernel_us']:.0f} us, graph replay {r['decode_graph_us']:.0f}"
+        f" us, eager wall {r['decode_eager_wall_us']:.0f} us, engine step wall "
+        f"{r['decode_step_wall_us']:.0f} us"
+    )
+    for name, n, us in r["decode_kernels"][:top]:
+        print(f"  {us:8.1f} us {n:4d}x  {name}")
+    print(f"prefill 512: kernels {r['prefill_kernel_us']:.0f} us, wall {r['prefill_wall_us']:.0f} us")
+    for name, n, us in r["prefill_kernels"][:top]:
+        print(f"  {us:8.1f} us {n:4d}x  {name}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, action="append", default=[])
+    parser.add_argument("--synthetic", action="append", default=[], help="preset, e.g. llama3-8b")
+    parser.add_argument("--mix", default="Q4_K_M")
+    parser.add_argument("--ctx", type=int, default=4096)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/metallic-bench"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_profile: needs a CUDA device", file=sys.stderr)
+        return 2
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    models = [(p.stem, p) for p in args.model]
+    for preset in args.synthetic:
+        path = args.workdir / f"{preset}-{args.mix}.gguf"
+        if not path.exists():
+            write_synthetic_model(path, preset, args.mix)
+        models.append((preset, path))
+    results = []
+    for label, path in models:
+        results.append(profile_model(label, path, args.ctx))
+        print_profile(results[-1])
+        torch.cuda.empty_cache()
+    out = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name()
+    (out / "gpu_profile.json").write_text(json.dumps({"device": device, "models": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
