@@ -10,6 +10,7 @@ whole step as the engine runs it (host work included). Prints tables and writes 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -19,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from gguf import GGMLQuantizationType as T
 from torch.profiler import ProfilerActivity, profile
 
 from metallic.engine.engine import Engine
@@ -102,6 +104,47 @@ def profile_model(label: str, path: Path, ctx: int) -> dict:
     return result
 
 
+def sweep_dequant() -> list[dict]:
+    """Time the prefill dequantizer at 8B shapes under each step width, row block and warp
+    count (the knobs of quant_matmul's DEQUANT mode)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_quant_matmul import random_blocks
+
+    from metallic.kernels import dequantize_gpu, prepare_weight
+
+    qm = importlib.import_module("metallic.kernels.quant_matmul")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(T.Q4_K, 14336, 4096), (T.Q6_K, 4096, 14336), (T.Q5_0, 2048, 640)]
+    weights = [
+        (t, n, k, prepare_weight(random_blocks(t, n, k, gen), t, n, k)) for t, n, k in shapes
+    ]
+    defaults = (qm._DEQUANT_GROUPS, qm._DEQUANT_ROWS, qm._DEQUANT_WARPS)
+    rows = []
+    for groups in (0, 8, 32):
+        for block_rows in (16, 32, 64):
+            for warps in (4, 8):
+                qm._DEQUANT_GROUPS, qm._DEQUANT_ROWS, qm._DEQUANT_WARPS = groups, block_rows, warps
+                for qtype, n, k, packed in weights:
+                    us = event_us(
+                        lambda p=packed, t=qtype, n=n, k=k: dequantize_gpu(
+                            p, t, n, k, torch.bfloat16
+                        ),
+                        10,
+                    )
+                    moved = packed.nbytes + 2 * n * k
+                    rows.append({"format": qtype.name, "n": n, "k": k, "groups": groups,
+                                 "rows": block_rows, "warps": warps, "us": us,
+                                 "tb_s": moved / us / 1e6})  # fmt: skip
+    qm._DEQUANT_GROUPS, qm._DEQUANT_ROWS, qm._DEQUANT_WARPS = defaults
+    print("\ndequantize to bf16 (bytes read + written per us)")
+    for r in sorted(rows, key=lambda r: (r["format"], r["us"])):
+        print(
+            f"  {r['format']:<5} {r['n']:>5}x{r['k']:<5} groups {r['groups']:>2} rows "
+            f"{r['rows']:>2} warps {r['warps']} {r['us']:8.1f} us {r['tb_s']:5.2f} TB/s"
+        )
+    return rows
+
+
 def print_profile(r: dict, top: int = 14) -> None:
     print(f"\n== {r['model']}")
     print(
@@ -111,7 +154,9 @@ def print_profile(r: dict, top: int = 14) -> None:
     )
     for name, n, us in r["decode_kernels"][:top]:
         print(f"  {us:8.1f} us {n:4d}x  {name}")
-    print(f"prefill 512: kernels {r['prefill_kernel_us']:.0f} us, wall {r['prefill_wall_us']:.0f} us")
+    print(
+        f"prefill 512: kernels {r['prefill_kernel_us']:.0f} us, wall {r['prefill_wall_us']:.0f} us"
+    )
     for name, n, us in r["prefill_kernels"][:top]:
         print(f"  {us:8.1f} us {n:4d}x  {name}")
 
@@ -123,10 +168,12 @@ def main() -> int:
     parser.add_argument("--mix", default="Q4_K_M")
     parser.add_argument("--ctx", type=int, default=4096)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/metallic-bench"))
+    parser.add_argument("--sweep-dequant", action="store_true", help="tune the prefill dequant")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_profile: needs a CUDA device", file=sys.stderr)
         return 2
+    sweep = sweep_dequant() if args.sweep_dequant else []
     args.workdir.mkdir(parents=True, exist_ok=True)
     models = [(p.stem, p) for p in args.model]
     for preset in args.synthetic:
@@ -142,7 +189,8 @@ def main() -> int:
     out = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "results")
     out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name()
-    (out / "gpu_profile.json").write_text(json.dumps({"device": device, "models": results}))
+    result = {"device": device, "models": results, "dequant_sweep": sweep}
+    (out / "gpu_profile.json").write_text(json.dumps(result))
     return 0
 
 

@@ -25,7 +25,7 @@ from metallic.models.weights import load_weights
 from metallic.ops.dispatch import use_kernels
 from metallic.runtime.batch import SequenceChunk
 from metallic.runtime.device import choose_device, choose_dtype, choose_vocab_dtype
-from metallic.runtime.graphs import DecodeGraphs
+from metallic.runtime.graphs import StepGraphs
 from metallic.runtime.kv_cache import ContiguousKVCache, KVCache, PagedKVCache
 
 DEFAULT_CONTEXT = 4096
@@ -108,7 +108,7 @@ class Engine:
         self.model.reserve_positions(ctx)
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda":
-            self.graphs = DecodeGraphs(lambda batch: self.model.forward(batch, self.cache))
+            self.graphs = StepGraphs(lambda batch: self.model.forward(batch, self.cache))
         self.sampler = Sampler(self.config.vocab_size, self.device, sorted(self.tokenizer.stop_ids))
         self.last_stats = GenerationStats()
 
@@ -139,11 +139,14 @@ class Engine:
         rows = []
         for offset in range(0, len(tokens), PREFILL_CHUNK):
             chunk = SequenceChunk(slot, start + offset, tokens[offset : offset + PREFILL_CHUNK])
-            batch = self.cache.batch([chunk])
-            if batch.decode and self.graphs is not None and not every_row:
-                rows.append(self.graphs.run(batch))
-            else:
+            if self.graphs is None or every_row:
+                batch = self.cache.batch([chunk])
                 rows.append(self.model.forward(batch, self.cache, every_row))
+                continue
+            assert isinstance(self.cache, PagedKVCache)  # graphs run on the kernel path only
+            bucket = _graph_bucket(len(chunk.tokens))
+            batch = self.cache.batch([chunk], pad_to=bucket)
+            rows.append(self.graphs.run(batch)[:1])  # row 0: this sequence (then the filler)
         return torch.cat(rows) if every_row else rows[-1]
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
@@ -235,6 +238,15 @@ class Engine:
     def generate(self, prompt: str | list[int], max_tokens: int = 256, **sampling: object) -> str:
         """The whole completion of `prompt` as one string."""
         return "".join(self.stream(prompt, max_tokens, **sampling))
+
+
+def _graph_bucket(n_tokens: int) -> int:
+    """Token counts that get a captured graph: 1 (decode), then powers of two from 16 up to
+    PREFILL_CHUNK. A prompt chunk is padded up to its bucket: at most 2x the tokens, against
+    launch costs that exceed the whole prefill's GPU time on small models."""
+    if n_tokens == 1:
+        return 1
+    return min(PREFILL_CHUNK, max(16, 1 << (n_tokens - 1).bit_length()))
 
 
 def _params(max_tokens: int, sampling: dict[str, object]) -> SamplingParams:

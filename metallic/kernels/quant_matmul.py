@@ -70,7 +70,10 @@ _GROUPS = {
 # faster than 144 bytes); the DOT mode 8 groups by 64 rows (16 by 32 was 1.4x slower).
 _FMA_GROUPS, _DOT_GROUPS = 32, 8
 _FMA_ROWS_PER_THREAD = 2  # x is loaded once for this many rows (4 was 1.6x slower: registers)
-_DOT_ROWS, _DEQUANT_ROWS, _DENSE_ROWS = 64, 32, 16
+_DOT_ROWS, _DEQUANT_ROWS, _DENSE_ROWS = 64, 16, 16
+# DEQUANT: groups per step (0: one super-block) and warps. Swept on an H200 at 8B shapes
+# (benchmarks/gpu_profile.py --sweep-dequant): 16 rows x 8 warps beat 32 x 4 by 1.25-1.5x.
+_DEQUANT_GROUPS, _DEQUANT_WARPS = 0, 8
 _PROGRAMS_PER_SM = 4  # split K until the grid has this many programs per multiprocessor
 # Below this many weight bytes a decode product is launch-bound: no split-K, no merge launch.
 _MIN_SPLIT_BYTES = 4 << 20
@@ -79,12 +82,12 @@ _MIN_SPLIT_BYTES = 4 << 20
 def _geometry(fmt: int, mode: int, k: int) -> tuple[int, int, int, int]:
     """(super-blocks per step, groups, words per thread, rows per program) for a launch.
 
-    Steps span as many super-blocks as the mode's group target asks, as far as K allows;
-    DEQUANT takes one super-block a step (its grid covers K).
+    Steps span as many super-blocks as the mode's group target asks, as far as K allows
+    (DEQUANT's grid has one program per step and row block).
     """
     if fmt == _FMT_DENSE:
         return 1, 8, 32, _DENSE_ROWS
-    target = {_MODE_FMA: _FMA_GROUPS, _MODE_DOT: _DOT_GROUPS}.get(mode, 0)
+    target = {_MODE_FMA: _FMA_GROUPS, _MODE_DOT: _DOT_GROUPS}.get(mode, _DEQUANT_GROUPS)
     sbs = 1
     while sbs * _GROUPS[fmt] < target and sbs * 2 * STEP <= k:
         sbs *= 2
@@ -684,22 +687,31 @@ def dequantize_gpu(
     n: int,
     k: int,
     dtype: torch.dtype = torch.float32,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The [n, k] matrix in ``dtype``; in float32 bit-exact against metallic.quant.reference."""
+    """The [n, k] matrix in ``dtype``; in float32 bit-exact against metallic.quant.reference.
+
+    ``out`` (a contiguous [n, k] tensor, such as a row slice of a stacked matrix) receives it."""
     packed = _as_packed(weight, ggml_type, n, k)
     _check_device(packed.planes[0])
+    if out is not None:
+        if out.shape != (n, k) or not out.is_contiguous():
+            raise MetallicError(f"out must be a contiguous [{n}, {k}] tensor")
+        dtype = out.dtype
     if dtype not in _FLOAT_DTYPES:
         raise MetallicError(f"dequantize_gpu writes f32, f16 or bf16, not {dtype}")
     fmt = _FMT_IDS[packed.ggml_type]
     sbs, groups, words, rows = _geometry(fmt, _MODE_DEQUANT, k)
-    out = torch.empty((n, k), dtype=dtype, device=packed.device)
-    n_steps = triton.cdiv(k, STEP)
+    if out is None:
+        out = torch.empty((n, k), dtype=dtype, device=packed.device)
+    n_steps = triton.cdiv(k, sbs * STEP)
     _quant_kernel[(triton.cdiv(n, rows), n_steps)](
         out, out, out, *_launch_args(packed), 0, n, k, 0, 0, n_steps, 1, _ONE_BITS, 1,
         FMT=fmt, MODE=_MODE_DEQUANT, G=groups, W=words, SBS=sbs, BN=rows, BM=1,
         XKIND=_X_SINGLE,
-        EVEN=k % STEP == 0, PARTIAL=False, PREC="ieee",
-        num_warps=4, enable_fp_fusion=False,
+        EVEN=k % (sbs * STEP) == 0, PARTIAL=False, PREC="ieee",
+        num_warps=_DEQUANT_WARPS, enable_fp_fusion=False,
     )  # fmt: skip
     return out
 

@@ -74,19 +74,33 @@ def linear(x: torch.Tensor, weight: LinearWeight) -> torch.Tensor:
             w = w.float()
         out = F.linear(x.to(w.dtype), w)
     else:
-        from metallic.kernels import quant_matmul
-
-        rows = x.reshape(-1, weight.in_features)
-        flat = torch.empty(rows.shape[0], weight.out_features, dtype=x.dtype, device=x.device)
-        column = 0
-        for packed in weight.native or ():  # each part writes its own columns: no concatenation
-            part = flat[:, column : column + packed.n]
-            quant_matmul(rows, packed, packed.ggml_type, packed.n, packed.k, out=part)
-            column += packed.n
-        out = flat.view(*x.shape[:-1], weight.out_features)
+        out = _native_linear(x.reshape(-1, weight.in_features), weight.native or ())
+        out = out.view(*x.shape[:-1], weight.out_features)
     if weight.bias is not None:
         out = out + weight.bias.to(out.dtype)
     return out.to(x.dtype)
+
+
+def _native_linear(rows: torch.Tensor, parts: tuple[PackedWeight, ...]) -> torch.Tensor:
+    """rows [M, in] times the stacked parts. Decode-sized M: each part's fused kernel writes its
+    own output columns. Prefill: every part is widened into one scratch matrix, then a single
+    dense product (one cuBLAS call for q|k|v whatever their formats)."""
+    from metallic.kernels import MAX_DECODE_M, dequantize_gpu, quant_matmul
+
+    n_total = sum(p.n for p in parts)
+    if rows.shape[0] > MAX_DECODE_M:
+        dense = torch.empty(n_total, rows.shape[1], dtype=rows.dtype, device=rows.device)
+        first = 0
+        for p in parts:
+            dequantize_gpu(p, p.ggml_type, p.n, p.k, out=dense[first : first + p.n])
+            first += p.n
+        return rows @ dense.T
+    out = torch.empty(rows.shape[0], n_total, dtype=rows.dtype, device=rows.device)
+    first = 0
+    for p in parts:
+        quant_matmul(rows, p, p.ggml_type, p.n, p.k, out=out[:, first : first + p.n])
+        first += p.n
+    return out
 
 
 def embed(tokens: torch.Tensor, weight: LinearWeight, dtype: torch.dtype) -> torch.Tensor:

@@ -52,9 +52,12 @@ class StepBatch:
         device: torch.device,
         table_rows: Sequence[Sequence[int]] = (),
         max_blocks: int = 0,
+        max_q_len: int | None = None,
     ) -> StepBatch:
         """Pack `chunks` (and, for a paged cache, each chunk's block-table row padded to
-        `max_blocks`) into one buffer on `device`."""
+        `max_blocks`) into one buffer on `device`. `max_q_len` (default: the longest chunk)
+        sizes the kernels' grids: a graph replayed for other splits of the same token count
+        passes the token count."""
         tokens: list[int] = []
         positions: list[int] = []
         seq_lens, cu, last = [], [0], []
@@ -79,7 +82,7 @@ class StepBatch:
             len(tokens),
             len(chunks),
             max_blocks if table_rows else 0,
-            max_q_len=max((len(c.tokens) for c in chunks), default=0),
+            max_q_len=max_q_len or max((len(c.tokens) for c in chunks), default=0),
             max_position=max(positions, default=0),
         )
 

@@ -1,9 +1,10 @@
-"""Decode steps captured as CUDA graphs and replayed: the seed's command-buffer reuse.
+"""Model steps captured as CUDA graphs and replayed: the seed's command-buffer reuse.
 
-A decode step launches a few hundred small kernels; replaying them as one graph removes the
-CPU's launch cost, which dominates small models. One graph per batch size; its input is a static
-`StepBatch` refreshed by one device copy, its output a static logits tensor that the caller
-reads before the next replay.
+A step launches a few hundred small kernels; replaying them as one graph removes the CPU's launch
+cost (tens of microseconds each through Triton's launcher), which dominates small models. One
+graph per step shape (tokens, sequences): decode steps of each batch size, and prompt chunks
+padded to a few bucket sizes. Its input is a static `StepBatch` refreshed by one device copy,
+its output a static logits tensor that the caller reads before the next replay.
 """
 
 from __future__ import annotations
@@ -17,17 +18,18 @@ from metallic.runtime.batch import StepBatch
 Step = Callable[[StepBatch], torch.Tensor]
 
 
-class DecodeGraphs:
+class StepGraphs:
     def __init__(self, step: Step) -> None:
         """`step(batch)` must run without host synchronization and read every per-step value
         from `batch` (graphs replay fixed addresses)."""
         self.step = step
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, StepBatch, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, StepBatch, torch.Tensor]]
+        self.graphs = {}
         self.pool: tuple[int, int] | None = None  # one memory pool shared by every graph
 
     def run(self, batch: StepBatch) -> torch.Tensor:
         """The step's output for `batch` (valid until the next call)."""
-        key = len(batch.chunks)
+        key = (batch.n_tokens, len(batch.chunks))
         if key not in self.graphs:
             self.graphs[key] = self._capture(batch)
         graph, static, out = self.graphs[key]

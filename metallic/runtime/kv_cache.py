@@ -146,7 +146,8 @@ class PagedKVCache(_Slots):
         self.device = device
         self.block_size = block_size
         self.max_blocks = -(-context_size // block_size)
-        n_blocks = n_slots * self.max_blocks
+        self.scratch_slot = n_slots  # never handed out: the filler of padded batches
+        n_blocks = (n_slots + 1) * self.max_blocks
         shape = (n_blocks, block_size, config.n_kv_heads, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
@@ -168,11 +169,19 @@ class PagedKVCache(_Slots):
         while len(table) * self.block_size < end:
             table.append(self.free_blocks.pop())
 
-    def batch(self, chunks: Sequence[SequenceChunk]) -> StepBatch:
+    def batch(self, chunks: Sequence[SequenceChunk], pad_to: int = 0) -> StepBatch:
+        """The step of `chunks`; with `pad_to` > their token count, a filler sequence in the
+        scratch slot tops the batch up to exactly `pad_to` tokens (its keys land in the scratch
+        slot's blocks, its logits are never read), so a graph captured for that many tokens
+        replays for any prompt chunk up to it."""
+        n_tokens = sum(len(c.tokens) for c in chunks)
+        if pad_to > n_tokens:
+            chunks = [*chunks, SequenceChunk(self.scratch_slot, 0, [0] * (pad_to - n_tokens))]
         for chunk in chunks:
             self.reserve(chunk.slot, chunk.start + len(chunk.tokens))
         rows = [self.tables[chunk.slot] for chunk in chunks]
-        return StepBatch.build(chunks, self.device, rows, self.max_blocks)
+        max_q_len = max(pad_to, n_tokens) if pad_to else None
+        return StepBatch.build(chunks, self.device, rows, self.max_blocks, max_q_len)
 
     def attend(
         self,

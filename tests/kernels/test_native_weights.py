@@ -11,6 +11,7 @@ import torch
 from metallic.engine.engine import Engine
 from metallic.engine.sampling import SamplingParams
 from metallic.ops.linear import LinearWeight
+from metallic.runtime.batch import SequenceChunk
 from metallic.runtime.kv_cache import PagedKVCache
 from metallic.testing.synthetic import PRESETS, write_synthetic_model
 
@@ -69,3 +70,22 @@ def test_a_part_the_kernels_cannot_read_keeps_its_whole_stack_dense(tmp_path, mo
     assert len(layer.gate_up.native) == 1  # gate and up share a format: one block matrix
     ids = dense.tokenizer.encode("mixed stack")[:4]
     assert _relative(native.logits(ids), dense.logits(ids)) < 1e-3
+
+
+def test_padded_prompt_chunk_gives_the_unpadded_logits(tmp_path, monkeypatch):
+    """A prompt chunk topped up with a filler sequence (how a captured prefill graph serves any
+    length up to its bucket) yields the same logits for the real sequence."""
+    shape = dataclasses.replace(PRESETS["tiny-gemma3"], n_layers=2)
+    path = write_synthetic_model(tmp_path / "m.gguf", shape, "Q8_0", seed=8)
+    monkeypatch.setenv("METALLIC_FORCE_KERNELS", "1")
+    engine = Engine(path, device="cpu", dtype="f32", context_size=64)
+    cache, model = engine.cache, engine.model
+    assert isinstance(cache, PagedKVCache)
+    tokens = engine.tokenizer.encode("padding must not leak into a sequence")[:11]
+    slot = cache.allocate()
+    plain = model.forward(cache.batch([SequenceChunk(slot, 0, tokens)]), cache)
+    padded_batch = cache.batch([SequenceChunk(slot, 0, tokens)], pad_to=16)
+    assert padded_batch.n_tokens == 16 and len(padded_batch.chunks) == 2
+    padded = model.forward(padded_batch, cache)
+    assert padded.shape[0] == 2
+    torch.testing.assert_close(padded[0], plain[0], rtol=1e-5, atol=1e-5)

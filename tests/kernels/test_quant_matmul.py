@@ -11,6 +11,7 @@ benchmarks/gpu_quant_matmul.py).
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import numpy as np
@@ -23,6 +24,9 @@ from metallic.kernels import dequantize_gpu, prepare_weight, quant_matmul
 from metallic.quant.formats import block_format
 from metallic.quant.quantize import quantize
 from metallic.quant.reference import dequantize
+
+# The module (the package exports its function under the same name): tests patch its constants.
+quant_matmul_module = importlib.import_module("metallic.kernels.quant_matmul")
 
 T = GGMLQuantizationType
 FORMATS = (T.Q4_0, T.Q5_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K, T.F16, T.BF16)
@@ -102,8 +106,13 @@ def test_matmul_split_k(qtype: GGMLQuantizationType, m: int) -> None:
     _check(qtype, 24, 1024, m, torch.float32, steps_per_split=1)
 
 
+@pytest.mark.parametrize("groups", [0, 32], ids=["one-superblock", "wide-steps"])
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
-def test_dequantize_is_bit_exact(qtype: GGMLQuantizationType) -> None:
+def test_dequantize_is_bit_exact(
+    qtype: GGMLQuantizationType, groups: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Either step width (several super-blocks a step may end inside K: 768 = 1.5 x 512)."""
+    monkeypatch.setattr(quant_matmul_module, "_DEQUANT_GROUPS", groups)
     k = 768 if block_format(qtype).block_size == 256 else 352
     seed = _seed()
     raw = _weights(qtype, 37, k, seed)
