@@ -21,6 +21,7 @@ def _rms_norm_kernel(
     res_ptr,
     out_ptr,
     w_ptr,
+    pre_ptr,
     n_rows,
     n_heads,
     dim,
@@ -29,6 +30,7 @@ def _rms_norm_kernel(
     stride_rt,
     stride_rh,
     eps,
+    HAS_PRE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -42,6 +44,9 @@ def _rms_norm_kernel(
     head = rows % n_heads
     x_offs = (token * stride_xt + head * stride_xh)[:, None] + cols[None, :]
     x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_PRE:  # normalize x itself first (Gemma's post-norm of a block's output)
+        pre = tl.load(pre_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        x = x / tl.sqrt(tl.sum(x * x, axis=1) / dim + eps)[:, None] * pre[None, :]
     if HAS_RESIDUAL:
         r_offs = (token * stride_rt + head * stride_rh)[:, None] + cols[None, :]
         summed = x + tl.load(res_ptr + r_offs, mask=mask, other=0.0).to(tl.float32)
@@ -72,15 +77,18 @@ def rms_norm(
     eps: float,
     residual: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    pre_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`norm(x) * weight` over the last dim of x [T, D] or [T, H, D]; returns a new tensor.
 
     With `residual`, first forms `s = x + residual`, writes s into `residual` in place (in
     residual's dtype) and returns `norm(s)` in `promote_types(x, residual)`: the add and the norm
     of a pre-norm block in one pass over memory. `out_dtype` overrides the result's dtype.
+    With `pre_weight`, x is first replaced by `norm(x) * pre_weight` (in f32, unrounded): a
+    post-norm, the residual add and the next pre-norm in one kernel.
     """
     dim = x.shape[-1]
-    if weight.shape != (dim,):
+    if weight.shape != (dim,) or (pre_weight is not None and pre_weight.shape != (dim,)):
         raise MetallicError(f"rms_norm: weight {tuple(weight.shape)} does not match dim {dim}")
     if dim > _MAX_DIM:
         raise MetallicError(f"rms_norm: rows of {dim} exceed the supported {_MAX_DIM}")
@@ -108,6 +116,7 @@ def rms_norm(
         residual if residual is not None else x,
         out,
         weight,
+        pre_weight if pre_weight is not None else weight,
         n_rows,
         n_heads,
         dim,
@@ -116,6 +125,7 @@ def rms_norm(
         stride_rt,
         stride_rh,
         eps,
+        HAS_PRE=pre_weight is not None,
         HAS_RESIDUAL=residual is not None,
         BLOCK_R=block_r,
         BLOCK_D=block_d,

@@ -141,3 +141,122 @@ def apply_rope(
         BLOCK_HALF=block_half,
         num_warps=4,
     )
+
+
+@triton.jit
+def _norm_rope_kernel(
+    q_ptr,
+    k_ptr,
+    q_w_ptr,
+    k_w_ptr,
+    pos_ptr,
+    cos_ptr,
+    sin_ptr,
+    n_q_heads,
+    n_heads,
+    half,
+    head_dim,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_table,
+    eps,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_REST: tl.constexpr,
+):
+    token = tl.program_id(0)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    pairs = tl.arange(0, BLOCK_HALF)
+    pair_ok = pairs < half
+    rest = 2 * half + tl.arange(0, BLOCK_REST)
+    rest_ok = rest < head_dim
+    pos = tl.load(pos_ptr + token).to(tl.int64)
+    cos = tl.load(cos_ptr + pos * stride_table + pairs, mask=pair_ok, other=0.0)[None, :]
+    sin = tl.load(sin_ptr + pos * stride_table + pairs, mask=pair_ok, other=0.0)[None, :]
+    q_rows = token * stride_qt + heads * stride_qh
+    k_rows = token * stride_kt + (heads - n_q_heads) * stride_kh
+    is_q = heads < n_q_heads
+    is_k = (heads >= n_q_heads) & (heads < n_heads)
+    _norm_rotate(q_ptr, q_rows, is_q, q_w_ptr, pairs, pair_ok, half, rest, rest_ok, head_dim,
+                 cos, sin, eps)  # fmt: skip
+    _norm_rotate(k_ptr, k_rows, is_k, k_w_ptr, pairs, pair_ok, half, rest, rest_ok, head_dim,
+                 cos, sin, eps)  # fmt: skip
+
+
+@triton.jit
+def _norm_rotate(ptr, rows, row_ok, w_ptr, pairs, pair_ok, half, rest, rest_ok, head_dim, cos,
+                 sin, eps):  # fmt: skip
+    """RMS-normalize whole heads (f32, never rounded in between), then rotate the pairs
+    (i, i + half) in place; the dims past 2 * half are only normalized."""
+    pair_mask = row_ok[:, None] & pair_ok[None, :]
+    rest_mask = row_ok[:, None] & rest_ok[None, :]
+    a_ptrs = ptr + rows[:, None] + pairs[None, :]
+    r_ptrs = ptr + rows[:, None] + rest[None, :]
+    a = tl.load(a_ptrs, mask=pair_mask, other=0.0).to(tl.float32)
+    b = tl.load(a_ptrs + half, mask=pair_mask, other=0.0).to(tl.float32)
+    r = tl.load(r_ptrs, mask=rest_mask, other=0.0).to(tl.float32)
+    squares = tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1) + tl.sum(r * r, axis=1)
+    inv_rms = (1.0 / tl.sqrt(squares / head_dim + eps))[:, None]
+    a = a * inv_rms * tl.load(w_ptr + pairs, mask=pair_ok, other=0.0)[None, :]
+    b = b * inv_rms * tl.load(w_ptr + half + pairs, mask=pair_ok, other=0.0)[None, :]
+    r = r * inv_rms * tl.load(w_ptr + rest, mask=rest_ok, other=0.0)[None, :]
+    dtype = ptr.dtype.element_ty
+    tl.store(a_ptrs, (a * cos - b * sin).to(dtype), mask=pair_mask)
+    tl.store(a_ptrs + half, (a * sin + b * cos).to(dtype), mask=pair_mask)
+    tl.store(r_ptrs, r.to(dtype), mask=rest_mask)
+
+
+def norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> None:
+    """Per-head RMSNorm (QK-norm: `q_weight`, `k_weight` [D]) then NeoX RoPE, IN PLACE, in one
+    launch for q [T, Hq, D] and k [T, Hkv, D]: the three launches of the unfused form cost more
+    than their work in a decode step. Arguments otherwise as `apply_rope`."""
+    stride_qt, stride_qh = _head_strides(q, "q")
+    stride_kt, stride_kh = _head_strides(k, "k")
+    n_tokens, n_q_heads, head_dim = q.shape
+    half = cos.shape[1]
+    if k.shape[0] != n_tokens or k.shape[2] != head_dim or k.dtype != q.dtype:
+        raise MetallicError(f"norm_rope: k {tuple(k.shape)} does not go with q {tuple(q.shape)}")
+    if q_weight.shape != (head_dim,) or k_weight.shape != (head_dim,):
+        raise MetallicError(f"norm_rope: norm weights must be [{head_dim}]")
+    if positions.shape != (n_tokens,) or not 0 < 2 * half <= head_dim:
+        raise MetallicError("norm_rope: positions or rope table do not fit q")
+    if n_tokens == 0:
+        return
+    n_heads = n_q_heads + k.shape[1]
+    block_half = triton.next_power_of_2(half)
+    block_rest = triton.next_power_of_2(max(1, head_dim - 2 * half))
+    block_h = min(triton.next_power_of_2(n_heads), max(1, 2048 // block_half))
+    _norm_rope_kernel[(n_tokens, triton.cdiv(n_heads, block_h))](
+        q,
+        k,
+        q_weight,
+        k_weight,
+        positions,
+        cos,
+        sin,
+        n_q_heads,
+        n_heads,
+        half,
+        head_dim,
+        stride_qt,
+        stride_qh,
+        stride_kt,
+        stride_kh,
+        cos.stride(0),
+        eps,
+        BLOCK_H=block_h,
+        BLOCK_HALF=block_half,
+        BLOCK_REST=block_rest,
+        num_warps=4,
+    )

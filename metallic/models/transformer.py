@@ -61,22 +61,34 @@ class Transformer:
         x = embed(batch.tokens, self.weights.embedding, torch.float32)
         if c.embed_scale != 1.0:
             x *= c.embed_scale
-        delta = None  # the last block's output, not yet added into x
+        # The last block's output and its post-norm weight (gemma), not yet added into x.
+        delta: torch.Tensor | None = None
+        delta_norm: torch.Tensor | None = None
         for i, layer in enumerate(self.weights.layers):
-            h = self._norm(delta, x, layer.attn_norm)
-            delta = self._block(i, layer, h, x, steps[self.layer_rope_base[i]], batch, cache)
+            h = self._norm(delta, delta_norm, x, layer.attn_norm)
+            rope = steps[self.layer_rope_base[i]]
+            delta, delta_norm = self._block(i, layer, h, x, rope, batch, cache)
         if not every_row:
             rows = batch.last_rows.long()
             x, delta = x[rows], None if delta is None else delta[rows]
-        h = self._norm(delta, x, self.weights.output_norm)
+        h = self._norm(delta, delta_norm, x, self.weights.output_norm)
         return linear(h, self.weights.output).float()
 
-    def _norm(self, delta: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor):
-        """norm(x + delta) in the activation dtype, leaving the sum in x."""
+    def _norm(
+        self,
+        delta: torch.Tensor | None,
+        delta_norm: torch.Tensor | None,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+    ) -> torch.Tensor:
+        """norm(x + post_norm(delta)) in the activation dtype, leaving the sum in x: one kernel
+        for a block's post-norm, the residual add and the next block's pre-norm."""
         eps = self.config.rms_eps
         if delta is None:
             return rms_norm(x, weight, eps, out_dtype=self.act_dtype)
-        return rms_norm(delta, weight, eps, residual=x, out_dtype=self.act_dtype)
+        return rms_norm(
+            delta, weight, eps, residual=x, out_dtype=self.act_dtype, pre_weight=delta_norm
+        )
 
     def _block(
         self,
@@ -87,25 +99,21 @@ class Transformer:
         rope: RopeStep,
         batch: StepBatch,
         cache: KVCache,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Layer i on its normed input h; adds the attention half into x and returns the MLP
-        half's output (added by the next norm)."""
+        half's output with its post-norm weight (both applied by the next norm)."""
         c = self.config
         q, k, v = linear(h, w.qkv).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
         q = q.view(-1, c.n_heads, c.head_dim)
         k = k.view(-1, c.n_kv_heads, c.head_dim)
         v = v.view(-1, c.n_kv_heads, c.head_dim)
+        qk_norm = None
         if w.q_norm is not None and w.k_norm is not None:
-            q = rms_norm(q, w.q_norm, c.rms_eps)
-            k = rms_norm(k, w.k_norm, c.rms_eps)
-        q, k = apply_rope(q, k, rope, c.rope_dim, c.rope_neox)
+            qk_norm = (w.q_norm, w.k_norm, c.rms_eps)
+        q, k = apply_rope(q, k, rope, c.rope_dim, c.rope_neox, qk_norm)
         window = c.sliding_window if c.is_sliding(i) else 0
         out = cache.attend(i, q, k, v, batch, c.softmax_scale, window)
         a = linear(out.view(-1, c.q_size), w.o)
-        if w.post_attn_norm is not None:
-            a = rms_norm(a, w.post_attn_norm, c.rms_eps, out_dtype=torch.float32)
-        h = self._norm(a, x, w.ffn_norm)
+        h = self._norm(a, w.post_attn_norm, x, w.ffn_norm)
         m = linear(gated_activation(linear(h, w.gate_up), None, c.activation), w.down)
-        if w.post_ffn_norm is not None:
-            m = rms_norm(m, w.post_ffn_norm, c.rms_eps, out_dtype=torch.float32)
-        return m
+        return m, w.post_ffn_norm

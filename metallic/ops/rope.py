@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from metallic.ops.dispatch import use_kernels
+from metallic.ops.norm import rms_norm
 
 
 @dataclass(frozen=True)
@@ -72,17 +73,39 @@ class RopeTable:
 
 
 def apply_rope(
-    q: torch.Tensor, k: torch.Tensor, step: RopeStep, rope_dim: int, neox: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    step: RopeStep,
+    rope_dim: int,
+    neox: bool,
+    qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [T, Hq, D] and k [T, Hkv, D] by their tokens' positions; dims past rope_dim
-    pass unchanged. The kernel works in place on q and k; the torch path returns new tensors."""
+    pass unchanged. `qk_norm` = (q weight, k weight, eps) first RMS-normalizes every head (the
+    QK-norm of qwen3 and gemma3; one fused kernel with the rotation on the GPU). The kernels work
+    in place on q and k; the torch path returns new tensors."""
     if not step.gathered:
-        from metallic.kernels.rope import apply_rope as kernel
+        from metallic.kernels.rope import apply_rope as rope_kernel
+        from metallic.kernels.rope import norm_rope
 
-        kernel(q, k, step.positions, step.cos, step.sin, neox)  # the table spans rope_dim
+        if qk_norm is not None and neox:
+            norm_rope(q, k, *qk_norm, step.positions, step.cos, step.sin)
+            return q, k
+        if qk_norm is not None:
+            q, k = _qk_norm(q, k, qk_norm)
+        rope_kernel(q, k, step.positions, step.cos, step.sin, neox)  # the table spans rope_dim
         return q, k
+    if qk_norm is not None:
+        q, k = _qk_norm(q, k, qk_norm)
     cos, sin = step.cos, step.sin
     return rotate(q, cos, sin, rope_dim, neox), rotate(k, cos, sin, rope_dim, neox)
+
+
+def _qk_norm(
+    q: torch.Tensor, k: torch.Tensor, qk_norm: tuple[torch.Tensor, torch.Tensor, float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    q_weight, k_weight, eps = qk_norm
+    return rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
 
 
 def rotate(

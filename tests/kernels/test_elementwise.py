@@ -8,7 +8,7 @@ import torch
 from metallic.errors import MetallicError
 from metallic.kernels.activation import gated_activation
 from metallic.kernels.norm import rms_norm
-from metallic.kernels.rope import apply_rope
+from metallic.kernels.rope import apply_rope, norm_rope
 from metallic.ops import activation as ref_activation
 from metallic.ops import norm as ref_norm
 from metallic.ops import rope as ref_rope
@@ -55,6 +55,20 @@ def test_rms_norm_fused_residual_add() -> None:
     assert relative_error(out, ref) < TOLERANCE[torch.float32]
 
 
+def test_rms_norm_post_norm_residual_and_pre_norm_in_one() -> None:
+    """Gemma's sandwich: norm(residual + norm(x) * post) * weight, the sum left in residual."""
+    x = torch.randn(6, 640).half() * 40
+    residual = torch.randn(6, 640) * 3
+    post, weight = torch.rand(640) + 0.5, torch.rand(640) + 0.5
+    normed_x = ref_norm.rms_norm(x.double(), post.double(), 1e-6)
+    summed = residual.double() + normed_x
+    ref = ref_norm.rms_norm(summed, weight.double(), 1e-6)
+    out = rms_norm(x, weight, 1e-6, residual=residual, out_dtype=torch.float16, pre_weight=post)
+    assert out.dtype == torch.float16
+    assert relative_error(residual, summed) < TOLERANCE[torch.float32]
+    assert relative_error(out, ref) < TOLERANCE[torch.float16]
+
+
 def test_rms_norm_rejects_a_wrong_weight() -> None:
     with pytest.raises(MetallicError, match="weight"):
         rms_norm(torch.randn(4, 64), torch.ones(32), 1e-6)
@@ -77,6 +91,29 @@ def test_rope_in_place_on_q_and_k(neox: bool, head_dim: int, rope_dim: int) -> N
     assert relative_error(q, ref_q) < TOLERANCE[torch.float32]
     assert relative_error(k, ref_k) < TOLERANCE[torch.float32]
     assert torch.equal(qkv[:, (q_heads + k_heads) * head_dim :], untouched_v)
+
+
+@pytest.mark.parametrize(("head_dim", "rope_dim"), [(64, 64), (80, 32)])
+def test_qk_norm_then_rope_in_one_kernel(head_dim: int, rope_dim: int) -> None:
+    """QK-norm (weights per head dim) then NeoX RoPE, in place on views of one projection."""
+    tokens, q_heads, k_heads = 5, 4, 2
+    table = ref_rope.RopeTable(rope_dim, 1e6)
+    table.ensure(300)
+    positions = torch.tensor([0, 1, 17, 150, 299])
+    qkv = torch.randn(tokens, (q_heads + 2 * k_heads) * head_dim) * 5
+    q = qkv[:, : q_heads * head_dim].view(tokens, q_heads, head_dim)
+    k = qkv[:, q_heads * head_dim : (q_heads + k_heads) * head_dim].view(tokens, k_heads, head_dim)
+    q_w, k_w = torch.rand(head_dim) + 0.5, torch.rand(head_dim) + 0.5
+    angles = table.angles(positions)
+    ref_q = ref_rope.rotate(
+        ref_norm.rms_norm(q.double(), q_w.double(), 1e-6), *angles, rope_dim, True
+    )
+    ref_k = ref_rope.rotate(
+        ref_norm.rms_norm(k.double(), k_w.double(), 1e-6), *angles, rope_dim, True
+    )
+    norm_rope(q, k, q_w, k_w, 1e-6, positions, table.cos, table.sin)
+    assert relative_error(q, ref_q) < TOLERANCE[torch.float32]
+    assert relative_error(k, ref_k) < TOLERANCE[torch.float32]
 
 
 def test_rope_half_precision_queries_only() -> None:
