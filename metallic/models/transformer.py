@@ -71,7 +71,9 @@ class Transformer:
         if not every_row:
             rows = batch.last_rows.long()
             x, delta = x[rows], None if delta is None else delta[rows]
-        h = self._norm(delta, delta_norm, x, self.weights.output_norm)
+        # f32 into the output matrix: its kernels accumulate in f32, and logits stored in bf16
+        # (8 bits of mantissa) would turn near-ties into exact ties that greedy breaks blindly.
+        h = self._norm(delta, delta_norm, x, self.weights.output_norm, torch.float32)
         return linear(h, self.weights.output).float()
 
     def _norm(
@@ -80,15 +82,15 @@ class Transformer:
         delta_norm: torch.Tensor | None,
         x: torch.Tensor,
         weight: torch.Tensor,
+        out_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """norm(x + post_norm(delta)) in the activation dtype, leaving the sum in x: one kernel
         for a block's post-norm, the residual add and the next block's pre-norm."""
         eps = self.config.rms_eps
+        out_dtype = out_dtype or self.act_dtype
         if delta is None:
-            return rms_norm(x, weight, eps, out_dtype=self.act_dtype)
-        return rms_norm(
-            delta, weight, eps, residual=x, out_dtype=self.act_dtype, pre_weight=delta_norm
-        )
+            return rms_norm(x, weight, eps, out_dtype=out_dtype)
+        return rms_norm(delta, weight, eps, residual=x, out_dtype=out_dtype, pre_weight=delta_norm)
 
     def _block(
         self,
