@@ -193,6 +193,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"decode {s.decode_tokens_per_second:.1f} tok/s ({s.finish_reason})",
             file=sys.stderr,
         )
+        memory = engine.stats()
+        pools = "".join(
+            f"; {p['layers']} {'window ' + str(p['window']) if p['window'] else 'global'} layers "
+            f"{p['blocks_used']}/{p['blocks']} blocks"
+            for p in memory["kv_pools"]  # type: ignore[union-attr]
+        )
+        print(
+            f"{memory['device']} {memory['dtype']}: weights {memory['weight_bytes'] / 2**20:.0f} "
+            f"MiB, KV cache {memory['kv_cache_bytes'] / 2**20:.0f} MiB{pools}",
+            file=sys.stderr,
+        )
     return 0
 
 

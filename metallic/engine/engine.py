@@ -102,7 +102,9 @@ class Engine:
             raise MetallicError(f"context size must be at least 2, got {ctx}")
         self.cache: KVCache
         if kernels:
-            self.cache = PagedKVCache(self.config, 1, ctx, self.device, self.dtype)
+            self.cache = PagedKVCache(
+                self.config, 1, ctx, self.device, self.dtype, max_step_tokens=PREFILL_CHUNK
+            )
         else:
             self.cache = ContiguousKVCache(self.config, 1, ctx, self.device)
         self.model.reserve_positions(ctx)
@@ -115,6 +117,19 @@ class Engine:
     @property
     def context_size(self) -> int:
         return self.cache.context_size
+
+    def stats(self) -> dict[str, object]:
+        """Where memory went and how the last generation ran: device, weight and KV-cache
+        bytes, the paged cache's block pools (blocks in use per window), the last run's speed."""
+        kv_pools = self.cache.stats() if isinstance(self.cache, PagedKVCache) else []
+        return {
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "weight_bytes": self.model.weights.nbytes,
+            "kv_cache_bytes": self.cache.nbytes,
+            "kv_pools": kv_pools,
+            "last_run": vars(self.last_stats),
+        }
 
     def encode_prompt(self, prompt: str | list[int], *, truncate: bool = False) -> list[int]:
         ids = (

@@ -52,9 +52,10 @@ def store_kv(
     k_pool: torch.Tensor,
     v_pool: torch.Tensor,
     batch: StepBatch,
+    table: torch.Tensor,
 ) -> None:
     """Write a step's keys and values [T, Hkv, D] into pools [blocks, block_size, Hkv, D] at
-    their positions, through the batch's block table."""
+    their positions, through `table` (one of the batch's block tables, [B, max_blocks])."""
     if use_kernels(k):
         from metallic.kernels.attention import store_kv as kernel
 
@@ -63,13 +64,13 @@ def store_kv(
             v,
             k_pool,
             v_pool,
-            batch.block_table,
+            table,
             batch.cu_seqlens_q,
             batch.positions,
             max_q_len=batch.max_q_len,
         )
         return
-    slots = _pool_rows(batch, batch.positions, k_pool.shape[1])
+    slots = _pool_rows(batch, table, k_pool.shape[1])
     k_pool.view(-1, *k_pool.shape[2:])[slots] = k.to(k_pool.dtype)
     v_pool.view(-1, *v_pool.shape[2:])[slots] = v.to(v_pool.dtype)
 
@@ -79,6 +80,7 @@ def paged_attention(
     k_pool: torch.Tensor,
     v_pool: torch.Tensor,
     batch: StepBatch,
+    table: torch.Tensor,
     scale: float,
     window: int = 0,
     *,
@@ -94,7 +96,7 @@ def paged_attention(
                 q,
                 k_pool,
                 v_pool,
-                batch.block_table,
+                table,
                 batch.seq_lens,
                 scale,
                 window,
@@ -104,7 +106,7 @@ def paged_attention(
             q,
             k_pool,
             v_pool,
-            batch.block_table,
+            table,
             batch.seq_lens,
             batch.cu_seqlens_q,
             batch.positions,
@@ -124,18 +126,19 @@ def paged_attention(
         key_pos = torch.arange(
             max(0, chunk.start - window + 1) if window else 0, end, device=q.device
         )
-        table = batch.block_table[s].long()
-        slots = table[key_pos // block_size] * block_size + key_pos % block_size
+        row = table[s].long()
+        slots = row[key_pos // block_size] * block_size + key_pos % block_size
         out[rows] = attention(
             q[rows], flat_k[slots], flat_v[slots], batch.positions[rows], key_pos, scale, window
         )
     return out
 
 
-def _pool_rows(batch: StepBatch, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+def _pool_rows(batch: StepBatch, table: torch.Tensor, block_size: int) -> torch.Tensor:
     """Flat pool row of every token of the batch (torch path of `store_kv`)."""
+    positions = batch.positions
     device = positions.device
     lengths = torch.tensor([len(c.tokens) for c in batch.chunks], device=device)
     seq_of_token = torch.repeat_interleave(torch.arange(len(batch.chunks), device=device), lengths)
     pos = positions.long()
-    return batch.block_table.long()[seq_of_token, pos // block_size] * block_size + pos % block_size
+    return table.long()[seq_of_token, pos // block_size] * block_size + pos % block_size

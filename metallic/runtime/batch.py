@@ -25,13 +25,13 @@ class SequenceChunk:
 
 @dataclass
 class StepBatch:
-    packed: torch.Tensor  # int32: tokens | positions | seq_lens | cu_seqlens_q | last_rows | table
+    packed: torch.Tensor  # int32: tokens | positions | seq_lens | cu_seqlens_q | last_rows | tables
     tokens: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     seq_lens: torch.Tensor  # [B]: keys each sequence sees after this step
     cu_seqlens_q: torch.Tensor  # [B + 1]: sequence s owns token rows cu[s] .. cu[s+1]
     last_rows: torch.Tensor  # [B]: each sequence's last token row (whose logits sample)
-    block_table: torch.Tensor  # [B, max_blocks] (paged caches; [B, 0] otherwise)
+    block_tables: tuple[torch.Tensor, ...]  # per block pool [B, max_blocks] (paged caches only)
     chunks: tuple[SequenceChunk, ...]  # the host's view of the same step
     max_q_len: int
     max_position: int
@@ -50,12 +50,12 @@ class StepBatch:
         cls,
         chunks: Sequence[SequenceChunk],
         device: torch.device,
-        table_rows: Sequence[Sequence[int]] = (),
+        tables: Sequence[Sequence[Sequence[int]]] = (),
         max_blocks: int = 0,
         max_q_len: int | None = None,
     ) -> StepBatch:
-        """Pack `chunks` (and, for a paged cache, each chunk's block-table row padded to
-        `max_blocks`) into one buffer on `device`. `max_q_len` (default: the longest chunk)
+        """Pack `chunks` (and, for a paged cache, per block pool each chunk's table row padded
+        to `max_blocks`) into one buffer on `device`. `max_q_len` (default: the longest chunk)
         sizes the kernels' grids: a graph replayed for other splits of the same token count
         passes the token count."""
         tokens: list[int] = []
@@ -68,11 +68,12 @@ class StepBatch:
             seq_lens.append(chunk.start + n)
             last.append(cu[-1] + n - 1)
             cu.append(cu[-1] + n)
-        table: list[int] = []
-        for row in table_rows:
-            table.extend(row)
-            table.extend([0] * (max_blocks - len(row)))
-        host = torch.tensor(tokens + positions + seq_lens + cu + last + table, dtype=torch.int32)
+        flat: list[int] = []
+        for rows in tables:
+            for row in rows:
+                flat.extend(row)
+                flat.extend([0] * (max_blocks - len(row)))
+        host = torch.tensor(tokens + positions + seq_lens + cu + last + flat, dtype=torch.int32)
         if device.type == "cuda":
             host = host.pin_memory()
         packed = host.to(device, non_blocking=True)
@@ -81,7 +82,8 @@ class StepBatch:
             tuple(chunks),
             len(tokens),
             len(chunks),
-            max_blocks if table_rows else 0,
+            len(tables),
+            max_blocks,
             max_q_len=max_q_len or max((len(c.tokens) for c in chunks), default=0),
             max_position=max(positions, default=0),
         )
@@ -93,13 +95,14 @@ class StepBatch:
         chunks: tuple[SequenceChunk, ...],
         n_tokens: int,
         n_seqs: int,
+        n_tables: int,
         max_blocks: int,
         *,
         max_q_len: int,
         max_position: int,
     ) -> StepBatch:
-        sizes = [n_tokens, n_tokens, n_seqs, n_seqs + 1, n_seqs, n_seqs * max_blocks]
-        tokens, positions, seq_lens, cu, last, table = packed.split(sizes)
+        sizes = [n_tokens, n_tokens, n_seqs, n_seqs + 1, n_seqs] + [n_seqs * max_blocks] * n_tables
+        tokens, positions, seq_lens, cu, last, *tables = packed.split(sizes)
         return cls(
             packed,
             tokens,
@@ -107,7 +110,7 @@ class StepBatch:
             seq_lens,
             cu,
             last,
-            table.view(n_seqs, max_blocks),
+            tuple(t.view(n_seqs, max_blocks) for t in tables),
             chunks,
             max_q_len,
             max_position,
@@ -120,7 +123,8 @@ class StepBatch:
             self.chunks,
             self.n_tokens,
             len(self.chunks),
-            self.block_table.shape[1],
+            len(self.block_tables),
+            self.block_tables[0].shape[1] if self.block_tables else 0,
             max_q_len=self.max_q_len,
             max_position=self.max_position,
         )

@@ -84,3 +84,11 @@ def test_token_ids_outside_the_vocabulary(engine: Engine) -> None:
         engine.generate([1, 99999], max_tokens=2)
     with pytest.raises(MetallicError, match="outside the vocabulary"):
         engine.logits([-1])
+
+
+def test_stats_report_memory_and_the_last_run(engine: Engine) -> None:
+    engine.generate("memory", max_tokens=3, temperature=0)
+    stats = engine.stats()
+    assert stats["weight_bytes"] == engine.model.weights.nbytes > 0
+    assert stats["kv_cache_bytes"] == engine.cache.nbytes > 0
+    assert stats["last_run"]["generated_tokens"] == 3  # type: ignore[index]

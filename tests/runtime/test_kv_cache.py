@@ -3,8 +3,13 @@
 import pytest
 import torch
 
+from metallic.engine import engine as engine_module
+from metallic.engine.engine import Engine
+from metallic.engine.sampling import SamplingParams
 from metallic.gguf.config import ModelConfig
-from metallic.runtime.kv_cache import ContextFull, ContiguousKVCache
+from metallic.runtime.batch import SequenceChunk
+from metallic.runtime.kv_cache import ContextFull, ContiguousKVCache, PagedKVCache
+from metallic.testing.synthetic import write_synthetic_model
 
 
 def _config(window: int) -> ModelConfig:
@@ -61,3 +66,60 @@ def test_context_full_and_slots():
         cache.allocate()
     cache.release(slot)
     assert cache.allocate() == slot
+
+
+def _greedy_run(engine, prompt: list[int], n: int) -> list[int]:
+    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+    return [step.token_id for step in engine.generate_tokens(prompt, params)]
+
+
+@pytest.fixture(scope="module")
+def gemma_engines(tmp_path_factory):
+    """The tiny gemma3 preset (window 16, 5 local layers to 1 global) on both caches."""
+    path = write_synthetic_model(tmp_path_factory.mktemp("m") / "g.gguf", "tiny-gemma3", "Q8_0")
+    contiguous = Engine(path, device="cpu", dtype="f32", context_size=128)
+    paged = Engine(path, device="cpu", dtype="f32", context_size=128)
+    paged.cache = PagedKVCache(paged.config, 1, 128, torch.device("cpu"), torch.float32, 16, 32)
+    return contiguous, paged
+
+
+def test_paged_cache_gives_the_contiguous_cache_results(gemma_engines, monkeypatch):
+    """Through the torch ops, across chunked prefill and decode far past the window, with the
+    windowed pool recycling the blocks that left it."""
+    contiguous, paged = gemma_engines
+    monkeypatch.setattr(engine_module, "PREFILL_CHUNK", 32)  # the paged cache's largest step
+    prompt = list(range(5, 75))  # three prompt chunks
+    torch.testing.assert_close(paged.logits(prompt), contiguous.logits(prompt))
+    assert _greedy_run(paged, prompt[:40], 40) == _greedy_run(contiguous, prompt[:40], 40)
+
+
+def test_windowed_pool_holds_only_the_window(gemma_engines):
+    _, engine = gemma_engines
+    cache = engine.cache
+    window_pool, global_pool = (p for p in sorted(cache.pools, key=lambda p: -p.window))
+    assert window_pool.window == 16 and global_pool.window == 0
+    # window 16 + a 32-token step, in 16-token blocks: at most 4 live blocks a sequence
+    assert window_pool.n_blocks == 2 * 4 and global_pool.n_blocks == 2 * 8
+    slot = cache.allocate()
+    held = []
+    for start in range(0, 120, 8):
+        cache.batch([SequenceChunk(slot, start, [1] * 8)])
+        held.append(window_pool.used)
+    assert max(held) <= 3 and global_pool.used == 8  # 128 positions: every global block
+    cache.release(slot)
+    assert window_pool.used == 0 and global_pool.used == 0
+    stats = {s["window"]: s for s in cache.stats()}
+    assert stats[16]["layers"] == 5 and stats[0]["layers"] == 1
+    assert stats[16]["bytes"] < stats[0]["bytes"] * 5
+
+
+def test_a_hundred_runs_allocate_nothing_new(gemma_engines):
+    """Blocks go back to the free lists and the pools are the same tensors after every run."""
+    _, engine = gemma_engines
+    cache = engine.cache
+    pools = [t.data_ptr() for t in cache.k + cache.v]
+    free = [len(p.free) for p in cache.pools]
+    for run in range(100):
+        _greedy_run(engine, [2 + run % 7, 3, 4], 2 + run % 5)
+        assert [len(p.free) for p in cache.pools] == free
+    assert [t.data_ptr() for t in cache.k + cache.v] == pools
