@@ -80,6 +80,11 @@ def checks(engine: Engine, fixture: Path | None, cpu_engine: Engine | None) -> d
         out["cpu_rel_logit_err"] = float((gpu - cpu).norm() / cpu.norm())
         out["cpu_argmax_agreement"] = float((cpu.argmax(-1) == gpu.argmax(-1)).float().mean())
         out["cpu_same_greedy_tokens"] = prefix(greedy(cpu_engine, ids, 16), with_graphs[:16])
+        # Past sliding windows (whose blocks the paged cache recycles) and prompt chunks.
+        long_ids = torch.randint(100, engine.config.vocab_size, (1100,), generator=gen).tolist()
+        cpu, gpu = cpu_engine.logits(long_ids), engine.logits(long_ids).cpu()
+        out["cpu_long_rel_logit_err"] = float((gpu - cpu).norm() / cpu.norm())
+        out["cpu_long_argmax_agreement"] = float((cpu.argmax(-1) == gpu.argmax(-1)).float().mean())
     if fixture is None:
         return out
     ref = json.loads(fixture.read_text())
@@ -174,6 +179,7 @@ def run_model(label: str, path: Path, args: argparse.Namespace, copy_bw: float) 
     small = path.stat().st_size < 1 << 30  # the CPU path of an 8B model would take minutes
     cpu = Engine(path, device="cpu", context_size=args.ctx) if args.cpu and small else None
     row["checks"] = checks(engine, args.fixture if label == "gemma" else None, cpu)
+    row["kv_pools"] = engine.stats()["kv_pools"]
     print(label, json.dumps(row["checks"]), flush=True)
     row["metallic"] = metallic_speed(engine)
     print(label, "metallic", row["metallic"], flush=True)
