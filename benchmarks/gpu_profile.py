@@ -145,6 +145,49 @@ def sweep_dequant() -> list[dict]:
     return rows
 
 
+def sweep_gemv() -> list[dict]:
+    """Time the decode GEMV (M = 1) at Gemma 3 270M's small shapes under each group target,
+    rows per thread and split-K threshold: these matrices are latency-bound, not bandwidth-bound."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_quant_matmul import graph_us, random_blocks
+
+    from metallic.kernels import prepare_weight, quant_matmul
+
+    qm = importlib.import_module("metallic.kernels.quant_matmul")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(T.Q5_0, 1280, 640), (T.Q8_0, 256, 640), (T.Q4_K, 640, 1024), (T.Q5_0, 4096, 640),
+              (T.Q6_K, 640, 2048)]  # fmt: skip
+    weights = [
+        (t, n, k, prepare_weight(random_blocks(t, n, k, gen), t, n, k)) for t, n, k in shapes
+    ]
+    defaults = (qm._FMA_GROUPS, qm._FMA_ROWS_PER_THREAD, qm._MIN_SPLIT_BYTES)
+    rows = []
+    for groups in (8, 16, 32):
+        for per_thread in (1, 2):
+            for split_bytes in (0, 4 << 20):
+                qm._FMA_GROUPS, qm._FMA_ROWS_PER_THREAD, qm._MIN_SPLIT_BYTES = (
+                    groups,
+                    per_thread,
+                    split_bytes,
+                )
+                total = 0.0
+                for qtype, n, k, packed in weights:
+                    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+                    us = graph_us([lambda p=packed, t=qtype, n=n, k=k, x=x: quant_matmul(
+                        x, p, t, n, k)] * 8)  # fmt: skip
+                    total += us
+                    config = {
+                        "groups": groups,
+                        "per_thread": per_thread,
+                        "split_bytes": split_bytes,
+                    }
+                    rows.append({"format": qtype.name, "n": n, "k": k, **config, "us": us})
+                print(f"  groups {groups:>2} rows/thread {per_thread} split>= {split_bytes:>7}: "
+                      f"sum of shapes {total:6.1f} us", flush=True)  # fmt: skip
+    qm._FMA_GROUPS, qm._FMA_ROWS_PER_THREAD, qm._MIN_SPLIT_BYTES = defaults
+    return rows
+
+
 def print_profile(r: dict, top: int = 14) -> None:
     print(f"\n== {r['model']}")
     print(
@@ -169,11 +212,13 @@ def main() -> int:
     parser.add_argument("--ctx", type=int, default=4096)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/metallic-bench"))
     parser.add_argument("--sweep-dequant", action="store_true", help="tune the prefill dequant")
+    parser.add_argument("--sweep-gemv", action="store_true", help="tune small decode GEMVs")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_profile: needs a CUDA device", file=sys.stderr)
         return 2
     sweep = sweep_dequant() if args.sweep_dequant else []
+    gemv = sweep_gemv() if args.sweep_gemv else []
     args.workdir.mkdir(parents=True, exist_ok=True)
     models = [(p.stem, p) for p in args.model]
     for preset in args.synthetic:
@@ -189,7 +234,7 @@ def main() -> int:
     out = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "results")
     out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name()
-    result = {"device": device, "models": results, "dequant_sweep": sweep}
+    result = {"device": device, "models": results, "dequant_sweep": sweep, "gemv_sweep": gemv}
     (out / "gpu_profile.json").write_text(json.dumps(result))
     return 0
 
