@@ -27,6 +27,7 @@ from metallic.runtime.batch import SequenceChunk
 from metallic.runtime.device import choose_device, choose_dtype, choose_vocab_dtype
 from metallic.runtime.graphs import StepGraphs
 from metallic.runtime.kv_cache import ContiguousKVCache, KVCache, PagedKVCache
+from metallic.runtime.staging import StagingRing
 
 DEFAULT_CONTEXT = 4096
 PREFILL_CHUNK = 512  # bounds the attention score matrix of long prompts
@@ -85,6 +86,7 @@ class Engine:
         self.dtype = choose_dtype(self.device, dtype)
         kernels = use_kernels(self.device)
         native = kernels if native is None else native
+        self.staging = StagingRing(self.device)
         weights = load_weights(
             self.gguf,
             self.config,
@@ -93,6 +95,7 @@ class Engine:
             progress,
             vocab_dtype=choose_vocab_dtype(self.device, self.dtype),
             native=native,
+            staging=self.staging,
         )
         # The CPU path keeps activations in f32: its f16 weights are widened for the products.
         act_dtype = self.dtype if kernels else torch.float32
@@ -128,6 +131,7 @@ class Engine:
             "weight_bytes": self.model.weights.nbytes,
             "kv_cache_bytes": self.cache.nbytes,
             "kv_pools": kv_pools,
+            "staging": self.staging.stats(),
             "last_run": vars(self.last_stats),
         }
 

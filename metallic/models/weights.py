@@ -20,6 +20,7 @@ from metallic.gguf.reader import GGUFFile, TensorInfo
 from metallic.ops.linear import LinearWeight, stack
 from metallic.quant.formats import block_format
 from metallic.quant.reference import dequantize_rows
+from metallic.runtime.staging import StagingRing
 
 
 @dataclass
@@ -69,12 +70,18 @@ class WeightLoader:
     GGUF blocks themselves for the Triton kernels, where the kernels know every part's format."""
 
     def __init__(
-        self, gguf: GGUFFile, device: torch.device, dtype: torch.dtype, native: bool = False
+        self,
+        gguf: GGUFFile,
+        device: torch.device,
+        dtype: torch.dtype,
+        native: bool = False,
+        staging: StagingRing | None = None,
     ) -> None:
         self.gguf = gguf
         self.device = device
         self.dtype = dtype
         self.native = native
+        self.staging = staging or StagingRing(device)
 
     def _info(self, name: str, shape: tuple[int, ...] | None = None) -> TensorInfo:
         info = self.gguf.tensor(name)
@@ -127,8 +134,7 @@ class WeightLoader:
         packed = []
         for qtype, run in itertools.groupby(infos, key=lambda info: info.ggml_type):
             run = list(run)
-            raw = torch.cat([info.raw_bytes() for info in run]) if len(run) > 1 else None
-            raw = (run[0].raw_bytes() if raw is None else raw).to(self.device)
+            raw = self._upload(run)
             rows = sum(info.shape[0] for info in run)
             name = "+".join(info.name for info in run)
             packed.append(prepare_weight(raw, qtype, rows, cols, tensor_name=name))
@@ -139,6 +145,18 @@ class WeightLoader:
             native=tuple(packed),
             bias=None if biases[0] is None else torch.cat(biases),  # type: ignore[arg-type]
         )
+
+    def _upload(self, infos: list[TensorInfo]) -> torch.Tensor:
+        """The tensors' bytes back to back on the device, straight from the map through the
+        staging ring (a stack is assembled on the device, never copied on the host)."""
+        if len(infos) == 1:
+            return self.staging.upload(infos[0].raw_bytes())
+        out = torch.empty(sum(i.n_bytes for i in infos), dtype=torch.uint8, device=self.device)
+        first = 0
+        for info in infos:
+            self.staging.upload(info.raw_bytes(), out[first : first + info.n_bytes])
+            first += info.n_bytes
+        return out
 
     def matrix(self, name: str, rows: int, cols: int, dense_dtype: torch.dtype) -> LinearWeight:
         """A matrix used alone (embedding, output): native when the kernels read its format,
@@ -165,12 +183,13 @@ def load_weights(
     *,
     vocab_dtype: torch.dtype | None = None,
     native: bool = False,
+    staging: StagingRing | None = None,
 ) -> ModelWeights:
     """Build every layer's weights; `progress(done, total)` is called after each layer.
 
     `vocab_dtype` overrides `dtype` for the (largest) embedding/output matrix when it is dense;
     `native` keeps every matrix the kernels can read in its GGUF blocks."""
-    load = WeightLoader(gguf, device, dtype, native)
+    load = WeightLoader(gguf, device, dtype, native, staging)
     c = config
     total = c.n_layers + 1
     tied = not load.has("output.weight")
