@@ -70,11 +70,15 @@ def checks(engine: Engine, fixture: Path | None, cpu_engine: Engine | None) -> d
     out: dict[str, object] = {}
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(100, engine.config.vocab_size, (40,), generator=gen).tolist()
+    sampled = SamplingParams(temperature=0.8, seed=3, max_tokens=24, ignore_eos=True)
     with_graphs = greedy(engine, ids, 32)
-    graphs, engine.graphs = engine.graphs, None
+    with_graphs_sampled = [s.token_id for s in engine.generate_tokens(ids, sampled)]
+    graphs, engine.graphs = engine.graphs, None  # eager steps, token by token through the host
     without = greedy(engine, ids, 32)
+    without_sampled = [s.token_id for s in engine.generate_tokens(ids, sampled)]
     engine.graphs = graphs
     out["graphs_same_greedy_tokens"] = prefix(with_graphs, without)
+    out["graphs_same_sampled_tokens"] = prefix(with_graphs_sampled, without_sampled)
     if cpu_engine is not None:  # the kernel path against the torch path, same tokens
         cpu, gpu = cpu_engine.logits(ids), engine.logits(ids).cpu()
         out["cpu_rel_logit_err"] = float((gpu - cpu).norm() / cpu.norm())

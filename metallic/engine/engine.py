@@ -114,6 +114,7 @@ class Engine:
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda":
             self.graphs = StepGraphs(lambda batch: self.model.forward(batch, self.cache))
+            self._token_host = torch.empty(1, dtype=torch.long, pin_memory=True)
         self.sampler = Sampler(self.config.vocab_size, self.device, sorted(self.tokenizer.stop_ids))
         self.last_stats = GenerationStats()
 
@@ -178,6 +179,25 @@ class Engine:
         finally:
             self.cache.release(slot)
 
+    def _fetch_later(self, chosen: torch.Tensor) -> torch.cuda.Event:
+        """Start copying the sampled token to the host; `_fetched` waits for this copy alone."""
+        self._token_host.copy_(chosen[:1], non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return copied
+
+    def _fetched(self, copied: torch.cuda.Event) -> int:
+        copied.synchronize()
+        return int(self._token_host[0])
+
+    def _decode_from_device(self, slot: int, chosen: torch.Tensor, position: int) -> torch.Tensor:
+        """Queue the decode step of the token still on the device (its id goes from the sampler
+        into the step's input on the GPU) and return its logits, valid once it runs."""
+        batch = self.cache.batch([SequenceChunk(slot, position, [0])], pad_to=1)
+        batch.tokens.copy_(chosen[:1])
+        assert self.graphs is not None
+        return self.graphs.run(batch)[:1]
+
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -215,8 +235,18 @@ class Engine:
             stats.prefill_seconds = time.perf_counter() - began
             began = time.perf_counter()
             position = len(ids)
+            chosen = self.sampler.sample(logits, [seq_id])
             while True:
-                token = int(self.sampler.sample(logits, [seq_id])[0])
+                # With graphs, the next step is queued before this token reaches the host: the
+                # GPU computes it while the host detokenizes (wasted only when generation ends).
+                queued = None
+                ahead = position + 1 < self.context_size and stats.generated_tokens + 1 < limit
+                if self.graphs is not None and not logprobs and ahead:
+                    copied = self._fetch_later(chosen)
+                    queued = self._decode_from_device(slot, chosen, position)
+                    token = self._fetched(copied)
+                else:
+                    token = int(chosen[0])
                 stats.generated_tokens += 1
                 top = []
                 if logprobs:
@@ -238,8 +268,11 @@ class Engine:
                     yield GeneratedToken(token, text, top)
                     break
                 yield GeneratedToken(token, text, top)
-                logits = self._run(slot, [token], position, every_row=False)
+                if queued is None:
+                    queued = self._run(slot, [token], position, every_row=False)
+                logits = queued
                 position += 1
+                chosen = self.sampler.sample(logits, [seq_id])
             stats.decode_seconds = time.perf_counter() - began
         finally:
             self.sampler.remove(seq_id)
