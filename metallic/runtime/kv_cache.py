@@ -2,9 +2,10 @@
 
 - `ContiguousKVCache` (the CPU path): one row per slot and layer, a ring of the last W positions
   on sliding-window layers, attention in torch over the keys it hands back.
-- `PagedKVCache` (the kernel path): per layer a pool of fixed-size blocks; each slot's block
-  table maps positions to blocks, allocated as the sequence grows and returned to a free list
-  when it ends. The Triton kernels store and attend through the table.
+- `PagedKVCache` (the kernel path): per kind of layer a pool of fixed-size blocks; each slot's
+  block table maps positions to blocks, allocated as the sequence grows and returned to a free
+  list when it ends (on sliding-window layers, as soon as they leave the window). The Triton
+  kernels store and attend through the tables.
 
 Both are allocated once and reused across runs; the model calls only `attend`.
 """
