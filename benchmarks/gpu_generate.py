@@ -32,6 +32,7 @@ import triton
 
 from metallic.engine.engine import Engine
 from metallic.engine.sampling import SamplingParams
+from metallic.gguf.config import ModelConfig
 from metallic.testing.synthetic import write_synthetic_model
 
 PP, TG = 512, 128
@@ -126,11 +127,10 @@ def metallic_speed(engine: Engine, repeats: int = 3) -> dict[str, float]:
     return {"pp512": PP / statistics.median(pp_s[1:]), "tg128": TG / statistics.median(tg_s[1:])}
 
 
-def hf_speed(engine: Engine, repeats: int = 3) -> dict[str, float]:
+def hf_speed(c: ModelConfig, repeats: int = 3) -> dict[str, float]:
     """HF transformers, bf16, random weights at the model's shapes, on the same GPU."""
     import transformers
 
-    c = engine.config
     common = dict(
         vocab_size=c.vocab_size,
         hidden_size=c.hidden_size,
@@ -186,11 +186,12 @@ def run_model(label: str, path: Path, args: argparse.Namespace, copy_bw: float) 
     row["kv_pools"] = engine.stats()["kv_pools"]
     print(label, json.dumps(row["checks"]), flush=True)
     row["metallic"] = metallic_speed(engine)
+    config = engine.config
     print(label, "metallic", row["metallic"], flush=True)
     del engine
     torch.cuda.empty_cache()
     if args.hf:
-        row["hf"] = hf_speed(Engine(path, device="cpu", native=False, context_size=8))
+        row["hf"] = hf_speed(config)
         print(label, "hf", row["hf"], flush=True)
     return row
 

@@ -32,24 +32,35 @@ def _rope_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
 ):
-    token = tl.program_id(0)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     pairs = tl.arange(0, BLOCK_HALF)
     pair_ok = pairs < half
-    pos = tl.load(pos_ptr + token).to(tl.int64)
-    cos = tl.load(cos_ptr + pos * stride_table + pairs, mask=pair_ok, other=0.0)[None, :]
-    sin = tl.load(sin_ptr + pos * stride_table + pairs, mask=pair_ok, other=0.0)[None, :]
-    is_q = heads < n_q_heads
-    k_heads = heads - n_q_heads
-    q_rows = token * stride_qt + heads * stride_qh
-    k_rows = token * stride_kt + k_heads * stride_kh
-    is_k = (heads >= n_q_heads) & (heads < n_heads)
+    cos, sin, q_rows, is_q, k_rows, is_k = _token_heads(
+        pos_ptr, cos_ptr, sin_ptr, pairs, pair_ok, n_q_heads, n_heads, stride_qt, stride_qh,
+        stride_kt, stride_kh, stride_table, BLOCK_H,
+    )  # fmt: skip
     if NEOX:  # pairs (i, i + half): two contiguous halves
         _rotate_halves(q_ptr, q_rows, is_q, pairs, pair_ok, half, cos, sin)
         _rotate_halves(k_ptr, k_rows, is_k, pairs, pair_ok, half, cos, sin)
     else:  # pairs (2i, 2i + 1): one contiguous load, split into its even and odd elements
         _rotate_adjacent(q_ptr, q_rows, is_q, half, cos, sin, BLOCK_HALF)
         _rotate_adjacent(k_ptr, k_rows, is_k, half, cos, sin, BLOCK_HALF)
+
+
+@triton.jit
+def _token_heads(pos_ptr, cos_ptr, sin_ptr, pairs, pair_ok, n_q_heads, n_heads, stride_qt,
+                 stride_qh, stride_kt, stride_kh, stride_table, BLOCK_H: tl.constexpr):  # fmt: skip
+    """This program's token and heads (q heads first, then k heads): the cos/sin of the token's
+    position [1, pairs], and each head's row offset and validity in q and in k."""
+    token = tl.program_id(0)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    pos = tl.load(pos_ptr + token).to(tl.int64)
+    cos = tl.load(cos_ptr + pos * stride_table + pairs, mask=pair_ok, other=0.0)[None, :]
+    sin = tl.load(sin_ptr + pos * stride_table + pairs, mask=pair_ok, other=0.0)[None, :]
+    q_rows = token * stride_qt + heads * stride_qh
+    k_rows = token * stride_kt + (heads - n_q_heads) * stride_kh
+    is_q = heads < n_q_heads
+    is_k = (heads >= n_q_heads) & (heads < n_heads)
+    return cos, sin, q_rows, is_q, k_rows, is_k
 
 
 @triton.jit
@@ -166,19 +177,14 @@ def _norm_rope_kernel(
     BLOCK_HALF: tl.constexpr,
     BLOCK_REST: tl.constexpr,
 ):
-    token = tl.program_id(0)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     pairs = tl.arange(0, BLOCK_HALF)
     pair_ok = pairs < half
     rest = 2 * half + tl.arange(0, BLOCK_REST)
     rest_ok = rest < head_dim
-    pos = tl.load(pos_ptr + token).to(tl.int64)
-    cos = tl.load(cos_ptr + pos * stride_table + pairs, mask=pair_ok, other=0.0)[None, :]
-    sin = tl.load(sin_ptr + pos * stride_table + pairs, mask=pair_ok, other=0.0)[None, :]
-    q_rows = token * stride_qt + heads * stride_qh
-    k_rows = token * stride_kt + (heads - n_q_heads) * stride_kh
-    is_q = heads < n_q_heads
-    is_k = (heads >= n_q_heads) & (heads < n_heads)
+    cos, sin, q_rows, is_q, k_rows, is_k = _token_heads(
+        pos_ptr, cos_ptr, sin_ptr, pairs, pair_ok, n_q_heads, n_heads, stride_qt, stride_qh,
+        stride_kt, stride_kh, stride_table, BLOCK_H,
+    )  # fmt: skip
     _norm_rotate(q_ptr, q_rows, is_q, q_w_ptr, pairs, pair_ok, half, rest, rest_ok, head_dim,
                  cos, sin, eps)  # fmt: skip
     _norm_rotate(k_ptr, k_rows, is_k, k_w_ptr, pairs, pair_ok, half, rest, rest_ok, head_dim,

@@ -60,6 +60,9 @@ class RopeTable:
     def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [tokens, 1, rope_dim/2] at `positions`."""
         self.ensure(int(positions.max()) + 1 if positions.numel() else 0)
+        return self._gather(positions)
+
+    def _gather(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
     def for_step(self, positions: torch.Tensor, max_position: int) -> RopeStep:
@@ -68,8 +71,7 @@ class RopeTable:
         self.ensure(max_position + 1)
         if use_kernels(positions):
             return RopeStep(positions, self.cos, self.sin, gathered=False)
-        cos, sin = self.angles(positions)
-        return RopeStep(positions, cos, sin, gathered=True)
+        return RopeStep(positions, *self._gather(positions), gathered=True)
 
 
 def apply_rope(
