@@ -3,7 +3,8 @@
 Two forms: dense (dequantized once at load into the compute dtype; the CPU path) and native (the
 GGUF blocks themselves, laid out for the Triton kernels, which dequantize in registers).
 Matrices that share an input (q|k|v, gate|up) are stacked into one weight so a step makes one
-pass: dense parts are concatenated once at load, native parts stay separate blocks.
+pass: dense parts are concatenated once at load; native parts are merged per run of one format
+(the loader's job) and each remaining block matrix writes its own output columns.
 """
 
 from __future__ import annotations
