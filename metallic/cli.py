@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -123,6 +124,21 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--ctx-size", type=int, default=None, help="context size in tokens")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--dtype", default=None, help="f32, f16 or bf16 (default: by device)")
+    p.add_argument(
+        "--gpu-layers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="keep the first N layers on the device, stream the rest from host memory",
+    )
+    p.add_argument(
+        "--gpu-memory",
+        default=None,
+        metavar="SIZE",
+        help="device memory budget, e.g. 2G: layers that don't fit are streamed from the host,"
+        " and moved there when the KV cache needs room",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log placement and residency")
 
 
 def _sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -149,12 +165,16 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
 def _load(args: argparse.Namespace) -> Engine:
     from metallic.engine.engine import Engine
 
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="metallic: %(message)s", stream=sys.stderr)
     return Engine(
         _model_path(args.model),
         device=args.device,
         dtype=args.dtype,
         context_size=args.ctx_size,
         progress=_progress_bar("loading"),
+        gpu_layers=args.gpu_layers,
+        memory_budget=args.gpu_memory,
     )
 
 
@@ -199,9 +219,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"{p['blocks_used']}/{p['blocks']} blocks"
             for p in memory["kv_pools"]  # type: ignore[union-attr]
         )
+        place: dict[str, int] = memory["placement"]  # type: ignore[assignment]
+        streamed = ""
+        if place["layers_streamed"]:
+            streamed = (
+                f"; {place['layers_streamed']} layers streamed from the host "
+                f"({place['bytes_streamed'] / 2**30:.1f} GiB copied)"
+            )
+        if "evictions" in place:
+            streamed += f"; residency moves out/back {place['evictions']}/{place['restores']}"
         print(
             f"{memory['device']} {memory['dtype']}: weights {memory['weight_bytes'] / 2**20:.0f} "
-            f"MiB, KV cache {memory['kv_cache_bytes'] / 2**20:.0f} MiB{pools}",
+            f"MiB, KV cache {memory['kv_cache_bytes'] / 2**20:.0f} MiB{pools}{streamed}",
             file=sys.stderr,
         )
     return 0

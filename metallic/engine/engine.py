@@ -6,6 +6,7 @@ batch + per-sequence slices), so continuous batching can later schedule several.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -20,17 +21,37 @@ from metallic.gguf.config import ModelConfig, config_from_metadata
 from metallic.gguf.default_model import default_model_path
 from metallic.gguf.reader import open_gguf
 from metallic.gguf.tokenizer import Tokenizer
-from metallic.models.transformer import Transformer
-from metallic.models.weights import load_weights
+from metallic.models.transformer import Transformer, step_memory_bound
+from metallic.models.weights import (
+    LayerWeights,
+    ModelWeights,
+    estimate_bytes,
+    formats,
+    layer_tensors,
+    load_weights,
+    model_tensors,
+    with_model_tensors,
+    with_tensors,
+)
 from metallic.ops.dispatch import use_kernels
-from metallic.runtime.batch import SequenceChunk
+from metallic.runtime.batch import SequenceChunk, StepBatch
 from metallic.runtime.device import choose_device, choose_dtype, choose_vocab_dtype
 from metallic.runtime.graphs import StepGraphs
 from metallic.runtime.kv_cache import ContiguousKVCache, KVCache, PagedKVCache
+from metallic.runtime.memory import Block, MemoryPool
+from metallic.runtime.placement import MemoryPlan, ResidencyPolicy, parse_bytes, plan_memory
 from metallic.runtime.staging import StagingRing
+from metallic.runtime.streaming import LayerStreamer, PackedLayer, pack, packed_size
 
 DEFAULT_CONTEXT = 4096
 PREFILL_CHUNK = 512  # bounds the attention score matrix of long prompts
+ARENA_BYTES = 32 << 20  # the memory pool's arena size (larger buffers get their own)
+# Device bytes outside the plan's accounting (RoPE tables, sampler buffers, graph outputs, cuBLAS
+# workspaces, arena slack): 8B Q4_K_M under a 2 GiB budget on an H100 peaked 82 MiB over a
+# 32 MiB allowance, so this is measured, with room.
+RUNTIME_BYTES = 160 << 20
+
+log = logging.getLogger("metallic")
 
 
 class PromptTooLong(MetallicError):
@@ -73,11 +94,17 @@ class Engine:
         native: bool | None = None,
         cuda_graphs: bool = True,
         progress: Callable[[int, int], None] | None = None,
+        gpu_layers: int | None = None,
+        memory_budget: int | str | None = None,
     ) -> None:
         """On CUDA the Triton kernels run everything: weights stay in their GGUF blocks
         (`native`, default on), the KV cache is paged, and decode steps replay as CUDA graphs
         (`cuda_graphs`). Elsewhere weights are dequantized once at load into `dtype` and torch
-        runs the ops (`native=True` there needs TRITON_INTERPRET=1: a testing mode)."""
+        runs the ops (`native=True` there needs TRITON_INTERPRET=1: a testing mode).
+
+        `gpu_layers` keeps only the first N layers on the device and streams the rest from the
+        host; `memory_budget` (bytes, or text such as "2G") plans placement to fit it, KV cache
+        included, and moves layers to the host when the KV cache outgrows what is left."""
         self.path = Path(path) if path is not None else default_model_path()
         self.gguf = open_gguf(self.path)
         self.config: ModelConfig = config_from_metadata(self.gguf.metadata, str(self.path))
@@ -86,7 +113,32 @@ class Engine:
         self.dtype = choose_dtype(self.device, dtype)
         kernels = use_kernels(self.device)
         native = kernels if native is None else native
+        ctx = context_size or min(self.config.context_length, DEFAULT_CONTEXT)
+        if ctx <= 1:
+            raise MetallicError(f"context size must be at least 2, got {ctx}")
+        # The CPU path keeps activations in f32: its f16 weights are widened for the products.
+        act_dtype = self.dtype if kernels else torch.float32
+        budget = parse_bytes(memory_budget) if isinstance(memory_budget, str) else memory_budget
+        self.plan: MemoryPlan | None = None
+        if gpu_layers is not None or budget is not None:
+            fixed, per_layer = estimate_bytes(self.gguf, self.config, self.dtype, native)
+            kv_full, kv_least = PagedKVCache.bytes_needed(
+                self.config, 1, ctx, act_dtype, max_step_tokens=PREFILL_CHUNK
+            )
+            reserve = step_memory_bound(self.config, act_dtype, PREFILL_CHUNK, widen=native)
+            reserve += RUNTIME_BYTES
+            self.plan = plan_memory(
+                per_layer, fixed, kv_full, kv_least, reserve, budget=budget, gpu_layers=gpu_layers
+            )
+            log.info("placement: %s", self.plan.describe())
+        plan = self.plan
         self.staging = StagingRing(self.device)
+        # The kernel path (and any placement) keeps device buffers in a typed pool: each layer
+        # is one block of its bytes packed together, so nothing pays the allocator's rounding.
+        pooled = kernels or plan is not None
+        self.memory = MemoryPool(self.device, arena_bytes=ARENA_BYTES) if pooled else None
+        self.layer_blocks: dict[int, Block] = {}
+        self.slot_blocks: list[Block] = []
         weights = load_weights(
             self.gguf,
             self.config,
@@ -96,27 +148,156 @@ class Engine:
             vocab_dtype=choose_vocab_dtype(self.device, self.dtype),
             native=native,
             staging=self.staging,
+            on_host=lambda i: plan is not None and not plan.on_device[i],
+            adopt=self._adopt,
         )
-        # The CPU path keeps activations in f32: its f16 weights are widened for the products.
-        act_dtype = self.dtype if kernels else torch.float32
         self.model = Transformer(self.config, weights, self.device, act_dtype)
-        ctx = context_size or min(self.config.context_length, DEFAULT_CONTEXT)
-        if ctx <= 1:
-            raise MetallicError(f"context size must be at least 2, got {ctx}")
+        self.host_layers: dict[int, PackedLayer] = {}
+        for i in plan.host_layers if plan else ():
+            self.host_layers[i] = self._pack_host(i)
+        self._install_streamer()
         self.cache: KVCache
-        if kernels:
+        if kernels or plan is not None:
             self.cache = PagedKVCache(
-                self.config, 1, ctx, self.device, self.dtype, max_step_tokens=PREFILL_CHUNK
+                self.config,
+                1,
+                ctx,
+                self.device,
+                act_dtype,  # the CPU path keeps its KV in f32, like the contiguous cache
+                max_step_tokens=PREFILL_CHUNK,
+                kv_bytes=plan.kv_bytes if plan and plan.budget is not None else None,
+                memory=self.memory,
             )
         else:
             self.cache = ContiguousKVCache(self.config, 1, ctx, self.device)
+        self.residency: ResidencyPolicy | None = None
+        self.layer_moves = 0
+        if plan is not None and plan.budget is not None:
+            self.residency = ResidencyPolicy(plan)
+            assert isinstance(self.cache, PagedKVCache)
+            self.cache.grow_hook = self._make_room
         self.model.reserve_positions(ctx)
-        self.graphs = None
-        if cuda_graphs and self.device.type == "cuda":
-            self.graphs = StepGraphs(lambda batch: self.model.forward(batch, self.cache))
+        self.graphs: StepGraphs | None = None  # captured on first use
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        if self.cuda_graphs:
             self._token_host = torch.empty(1, dtype=torch.long, pin_memory=True)
+        self._graphs_key = (-1, -1)
         self.sampler = Sampler(self.config.vocab_size, self.device, sorted(self.tokenizer.stop_ids))
         self.last_stats = GenerationStats()
+
+    def _to_pool(
+        self, tensors: list[torch.Tensor], name: str, quant: str
+    ) -> tuple[Block, list[torch.Tensor]]:
+        """`tensors` packed into one new pool block; returns the block and their views in it."""
+        assert self.memory is not None
+        size = packed_size(tensors)
+        block = self.memory.allocate("weights", (size,), torch.uint8, quant=quant, name=name)
+        return block, pack(tensors, self.device, out=block.tensor).tensors()
+
+    def _adopt(self, name: str, part: ModelWeights | LayerWeights) -> object:
+        """Each part of the model as it loads: device parts move into pool blocks."""
+        if self.memory is None:
+            return part
+        if isinstance(part, ModelWeights):
+            _, views = self._to_pool(model_tensors(part), name, formats(part))
+            return with_model_tensors(part, views)
+        i = int(name.split(".")[1])
+        if self.plan is not None and not self.plan.on_device[i]:
+            return part  # packed into pinned host memory once the model exists
+        layers = [part]
+        self._pool_layer(layers, i, layer_tensors(part), index=0)
+        return layers[0]
+
+    def _pool_layer(
+        self,
+        layers: list[LayerWeights],
+        i: int,
+        tensors: list[torch.Tensor],
+        index: int | None = None,
+    ) -> None:
+        """Layer i's `tensors` (wherever they are) into a pool block that `layers[index]`
+        (default: `layers[i]`) then reads."""
+        at = i if index is None else index
+        block, views = self._to_pool(tensors, f"blk.{i}", formats(layers[at]))
+        self.layer_blocks[i] = block
+        layers[at] = with_tensors(layers[at], views)
+
+    def _pack_host(self, layer: int) -> PackedLayer:
+        """Layer `layer`'s tensors in one host buffer (pinned for asynchronous copies)."""
+        tensors = layer_tensors(self.model.weights.layers[layer])
+        return pack(tensors, torch.device("cpu"), pin=self.device.type == "cuda")
+
+    def _slot(self, n_bytes: int, name: str) -> torch.Tensor:
+        if self.memory is None:
+            return torch.empty(n_bytes, dtype=torch.uint8, device=self.device)
+        block = self.memory.allocate("weights", (n_bytes,), torch.uint8, name=name)
+        self.slot_blocks.append(block)
+        return block.tensor
+
+    def _install_streamer(self) -> None:
+        """Point every host layer at its streaming slot (a new streamer per set of layers)."""
+        for block in self.slot_blocks:
+            assert self.memory is not None
+            self.memory.free(block)
+        self.slot_blocks = []
+        if not self.host_layers:
+            self.model.streamer = None
+            return
+        streamer = LayerStreamer(self.device, self.host_layers, allocate=self._slot)
+        layers = self.model.weights.layers
+        for i in streamer.layers:
+            layers[i] = with_tensors(layers[i], streamer.device_views(i))
+        self.model.streamer = streamer
+
+    def _move_layers(self, moved: list[int], to_host: bool) -> None:
+        """Carry out a residency decision: the layers' bytes change sides, then the streamer and
+        (through `layer_moves`) the captured graphs are rebuilt."""
+        self._synchronize()
+        layers = self.model.weights.layers
+        for i in moved:
+            if to_host:
+                self.host_layers[i] = self._pack_host(i)
+            else:
+                self._pool_layer(layers, i, self.host_layers.pop(i).tensors())
+        self._install_streamer()
+        if to_host and self.memory is not None:
+            for i in moved:  # nothing reads these blocks now: the layers point at their slots
+                self.memory.free(self.layer_blocks.pop(i))
+        if self.memory is not None:
+            self.memory.trim()  # empty arenas go back to the device for the KV cache
+        self.layer_moves += len(moved)
+        side = "host (streamed)" if to_host else "device"
+        log.info("residency: moved layers %s to the %s", moved, side)
+
+    def _make_room(self, kv_extra: int) -> None:
+        """The KV cache is about to grow by `kv_extra` bytes: stream layers to stay in budget."""
+        assert self.residency is not None
+        moved = self.residency.make_room(self.cache.nbytes, kv_extra)
+        if moved:
+            self._move_layers(moved, to_host=True)
+
+    def _relieve(self) -> None:
+        """After a run: shrink the KV cache back and return the layers that fit again."""
+        if self.residency is None or not isinstance(self.cache, PagedKVCache):
+            return
+        if self.cache.shrink():
+            if self.memory is not None:
+                self.memory.trim()
+            back = self.residency.restorable(self.cache.nbytes)
+            if back:
+                self._move_layers(back, to_host=False)
+
+    def _replay(self, batch: StepBatch) -> torch.Tensor:
+        """The step as a CUDA graph, captured again whenever addresses it baked in changed (the
+        KV cache was resized or layers moved)."""
+        key = (
+            self.cache.generation if isinstance(self.cache, PagedKVCache) else 0,
+            self.layer_moves,
+        )
+        if self.graphs is None or key != self._graphs_key:
+            self.graphs = StepGraphs(lambda b: self.model.forward(b, self.cache))
+            self._graphs_key = key
+        return self.graphs.run(batch)
 
     @property
     def context_size(self) -> int:
@@ -126,12 +307,30 @@ class Engine:
         """Where memory went and how the last generation ran: device, weight and KV-cache
         bytes, the paged cache's block pools (blocks in use per window), the last run's speed."""
         kv_pools = self.cache.stats() if isinstance(self.cache, PagedKVCache) else []
+        streamer = self.model.streamer
+        host_bytes = sum(layer.nbytes for layer in self.host_layers.values())
+        stream_bytes = streamer.device_bytes if streamer else 0
+        placement = {
+            "layers_on_device": self.config.n_layers - len(self.host_layers),
+            "layers_streamed": len(self.host_layers),
+            "host_bytes": host_bytes,
+            "stream_slot_bytes": stream_bytes,
+            "bytes_streamed": streamer.bytes_streamed if streamer else 0,
+        }
+        if self.residency is not None:
+            placement |= {
+                "budget_bytes": self.residency.budget,
+                "evictions": self.residency.evictions,
+                "restores": self.residency.restores,
+            }
         return {
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
-            "weight_bytes": self.model.weights.nbytes,
+            "weight_bytes": self.model.weights.nbytes - host_bytes + stream_bytes,
             "kv_cache_bytes": self.cache.nbytes,
             "kv_pools": kv_pools,
+            "placement": placement,
+            "memory_pool": self.memory.stats() if self.memory is not None else None,
             "staging": self.staging.stats(),
             "last_run": vars(self.last_stats),
         }
@@ -159,14 +358,14 @@ class Engine:
         rows = []
         for offset in range(0, len(tokens), PREFILL_CHUNK):
             chunk = SequenceChunk(slot, start + offset, tokens[offset : offset + PREFILL_CHUNK])
-            if self.graphs is None or every_row:
+            if not self.cuda_graphs or every_row:
                 batch = self.cache.batch([chunk])
                 rows.append(self.model.forward(batch, self.cache, every_row))
                 continue
             assert isinstance(self.cache, PagedKVCache)  # graphs run on the kernel path only
             bucket = _graph_bucket(len(chunk.tokens))
             batch = self.cache.batch([chunk], pad_to=bucket)
-            rows.append(self.graphs.run(batch)[:1])  # row 0: this sequence (then the filler)
+            rows.append(self._replay(batch)[:1])  # row 0: this sequence (then the filler)
         return torch.cat(rows) if every_row else rows[-1]
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
@@ -178,6 +377,7 @@ class Engine:
             return self._run(slot, token_ids, 0, every_row=True)
         finally:
             self.cache.release(slot)
+            self._relieve()
 
     def _fetch_later(self, chosen: torch.Tensor) -> torch.cuda.Event:
         """Start copying the sampled token to the host; `_fetched` waits for this copy alone."""
@@ -195,8 +395,7 @@ class Engine:
         into the step's input on the GPU) and return its logits, valid once it runs."""
         batch = self.cache.batch([SequenceChunk(slot, position, [0])], pad_to=1)
         batch.tokens.copy_(chosen[:1])
-        assert self.graphs is not None
-        return self.graphs.run(batch)[:1]
+        return self._replay(batch)[:1]
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -241,7 +440,7 @@ class Engine:
                 # GPU computes it while the host detokenizes (wasted only when generation ends).
                 queued = None
                 ahead = position + 1 < self.context_size and stats.generated_tokens + 1 < limit
-                if self.graphs is not None and not logprobs and ahead:
+                if self.cuda_graphs and not logprobs and ahead:
                     copied = self._fetch_later(chosen)
                     queued = self._decode_from_device(slot, chosen, position)
                     token = self._fetched(copied)
@@ -277,6 +476,7 @@ class Engine:
         finally:
             self.sampler.remove(seq_id)
             self.cache.release(slot)
+            self._relieve()
 
     def stream(
         self, prompt: str | list[int], max_tokens: int = 256, **sampling: object

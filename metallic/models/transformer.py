@@ -18,6 +18,7 @@ from metallic.ops import RopeTable, apply_rope, embed, gated_activation, linear,
 from metallic.ops.rope import RopeStep
 from metallic.runtime.batch import StepBatch
 from metallic.runtime.kv_cache import KVCache
+from metallic.runtime.streaming import LayerStreamer
 
 
 class Transformer:
@@ -33,6 +34,7 @@ class Transformer:
         self.weights = weights
         self.device = device
         self.act_dtype = act_dtype
+        self.streamer: LayerStreamer | None = None  # set when some layers live on the host
         # One RoPE table per distinct base (gemma3: local and global), shared by its layers.
         self.layer_rope_base = [config.layer_rope_base(i) for i in range(config.n_layers)]
         self.rope = {
@@ -64,8 +66,15 @@ class Transformer:
         # The last block's output and its post-norm weight (gemma), not yet added into x.
         delta: torch.Tensor | None = None
         delta_norm: torch.Tensor | None = None
+        streamer = self.streamer
+        if streamer is not None:
+            streamer.begin_step()
         for i, layer in enumerate(self.weights.layers):
+            if streamer is not None:
+                streamer.before_layer(i)
             h = self._norm(delta, delta_norm, x, layer.attn_norm)
+            if streamer is not None and i:
+                streamer.after_layer(i - 1)  # its post-norm weight was read just now
             rope = steps[self.layer_rope_base[i]]
             delta, delta_norm = self._block(i, layer, h, x, rope, batch, cache)
         if not every_row:
@@ -119,3 +128,17 @@ class Transformer:
         h = self._norm(a, w.post_attn_norm, x, w.ffn_norm)
         m = linear(gated_activation(linear(h, w.gate_up), None, c.activation), w.down)
         return m, w.post_ffn_norm
+
+
+def step_memory_bound(
+    config: ModelConfig, act_dtype: torch.dtype, n_tokens: int, widen: bool
+) -> int:
+    """A bound on one step's transient device bytes for `n_tokens` rows: the activations (with
+    2x slack for the allocator) and, when native matrices are widened for a prefill (`widen`),
+    the widest stacked matrix in `act_dtype`. A memory plan reserves this much."""
+    c, size = config, act_dtype.itemsize
+    per_row = 4 * c.hidden_size * 2  # the f32 residual stream and a block's output
+    per_row += size * (c.hidden_size + c.q_size + 2 * c.kv_size + c.q_size + 3 * c.ffn_size)
+    rows = 2 * n_tokens * per_row + 4 * c.vocab_size * 4  # last rows' logits and sampling
+    widest = 2 * c.ffn_size * c.hidden_size * size if widen else 0
+    return rows + widest

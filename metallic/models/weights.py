@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 from gguf import GGMLQuantizationType
@@ -55,6 +56,72 @@ class ModelWeights:
             v for layer in self.layers for v in vars(layer).values() if isinstance(v, torch.Tensor)
         ]
         return sum(w.nbytes for w in linears) + sum(_size(v) for v in vectors)
+
+
+def layer_tensors(layer: LayerWeights) -> list[torch.Tensor]:
+    """Every tensor the layer holds, in a fixed order (`with_tensors` takes them back)."""
+    found: list[torch.Tensor] = []
+
+    def record(t: torch.Tensor) -> torch.Tensor:
+        found.append(t)
+        return t
+
+    _map_tensors(layer, record)
+    return found
+
+
+def model_tensors(weights: ModelWeights) -> list[torch.Tensor]:
+    """The non-layer tensors (embedding, output, norms), in `with_model_tensors` order."""
+    return layer_tensors(weights)  # type: ignore[arg-type]  # the layer list is skipped
+
+
+def with_model_tensors(weights: ModelWeights, tensors: list[torch.Tensor]) -> ModelWeights:
+    """The weights with their non-layer tensors replaced (a tied embedding stays tied)."""
+    out = with_tensors(weights, tensors)  # type: ignore[arg-type]
+    if weights.embedding is weights.output:
+        out.embedding = out.output  # type: ignore[attr-defined]
+    return out  # type: ignore[return-value]
+
+
+def formats(layer: LayerWeights | ModelWeights) -> str:
+    """The ggml formats of its matrices, for the memory pool's records."""
+    names = {
+        t.name
+        for f in fields(layer)
+        if isinstance(value := getattr(layer, f.name), LinearWeight)
+        for t in value.ggml_types
+    }
+    return "+".join(sorted(names))
+
+
+def with_tensors(layer: LayerWeights, tensors: list[torch.Tensor]) -> LayerWeights:
+    """The layer with its tensors replaced, in `layer_tensors` order, by `tensors` (views of the
+    same values elsewhere: a layer streamed from the host, or one moved back to the device)."""
+    supply = iter(tensors)
+    return _map_tensors(layer, lambda _: next(supply))
+
+
+def _map_tensors(layer: LayerWeights, fn: Callable[[torch.Tensor], torch.Tensor]) -> LayerWeights:
+    def swap(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else fn(t)
+
+    changes: dict[str, object] = {}
+    for f in fields(layer):
+        value = getattr(layer, f.name)
+        if isinstance(value, list):  # ModelWeights.layers: mapped one layer at a time
+            continue
+        if isinstance(value, LinearWeight):
+            native = value.native
+            if native is not None:
+                native = tuple(
+                    replace(p, planes=tuple(fn(plane) for plane in p.planes)) for p in native
+                )
+            changes[f.name] = replace(
+                value, dense=swap(value.dense), native=native, bias=swap(value.bias)
+            )
+        else:
+            changes[f.name] = swap(value)
+    return replace(layer, **changes)  # type: ignore[arg-type]
 
 
 def _linears(layer: LayerWeights) -> list[LinearWeight]:
@@ -174,6 +241,40 @@ def _kernel_types() -> tuple[GGMLQuantizationType, ...]:
     return KERNEL_TYPES
 
 
+def _layer_tensor_names(config: ModelConfig, i: int) -> list[str]:
+    c, p = config, f"blk.{i}."
+    names = [p + n for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up")]
+    names += [p + "ffn_down", p + "attn_norm", p + "ffn_norm"]
+    if c.qkv_bias:
+        names += [p + f"attn_{kind}.bias" for kind in "qkv"]
+    if c.qk_norm:
+        names += [p + "attn_q_norm", p + "attn_k_norm"]
+    if c.sandwich_norms:
+        names += [p + "post_attention_norm", p + "post_ffw_norm"]
+    return [n if n.endswith(".bias") else n + ".weight" for n in names]
+
+
+def estimate_bytes(
+    gguf: GGUFFile, config: ModelConfig, dtype: torch.dtype, native: bool
+) -> tuple[int, list[int]]:
+    """(bytes of the non-layer weights, bytes of each layer) as `load_weights` will hold them:
+    a memory plan is made before anything is loaded."""
+    kernel_types = _kernel_types() if native else ()
+
+    def size(name: str) -> int:
+        info = gguf.tensor(name)
+        if len(info.shape) == 1:
+            return info.shape[0] * 4  # vectors are kept in f32
+        if info.ggml_type in kernel_types:
+            return info.n_bytes
+        return info.shape[0] * info.shape[1] * dtype.itemsize
+
+    layers = [sum(size(n) for n in _layer_tensor_names(config, i)) for i in range(config.n_layers)]
+    fixed = ["token_embd.weight", "output_norm.weight"]
+    fixed += [n for n in ("output.weight", "rope_freqs.weight") if n in gguf.tensors]
+    return sum(size(n) for n in fixed), layers
+
+
 def load_weights(
     gguf: GGUFFile,
     config: ModelConfig,
@@ -184,12 +285,19 @@ def load_weights(
     vocab_dtype: torch.dtype | None = None,
     native: bool = False,
     staging: StagingRing | None = None,
+    on_host: Callable[[int], bool] = lambda _: False,
+    adopt: Callable[[str, Any], Any] = lambda _, part: part,
 ) -> ModelWeights:
     """Build every layer's weights; `progress(done, total)` is called after each layer.
 
     `vocab_dtype` overrides `dtype` for the (largest) embedding/output matrix when it is dense;
-    `native` keeps every matrix the kernels can read in its GGUF blocks."""
-    load = WeightLoader(gguf, device, dtype, native, staging)
+    `native` keeps every matrix the kernels can read in its GGUF blocks; layers for which
+    `on_host(i)` holds stay in host memory (to be packed for streaming). `adopt(name, part)` is
+    handed the non-layer weights ("output", a ModelWeights without layers) and then each layer
+    ("blk.N") as soon as it is built, and returns what to keep (e.g. a copy in a memory pool),
+    so at most one part exists twice at a time."""
+    load = device_load = WeightLoader(gguf, device, dtype, native, staging)
+    host_load = WeightLoader(gguf, torch.device("cpu"), dtype, native)
     c = config
     total = c.n_layers + 1
     tied = not load.has("output.weight")
@@ -198,11 +306,21 @@ def load_weights(
     embedding = load.matrix("token_embd.weight", *vocab, vocab_dtype)
     output = embedding if tied else load.matrix("output.weight", *vocab, vocab_dtype)
     rope_freqs = load.vector("rope_freqs.weight") if load.has("rope_freqs.weight") else None
+    fixed = ModelWeights(
+        embedding=embedding,
+        output=output,
+        output_norm=device_load.vector("output_norm.weight"),
+        layers=[],
+        rope_freqs=rope_freqs,
+    )
+    fixed = adopt("output", fixed)
+    del embedding, output, rope_freqs
     if progress:
         progress(1, total)
     layers = []
     for i in range(c.n_layers):
         p = f"blk.{i}."
+        load = host_load if on_host(i) and device.type != "cpu" else device_load
 
         def bias(kind: str, prefix: str = p) -> str | None:
             return f"{prefix}attn_{kind}.bias" if c.qkv_bias else None
@@ -234,13 +352,8 @@ def load_weights(
         if c.sandwich_norms:
             layer.post_attn_norm = load.vector(p + "post_attention_norm.weight")
             layer.post_ffn_norm = load.vector(p + "post_ffw_norm.weight")
-        layers.append(layer)
+        layers.append(adopt(f"blk.{i}", layer))
         if progress:
             progress(i + 2, total)
-    return ModelWeights(
-        embedding=embedding,
-        output=output,
-        output_norm=load.vector("output_norm.weight"),
-        layers=layers,
-        rope_freqs=rope_freqs,
-    )
+    fixed.layers = layers
+    return fixed

@@ -7,12 +7,14 @@
   list when it ends (on sliding-window layers, as soon as they leave the window). The Triton
   kernels store and attend through the tables.
 
-Both are allocated once and reused across runs; the model calls only `attend`.
+Both are allocated once and reused across runs; the model calls only `attend`. Under a memory
+budget the paged cache's full-attention pools start small and grow as sequences need blocks
+(`grow_hook` lets the residency manager make room first), and shrink back once they are idle.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -20,6 +22,7 @@ from metallic.errors import MetallicError
 from metallic.gguf.config import ModelConfig
 from metallic.ops.attention import attention, paged_attention, store_kv
 from metallic.runtime.batch import SequenceChunk, StepBatch
+from metallic.runtime.memory import Block, MemoryPool
 
 BLOCK_SIZE = 16  # tokens per KV block
 
@@ -139,11 +142,11 @@ class BlockPool:
     sequence holds at most `live_blocks` of them however long it grows; the attention kernels
     never read keys (nor table entries) below the window."""
 
-    def __init__(self, n_slots: int, blocks_per_slot: int, block_size: int, window: int) -> None:
+    def __init__(self, window: int, block_size: int, n_blocks: int) -> None:
         self.window = window
         self.block_size = block_size
-        self.n_blocks = n_slots * blocks_per_slot
-        self.free = list(range(self.n_blocks - 1, -1, -1))
+        self.n_blocks = n_blocks
+        self.free = list(range(n_blocks - 1, -1, -1))
         self.tables: dict[int, list[int]] = {}
         self.first_live: dict[int, int] = {}  # windowed pools: lowest logical block still held
 
@@ -162,6 +165,16 @@ class BlockPool:
                 raise MetallicError("the KV cache is out of blocks")
             table.append(self.free.pop())
 
+    def missing(self, slot: int, end: int) -> int:
+        """New blocks a reserve up to `end` takes (in a full-attention pool, which returns no
+        block while its sequence lives)."""
+        return max(0, -(-end // self.block_size) - len(self.tables.get(slot, ())))
+
+    def grow(self, extra: int) -> None:
+        """`extra` more physical blocks, numbered after the existing ones."""
+        self.free[:0] = range(self.n_blocks + extra - 1, self.n_blocks - 1, -1)
+        self.n_blocks += extra
+
     def release(self, slot: int) -> None:
         table = self.tables.pop(slot, [])
         first = self.first_live.pop(slot, 0)
@@ -172,10 +185,16 @@ class BlockPool:
         return self.n_blocks - len(self.free)
 
 
+def _windows(config: ModelConfig) -> list[int]:
+    """Each layer's attention window (0: full attention)."""
+    return [config.sliding_window if config.is_sliding(i) else 0 for i in range(config.n_layers)]
+
+
 class PagedKVCache(_Slots):
     """Per layer a pool of `BLOCK_SIZE`-token blocks: full-attention layers get enough for every
-    slot at the full context, sliding-window layers only for their window plus one step of
-    `max_step_tokens` (a 32k context of Gemma 3 keeps its 5-in-6 local layers at 1k tokens)."""
+    slot at the full context (or what `kv_bytes` leaves them, growing on demand), sliding-window
+    layers only for their window plus one step of `max_step_tokens` (a 32k context of Gemma 3
+    keeps its 5-in-6 local layers at 1k tokens)."""
 
     def __init__(
         self,
@@ -186,33 +205,140 @@ class PagedKVCache(_Slots):
         dtype: torch.dtype,
         block_size: int = BLOCK_SIZE,
         max_step_tokens: int = 512,
+        kv_bytes: int | None = None,
+        memory: MemoryPool | None = None,
     ) -> None:
         super().__init__(n_slots, context_size)
+        self.memory = memory  # where pool tensors come from (default: torch's allocator)
+        self.blocks: dict[int, Block] = {}  # pool tensor data_ptr -> its memory-pool block
         self.device = device
+        self.dtype = dtype
         self.block_size = block_size
         self.max_blocks = -(-context_size // block_size)
         self.scratch_slot = n_slots  # never handed out: the filler of padded batches
-        slots = n_slots + 1
-        windows = sorted(
-            {config.sliding_window if config.is_sliding(i) else 0 for i in range(config.n_layers)}
+        self.grow_hook: Callable[[int], None] | None = None  # called with bytes before growing
+        self.generation = 0  # bumped whenever a pool tensor is reallocated (graphs recapture)
+        self.kv_shape = (config.n_kv_heads, config.head_dim)
+        layer_windows = _windows(config)
+        windows = sorted(set(layer_windows))
+        per_slot = _blocks_per_slot(windows, self.max_blocks, block_size, max_step_tokens)
+        # At the full context: every slot's blocks, and a step's for the filler of padded batches.
+        step_blocks = -(-max_step_tokens // block_size)
+        self.full_blocks = [n_slots * blocks + min(blocks, step_blocks) for blocks in per_slot]
+        self.base_blocks = list(self.full_blocks)  # what each pool starts with and shrinks to
+        layer_block_bytes = 2 * block_size * config.n_kv_heads * config.head_dim * dtype.itemsize
+        if kv_bytes is not None and 0 in windows:
+            full = windows.index(0)
+            windowed = sum(
+                self.full_blocks[windows.index(w)] * layer_block_bytes for w in layer_windows if w
+            )
+            block_bytes = layer_block_bytes * layer_windows.count(0)
+            least = 2 * -(-max_step_tokens // block_size)  # a step and its filler
+            fit = (kv_bytes - windowed) // block_bytes
+            self.base_blocks[full] = min(self.full_blocks[full], max(least, fit))
+        self.pools = [
+            BlockPool(window, block_size, blocks)
+            for window, blocks in zip(windows, self.base_blocks, strict=True)
+        ]
+        self.layer_pool = [windows.index(w) for w in layer_windows]
+        self.k = [self._zeros(self.pools[p].n_blocks) for p in self.layer_pool]
+        self.v = [self._zeros(self.pools[p].n_blocks) for p in self.layer_pool]
+
+    @staticmethod
+    def bytes_needed(
+        config: ModelConfig,
+        n_slots: int,
+        context_size: int,
+        dtype: torch.dtype,
+        block_size: int = BLOCK_SIZE,
+        max_step_tokens: int = 512,
+    ) -> tuple[int, int]:
+        """(bytes at the full context, the least a budget must give: windowed pools whole and
+        the full-attention pools room for one step and its filler)."""
+        layer_windows = _windows(config)
+        windows = sorted(set(layer_windows))
+        max_blocks = -(-context_size // block_size)
+        per_slot = _blocks_per_slot(windows, max_blocks, block_size, max_step_tokens)
+        block_bytes = 2 * block_size * config.n_kv_heads * config.head_dim * dtype.itemsize
+        step_blocks = -(-max_step_tokens // block_size)
+        full = least = 0
+        for window in layer_windows:
+            slot_blocks = per_slot[windows.index(window)]
+            blocks = n_slots * slot_blocks + min(slot_blocks, step_blocks)
+            full += blocks * block_bytes
+            least += (blocks if window else min(blocks, 2 * step_blocks)) * block_bytes
+        return full, least
+
+    def _zeros(self, n_blocks: int) -> torch.Tensor:
+        shape = (n_blocks, self.block_size, *self.kv_shape)
+        if self.memory is None:
+            return torch.zeros(shape, device=self.device, dtype=self.dtype)
+        block = self.memory.allocate("kv", shape, self.dtype, name="kv pool")
+        block.zero_().wait()  # zeroed on the pool's side stream; this stream waits on its event
+        self.blocks[block.tensor.data_ptr()] = block
+        return block.tensor
+
+    def _drop(self, t: torch.Tensor) -> None:
+        block = self.blocks.pop(t.data_ptr(), None)
+        if block is not None and self.memory is not None:
+            self.memory.free(block)
+
+    def _pool_block_bytes(self, pool: int) -> int:
+        """Bytes one more block of `pool` costs across its layers (keys and values)."""
+        layers = self.layer_pool.count(pool)
+        return (
+            2
+            * layers
+            * self.block_size
+            * self.kv_shape[0]
+            * self.kv_shape[1]
+            * (self.dtype.itemsize)
         )
-        self.pools: list[BlockPool] = []
-        for window in windows:
-            per_slot = self.max_blocks
-            if window:
-                live = -(-(window - 1 + max_step_tokens) // block_size) + 1
-                per_slot = min(per_slot, max(live, -(-max_step_tokens // block_size)))
-            self.pools.append(BlockPool(slots, per_slot, block_size, window))
-        self.layer_pool = [
-            windows.index(config.sliding_window if config.is_sliding(i) else 0)
-            for i in range(config.n_layers)
-        ]
-        kv_shape = (config.n_kv_heads, config.head_dim)
-        self.k = [
-            torch.zeros(self.pools[p].n_blocks, block_size, *kv_shape, device=device, dtype=dtype)
-            for p in self.layer_pool
-        ]
-        self.v = [torch.zeros_like(k) for k in self.k]
+
+    def _resize(self, pool: int, n_blocks: int, keep: int) -> None:
+        """Reallocate `pool`'s tensors with `n_blocks` blocks, keeping the first `keep`."""
+        for i, p in enumerate(self.layer_pool):
+            if p != pool:
+                continue
+            for tensors in (self.k, self.v):
+                new = self._zeros(n_blocks)
+                new[:keep].copy_(tensors[i][:keep])
+                self._drop(tensors[i])
+                tensors[i] = new
+        self.generation += 1
+
+    def _ensure_blocks(self, chunks: Sequence[SequenceChunk]) -> None:
+        """Grow full-attention pools that lack blocks for `chunks` (at least a step's worth)."""
+        for index, pool in enumerate(self.pools):
+            if pool.window:
+                continue
+            wanted = sum(pool.missing(c.slot, c.start + len(c.tokens)) for c in chunks)
+            short = wanted - len(pool.free)
+            if short <= 0:
+                continue
+            room = self.full_blocks[index] - pool.n_blocks
+            extra = min(room, max(short, self.base_blocks[index] // 2))
+            if extra < short:
+                raise MetallicError("the KV cache is out of blocks")
+            if self.grow_hook is not None:
+                self.grow_hook(extra * self._pool_block_bytes(index))
+            keep = pool.n_blocks
+            pool.grow(extra)
+            self._resize(index, pool.n_blocks, keep)
+
+    def shrink(self) -> bool:
+        """Back to the starting size once no sequence holds blocks; True if memory was freed."""
+        if any(slot != self.scratch_slot for pool in self.pools for slot in pool.tables):
+            return False
+        freed = False
+        for index, pool in enumerate(self.pools):
+            if pool.n_blocks == self.base_blocks[index]:
+                continue
+            pool.release(self.scratch_slot)
+            self.pools[index] = BlockPool(pool.window, self.block_size, self.base_blocks[index])
+            self._resize(index, self.base_blocks[index], 0)
+            freed = True
+        return freed
 
     @property
     def nbytes(self) -> int:
@@ -248,8 +374,10 @@ class PagedKVCache(_Slots):
         if pad_to > n_tokens:
             chunks = [*chunks, SequenceChunk(self.scratch_slot, 0, [0] * (pad_to - n_tokens))]
         for chunk in chunks:
+            self.check_room(chunk.start + len(chunk.tokens))
+        self._ensure_blocks(chunks)
+        for chunk in chunks:
             end = chunk.start + len(chunk.tokens)
-            self.check_room(end)
             for pool in self.pools:
                 pool.reserve(chunk.slot, chunk.start, end)
         tables = [[pool.tables[chunk.slot] for chunk in chunks] for pool in self.pools]
@@ -272,6 +400,20 @@ class PagedKVCache(_Slots):
         return paged_attention(
             q, k_pool, v_pool, batch, table, scale, window, max_seq_len=self.context_size
         )
+
+
+def _blocks_per_slot(
+    windows: list[int], max_blocks: int, block_size: int, max_step_tokens: int
+) -> list[int]:
+    """Blocks a slot can hold at once in each pool: the whole context, or a window and a step."""
+    out = []
+    for window in windows:
+        per_slot = max_blocks
+        if window:
+            live = -(-(window - 1 + max_step_tokens) // block_size) + 1
+            per_slot = min(per_slot, max(live, -(-max_step_tokens // block_size)))
+        out.append(per_slot)
+    return out
 
 
 KVCache = ContiguousKVCache | PagedKVCache

@@ -99,7 +99,8 @@ def test_windowed_pool_holds_only_the_window(gemma_engines):
     window_pool, global_pool = (p for p in sorted(cache.pools, key=lambda p: -p.window))
     assert window_pool.window == 16 and global_pool.window == 0
     # window 16 + a 32-token step, in 16-token blocks: at most 4 live blocks a sequence
-    assert window_pool.n_blocks == 2 * 4 and global_pool.n_blocks == 2 * 8
+    # (and a 32-token step of the filler slot that pads batches)
+    assert window_pool.n_blocks == 4 + 2 and global_pool.n_blocks == 8 + 2
     slot = cache.allocate()
     held = []
     for start in range(0, 120, 8):
@@ -123,3 +124,27 @@ def test_a_hundred_runs_allocate_nothing_new(gemma_engines):
         _greedy_run(engine, [2 + run % 7, 3, 4], 2 + run % 5)
         assert [len(p.free) for p in cache.pools] == free
     assert [t.data_ptr() for t in cache.k + cache.v] == pools
+
+
+def test_pool_grows_on_demand_keeping_its_keys_and_shrinks_back(gemma_engines, monkeypatch):
+    """A budgeted cache starts with one step's blocks and grows as the sequence does: the same
+    logits as the contiguous cache, then back to its starting size once idle."""
+    contiguous, engine = gemma_engines
+    monkeypatch.setattr(engine_module, "PREFILL_CHUNK", 32)
+    full = engine.cache
+    grown = PagedKVCache(engine.config, 1, 128, torch.device("cpu"), torch.float32, 16, 32, 0)
+    engine.cache = grown
+    try:
+        global_pool = next(p for p in grown.pools if not p.window)
+        assert global_pool.n_blocks == 4  # a 32-token step and its filler
+        requests: list[int] = []
+        grown.grow_hook = requests.append  # asked before every growth, with its bytes
+        start = grown.nbytes
+        prompt = list(range(5, 105))
+        torch.testing.assert_close(engine.logits(prompt), contiguous.logits(prompt))
+        assert requests and grown.generation == len(requests)
+        assert grown.nbytes - start == sum(requests)
+        assert global_pool.n_blocks >= 105 // 16
+        assert grown.shrink() and next(p for p in grown.pools if not p.window).n_blocks == 4
+    finally:
+        engine.cache = full

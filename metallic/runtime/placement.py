@@ -1,0 +1,181 @@
+"""Where each layer's weights live, within a device memory budget, and how that changes.
+
+A plan puts every non-layer weight (embedding, output, norms) on the device and each layer either
+on the device or on the host, streamed one layer ahead (`runtime.streaming`). `--gpu-layers N`
+keeps the first N layers; `--gpu-memory BYTES` keeps as many as fit beside the streaming slots,
+the activation reserve and a minimal KV cache. Weights come first: the KV cache starts with what
+is left and grows on demand, and when it would pass the budget the residency policy moves the
+coldest layers to the host (and back when the demand falls).
+
+Every layer is read once per step, so none is colder by use: the coldest are the last layers,
+the order in which llama.cpp's --n-gpu-layers leaves layers on the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from metallic.errors import MetallicError
+
+MiB = 1 << 20
+
+
+class BudgetTooSmall(MetallicError):
+    """The device budget cannot hold the minimum the model needs."""
+
+
+def parse_bytes(text: str) -> int:
+    """'2G', '1500M', '512MiB', '3e9' -> bytes (binary units: 1G = 1024**3)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    suffix = value[-1:] if value[-1:] in units else ""
+    try:
+        number = float(value[: len(value) - len(suffix)])
+    except ValueError:
+        raise MetallicError(f"cannot read {text!r} as a size (examples: 2G, 1500M)") from None
+    if number <= 0:
+        raise MetallicError(f"a memory size must be positive, got {text!r}")
+    return int(number * units[suffix])
+
+
+def stream_slot_bytes(host_layer_bytes: list[int]) -> int:
+    """Device bytes of the streaming slots for these host layers (two, double-buffered)."""
+    return min(2, len(host_layer_bytes)) * max(host_layer_bytes, default=0)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    on_device: tuple[bool, ...]  # per layer
+    layer_bytes: tuple[int, ...]
+    fixed_bytes: int  # embedding, output, norms: always on the device
+    kv_bytes: int  # the KV cache's starting size
+    reserve_bytes: int  # activations and prefill scratch
+    budget: int | None
+
+    @property
+    def host_layers(self) -> list[int]:
+        return [i for i, here in enumerate(self.on_device) if not here]
+
+    @property
+    def stream_bytes(self) -> int:
+        return stream_slot_bytes([self.layer_bytes[i] for i in self.host_layers])
+
+    @property
+    def weight_bytes(self) -> int:
+        """Device bytes of weights: fixed, resident layers and the streaming slots."""
+        resident = sum(b for b, here in zip(self.layer_bytes, self.on_device, strict=True) if here)
+        return self.fixed_bytes + resident + self.stream_bytes
+
+    def describe(self) -> str:
+        n = len(self.on_device)
+        text = f"{n - len(self.host_layers)}/{n} layers on the device"
+        if self.host_layers:
+            text += f", {len(self.host_layers)} streamed from the host"
+        if self.budget is not None:
+            used = self.weight_bytes + self.kv_bytes + self.reserve_bytes
+            text += f" ({used / MiB:.0f} of {self.budget / MiB:.0f} MiB budget)"
+        return text
+
+
+def plan_memory(
+    layer_bytes: list[int],
+    fixed_bytes: int,
+    kv_bytes: int,
+    min_kv_bytes: int,
+    reserve_bytes: int,
+    *,
+    budget: int | None = None,
+    gpu_layers: int | None = None,
+) -> MemoryPlan:
+    """Choose the resident layers. Without a budget the KV cache gets its full size; with one,
+    the KV cache gets what the weights leave (at least `min_kv_bytes`, at most `kv_bytes`)."""
+    n = len(layer_bytes)
+    if gpu_layers is not None and gpu_layers < 0:
+        raise MetallicError(f"--gpu-layers must be 0 or more, got {gpu_layers}")
+
+    def plan(resident: int, kv: int) -> MemoryPlan:
+        on_device = tuple(i < resident for i in range(n))
+        return MemoryPlan(on_device, tuple(layer_bytes), fixed_bytes, kv, reserve_bytes, budget)
+
+    if budget is None:
+        return plan(n if gpu_layers is None else min(gpu_layers, n), kv_bytes)
+    most = n if gpu_layers is None else min(gpu_layers, n)
+    for resident in range(most, -1, -1):
+        candidate = plan(resident, 0)
+        left = budget - candidate.weight_bytes - reserve_bytes
+        if left >= min_kv_bytes:
+            return plan(resident, min(kv_bytes, left))
+        if gpu_layers is not None:
+            break
+    needed = plan(0 if gpu_layers is None else most, 0).weight_bytes + reserve_bytes
+    raise BudgetTooSmall(
+        f"a device budget of {budget / MiB:.0f} MiB is too small: this model needs at least "
+        f"{(needed + min_kv_bytes) / MiB:.0f} MiB"
+        + (f" with {most} layers on the device" if gpu_layers is not None else "")
+        + " (non-layer weights, streaming slots, activations and a minimal KV cache)"
+    )
+
+
+class KVBudgetExceeded(MetallicError):
+    """The KV cache needs more than the budget can give, with every layer already streamed."""
+
+
+class ResidencyPolicy:
+    """Decides which layers leave the device when the KV cache must grow, and which return when
+    it shrinks; the engine carries the moves out and reports them."""
+
+    def __init__(self, plan: MemoryPlan) -> None:
+        if plan.budget is None:
+            raise ValueError("a residency policy needs a budget")
+        self.budget = plan.budget
+        self.layer_bytes = list(plan.layer_bytes)
+        self.fixed_bytes = plan.fixed_bytes
+        self.reserve_bytes = plan.reserve_bytes
+        self.host = set(plan.host_layers)
+        self.planned_host = set(plan.host_layers)
+        self.evictions = 0
+        self.restores = 0
+
+    def weight_bytes(self, host: set[int]) -> int:
+        resident = sum(b for i, b in enumerate(self.layer_bytes) if i not in host)
+        return self.fixed_bytes + resident + stream_slot_bytes([self.layer_bytes[i] for i in host])
+
+    def room(self, kv_bytes: int) -> int:
+        """Bytes the budget has left beside the weights, the reserve and `kv_bytes` of KV."""
+        return self.budget - self.weight_bytes(self.host) - self.reserve_bytes - kv_bytes
+
+    def make_room(self, kv_bytes: int, extra: int) -> list[int]:
+        """Layers to move to the host (coldest first) so the KV cache can grow from `kv_bytes`
+        by `extra`; raises KVBudgetExceeded when even streaming every layer is not enough."""
+        host = set(self.host)
+        moved: list[int] = []
+        for layer in sorted(set(range(len(self.layer_bytes))) - host, reverse=True):
+            if self.budget - self.weight_bytes(host) - self.reserve_bytes >= kv_bytes + extra:
+                break
+            host.add(layer)
+            moved.append(layer)
+        if self.budget - self.weight_bytes(host) - self.reserve_bytes < kv_bytes + extra:
+            raise KVBudgetExceeded(
+                f"the KV cache needs {(kv_bytes + extra) / MiB:.0f} MiB but a device budget of "
+                f"{self.budget / MiB:.0f} MiB leaves it at most "
+                f"{(self.budget - self.weight_bytes(host) - self.reserve_bytes) / MiB:.0f} MiB"
+                " (raise --gpu-memory or lower --ctx-size)"
+            )
+        self.host |= set(moved)
+        self.evictions += len(moved)
+        return moved
+
+    def restorable(self, kv_bytes: int) -> list[int]:
+        """Layers moved out earlier that fit back now that the KV cache holds `kv_bytes`
+        (the warmest first), never past the plan made at load."""
+        back: list[int] = []
+        host = set(self.host)
+        for layer in sorted(host - self.planned_host):
+            trial = host - {layer}
+            if self.budget - self.weight_bytes(trial) - self.reserve_bytes < kv_bytes:
+                break
+            host = trial
+            back.append(layer)
+        self.host = host
+        self.restores += len(back)
+        return back
