@@ -151,3 +151,11 @@ def test_chat_answers_each_turn():
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stdout.count("\n") >= 2 and result.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    ("size", "words"), [("100M", ("too small", "at least")), ("lots", ("cannot read", "2G"))]
+)
+def test_bad_memory_budget_is_one_line(size, words):
+    result = metallic("run", "-p", "hi", "-n", "2", "--device", "cpu", "--gpu-memory", size)
+    assert_one_line_error(result, *words)
