@@ -5,6 +5,9 @@ cost (tens of microseconds each through Triton's launcher), which dominates smal
 graph per step shape (tokens, sequences): decode steps of each batch size, and prompt chunks
 padded to a few bucket sizes. Its input is a static `StepBatch` refreshed by one device copy,
 its output a static logits tensor that the caller reads before the next replay.
+
+With METALLIC_DEBUG=1 every replay is preceded by a check (lifetime.py) that the static batch's
+tensors and the output are alive at the addresses the graph captured.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from metallic.runtime.batch import StepBatch
+from metallic.runtime.lifetime import GraphGuard, debug_enabled
 
 Step = Callable[[StepBatch], torch.Tensor]
 
@@ -26,13 +30,18 @@ class StepGraphs:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, StepBatch, torch.Tensor]]
         self.graphs = {}
         self.pool: tuple[int, int] | None = None  # one memory pool shared by every graph
+        self.guards: dict[tuple[int, int], GraphGuard] | None = {} if debug_enabled() else None
 
     def run(self, batch: StepBatch) -> torch.Tensor:
         """The step's output for `batch` (valid until the next call)."""
         key = (batch.n_tokens, len(batch.chunks))
         if key not in self.graphs:
             self.graphs[key] = self._capture(batch)
+            if self.guards is not None:
+                self.guards[key] = GraphGuard(graph_tensors(key, *self.graphs[key][1:]))
         graph, static, out = self.graphs[key]
+        if self.guards is not None:
+            self.guards[key].check()
         static.load(batch)
         graph.replay()
         return out
@@ -52,3 +61,14 @@ class StepGraphs:
             out = self.step(static)
         self.pool = graph.pool()
         return graph, static, out
+
+
+def graph_tensors(
+    key: tuple[int, int], static: StepBatch, out: torch.Tensor
+) -> list[tuple[str, torch.Tensor]]:
+    """The tensors a graph of shape `key` uses by address, named for errors."""
+    name = f"graph {key[0]}x{key[1]}"
+    fields = ["packed", "tokens", "positions", "seq_lens", "cu_seqlens_q", "last_rows"]
+    tensors = [(f"{name} input {field}", getattr(static, field)) for field in fields]
+    tensors += [(f"{name} input block_tables[{i}]", t) for i, t in enumerate(static.block_tables)]
+    return [*tensors, (f"{name} output", out)]
