@@ -83,21 +83,14 @@ def run(label: str, path: Path, prompt: list[int], reference: list[int] | None, 
     tokens = greedy(engine, prompt[:64], 32)
     row: dict = {"config": label, "load_s": load_s, **measure(engine, prompt)}
     peak_run = torch.cuda.max_memory_allocated()
-    # What one prefill step needs beyond what is held (the plan's reserve must cover it).
-    held = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    list(engine.generate_tokens(prompt, SamplingParams(temperature=0.0, max_tokens=1)))
     stats = engine.stats()
+    place = stats["placement"]
     row |= {
         "after_load": after_load,
-        "held_after_runs": held,
-        "step_transient": torch.cuda.max_memory_allocated() - held,
+        "held_after_runs": torch.cuda.memory_allocated(),  # weights, KV and the graphs' pools
         "weight_bytes": stats["weight_bytes"],
         "kv_bytes": stats["kv_cache_bytes"],
         "reserve_bytes": engine.plan.reserve_bytes if engine.plan else None,
-    }
-    place = engine.stats()["placement"]
-    row |= {
         "peak_load": peak_load,
         "peak_run": peak_run,
         "peak_allocated": max(peak_run, peak_load),
@@ -184,8 +177,7 @@ def main() -> int:
             f"{r['config']}: after load {r['after_load'] / 2**20:.0f} MiB (weights "
             f"{r['weight_bytes'] / 2**20:.0f}, KV {r['kv_bytes'] / 2**20:.0f}), peak at load "
             f"{r['peak_load'] / 2**20:.0f}, peak running {r['peak_run'] / 2**20:.0f}, "
-            f"held after runs {r['held_after_runs'] / 2**20:.0f}, "
-            f"prefill transient {r['step_transient'] / 2**20:.0f} MiB, plan reserve "
+            f"held after runs {r['held_after_runs'] / 2**20:.0f} MiB, plan reserve "
             f"{(r['reserve_bytes'] or 0) / 2**20:.0f} MiB"
         )
     print(

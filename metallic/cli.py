@@ -224,7 +224,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if place["layers_streamed"]:
             streamed = (
                 f"; {place['layers_streamed']} layers streamed from the host "
-                f"({place['bytes_streamed'] / 2**30:.1f} GiB copied)"
+                f"({place['host_bytes'] / 2**20:.0f} MiB copied per step)"
             )
         if "evictions" in place:
             streamed += f"; residency moves out/back {place['evictions']}/{place['restores']}"

@@ -25,12 +25,11 @@ from metallic.models.transformer import Transformer, step_memory_bound
 from metallic.models.weights import (
     LayerWeights,
     ModelWeights,
+    Part,
     estimate_bytes,
     formats,
-    layer_tensors,
     load_weights,
-    model_tensors,
-    with_model_tensors,
+    tensors_of,
     with_tensors,
 )
 from metallic.ops.dispatch import use_kernels
@@ -137,7 +136,7 @@ class Engine:
         # is one block of its bytes packed together, so nothing pays the allocator's rounding.
         pooled = kernels or plan is not None
         self.memory = MemoryPool(self.device, arena_bytes=ARENA_BYTES) if pooled else None
-        self.layer_blocks: dict[int, Block] = {}
+        self.blocks: dict[str, Block] = {}  # the weights' pool blocks, by part name
         self.slot_blocks: list[Block] = []
         weights = load_weights(
             self.gguf,
@@ -195,36 +194,29 @@ class Engine:
         return block, pack(tensors, self.device, out=block.tensor).tensors()
 
     def _adopt(self, name: str, part: ModelWeights | LayerWeights) -> object:
-        """Each part of the model as it loads: device parts move into pool blocks."""
+        """Each part of the model as it loads: device parts move into pool blocks (host layers
+        are packed into pinned memory once the model exists)."""
         if self.memory is None:
             return part
-        if isinstance(part, ModelWeights):
-            _, views = self._to_pool(model_tensors(part), name, formats(part))
-            return with_model_tensors(part, views)
-        i = int(name.split(".")[1])
-        if self.plan is not None and not self.plan.on_device[i]:
-            return part  # packed into pinned host memory once the model exists
-        layers = [part]
-        self._pool_layer(layers, i, layer_tensors(part), index=0)
-        return layers[0]
+        layer = int(name.split(".")[1]) if isinstance(part, LayerWeights) else None
+        if layer is not None and self.plan is not None and not self.plan.on_device[layer]:
+            return part
+        return self._to_pool(part, name)
 
-    def _pool_layer(
-        self,
-        layers: list[LayerWeights],
-        i: int,
-        tensors: list[torch.Tensor],
-        index: int | None = None,
-    ) -> None:
-        """Layer i's `tensors` (wherever they are) into a pool block that `layers[index]`
-        (default: `layers[i]`) then reads."""
-        at = i if index is None else index
-        block, views = self._to_pool(tensors, f"blk.{i}", formats(layers[at]))
-        self.layer_blocks[i] = block
-        layers[at] = with_tensors(layers[at], views)
+    def _to_pool(self, part: Part, name: str, tensors: list[torch.Tensor] | None = None) -> Part:
+        """`part` reading its `tensors` (default: its own) from one new pool block."""
+        assert self.memory is not None
+        tensors = tensors_of(part) if tensors is None else tensors
+        size = packed_size(tensors)
+        block = self.memory.allocate(
+            "weights", (size,), torch.uint8, quant=formats(part), name=name
+        )
+        self.blocks[name] = block
+        return with_tensors(part, pack(tensors, self.device, out=block.tensor).tensors())
 
     def _pack_host(self, layer: int) -> PackedLayer:
         """Layer `layer`'s tensors in one host buffer (pinned for asynchronous copies)."""
-        tensors = layer_tensors(self.model.weights.layers[layer])
+        tensors = tensors_of(self.model.weights.layers[layer])
         return pack(tensors, torch.device("cpu"), pin=self.device.type == "cuda")
 
     def _slot(self, n_bytes: int, name: str) -> torch.Tensor:
@@ -258,11 +250,12 @@ class Engine:
             if to_host:
                 self.host_layers[i] = self._pack_host(i)
             else:
-                self._pool_layer(layers, i, self.host_layers.pop(i).tensors())
+                host = self.host_layers.pop(i)
+                layers[i] = self._to_pool(layers[i], f"blk.{i}", host.tensors())
         self._install_streamer()
         if to_host and self.memory is not None:
             for i in moved:  # nothing reads these blocks now: the layers point at their slots
-                self.memory.free(self.layer_blocks.pop(i))
+                self.memory.free(self.blocks.pop(f"blk.{i}"))
         if self.memory is not None:
             self.memory.trim()  # empty arenas go back to the device for the KV cache
         self.layer_moves += len(moved)
@@ -309,13 +302,11 @@ class Engine:
         kv_pools = self.cache.stats() if isinstance(self.cache, PagedKVCache) else []
         streamer = self.model.streamer
         host_bytes = sum(layer.nbytes for layer in self.host_layers.values())
-        stream_bytes = streamer.device_bytes if streamer else 0
         placement = {
             "layers_on_device": self.config.n_layers - len(self.host_layers),
             "layers_streamed": len(self.host_layers),
-            "host_bytes": host_bytes,
-            "stream_slot_bytes": stream_bytes,
-            "bytes_streamed": streamer.bytes_streamed if streamer else 0,
+            "host_bytes": host_bytes,  # also what every step copies to the device
+            "stream_slot_bytes": streamer.device_bytes if streamer else 0,
         }
         if self.residency is not None:
             placement |= {
@@ -326,7 +317,7 @@ class Engine:
         return {
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
-            "weight_bytes": self.model.weights.nbytes - host_bytes + stream_bytes,
+            "weight_bytes": self._device_weight_bytes(),
             "kv_cache_bytes": self.cache.nbytes,
             "kv_pools": kv_pools,
             "placement": placement,
@@ -334,6 +325,13 @@ class Engine:
             "staging": self.staging.stats(),
             "last_run": vars(self.last_stats),
         }
+
+    def _device_weight_bytes(self) -> int:
+        """Weights held on the device: the pool's weight blocks (resident parts and streaming
+        slots) when there is a pool, else every tensor of the model."""
+        if self.memory is None:
+            return self.model.weights.nbytes
+        return self.memory.stats()["kinds"]["weights"]["current_bytes"]
 
     def encode_prompt(self, prompt: str | list[int], *, truncate: bool = False) -> list[int]:
         ids = (

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from gguf import GGMLQuantizationType
@@ -58,70 +58,67 @@ class ModelWeights:
         return sum(w.nbytes for w in linears) + sum(_size(v) for v in vectors)
 
 
-def layer_tensors(layer: LayerWeights) -> list[torch.Tensor]:
-    """Every tensor the layer holds, in a fixed order (`with_tensors` takes them back)."""
+Part = TypeVar("Part", LayerWeights, ModelWeights)
+
+
+def tensors_of(part: LayerWeights | ModelWeights) -> list[torch.Tensor]:
+    """Every tensor a layer holds (or the non-layer weights: embedding, output, norms), in a
+    fixed order that `with_tensors` takes back; a tied matrix counts once."""
     found: list[torch.Tensor] = []
 
     def record(t: torch.Tensor) -> torch.Tensor:
         found.append(t)
         return t
 
-    _map_tensors(layer, record)
+    _map_tensors(part, record)
     return found
 
 
-def model_tensors(weights: ModelWeights) -> list[torch.Tensor]:
-    """The non-layer tensors (embedding, output, norms), in `with_model_tensors` order."""
-    return layer_tensors(weights)  # type: ignore[arg-type]  # the layer list is skipped
+def with_tensors(part: Part, tensors: list[torch.Tensor]) -> Part:
+    """`part` with its tensors replaced, in `tensors_of` order, by `tensors` (views of the same
+    values elsewhere: a memory-pool block, a streaming slot, or a host buffer)."""
+    supply = iter(tensors)
+    return _map_tensors(part, lambda _: next(supply))
 
 
-def with_model_tensors(weights: ModelWeights, tensors: list[torch.Tensor]) -> ModelWeights:
-    """The weights with their non-layer tensors replaced (a tied embedding stays tied)."""
-    out = with_tensors(weights, tensors)  # type: ignore[arg-type]
-    if weights.embedding is weights.output:
-        out.embedding = out.output  # type: ignore[attr-defined]
-    return out  # type: ignore[return-value]
-
-
-def formats(layer: LayerWeights | ModelWeights) -> str:
+def formats(part: LayerWeights | ModelWeights) -> str:
     """The ggml formats of its matrices, for the memory pool's records."""
     names = {
         t.name
-        for f in fields(layer)
-        if isinstance(value := getattr(layer, f.name), LinearWeight)
+        for f in fields(part)
+        if isinstance(value := getattr(part, f.name), LinearWeight)
         for t in value.ggml_types
     }
     return "+".join(sorted(names))
 
 
-def with_tensors(layer: LayerWeights, tensors: list[torch.Tensor]) -> LayerWeights:
-    """The layer with its tensors replaced, in `layer_tensors` order, by `tensors` (views of the
-    same values elsewhere: a layer streamed from the host, or one moved back to the device)."""
-    supply = iter(tensors)
-    return _map_tensors(layer, lambda _: next(supply))
+def _map_tensors(part: Part, fn: Callable[[torch.Tensor], torch.Tensor]) -> Part:
+    """`part` rebuilt with `fn` applied to each tensor; the layer list of ModelWeights is left
+    as it is, and a matrix held twice (a tied embedding) is mapped once and stays shared."""
 
-
-def _map_tensors(layer: LayerWeights, fn: Callable[[torch.Tensor], torch.Tensor]) -> LayerWeights:
     def swap(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else fn(t)
 
+    mapped: dict[int, LinearWeight] = {}
     changes: dict[str, object] = {}
-    for f in fields(layer):
-        value = getattr(layer, f.name)
-        if isinstance(value, list):  # ModelWeights.layers: mapped one layer at a time
+    for f in fields(part):
+        value = getattr(part, f.name)
+        if isinstance(value, list):
             continue
-        if isinstance(value, LinearWeight):
+        if not isinstance(value, LinearWeight):
+            changes[f.name] = swap(value)
+            continue
+        if id(value) not in mapped:
             native = value.native
             if native is not None:
                 native = tuple(
                     replace(p, planes=tuple(fn(plane) for plane in p.planes)) for p in native
                 )
-            changes[f.name] = replace(
+            mapped[id(value)] = replace(
                 value, dense=swap(value.dense), native=native, bias=swap(value.bias)
             )
-        else:
-            changes[f.name] = swap(value)
-    return replace(layer, **changes)  # type: ignore[arg-type]
+        changes[f.name] = mapped[id(value)]
+    return replace(part, **changes)
 
 
 def _linears(layer: LayerWeights) -> list[LinearWeight]:
@@ -241,19 +238,6 @@ def _kernel_types() -> tuple[GGMLQuantizationType, ...]:
     return KERNEL_TYPES
 
 
-def _layer_tensor_names(config: ModelConfig, i: int) -> list[str]:
-    c, p = config, f"blk.{i}."
-    names = [p + n for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up")]
-    names += [p + "ffn_down", p + "attn_norm", p + "ffn_norm"]
-    if c.qkv_bias:
-        names += [p + f"attn_{kind}.bias" for kind in "qkv"]
-    if c.qk_norm:
-        names += [p + "attn_q_norm", p + "attn_k_norm"]
-    if c.sandwich_norms:
-        names += [p + "post_attention_norm", p + "post_ffw_norm"]
-    return [n if n.endswith(".bias") else n + ".weight" for n in names]
-
-
 def estimate_bytes(
     gguf: GGUFFile, config: ModelConfig, dtype: torch.dtype, native: bool
 ) -> tuple[int, list[int]]:
@@ -269,10 +253,14 @@ def estimate_bytes(
             return info.n_bytes
         return info.shape[0] * info.shape[1] * dtype.itemsize
 
-    layers = [sum(size(n) for n in _layer_tensor_names(config, i)) for i in range(config.n_layers)]
-    fixed = ["token_embd.weight", "output_norm.weight"]
-    fixed += [n for n in ("output.weight", "rope_freqs.weight") if n in gguf.tensors]
-    return sum(size(n) for n in fixed), layers
+    layers = [0] * config.n_layers
+    fixed = 0
+    for name in gguf.tensors:
+        if not name.startswith("blk."):
+            fixed += size(name)
+        elif (i := int(name.split(".")[1])) < config.n_layers:  # others are never loaded
+            layers[i] += size(name)
+    return fixed, layers
 
 
 def load_weights(

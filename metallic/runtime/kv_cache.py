@@ -219,22 +219,18 @@ class PagedKVCache(_Slots):
         self.grow_hook: Callable[[int], None] | None = None  # called with bytes before growing
         self.generation = 0  # bumped whenever a pool tensor is reallocated (graphs recapture)
         self.kv_shape = (config.n_kv_heads, config.head_dim)
-        layer_windows = _windows(config)
-        windows = sorted(set(layer_windows))
-        per_slot = _blocks_per_slot(windows, self.max_blocks, block_size, max_step_tokens)
-        # At the full context: every slot's blocks, and a step's for the filler of padded batches.
-        step_blocks = -(-max_step_tokens // block_size)
-        self.full_blocks = [n_slots * blocks + min(blocks, step_blocks) for blocks in per_slot]
+        layer_windows, windows, self.full_blocks = _pool_sizes(
+            config, n_slots, context_size, block_size, max_step_tokens
+        )
         self.base_blocks = list(self.full_blocks)  # what each pool starts with and shrinks to
-        layer_block_bytes = 2 * block_size * config.n_kv_heads * config.head_dim * dtype.itemsize
+        self.layer_block_bytes = _layer_block_bytes(config, block_size, dtype)
         if kv_bytes is not None and 0 in windows:
             full = windows.index(0)
-            windowed = sum(
-                self.full_blocks[windows.index(w)] * layer_block_bytes for w in layer_windows if w
+            windowed = sum(self.full_blocks[windows.index(w)] for w in layer_windows if w)
+            fit = (kv_bytes - windowed * self.layer_block_bytes) // (
+                self.layer_block_bytes * layer_windows.count(0)
             )
-            block_bytes = layer_block_bytes * layer_windows.count(0)
-            least = 2 * -(-max_step_tokens // block_size)  # a step and its filler
-            fit = (kv_bytes - windowed) // block_bytes
+            least = _least_full_blocks(block_size, max_step_tokens)
             self.base_blocks[full] = min(self.full_blocks[full], max(least, fit))
         self.pools = [
             BlockPool(window, block_size, blocks)
@@ -255,18 +251,16 @@ class PagedKVCache(_Slots):
     ) -> tuple[int, int]:
         """(bytes at the full context, the least a budget must give: windowed pools whole and
         the full-attention pools room for one step and its filler)."""
-        layer_windows = _windows(config)
-        windows = sorted(set(layer_windows))
-        max_blocks = -(-context_size // block_size)
-        per_slot = _blocks_per_slot(windows, max_blocks, block_size, max_step_tokens)
-        block_bytes = 2 * block_size * config.n_kv_heads * config.head_dim * dtype.itemsize
-        step_blocks = -(-max_step_tokens // block_size)
+        layer_windows, windows, full_blocks = _pool_sizes(
+            config, n_slots, context_size, block_size, max_step_tokens
+        )
+        block_bytes = _layer_block_bytes(config, block_size, dtype)
+        least_full = _least_full_blocks(block_size, max_step_tokens)
         full = least = 0
         for window in layer_windows:
-            slot_blocks = per_slot[windows.index(window)]
-            blocks = n_slots * slot_blocks + min(slot_blocks, step_blocks)
+            blocks = full_blocks[windows.index(window)]
             full += blocks * block_bytes
-            least += (blocks if window else min(blocks, 2 * step_blocks)) * block_bytes
+            least += (blocks if window else min(blocks, least_full)) * block_bytes
         return full, least
 
     def _zeros(self, n_blocks: int) -> torch.Tensor:
@@ -285,15 +279,7 @@ class PagedKVCache(_Slots):
 
     def _pool_block_bytes(self, pool: int) -> int:
         """Bytes one more block of `pool` costs across its layers (keys and values)."""
-        layers = self.layer_pool.count(pool)
-        return (
-            2
-            * layers
-            * self.block_size
-            * self.kv_shape[0]
-            * self.kv_shape[1]
-            * (self.dtype.itemsize)
-        )
+        return self.layer_pool.count(pool) * self.layer_block_bytes
 
     def _resize(self, pool: int, n_blocks: int, keep: int) -> None:
         """Reallocate `pool`'s tensors with `n_blocks` blocks, keeping the first `keep`."""
@@ -334,7 +320,6 @@ class PagedKVCache(_Slots):
         for index, pool in enumerate(self.pools):
             if pool.n_blocks == self.base_blocks[index]:
                 continue
-            pool.release(self.scratch_slot)
             self.pools[index] = BlockPool(pool.window, self.block_size, self.base_blocks[index])
             self._resize(index, self.base_blocks[index], 0)
             freed = True
@@ -402,18 +387,34 @@ class PagedKVCache(_Slots):
         )
 
 
-def _blocks_per_slot(
-    windows: list[int], max_blocks: int, block_size: int, max_step_tokens: int
-) -> list[int]:
-    """Blocks a slot can hold at once in each pool: the whole context, or a window and a step."""
-    out = []
+def _pool_sizes(
+    config: ModelConfig, n_slots: int, context_size: int, block_size: int, max_step_tokens: int
+) -> tuple[list[int], list[int], list[int]]:
+    """(each layer's window, the distinct windows: one block pool each, each pool's blocks at
+    the full context). A slot holds the whole context, or a window and a step; the filler slot
+    of padded batches at most one step."""
+    layer_windows = _windows(config)
+    windows = sorted(set(layer_windows))
+    max_blocks = -(-context_size // block_size)
+    step_blocks = -(-max_step_tokens // block_size)
+    full_blocks = []
     for window in windows:
         per_slot = max_blocks
         if window:
             live = -(-(window - 1 + max_step_tokens) // block_size) + 1
-            per_slot = min(per_slot, max(live, -(-max_step_tokens // block_size)))
-        out.append(per_slot)
-    return out
+            per_slot = min(per_slot, max(live, step_blocks))
+        full_blocks.append(n_slots * per_slot + min(per_slot, step_blocks))
+    return layer_windows, windows, full_blocks
+
+
+def _least_full_blocks(block_size: int, max_step_tokens: int) -> int:
+    """The fewest blocks a full-attention pool can run with: one step and its filler."""
+    return 2 * -(-max_step_tokens // block_size)
+
+
+def _layer_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one block in one layer: keys and values."""
+    return 2 * block_size * config.n_kv_heads * config.head_dim * dtype.itemsize
 
 
 KVCache = ContiguousKVCache | PagedKVCache

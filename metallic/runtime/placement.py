@@ -13,6 +13,7 @@ the order in which llama.cpp's --n-gpu-layers leaves layers on the host.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from metallic.errors import MetallicError
@@ -43,6 +44,13 @@ def stream_slot_bytes(host_layer_bytes: list[int]) -> int:
     return min(2, len(host_layer_bytes)) * max(host_layer_bytes, default=0)
 
 
+def device_weight_bytes(layer_bytes: Sequence[int], fixed_bytes: int, host: set[int]) -> int:
+    """Device bytes of weights with the `host` layers streamed: the non-layer weights, the
+    resident layers and the streaming slots."""
+    resident = sum(b for i, b in enumerate(layer_bytes) if i not in host)
+    return fixed_bytes + resident + stream_slot_bytes([layer_bytes[i] for i in host])
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     on_device: tuple[bool, ...]  # per layer
@@ -63,8 +71,7 @@ class MemoryPlan:
     @property
     def weight_bytes(self) -> int:
         """Device bytes of weights: fixed, resident layers and the streaming slots."""
-        resident = sum(b for b, here in zip(self.layer_bytes, self.on_device, strict=True) if here)
-        return self.fixed_bytes + resident + self.stream_bytes
+        return device_weight_bytes(self.layer_bytes, self.fixed_bytes, set(self.host_layers))
 
     def describe(self) -> str:
         n = len(self.on_device)
@@ -127,41 +134,39 @@ class ResidencyPolicy:
     def __init__(self, plan: MemoryPlan) -> None:
         if plan.budget is None:
             raise ValueError("a residency policy needs a budget")
+        self.plan = plan
         self.budget = plan.budget
-        self.layer_bytes = list(plan.layer_bytes)
-        self.fixed_bytes = plan.fixed_bytes
-        self.reserve_bytes = plan.reserve_bytes
         self.host = set(plan.host_layers)
-        self.planned_host = set(plan.host_layers)
         self.evictions = 0
         self.restores = 0
 
-    def weight_bytes(self, host: set[int]) -> int:
-        resident = sum(b for i, b in enumerate(self.layer_bytes) if i not in host)
-        return self.fixed_bytes + resident + stream_slot_bytes([self.layer_bytes[i] for i in host])
+    def _kv_room(self, host: set[int]) -> int:
+        """What the budget leaves the KV cache with the `host` layers streamed."""
+        weights = device_weight_bytes(self.plan.layer_bytes, self.plan.fixed_bytes, host)
+        return self.budget - weights - self.plan.reserve_bytes
 
     def room(self, kv_bytes: int) -> int:
         """Bytes the budget has left beside the weights, the reserve and `kv_bytes` of KV."""
-        return self.budget - self.weight_bytes(self.host) - self.reserve_bytes - kv_bytes
+        return self._kv_room(self.host) - kv_bytes
 
     def make_room(self, kv_bytes: int, extra: int) -> list[int]:
         """Layers to move to the host (coldest first) so the KV cache can grow from `kv_bytes`
         by `extra`; raises KVBudgetExceeded when even streaming every layer is not enough."""
+        need = kv_bytes + extra
         host = set(self.host)
         moved: list[int] = []
-        for layer in sorted(set(range(len(self.layer_bytes))) - host, reverse=True):
-            if self.budget - self.weight_bytes(host) - self.reserve_bytes >= kv_bytes + extra:
+        for layer in sorted(set(range(len(self.plan.layer_bytes))) - host, reverse=True):
+            if self._kv_room(host) >= need:
                 break
             host.add(layer)
             moved.append(layer)
-        if self.budget - self.weight_bytes(host) - self.reserve_bytes < kv_bytes + extra:
+        if self._kv_room(host) < need:
             raise KVBudgetExceeded(
-                f"the KV cache needs {(kv_bytes + extra) / MiB:.0f} MiB but a device budget of "
-                f"{self.budget / MiB:.0f} MiB leaves it at most "
-                f"{(self.budget - self.weight_bytes(host) - self.reserve_bytes) / MiB:.0f} MiB"
-                " (raise --gpu-memory or lower --ctx-size)"
+                f"the KV cache needs {need / MiB:.0f} MiB but a device budget of "
+                f"{self.budget / MiB:.0f} MiB leaves it at most {self._kv_room(host) / MiB:.0f}"
+                " MiB (raise --gpu-memory or lower --ctx-size)"
             )
-        self.host |= set(moved)
+        self.host = host
         self.evictions += len(moved)
         return moved
 
@@ -169,13 +174,10 @@ class ResidencyPolicy:
         """Layers moved out earlier that fit back now that the KV cache holds `kv_bytes`
         (the warmest first), never past the plan made at load."""
         back: list[int] = []
-        host = set(self.host)
-        for layer in sorted(host - self.planned_host):
-            trial = host - {layer}
-            if self.budget - self.weight_bytes(trial) - self.reserve_bytes < kv_bytes:
+        for layer in sorted(self.host - set(self.plan.host_layers)):
+            if self._kv_room(self.host - {layer}) < kv_bytes:
                 break
-            host = trial
+            self.host.discard(layer)
             back.append(layer)
-        self.host = host
         self.restores += len(back)
         return back

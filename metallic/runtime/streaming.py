@@ -13,6 +13,7 @@ one storage that overlap are merged, and every view keeps its offset inside its 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,43 +44,31 @@ def pack_layout(
 ) -> tuple[list[_View], list[tuple[int, int, int, int]], int]:
     """Views of `tensors` in one buffer, the spans to copy (index of a tensor in the span's
     storage, first byte, end byte, buffer offset) and the buffer size. Overlapping spans of one
-    storage merge."""
-    spans: dict[int, list[list[int]]] = {}  # storage -> merged [first, end, owner index]
+    storage merge into one copy."""
+    by_storage: dict[int, list[tuple[int, int, int]]] = {}
     for index, t in enumerate(tensors):
         storage, first, end = _byte_span(t)
-        merged = spans.setdefault(storage, [])
-        merged.append([first, end, index])
-    placed: dict[tuple[int, int], int] = {}  # (storage, span first) -> buffer offset
-    copies: list[tuple[int, int, int, int]] = []
-    cursor = 0
-    span_of: dict[int, tuple[int, int]] = {}
-    for storage, ranges in spans.items():
-        ranges.sort()
-        groups: list[list[int]] = []
-        for first, end, index in ranges:
-            if groups and first < groups[-1][1]:
-                groups[-1][1] = max(groups[-1][1], end)
-            else:
-                groups.append([first, end, index])
-            span_of[index] = (storage, groups[-1][0])
-        for first, end, index in groups:
-            # Same residue mod 16 as the source: every dtype's alignment survives the move.
-            cursor = -(-cursor // ALIGN) * ALIGN + first % 16
-            placed[(storage, first)] = cursor
-            copies.append((index, first, end, cursor))
-            cursor += end - first
-    views = []
-    for index, t in enumerate(tensors):
-        storage, span_first = span_of[index]
-        start = placed[(storage, span_first)] + _byte_span(t)[1] - span_first
-        views.append(_View(start, t.dtype, tuple(t.shape)))
-    return views, copies, cursor
+        by_storage.setdefault(storage, []).append((first, end, index))
+    views: dict[int, _View] = {}
+    spans: list[list[int]] = []  # [tensor index, first byte, end byte, buffer offset]
+    size = 0
+    for ranges in by_storage.values():
+        span: list[int] | None = None
+        for first, end, index in sorted(ranges):
+            if span is None or first >= span[2]:
+                # Same residue mod 16 as the source: every dtype's alignment survives the move.
+                span = [index, first, end, -(-size // ALIGN) * ALIGN + first % 16]
+                spans.append(span)
+            span[2] = max(span[2], end)
+            size = span[3] + span[2] - span[1]
+            t = tensors[index]
+            views[index] = _View(span[3] + first - span[1], t.dtype, tuple(t.shape))
+    copies = [(i, first, end, at) for i, first, end, at in spans]
+    return [views[i] for i in range(len(tensors))], copies, size
 
 
 def _as_view(buffer: torch.Tensor, view: _View) -> torch.Tensor:
-    n_bytes = view.dtype.itemsize
-    for size in view.shape:
-        n_bytes *= size
+    n_bytes = math.prod(view.shape) * view.dtype.itemsize
     return buffer[view.offset : view.offset + n_bytes].view(view.dtype).view(view.shape)
 
 
@@ -137,20 +126,15 @@ class LayerStreamer:
         `allocate(n_bytes, name)` provides the slots (default: plain device tensors)."""
         self.device = device
         self.cuda = device.type == "cuda"
-        self.order = sorted(host_layers)
-        self.rank = {layer: k for k, layer in enumerate(self.order)}
+        self.layers = sorted(host_layers)
+        self.rank = {layer: k for k, layer in enumerate(self.layers)}
         self.host = dict(host_layers)
         slot_bytes = max((b.nbytes for b in self.host.values()), default=0)
-        n_slots = min(2, len(self.order))
+        n_slots = min(2, len(self.layers))
         allocate = allocate or (lambda n, _: torch.empty(n, dtype=torch.uint8, device=device))
         self.slots = [allocate(slot_bytes, f"stream slot {k}") for k in range(n_slots)]
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.copied: dict[int, torch.cuda.Event] = {}
-        self.bytes_streamed = 0
-
-    @property
-    def layers(self) -> list[int]:
-        return self.order
 
     @property
     def device_bytes(self) -> int:
@@ -170,7 +154,7 @@ class LayerStreamer:
         them precedes this one on the compute stream)."""
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        for k in range(min(len(self.slots), len(self.order))):
+        for k in range(len(self.slots)):
             self._copy(k)
 
     def before_layer(self, layer: int) -> None:
@@ -181,7 +165,7 @@ class LayerStreamer:
     def after_layer(self, layer: int) -> None:
         """`layer` is done with its slot: fill the slot with the host layer two ahead."""
         k = self.rank.get(layer)
-        if k is None or k + len(self.slots) >= len(self.order):
+        if k is None or k + len(self.slots) >= len(self.layers):
             return
         if self.stream is not None:
             done = torch.cuda.Event()
@@ -190,10 +174,9 @@ class LayerStreamer:
         self._copy(k + len(self.slots))
 
     def _copy(self, k: int) -> None:
-        layer = self.order[k]
+        layer = self.layers[k]
         source = self.host[layer].buffer
         target = self.slots[k % len(self.slots)][: source.numel()]
-        self.bytes_streamed += source.numel()
         if self.stream is None:
             target.copy_(source)
             return

@@ -52,7 +52,7 @@ def test_streamed_layers_give_identical_results(model, reference) -> None:
     assert greedy(e) == reference[1]
     place = e.stats()["placement"]
     assert place["layers_on_device"] == 2 and place["layers_streamed"] == 4
-    assert place["bytes_streamed"] > 0 and place["stream_slot_bytes"] > 0
+    assert 0 < place["stream_slot_bytes"] < place["host_bytes"]  # two slots for four layers
 
 
 def _least_kv(e: Engine) -> int:

@@ -38,4 +38,3 @@ def test_streamer_serves_each_layer_in_its_slot() -> None:
                     assert torch.equal(view, original)
             if i:
                 streamer.after_layer(i - 1)
-    assert streamer.bytes_streamed == 2 * sum(p.nbytes for p in host.values())
