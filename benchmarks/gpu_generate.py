@@ -33,6 +33,7 @@ import triton
 from metallic.engine.engine import Engine
 from metallic.engine.sampling import SamplingParams
 from metallic.gguf.config import ModelConfig
+from metallic.kernels import quant_gemv
 from metallic.testing.synthetic import write_synthetic_model
 
 PP, TG = 512, 128
@@ -127,6 +128,29 @@ def metallic_speed(engine: Engine, repeats: int = 3) -> dict[str, float]:
     return {"pp512": PP / statistics.median(pp_s[1:]), "tg128": TG / statistics.median(tg_s[1:])}
 
 
+def float_gemv_baseline(engine: Engine) -> dict[str, object]:
+    """The same engine with every one-row product on the float kernel (the dp4a kernels off):
+    its speed, and how far its logits and greedy tokens are from the dp4a run's."""
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(100, engine.config.vocab_size, (40,), generator=gen).tolist()
+    dp4a_tokens = greedy(engine, ids, 32)
+    dp4a_logits = engine.logits(ids[:1]).float()  # one row: the decode kernels
+    limit = quant_gemv.DP4A_MIN_BYTES
+    quant_gemv.DP4A_MIN_BYTES = 1 << 62
+    engine.graphs = None  # recapture without the dp4a kernels
+    try:
+        result: dict[str, object] = dict(metallic_speed(engine))
+        float_logits = engine.logits(ids[:1]).float()
+        result["same_greedy_tokens"] = prefix(greedy(engine, ids, 32), dp4a_tokens)
+        result["decode_rel_logit_diff"] = float(
+            (dp4a_logits - float_logits).norm() / float_logits.norm()
+        )
+    finally:
+        quant_gemv.DP4A_MIN_BYTES = limit
+        engine.graphs = None
+    return result
+
+
 def hf_speed(c: ModelConfig, repeats: int = 3) -> dict[str, float]:
     """HF transformers, bf16, random weights at the model's shapes, on the same GPU."""
     import transformers
@@ -188,6 +212,9 @@ def run_model(label: str, path: Path, args: argparse.Namespace, copy_bw: float) 
     row["metallic"] = metallic_speed(engine)
     config = engine.config
     print(label, "metallic", row["metallic"], flush=True)
+    if args.float_gemv:
+        row["float_gemv"] = float_gemv_baseline(engine)
+        print(label, "float GEMV only", row["float_gemv"], flush=True)
     del engine
     torch.cuda.empty_cache()
     if args.hf:
@@ -225,6 +252,9 @@ def main() -> int:
     parser.add_argument("--synthetic", action="append", default=[], help="preset, e.g. llama3-8b")
     parser.add_argument("--mix", default="Q4_K_M")
     parser.add_argument("--hf", action="store_true", help="HF transformers baseline")
+    parser.add_argument(
+        "--float-gemv", action="store_true", help="also time decode without the dp4a kernels"
+    )
     parser.add_argument("--ctx", type=int, default=4096)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/metallic-bench"))
     args = parser.parse_args()

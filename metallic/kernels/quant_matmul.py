@@ -802,9 +802,15 @@ def quant_matmul(
         num_warps=4, enable_fp_fusion=True,
     )  # fmt: skip
     if splits > 1:
-        total = m * n
-        block = 1024
-        _sum_splits_kernel[(triton.cdiv(total, block),)](
-            target, out, total, n, out.stride(0), SPLIT=splits, BLOCK=block, num_warps=4
-        )
+        sum_splits(target, out)
     return out
+
+
+def sum_splits(partials: torch.Tensor, out: torch.Tensor) -> None:
+    """out [M, N] (rows contiguous) = the sum over splits of f32 partials [splits, M, N]."""
+    m, n = out.shape
+    total = m * n
+    block = 1024
+    _sum_splits_kernel[(triton.cdiv(total, block),)](
+        partials, out, total, n, out.stride(0), SPLIT=partials.shape[0], BLOCK=block, num_warps=4
+    )

@@ -84,9 +84,11 @@ def linear(x: torch.Tensor, weight: LinearWeight) -> torch.Tensor:
 
 def _native_linear(rows: torch.Tensor, parts: tuple[PackedWeight, ...]) -> torch.Tensor:
     """rows [M, in] times the stacked parts. Decode-sized M: each part's fused kernel writes its
-    own output columns. Prefill: every part is widened into one scratch matrix, then a single
-    dense product (one cuBLAS call for q|k|v whatever their formats)."""
+    own output columns (one row against large K-quants: the dp4a kernels, on x rounded to int8).
+    Prefill: every part is widened into one scratch matrix, then a single dense product (one
+    cuBLAS call for q|k|v whatever their formats)."""
     from metallic.kernels import MAX_DECODE_M, dequantize_gpu, quant_matmul
+    from metallic.kernels.quant_gemv import gemv, quantize_x, uses_dp4a
 
     n_total = sum(p.n for p in parts)
     if rows.shape[0] > MAX_DECODE_M:
@@ -97,9 +99,15 @@ def _native_linear(rows: torch.Tensor, parts: tuple[PackedWeight, ...]) -> torch
             first += p.n
         return rows @ dense.T
     out = torch.empty(rows.shape[0], n_total, dtype=rows.dtype, device=rows.device)
+    # One row against large K-quant matrices: x is rounded to int8 once for every part.
+    x8 = quantize_x(rows[0]) if rows.shape[0] == 1 and uses_dp4a(parts) else None
     first = 0
     for p in parts:
-        quant_matmul(rows, p, p.ggml_type, p.n, p.k, out=out[:, first : first + p.n])
+        cols = out[:, first : first + p.n]
+        if x8 is not None:
+            gemv(x8, p, cols)
+        else:
+            quant_matmul(rows, p, p.ggml_type, p.n, p.k, out=cols)
         first += p.n
     return out
 

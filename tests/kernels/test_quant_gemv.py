@@ -1,0 +1,103 @@
+"""The dp4a decode kernels (metallic.kernels.quant_gemv) in the interpreter, where dp4a is emulated.
+
+Two oracles: the product of the reference-dequantized matrix with x *as rounded to int8* (what the
+kernel computes, so only float summation order differs), and with x itself (the rounding of x
+costs under 1% relative, as llama.cpp's q8_1 path). Seeds are fresh each run and in messages.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+
+from metallic.kernels import prepare_weight
+from metallic.kernels.quant_gemv import gemv, quantize_x
+from metallic.quant.quantize import quantize
+from metallic.quant.reference import dequantize
+
+T = GGMLQuantizationType
+
+
+def _seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def _matrix(qtype: GGMLQuantizationType, n: int, k: int, seed: int) -> tuple[torch.Tensor, ...]:
+    values = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32) * 0.02
+    raw = torch.from_numpy(quantize(values, qtype).reshape(-1).copy())
+    return raw, dequantize(raw, qtype, n * k).view(n, k).double()
+
+
+def test_quantize_x_rounds_each_block_to_int8_with_its_scale() -> None:
+    seed = _seed()
+    x = torch.randn(256, generator=torch.Generator().manual_seed(seed)) * 3
+    x[32:64] = 0  # an all-zero block has scale 0 and quants 0
+    xq, dx, xs = quantize_x(x)
+    blocks = x.view(-1, 32)
+    expected_d = blocks.abs().amax(dim=1) / 127
+    assert torch.allclose(dx, expected_d), seed
+    restored = xq.view(-1, 32).double() * dx[:, None].double()
+    assert ((restored - blocks.double()).abs() <= dx[:, None].double() / 2 + 1e-6).all(), seed
+    assert xq.abs().max() <= 127
+    assert torch.equal(xs, xq.view(-1, 16).sum(dim=1).float()), seed
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K])
+@pytest.mark.parametrize(
+    ("n", "k", "rows", "sbs", "splits"),
+    [(24, 512, 8, 2, 1), (21, 1024, 16, 4, 2), (5, 768, 4, 1, 3)],
+)
+def test_gemv_matches_the_reference(
+    qtype: GGMLQuantizationType, n: int, k: int, rows: int, sbs: int, splits: int
+) -> None:
+    seed = _seed()
+    raw, dense = _matrix(qtype, n, k, seed)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(seed + 1)).to(torch.float16)
+    xq = quantize_x(x[0])
+    out = torch.empty(1, n, dtype=torch.float16)
+    gemv(xq, prepare_weight(raw, qtype, n, k), out, rows=rows, sbs=sbs, splits=splits)
+    assert not out.isnan().any(), f"an output was never written (seed {seed})"
+    x_rounded = (xq[0].view(-1, 32).double() * xq[1][:, None].double()).view(1, k)
+    exact = x_rounded @ dense.T
+    err = ((out.double() - exact).norm() / exact.norm()).item()
+    assert err < 1e-3, f"{qtype.name} vs rounded x: {err:.3g} (seed {seed})"  # f16 output
+    ref = x.double() @ dense.T
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err < 1e-2, f"{qtype.name} vs x: {err:.3g} (seed {seed})"
+
+
+def test_linear_takes_the_dp4a_kernels_for_one_row_of_large_k_quants(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Stacked Q4_K | Q6_K parts (q|k|v-like) with the measured default geometry; x rounded
+    once for both. The size threshold is lowered so the interpreter's small shapes qualify."""
+    from metallic.kernels import quant_gemv
+    from metallic.ops.linear import LinearWeight, linear
+
+    seed = _seed()
+    k = 512
+    raws, denses, packed = [], [], []
+    for i, (qtype, n) in enumerate(((T.Q4_K, 40), (T.Q6_K, 24))):
+        raw, dense = _matrix(qtype, n, k, seed + i)
+        raws.append(raw)
+        denses.append(dense)
+        packed.append(prepare_weight(raw, qtype, n, k))
+    weight = LinearWeight((T.Q4_K, T.Q6_K), (40, 24), k, native=tuple(packed))
+    calls = []
+    monkeypatch.setattr(quant_gemv, "DP4A_MIN_BYTES", 0)
+    real_gemv = quant_gemv.gemv
+    monkeypatch.setattr(quant_gemv, "gemv", lambda *a, **kw: calls.append(1) or real_gemv(*a, **kw))
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(seed + 7)).to(torch.float16)
+    out = linear(x, weight)
+    assert len(calls) == 2, "both parts take the dp4a kernel"
+    ref = x.double() @ torch.cat(denses).T
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err < 1e-2, f"{err:.3g} (seed {seed})"
+    monkeypatch.setattr(quant_gemv, "DP4A_MIN_BYTES", 1 << 40)
+    calls.clear()
+    linear(x, weight)
+    assert not calls, "below the threshold the float kernel runs"
