@@ -45,9 +45,10 @@ from metallic.runtime.streaming import LayerStreamer, PackedLayer, pack, packed_
 DEFAULT_CONTEXT = 4096
 PREFILL_CHUNK = 512  # bounds the attention score matrix of long prompts
 ARENA_BYTES = 32 << 20  # the memory pool's arena size (larger buffers get their own)
-# Device bytes outside the plan's accounting (RoPE tables, sampler buffers, graph outputs, cuBLAS
-# workspaces, arena slack): 8B Q4_K_M under a 2 GiB budget on an H100 peaked 82 MiB over a
-# 32 MiB allowance, so this is measured, with room.
+# Device bytes beside weights, KV cache and a step's activations (RoPE tables: the pool's
+# activations kind; sampler buffers, graph outputs, cuBLAS workspaces): 8B Q4_K_M under a 2 GiB
+# budget on an H100 peaked 82 MiB over a 32 MiB allowance (arena slack included, which a
+# budgeted pool no longer has), so this is measured, with room.
 RUNTIME_BYTES = 160 << 20
 
 log = logging.getLogger("metallic")
@@ -134,9 +135,16 @@ class Engine:
         self.staging = StagingRing(self.device)
         # The kernel path (and any placement) keeps device buffers in a typed pool: each layer
         # is one block of its bytes packed together, so nothing pays the allocator's rounding.
+        # Under a budget the pool is exact: it holds only what the plan counts, and what the
+        # residency manager frees leaves the device at once.
         pooled = kernels or plan is not None
-        self.memory = MemoryPool(self.device, arena_bytes=ARENA_BYTES) if pooled else None
+        self.memory = (
+            MemoryPool(self.device, arena_bytes=ARENA_BYTES, exact=budget is not None)
+            if pooled
+            else None
+        )
         self.blocks: dict[str, Block] = {}  # the weights' pool blocks, by part name
+        self.packed: dict[str, PackedLayer] = {}  # their layouts, to re-read a moved block
         self.slot_blocks: list[Block] = []
         weights = load_weights(
             self.gguf,
@@ -175,23 +183,14 @@ class Engine:
             self.residency = ResidencyPolicy(plan)
             assert isinstance(self.cache, PagedKVCache)
             self.cache.grow_hook = self._make_room
-        self.model.reserve_positions(ctx)
+        self.model.reserve_positions(ctx, self.memory)
         self.graphs: StepGraphs | None = None  # captured on first use
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         if self.cuda_graphs:
             self._token_host = torch.empty(1, dtype=torch.long, pin_memory=True)
-        self._graphs_key = (-1, -1)
+        self._graphs_key = (-1, -1, -1)
         self.sampler = Sampler(self.config.vocab_size, self.device, sorted(self.tokenizer.stop_ids))
         self.last_stats = GenerationStats()
-
-    def _to_pool(
-        self, tensors: list[torch.Tensor], name: str, quant: str
-    ) -> tuple[Block, list[torch.Tensor]]:
-        """`tensors` packed into one new pool block; returns the block and their views in it."""
-        assert self.memory is not None
-        size = packed_size(tensors)
-        block = self.memory.allocate("weights", (size,), torch.uint8, quant=quant, name=name)
-        return block, pack(tensors, self.device, out=block.tensor).tensors()
 
     def _adopt(self, name: str, part: ModelWeights | LayerWeights) -> object:
         """Each part of the model as it loads: device parts move into pool blocks (host layers
@@ -212,7 +211,8 @@ class Engine:
             "weights", (size,), torch.uint8, quant=formats(part), name=name
         )
         self.blocks[name] = block
-        return with_tensors(part, pack(tensors, self.device, out=block.tensor).tensors())
+        self.packed[name] = pack(tensors, self.device, out=block.tensor)
+        return with_tensors(part, self.packed[name].tensors())
 
     def _pack_host(self, layer: int) -> PackedLayer:
         """Layer `layer`'s tensors in one host buffer (pinned for asynchronous copies)."""
@@ -226,12 +226,15 @@ class Engine:
         self.slot_blocks.append(block)
         return block.tensor
 
-    def _install_streamer(self) -> None:
-        """Point every host layer at its streaming slot (a new streamer per set of layers)."""
+    def _free_slots(self) -> None:
+        """Release the streaming slots (the streamer that reads them is about to be replaced)."""
         for block in self.slot_blocks:
             assert self.memory is not None
             self.memory.free(block)
         self.slot_blocks = []
+
+    def _install_streamer(self) -> None:
+        """Point every host layer at its streaming slot (a new streamer per set of layers)."""
         if not self.host_layers:
             self.model.streamer = None
             return
@@ -243,49 +246,94 @@ class Engine:
 
     def _move_layers(self, moved: list[int], to_host: bool) -> None:
         """Carry out a residency decision: the layers' bytes change sides, then the streamer and
-        (through `layer_moves`) the captured graphs are rebuilt."""
+        (through `layer_moves`) the captured graphs are rebuilt. The old slots go first and the
+        new ones come last, so the device never holds more than before or after the move."""
+        assert self.memory is not None  # a plan (and so residency) implies a pool
         self._synchronize()
+        self._free_slots()  # nothing runs before the new streamer exists
         layers = self.model.weights.layers
         for i in moved:
             if to_host:
                 self.host_layers[i] = self._pack_host(i)
+                self.memory.free(self.blocks.pop(f"blk.{i}"))  # read from its slot from now on
+                del self.packed[f"blk.{i}"]
             else:
                 host = self.host_layers.pop(i)
                 layers[i] = self._to_pool(layers[i], f"blk.{i}", host.tensors())
         self._install_streamer()
-        if to_host and self.memory is not None:
-            for i in moved:  # nothing reads these blocks now: the layers point at their slots
-                self.memory.free(self.blocks.pop(f"blk.{i}"))
-        if self.memory is not None:
-            self.memory.trim()  # empty arenas go back to the device for the KV cache
         self.layer_moves += len(moved)
         side = "host (streamed)" if to_host else "device"
         log.info("residency: moved layers %s to the %s", moved, side)
+        self._compact()
 
-    def _make_room(self, kv_extra: int) -> None:
-        """The KV cache is about to grow by `kv_extra` bytes: stream layers to stay in budget."""
+    def _make_room(self, kv_extra: int, transient: int) -> None:
+        """The KV cache is about to grow by `kv_extra` bytes, and to hold `transient` more while
+        it copies a tensor: stream layers so that both fit the budget. The room stays free until
+        the cache shrinks back, whose copy needs no more than one smaller tensor."""
         assert self.residency is not None
-        moved = self.residency.make_room(self.cache.nbytes, kv_extra)
+        moved = self.residency.make_room(self.cache.nbytes, kv_extra + transient)
         if moved:
             self._move_layers(moved, to_host=True)
 
     def _relieve(self) -> None:
-        """After a run: shrink the KV cache back and return the layers that fit again."""
-        if self.residency is None or not isinstance(self.cache, PagedKVCache):
-            return
-        if self.cache.shrink():
-            if self.memory is not None:
-                self.memory.trim()
+        """After a run, a safe point: shrink the KV cache back (under a budget), compact the pool
+        where fragmented, and return the layers that fit again."""
+        shrunk = (
+            self.residency is not None
+            and isinstance(self.cache, PagedKVCache)
+            and self.cache.shrink()
+        )
+        self._compact()
+        if shrunk:
+            assert self.residency is not None
             back = self.residency.restorable(self.cache.nbytes)
             if back:
                 self._move_layers(back, to_host=False)
 
+    def _compact(self) -> None:
+        """At a safe point: compact the weights and KV kinds where fragmented (synchronized
+        first, so no replay or copy in flight touches a block that moves), release empty
+        arenas, and have the owners of moved blocks read them again; captured graphs see the
+        new `memory.generation` and are recaptured."""
+        memory = self.memory
+        if memory is None:
+            return
+        kinds = ("weights", "kv")
+        if any(memory.fragmented(kind) for kind in kinds):  # else no device sync is needed
+            self._synchronize()
+            generation = memory.generation
+            for kind in kinds:
+                memory.maybe_compact(kind)
+            if memory.generation != generation:
+                self._rebind()
+        memory.trim()  # empty arenas go back to the device
+
+    def _rebind(self) -> None:
+        """Point the weights, the streaming slots and the KV cache at their moved blocks."""
+        layers = self.model.weights.layers
+        for name, block in self.blocks.items():
+            self.packed[name] = replace(self.packed[name], buffer=block.tensor)
+            tensors = self.packed[name].tensors()
+            if name == "output":  # the non-layer weights; the layer list stays the same
+                self.model.weights = with_tensors(self.model.weights, tensors)
+            else:
+                i = int(name.split(".")[1])
+                layers[i] = with_tensors(layers[i], tensors)
+        streamer = self.model.streamer
+        if streamer is not None:
+            streamer.slots = [block.tensor for block in self.slot_blocks]
+            for i in streamer.layers:
+                layers[i] = with_tensors(layers[i], streamer.device_views(i))
+        if isinstance(self.cache, PagedKVCache):
+            self.cache.rebind()
+
     def _replay(self, batch: StepBatch) -> torch.Tensor:
         """The step as a CUDA graph, captured again whenever addresses it baked in changed (the
-        KV cache was resized or layers moved)."""
+        KV cache was resized, layers moved, or the memory pool compacted)."""
         key = (
             self.cache.generation if isinstance(self.cache, PagedKVCache) else 0,
             self.layer_moves,
+            self.memory.generation if self.memory is not None else 0,
         )
         if self.graphs is None or key != self._graphs_key:
             self.graphs = StepGraphs(lambda b: self.model.forward(b, self.cache))

@@ -18,6 +18,7 @@ from metallic.ops import RopeTable, apply_rope, embed, gated_activation, linear,
 from metallic.ops.rope import RopeStep
 from metallic.runtime.batch import StepBatch
 from metallic.runtime.kv_cache import KVCache
+from metallic.runtime.memory import MemoryPool
 from metallic.runtime.streaming import LayerStreamer
 
 
@@ -48,10 +49,15 @@ class Transformer:
             for base in set(self.layer_rope_base)
         }
 
-    def reserve_positions(self, n_positions: int) -> None:
-        """Size the RoPE tables for the whole context now (a CUDA graph captures their address)."""
-        for table in self.rope.values():
+    def reserve_positions(self, n_positions: int, memory: MemoryPool | None = None) -> None:
+        """Size the RoPE tables for the whole context now (a CUDA graph captures their address);
+        with a memory pool they move into its activations kind, where a budget sees them. Their
+        blocks are never freed nor compacted: the tables live as long as the model."""
+        for base, table in self.rope.items():
             table.ensure(n_positions)
+            if memory is not None:
+                table.cos = _pooled(memory, table.cos, f"rope cos {base:g}")
+                table.sin = _pooled(memory, table.sin, f"rope sin {base:g}")
 
     def forward(self, batch: StepBatch, cache: KVCache, every_row: bool = False) -> torch.Tensor:
         """float32 logits [B, vocab] of each sequence's last token, or [T, vocab] of every one."""
@@ -128,6 +134,12 @@ class Transformer:
         h = self._norm(a, w.post_attn_norm, x, w.ffn_norm)
         m = linear(gated_activation(linear(h, w.gate_up), None, c.activation), w.down)
         return m, w.post_ffn_norm
+
+
+def _pooled(memory: MemoryPool, t: torch.Tensor, name: str) -> torch.Tensor:
+    """`t` copied into a new block of the pool's activations kind."""
+    block = memory.allocate("activations", t.shape, t.dtype, name=name)
+    return block.tensor.copy_(t)
 
 
 def step_memory_bound(

@@ -10,6 +10,8 @@
 Both are allocated once and reused across runs; the model calls only `attend`. Under a memory
 budget the paged cache's full-attention pools start small and grow as sequences need blocks
 (`grow_hook` lets the residency manager make room first), and shrink back once they are idle.
+A resize reallocates one layer's tensor at a time, so besides the growth itself one tensor's
+old and new copies coexist: the hook is told both.
 """
 
 from __future__ import annotations
@@ -216,8 +218,9 @@ class PagedKVCache(_Slots):
         self.block_size = block_size
         self.max_blocks = -(-context_size // block_size)
         self.scratch_slot = n_slots  # never handed out: the filler of padded batches
-        self.grow_hook: Callable[[int], None] | None = None  # called with bytes before growing
-        self.generation = 0  # bumped whenever a pool tensor is reallocated (graphs recapture)
+        # Called before growing with (bytes added, bytes of the one extra tensor held mid-copy).
+        self.grow_hook: Callable[[int, int], None] | None = None
+        self.generation = 0  # bumped whenever a pool tensor moves (graphs recapture)
         self.kv_shape = (config.n_kv_heads, config.head_dim)
         layer_windows, windows, self.full_blocks = _pool_sizes(
             config, n_slots, context_size, block_size, max_step_tokens
@@ -277,6 +280,18 @@ class PagedKVCache(_Slots):
         if block is not None and self.memory is not None:
             self.memory.free(block)
 
+    def rebind(self) -> None:
+        """Read every pool tensor again from its block, after the memory pool moved blocks."""
+        if self.memory is None:
+            return
+        blocks, self.blocks = self.blocks, {}
+        for tensors in (self.k, self.v):
+            for i, t in enumerate(tensors):
+                block = blocks[t.data_ptr()]
+                tensors[i] = block.tensor
+                self.blocks[block.tensor.data_ptr()] = block
+        self.generation += 1
+
     def _pool_block_bytes(self, pool: int) -> int:
         """Bytes one more block of `pool` costs across its layers (keys and values)."""
         return self.layer_pool.count(pool) * self.layer_block_bytes
@@ -307,7 +322,8 @@ class PagedKVCache(_Slots):
             if extra < short:
                 raise MetallicError("the KV cache is out of blocks")
             if self.grow_hook is not None:
-                self.grow_hook(extra * self._pool_block_bytes(index))
+                tensor_bytes = (pool.n_blocks + extra) * self.layer_block_bytes // 2
+                self.grow_hook(extra * self._pool_block_bytes(index), tensor_bytes)
             keep = pool.n_blocks
             pool.grow(extra)
             self._resize(index, pool.n_blocks, keep)

@@ -10,6 +10,11 @@ allocation is first-fit, offsets are aligned, a freed range merges with its free
   blocks to the lowest offsets (into earlier arenas where they fit), releases arenas left empty
   and bumps `generation`, so owners of CUDA graphs that captured addresses know to recapture. It
   runs only when asked (`maybe_compact` at a safe point), never behind a caller's back.
+- An `exact` pool (the engine's, under a device budget) gives every block an arena of its own
+  size, released the moment the block is freed. It then holds no byte the budget's plan does not
+  count (no arena tails), and a part freed to make room (a layer moved to the host, a KV tensor
+  replaced by a bigger one) leaves the device at once instead of waiting in an arena that only
+  its own kind can reuse. Sub-allocation, fragmentation and compaction are for pools without it.
 - `limit_bytes` caps the arena bytes. A request that does not fit first reclaims (trim empty
   arenas, then compact its kind) if and only if that makes room, so a failed allocation leaves
   the pool as it was and raises `OutOfBudget`, a one-line error, not a CUDA out-of-memory trace.
@@ -172,6 +177,7 @@ class MemoryPool:
         limit_bytes: int | None = None,
         compact_threshold: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
+        exact: bool = False,
     ) -> None:
         if alignment <= 0 or alignment & (alignment - 1):
             raise MetallicError(f"memory alignment must be a power of two, not {alignment}")
@@ -181,6 +187,7 @@ class MemoryPool:
         self.limit_bytes = limit_bytes
         self.compact_threshold = compact_threshold
         self.clock = clock
+        self.exact = exact
         self.generation = 0  # bumped whenever blocks move: captured addresses are stale
         self.compactions = 0
         self.peak_reserved_bytes = 0
@@ -212,7 +219,7 @@ class MemoryPool:
                 f"{dtype} needs more than the pool's {self.alignment}-byte alignment"
             )
         need = self._align(max(block.nbytes, 1))  # an empty block still gets its own range
-        place = self._first_fit(kind, need)
+        place = None if self.exact else self._first_fit(kind, need)
         if place is None and self._room() < need:
             if not self._reclaim(kind, need):
                 raise OutOfBudget(kind, block.nbytes, self.reserved_bytes, self.limit_bytes)
@@ -228,7 +235,8 @@ class MemoryPool:
         return block
 
     def free(self, block: Block) -> None:
-        """Return a block's range; later work on the current stream waits for its pending write."""
+        """Return a block's range (an exact pool releases its arena); later work on the current
+        stream waits for its pending write."""
         if block._pool is not self or not block.live:
             raise MetallicError(f"{block!r} was already freed (or belongs to another pool)")
         block.wait()
@@ -236,6 +244,8 @@ class MemoryPool:
         arena = self._arenas[block.arena]
         arena.blocks.discard(block)
         arena.give(block.offset, block.size)
+        if self.exact:
+            del self._arenas[arena.id]
         self._count(block.kind, -block.nbytes)
 
     def trim(self, kind: str | None = None) -> int:
@@ -252,9 +262,13 @@ class MemoryPool:
         total = sum(ranges)
         return 1.0 - max(ranges) / total if total else 0.0
 
+    def fragmented(self, kind: str) -> bool:
+        """Whether `kind`'s fragmentation passed the compaction threshold."""
+        return self.fragmentation(kind) > self.compact_threshold
+
     def maybe_compact(self, kind: str) -> int:
-        """Compact `kind` if its fragmentation passed the threshold; call at a safe point."""
-        return self.compact(kind) if self.fragmentation(kind) > self.compact_threshold else 0
+        """Compact `kind` if it is fragmented; call at a safe point."""
+        return self.compact(kind) if self.fragmented(kind) else 0
 
     def compact(self, kind: str) -> int:
         """Slide live blocks of `kind` to the lowest offsets, copying bytes on the device; release
@@ -365,9 +379,9 @@ class MemoryPool:
         self._total.add(delta, now)
 
     def _new_arena(self, kind: str, need: int, requested: int) -> _Arena:
-        """An arena of `arena_bytes` (or exactly `need` for a bigger block), shrunk to the room
-        left under the limit; a device out-of-memory becomes `OutOfBudget`."""
-        size = max(need, self.arena_bytes)
+        """An arena of `arena_bytes` (or exactly `need` for a bigger block, or in an exact pool),
+        shrunk to the room left under the limit; a device out-of-memory becomes `OutOfBudget`."""
+        size = need if self.exact else max(need, self.arena_bytes)
         if self.limit_bytes is not None:
             size = max(need, min(size, self.limit_bytes - self.reserved_bytes))
             size -= size % self.alignment

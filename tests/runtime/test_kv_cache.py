@@ -137,14 +137,24 @@ def test_pool_grows_on_demand_keeping_its_keys_and_shrinks_back(gemma_engines, m
     try:
         global_pool = next(p for p in grown.pools if not p.window)
         assert global_pool.n_blocks == 4  # a 32-token step and its filler
-        requests: list[int] = []
-        grown.grow_hook = requests.append  # asked before every growth, with its bytes
+        requests: list[tuple[int, int, int]] = []
+
+        def hook(extra: int, transient: int) -> None:  # asked before every growth
+            requests.append((extra, transient, global_pool.n_blocks))
+
+        grown.grow_hook = hook
         start = grown.nbytes
         prompt = list(range(5, 105))
         torch.testing.assert_close(engine.logits(prompt), contiguous.logits(prompt))
         assert requests and grown.generation == len(requests)
-        assert grown.nbytes - start == sum(requests)
+        assert grown.nbytes - start == sum(extra for extra, _, _ in requests)
         assert global_pool.n_blocks >= 105 // 16
+        # The transient is one tensor (keys or values of one layer) at the grown size: what
+        # coexists with its old copy while the layer is copied.
+        layers = next(s["layers"] for s in grown.stats() if s["window"] == 0)
+        for extra, transient, before in requests:
+            blocks = before + extra // (layers * grown.layer_block_bytes)
+            assert transient == blocks * grown.layer_block_bytes // 2
         assert grown.shrink() and next(p for p in grown.pools if not p.window).n_blocks == 4
     finally:
         engine.cache = full

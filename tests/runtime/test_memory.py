@@ -264,6 +264,27 @@ def test_last_arena_shrinks_to_the_room_under_the_limit():
         pool.allocate("kv", (1024,), torch.uint8)
 
 
+def test_exact_pool_gives_each_block_its_arena_and_releases_it_on_free():
+    """A budgeted engine's pool: reserved bytes are the blocks' (aligned) bytes at every moment,
+    even while a tensor is replaced by a bigger one, so a budget sees everything it holds."""
+    pool = _pool(arena_bytes=4096, exact=True)
+    small = pool.allocate("kv", (10,), torch.float32)
+    other = pool.allocate("kv", (10,), torch.float32)
+    assert small.arena != other.arena and small.offset == other.offset == 0
+    assert pool.reserved_bytes == 2 * 256  # no arena tails
+    bigger = pool.allocate("kv", (100,), torch.float32)  # a resize: old and new coexist
+    assert pool.reserved_bytes == 2 * 256 + 512
+    pool.free(small)  # its arena leaves at once, no trim needed
+    assert pool.reserved_bytes == 256 + 512
+    assert pool.stats()["kinds"]["kv"]["arenas"] == 2
+    assert pool.fragmentation("kv") == 0.0 and not pool.fragmented("kv")
+    assert pool.compact("kv") == 0 and pool.generation == 0  # nothing ever needs to move
+    for block in (other, bigger):
+        pool.free(block)
+    assert pool.reserved_bytes == 0
+    assert pool.stats()["peak_reserved_bytes"] == 2 * 256 + 512
+
+
 def test_double_free_is_an_error():
     pool = _pool()
     block = pool.allocate("staging", (10,), torch.float32)
