@@ -99,6 +99,7 @@ def run(label: str, path: Path, prompt: list[int], reference: list[int] | None, 
             engine.model.streamer.host_bytes if engine.model.streamer is not None else 0
         ),
         "greedy_equal": reference is None or tokens == reference,
+        "pool_peak": engine.memory.peak_reserved_bytes if engine.memory else 0,
         "tokens": tokens,
     }
     if opts.get("memory_budget"):
@@ -130,6 +131,8 @@ def residency(path: Path, long_prompt: list[int]) -> dict:
         "evictions": place["evictions"],  # type: ignore[index]
         "restores": place["restores"],  # type: ignore[index]
         "peak_allocated": torch.cuda.max_memory_allocated(),
+        "pool_peak": engine.memory.peak_reserved_bytes if engine.memory else 0,
+        "pool_allowance": budget - engine.plan.reserve_bytes if engine.plan else 0,
         "greedy_equal": tokens == reference,
     }
 
@@ -177,13 +180,16 @@ def main() -> int:
             f"{r['config']}: after load {r['after_load'] / 2**20:.0f} MiB (weights "
             f"{r['weight_bytes'] / 2**20:.0f}, KV {r['kv_bytes'] / 2**20:.0f}), peak at load "
             f"{r['peak_load'] / 2**20:.0f}, peak running {r['peak_run'] / 2**20:.0f}, "
-            f"held after runs {r['held_after_runs'] / 2**20:.0f} MiB, plan reserve "
+            f"held after runs {r['held_after_runs'] / 2**20:.0f} MiB, memory pool peak "
+            f"{r['pool_peak'] / 2**20:.0f} MiB, plan reserve "
             f"{(r['reserve_bytes'] or 0) / 2**20:.0f} MiB"
         )
     print(
         f"residency: budget {moves['budget'] / 2**20:.0f} MiB, {moves['prompt_tokens']}-token "
         f"prompt: {moves['evictions']} layers out, {moves['restores']} back, peak "
-        f"{moves['peak_allocated'] / 2**20:.0f} MiB, greedy equal {moves['greedy_equal']}, "
+        f"{moves['peak_allocated'] / 2**20:.0f} MiB (memory pool {moves['pool_peak'] / 2**20:.0f} "
+        f"of the plan's {moves['pool_allowance'] / 2**20:.0f}), "
+        f"greedy equal {moves['greedy_equal']}, "
         f"{moves['seconds']:.1f} s"
     )
     out = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "results")

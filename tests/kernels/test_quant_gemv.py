@@ -65,9 +65,11 @@ def test_gemv_matches_the_reference(
     exact = x_rounded @ dense.T
     err = ((out.double() - exact).norm() / exact.norm()).item()
     assert err < 1e-3, f"{qtype.name} vs rounded x: {err:.3g} (seed {seed})"  # f16 output
+    # Against x itself the rounding's own error remains: 0.6% on average, over 5% in one draw of
+    # a thousand at five rows; a wrong kernel is off by order one.
     ref = x.double() @ dense.T
     err = ((out.double() - ref).norm() / ref.norm()).item()
-    assert err < 1e-2, f"{qtype.name} vs x: {err:.3g} (seed {seed})"
+    assert err < 0.1, f"{qtype.name} vs x: {err:.3g} (seed {seed})"
 
 
 def test_linear_takes_the_dp4a_kernels_for_one_row_of_large_k_quants(
@@ -94,9 +96,11 @@ def test_linear_takes_the_dp4a_kernels_for_one_row_of_large_k_quants(
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(seed + 7)).to(torch.float16)
     out = linear(x, weight)
     assert len(calls) == 2, "both parts take the dp4a kernel"
-    ref = x.double() @ torch.cat(denses).T
+    xq, dx, _ = quantize_x(x[0])
+    x_rounded = (xq.view(-1, 32).double() * dx[:, None].double()).view(1, k)
+    ref = x_rounded @ torch.cat(denses).T
     err = ((out.double() - ref).norm() / ref.norm()).item()
-    assert err < 1e-2, f"{err:.3g} (seed {seed})"
+    assert err < 1e-3, f"{err:.3g} (seed {seed})"  # f16 output
     monkeypatch.setattr(quant_gemv, "DP4A_MIN_BYTES", 1 << 40)
     calls.clear()
     linear(x, weight)
