@@ -35,6 +35,9 @@ class StepBatch:
     chunks: tuple[SequenceChunk, ...]  # the host's view of the same step
     max_q_len: int
     max_position: int
+    # A bound on every sequence's key count after this step (0: none given); decode graphs are
+    # captured per bound, so a short context splits its attention over few programs.
+    max_keys: int = 0
 
     @property
     def n_tokens(self) -> int:
@@ -53,11 +56,12 @@ class StepBatch:
         tables: Sequence[Sequence[Sequence[int]]] = (),
         max_blocks: int = 0,
         max_q_len: int | None = None,
+        max_keys: int = 0,
     ) -> StepBatch:
         """Pack `chunks` (and, for a paged cache, per block pool each chunk's table row padded
         to `max_blocks`) into one buffer on `device`. `max_q_len` (default: the longest chunk)
         sizes the kernels' grids: a graph replayed for other splits of the same token count
-        passes the token count."""
+        passes the token count. `max_keys` bounds the sequences' lengths (see the field)."""
         tokens: list[int] = []
         positions: list[int] = []
         seq_lens, cu, last = [], [0], []
@@ -86,6 +90,7 @@ class StepBatch:
             max_blocks,
             max_q_len=max_q_len or max((len(c.tokens) for c in chunks), default=0),
             max_position=max(positions, default=0),
+            max_keys=max_keys,
         )
 
     @classmethod
@@ -100,6 +105,7 @@ class StepBatch:
         *,
         max_q_len: int,
         max_position: int,
+        max_keys: int,
     ) -> StepBatch:
         sizes = [n_tokens, n_tokens, n_seqs, n_seqs + 1, n_seqs] + [n_seqs * max_blocks] * n_tables
         tokens, positions, seq_lens, cu, last, *tables = packed.split(sizes)
@@ -114,6 +120,7 @@ class StepBatch:
             chunks,
             max_q_len,
             max_position,
+            max_keys,
         )
 
     def static_copy(self) -> StepBatch:
@@ -127,6 +134,7 @@ class StepBatch:
             self.block_tables[0].shape[1] if self.block_tables else 0,
             max_q_len=self.max_q_len,
             max_position=self.max_position,
+            max_keys=self.max_keys,
         )
 
     def load(self, other: StepBatch) -> None:

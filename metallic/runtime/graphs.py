@@ -2,7 +2,8 @@
 
 A step launches a few hundred small kernels; replaying them as one graph removes the CPU's launch
 cost (tens of microseconds each through Triton's launcher), which dominates small models. One
-graph per step shape (tokens, sequences): decode steps of each batch size, and prompt chunks
+graph per step shape (tokens, sequences): decode steps of each batch size and key-count bound
+(a power of two: a short context splits its attention over few programs), and prompt chunks
 padded to a few bucket sizes. Its input is a static `StepBatch` refreshed by one device copy,
 its output a static logits tensor that the caller reads before the next replay.
 
@@ -20,6 +21,7 @@ from metallic.runtime.batch import StepBatch
 from metallic.runtime.lifetime import GraphGuard, debug_enabled
 
 Step = Callable[[StepBatch], torch.Tensor]
+GraphKey = tuple[int, int, int]  # tokens, sequences, key-count bound (decode only)
 
 
 class StepGraphs:
@@ -27,14 +29,14 @@ class StepGraphs:
         """`step(batch)` must run without host synchronization and read every per-step value
         from `batch` (graphs replay fixed addresses)."""
         self.step = step
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, StepBatch, torch.Tensor]]
+        self.graphs: dict[GraphKey, tuple[torch.cuda.CUDAGraph, StepBatch, torch.Tensor]]
         self.graphs = {}
         self.pool: tuple[int, int] | None = None  # one memory pool shared by every graph
-        self.guards: dict[tuple[int, int], GraphGuard] | None = {} if debug_enabled() else None
+        self.guards: dict[GraphKey, GraphGuard] | None = {} if debug_enabled() else None
 
     def run(self, batch: StepBatch) -> torch.Tensor:
         """The step's output for `batch` (valid until the next call)."""
-        key = (batch.n_tokens, len(batch.chunks))
+        key = (batch.n_tokens, len(batch.chunks), batch.max_keys if batch.decode else 0)
         if key not in self.graphs:
             self.graphs[key] = self._capture(batch)
             if self.guards is not None:
@@ -64,7 +66,7 @@ class StepGraphs:
 
 
 def graph_tensors(
-    key: tuple[int, int], static: StepBatch, out: torch.Tensor
+    key: GraphKey, static: StepBatch, out: torch.Tensor
 ) -> list[tuple[str, torch.Tensor]]:
     """The tensors a graph of shape `key` uses by address, named for errors."""
     name = f"graph {key[0]}x{key[1]}"

@@ -26,6 +26,7 @@ from metallic.ops.attention import attention, paged_attention, store_kv
 from metallic.runtime.batch import SequenceChunk, StepBatch
 from metallic.runtime.memory import Block, MemoryPool
 
+MIN_KEY_BOUND = 256  # the smallest key-count bound of a step (see PagedKVCache.key_bound)
 BLOCK_SIZE = 16  # tokens per KV block
 
 
@@ -383,7 +384,18 @@ class PagedKVCache(_Slots):
                 pool.reserve(chunk.slot, chunk.start, end)
         tables = [[pool.tables[chunk.slot] for chunk in chunks] for pool in self.pools]
         max_q_len = max(pad_to, n_tokens) if pad_to else None
-        return StepBatch.build(chunks, self.device, tables, self.max_blocks, max_q_len)
+        longest = max(chunk.start + len(chunk.tokens) for chunk in chunks)
+        return StepBatch.build(
+            chunks, self.device, tables, self.max_blocks, max_q_len, self.key_bound(longest)
+        )
+
+    def key_bound(self, n_keys: int) -> int:
+        """The power of two from MIN_KEY_BOUND up (at most the context) that holds `n_keys`:
+        few bounds, so few decode graphs, yet a short context is not split as a full one."""
+        bound = MIN_KEY_BOUND
+        while bound < n_keys:
+            bound *= 2
+        return min(bound, self.context_size)
 
     def attend(
         self,
@@ -398,9 +410,8 @@ class PagedKVCache(_Slots):
         table = batch.block_tables[self.layer_pool[layer]]
         k_pool, v_pool = self.k[layer], self.v[layer]
         store_kv(k, v, k_pool, v_pool, batch, table)
-        return paged_attention(
-            q, k_pool, v_pool, batch, table, scale, window, max_seq_len=self.context_size
-        )
+        bound = batch.max_keys or self.context_size
+        return paged_attention(q, k_pool, v_pool, batch, table, scale, window, max_seq_len=bound)
 
 
 def _pool_sizes(

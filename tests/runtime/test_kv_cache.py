@@ -158,3 +158,22 @@ def test_pool_grows_on_demand_keeping_its_keys_and_shrinks_back(gemma_engines, m
         assert grown.shrink() and next(p for p in grown.pools if not p.window).n_blocks == 4
     finally:
         engine.cache = full
+
+
+def test_steps_carry_a_power_of_two_bound_on_their_key_count():
+    """Decode graphs are captured per bound, so it takes few values: powers of two from
+    MIN_KEY_BOUND, never past the context; a step's bound holds its longest sequence."""
+    from metallic.runtime.kv_cache import MIN_KEY_BOUND
+
+    cache = PagedKVCache(_config(0), 2, 2048, torch.device("cpu"), torch.float32, 16, 32)
+    bounds = {n: cache.key_bound(n) for n in (1, MIN_KEY_BOUND, MIN_KEY_BOUND + 1, 2000, 2048)}
+    assert bounds == {
+        1: MIN_KEY_BOUND,
+        MIN_KEY_BOUND: MIN_KEY_BOUND,
+        MIN_KEY_BOUND + 1: 2 * MIN_KEY_BOUND,
+        2000: 2048,
+        2048: 2048,
+    }
+    a, b = cache.allocate(), cache.allocate()
+    step = cache.batch([SequenceChunk(a, 299, [1]), SequenceChunk(b, 3, [2])])
+    assert step.decode and step.max_keys == 512  # the longer sequence sees 300 keys
