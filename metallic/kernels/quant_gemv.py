@@ -186,6 +186,9 @@ def _gemv_q6_k_kernel(ql_ptr, qh_ptr, sc_ptr, d_ptr, xq_ptr, dx_ptr, xs_ptr, out
 def quantize_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [K] (K a multiple of 32) as int8 quants [K], f32 scales [K/32] and f32 sums of each
     16 quants [K/16]: what every dp4a product against it reads."""
+    if x.dim() != 1 or x.shape[0] % _X_BLOCK:
+        raise ValueError(f"quantize_x: x must be [K] with K a multiple of 32, got {list(x.shape)}")
+    x = x.contiguous()
     k = x.shape[-1]
     n_blocks = k // _X_BLOCK
     xq = torch.empty(k, dtype=torch.int8, device=x.device)

@@ -44,6 +44,8 @@ def test_quantize_x_rounds_each_block_to_int8_with_its_scale() -> None:
     assert ((restored - blocks.double()).abs() <= dx[:, None].double() / 2 + 1e-6).all(), seed
     assert xq.abs().max() <= 127
     assert torch.equal(xs, xq.view(-1, 16).sum(dim=1).float()), seed
+    strided = torch.stack([x, x], dim=1)[:, 0]  # every other element of a wider buffer
+    assert all(torch.equal(a, b) for a, b in zip(quantize_x(strided), (xq, dx, xs), strict=True))
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K])
