@@ -62,6 +62,52 @@ def read_us(raws: list[torch.Tensor]) -> float:
     return best
 
 
+@triton.jit
+def _q4_k_tile_read_kernel(
+    w_ptr,
+    xq_ptr,
+    out_ptr,
+    N,
+    row_words,
+    n_sb,
+    BN: tl.constexpr,
+    S: tl.constexpr,
+    WITH_X: tl.constexpr,
+):
+    """The dp4a Q4_K kernel's loads of quant words (and with WITH_X its loads of x's words), in
+    its tiles, XORed instead of multiplied: what its access pattern alone costs."""
+    ids = tl.program_id(0) * BN + tl.arange(0, BN)
+    r = tl.minimum(ids, N - 1).to(tl.int64)[:, None, None, None]
+    j = tl.arange(0, 4)[None, None, :, None]
+    w = tl.arange(0, 8)[None, None, None, :]
+    acc = tl.zeros((BN, S, 4, 8), dtype=tl.int32)
+    for s in range(0, n_sb, S):
+        sb = s + tl.arange(0, S)[None, :, None, None]
+        acc ^= tl.load(w_ptr + r * row_words + sb * 36 + 4 + 8 * j + w)
+        if WITH_X:
+            xw = sb * 64 + 16 * j + w
+            acc ^= tl.load(xq_ptr + xw) ^ tl.load(xq_ptr + xw + 8)
+    tl.store(out_ptr + ids, tl.reduce_or(tl.reshape(acc, (BN, S * 32)), axis=1), mask=ids < N)
+
+
+def tile_read_us(copies: list, xq: torch.Tensor, n: int, k: int, with_x: bool) -> float:
+    """The Q4_K tile-read kernel at the dp4a kernel's default geometry for K = 4096 (8 rows,
+    up to 16 super-blocks a step, 4 warps)."""
+    sink = torch.empty(n, dtype=torch.int32, device="cuda")
+    words = xq.view(torch.int32)
+    steps = 16  # super-blocks a step: the largest power of two <= 16 dividing K / 256
+    while (k // 256) % steps:
+        steps //= 2
+
+    def read(packed) -> None:
+        _q4_k_tile_read_kernel[(triton.cdiv(n, 8),)](
+            packed.planes[0], words, sink, n, k // 256 * 36, k // 256, BN=8,
+            S=steps, WITH_X=with_x, num_warps=4,
+        )  # fmt: skip
+
+    return graph_us([lambda c=c: read(c) for c in copies])
+
+
 def bench_shape(
     qtype: GGMLQuantizationType, n: int, k: int, gen: torch.Generator, copy_bw: float,
     failures: list[str],
@@ -99,6 +145,10 @@ def bench_shape(
         sweep.append((us, kw))
     sweep.sort(key=lambda t: t[0])
     row["read_us"] = read_us(raws)
+    if qtype == T.Q4_K:
+        row["tile_read_us"] = tile_read_us(copies, xq[0], n, k, with_x=False)
+        row["tile_read_x_us"] = tile_read_us(copies, xq[0], n, k, with_x=True)
+        row["dp4a_no_rounding_us"] = graph_us([lambda w=w: gemv(xq, w, out) for w in copies])
     row["float_us"] = graph_us([lambda w=w: quant_matmul(x, w, qtype, n, k) for w in copies])
     row["dp4a_us"] = graph_us([lambda w=w: gemv(quantize_x(x[0]), w, out) for w in copies])
     row["sweep_best_us"], row["sweep_best"] = sweep[0] if sweep else (None, None)
@@ -133,6 +183,13 @@ def main() -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"device": device, "copy_bw": copy_bw, "results": results, "failures": failures}
     (out_dir / "gpu_gemv.json").write_text(json.dumps(result, indent=1))
+    print("\nQ4_K at the default geometry, µs: quant-word loads only | + x loads | the product")
+    for r in results:
+        if "tile_read_us" in r:
+            print(
+                f"{r['n']}x{r['k']}: {r['tile_read_us']:.1f} | {r['tile_read_x_us']:.1f} | "
+                f"{r['dp4a_no_rounding_us']:.1f} (plain read {r['read_us']:.1f})"
+            )
     for failure in failures:
         print("FAIL", failure)
     return 1 if failures else 0
