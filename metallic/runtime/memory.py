@@ -15,9 +15,9 @@ allocation is first-fit, offsets are aligned, a freed range merges with its free
   count (no arena tails), and a part freed to make room (a layer moved to the host, a KV tensor
   replaced by a bigger one) leaves the device at once instead of waiting in an arena that only
   its own kind can reuse. Sub-allocation, fragmentation and compaction are for pools without it.
-- `limit_bytes` caps the arena bytes. A request that does not fit first reclaims (trim empty
-  arenas, then compact its kind) if and only if that makes room, so a failed allocation leaves
-  the pool as it was and raises `OutOfBudget`, a one-line error, not a CUDA out-of-memory trace.
+- A request the device cannot hold (after releasing empty arenas) raises `OutOfBudget`, a
+  one-line error, not a CUDA out-of-memory trace, and leaves the pool as it was. The budget
+  itself is the memory plan's (runtime/placement.py); the pool never moves blocks to make room.
 - Metrics per kind and for the pool: current, peak and time-averaged live bytes (integrated over
   an injectable clock), reserved bytes and fragmentation.
 - A block being filled carries a CUDA event: fills run on the pool's side stream, consumers make
@@ -41,15 +41,14 @@ KINDS = ("weights", "kv", "activations", "staging")
 
 
 class OutOfBudget(MetallicError):
-    """An allocation that cannot fit the memory limit (or the device) even after reclaiming."""
+    """An allocation the device cannot hold, even after the pool released its empty arenas."""
 
-    def __init__(self, kind: str, requested: int, in_use: int, limit: int | None) -> None:
-        of = "device memory" if limit is None else f"the {limit}-byte memory limit"
+    def __init__(self, kind: str, requested: int, in_use: int) -> None:
         super().__init__(
-            f"{kind} needs {requested} more bytes but {in_use} bytes of {of} are in use "
-            "and nothing more can be reclaimed"
+            f"{kind} needs {requested} more bytes but the device is full ({in_use} bytes held "
+            "by the memory pool, none of them free)"
         )
-        self.kind, self.requested, self.in_use, self.limit = kind, requested, in_use, limit
+        self.kind, self.requested, self.in_use = kind, requested, in_use
 
 
 class Block:
@@ -101,10 +100,6 @@ class Block:
 
     def zero_(self) -> Block:
         return self.fill_(0)
-
-    def mark_written(self, event: torch.cuda.Event | None) -> None:
-        """Attach a producer's event (e.g. an async upload) so consumers wait on it."""
-        self.event = event
 
     def wait(self) -> None:
         """Make the current stream wait on the last write; the host never blocks."""
@@ -174,7 +169,6 @@ class MemoryPool:
         *,
         arena_bytes: int = 64 << 20,
         alignment: int = 256,
-        limit_bytes: int | None = None,
         compact_threshold: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
         exact: bool = False,
@@ -184,7 +178,6 @@ class MemoryPool:
         self.device = torch.device(device)
         self.alignment = alignment
         self.arena_bytes = self._align(arena_bytes)
-        self.limit_bytes = limit_bytes
         self.compact_threshold = compact_threshold
         self.clock = clock
         self.exact = exact
@@ -220,10 +213,6 @@ class MemoryPool:
             )
         need = self._align(max(block.nbytes, 1))  # an empty block still gets its own range
         place = None if self.exact else self._first_fit(kind, need)
-        if place is None and self._room() < need:
-            if not self._reclaim(kind, need):
-                raise OutOfBudget(kind, block.nbytes, self.reserved_bytes, self.limit_bytes)
-            place = self._first_fit(kind, need)
         if place is None:
             arena = self._new_arena(kind, need, block.nbytes)
             place = arena, arena.take(need)
@@ -338,7 +327,6 @@ class MemoryPool:
             "average_bytes": self._total.average(now),
             "reserved_bytes": self.reserved_bytes,
             "peak_reserved_bytes": self.peak_reserved_bytes,
-            "limit_bytes": self.limit_bytes,
             "generation": self.generation,
             "compactions": self.compactions,
         }
@@ -356,9 +344,6 @@ class MemoryPool:
 
     def _of(self, kind: str) -> list[_Arena]:
         return [a for a in self._arenas.values() if a.kind == kind]  # dicts keep creation order
-
-    def _room(self) -> float:
-        return math.inf if self.limit_bytes is None else self.limit_bytes - self.reserved_bytes
 
     def _first_fit(self, kind: str, need: int) -> tuple[_Arena, int] | None:
         for arena in self._of(kind):
@@ -379,19 +364,16 @@ class MemoryPool:
         self._total.add(delta, now)
 
     def _new_arena(self, kind: str, need: int, requested: int) -> _Arena:
-        """An arena of `arena_bytes` (or exactly `need` for a bigger block, or in an exact pool),
-        shrunk to the room left under the limit; a device out-of-memory becomes `OutOfBudget`."""
+        """An arena of `arena_bytes` (or exactly `need` for a bigger block, or in an exact pool);
+        a device out-of-memory, after releasing empty arenas, becomes `OutOfBudget`."""
         size = need if self.exact else max(need, self.arena_bytes)
-        if self.limit_bytes is not None:
-            size = max(need, min(size, self.limit_bytes - self.reserved_bytes))
-            size -= size % self.alignment
         for attempt in range(2):
             try:
                 data = torch.empty(size, dtype=torch.uint8, device=self.device)
                 break
             except torch.cuda.OutOfMemoryError:
                 if attempt or not self.trim():
-                    raise OutOfBudget(kind, requested, self.reserved_bytes, None) from None
+                    raise OutOfBudget(kind, requested, self.reserved_bytes) from None
         arena = _Arena(self._next_id, kind, data)
         self._next_id += 1
         self._arenas[arena.id] = arena
@@ -411,24 +393,3 @@ class MemoryPool:
                 moves.append((block, target, cursor[target.id]))
                 cursor[target.id] += block.size
         return moves, cursor
-
-    def _reclaim(self, kind: str, need: int) -> bool:
-        """Make room under the limit for `need` bytes of `kind`, only if that will succeed: trim
-        empty arenas if that is enough, else compact `kind` (and trim)."""
-        assert self.limit_bytes is not None
-        reserved, limit = self.reserved_bytes, self.limit_bytes
-        idle = sum(a.size for a in self._arenas.values() if not a.blocks)
-        if reserved - idle + need <= limit:
-            self.trim()
-            return True
-        _, cursor = self._plan(kind)
-        own = self._of(kind)
-        if any(0 < cursor[a.id] <= a.size - need for a in own):  # fits at an arena's end
-            self.compact(kind)
-            return True
-        emptied = sum(a.size for a in own if a.blocks and not cursor[a.id])
-        if reserved - idle - emptied + need <= limit:
-            self.compact(kind)
-            self.trim()
-            return True
-        return False
