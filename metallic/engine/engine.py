@@ -220,8 +220,8 @@ class Engine:
         return pack(tensors, torch.device("cpu"), pin=self.device.type == "cuda")
 
     def _slot(self, n_bytes: int, name: str) -> torch.Tensor:
-        if self.memory is None:
-            return torch.empty(n_bytes, dtype=torch.uint8, device=self.device)
+        """A streaming slot: a pool block (host layers exist only under a plan, which pools)."""
+        assert self.memory is not None
         block = self.memory.allocate("weights", (n_bytes,), torch.uint8, name=name)
         self.slot_blocks.append(block)
         return block.tensor
@@ -349,11 +349,10 @@ class Engine:
         bytes, the paged cache's block pools (blocks in use per window), the last run's speed."""
         kv_pools = self.cache.stats() if isinstance(self.cache, PagedKVCache) else []
         streamer = self.model.streamer
-        host_bytes = sum(layer.nbytes for layer in self.host_layers.values())
         placement = {
             "layers_on_device": self.config.n_layers - len(self.host_layers),
             "layers_streamed": len(self.host_layers),
-            "host_bytes": host_bytes,  # also what every step copies to the device
+            "host_bytes": streamer.host_bytes if streamer else 0,  # what every step copies
             "stream_slot_bytes": streamer.device_bytes if streamer else 0,
         }
         if self.residency is not None:

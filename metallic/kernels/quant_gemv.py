@@ -20,7 +20,6 @@ Layouts are metallic.kernels.packing's: Q4_K in place (36 words a block), Q6_K i
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -29,6 +28,7 @@ import triton.language as tl
 from gguf import GGMLQuantizationType
 
 from metallic.kernels.packing import PackedWeight
+from metallic.kernels.quant_matmul import interpreting, sm_count, sum_splits
 
 T = GGMLQuantizationType
 
@@ -36,10 +36,6 @@ GEMV_TYPES = (T.Q4_K, T.Q6_K)
 DP4A_MIN_BYTES = 8 << 20  # below this a one-row product keeps the float kernel (uses_dp4a)
 _X_BLOCK = 32  # elements of x per f32 scale
 _QUANTIZE_BLOCKS = 32  # x blocks per program of the rounding kernel
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # fmt: off
@@ -255,12 +251,10 @@ def gemv(
     `rows` per program, `sbs` super-blocks per loop step, `splits` programs along K (partial sums
     in an f32 scratch, added by one more kernel), `num_warps` and pipeline `stages`; without
     `rows`, all come from measured defaults."""
-    from metallic.kernels.quant_matmul import _sm_count, sum_splits
-
     q, dx, xs = xq
     n, k = weight.n, weight.k
     if rows is None:
-        rows, sbs, splits, num_warps = _geometry(weight, _sm_count(q.device))
+        rows, sbs, splits, num_warps = _geometry(weight, sm_count(q.device))
     n_sb = k // 256
     splits = max(1, min(splits, n_sb))
     while n_sb % splits:
@@ -270,7 +264,7 @@ def gemv(
     target = out if splits == 1 else torch.empty(splits, n, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(n, rows), splits)
     words = q.view(torch.int32)
-    asm = not _interpreting()
+    asm = not interpreting()
     if weight.ggml_type == T.Q4_K:
         blocks, halves = weight.planes
         _gemv_q4_k_kernel[grid](

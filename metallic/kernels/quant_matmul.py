@@ -105,7 +105,8 @@ _X_KINDS = {torch.float32: _X_SINGLE, torch.float16: _X_F16, torch.bfloat16: _X_
 _FLOAT_DTYPES = tuple(_X_KINDS)
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1): CI's way to test them."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -644,7 +645,7 @@ def _sum_splits_kernel(part_ptr, out_ptr, total, N, stride_om, SPLIT: tl.constex
 _SM_COUNTS: dict[int, int] = {}
 
 
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     """Multiprocessors of the device (a token 2 under the interpreter, so splits get exercised)."""
     if device.type != "cuda":
         return 2
@@ -660,7 +661,7 @@ def _launch_args(weight: PackedWeight) -> list[torch.Tensor]:
 
 
 def _check_device(t: torch.Tensor) -> None:
-    if t.device.type != "cuda" and not _interpreting():
+    if t.device.type != "cuda" and not interpreting():
         raise MetallicError(
             f"the quantized-matmul kernels run on CUDA (or under TRITON_INTERPRET=1), "
             f"not on {t.device.type}"
@@ -721,7 +722,7 @@ def _steps_per_split(row_blocks: int, n_steps: int, nbytes: int, device: torch.d
     matrix is so small that the launch of the merge would cost more than the split saves."""
     if nbytes < _MIN_SPLIT_BYTES and device.type == "cuda":
         return n_steps
-    target = _PROGRAMS_PER_SM * _sm_count(device)
+    target = _PROGRAMS_PER_SM * sm_count(device)
     splits = min(n_steps, max(1, triton.cdiv(target, row_blocks)))
     return triton.cdiv(n_steps, splits)
 

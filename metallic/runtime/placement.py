@@ -65,10 +65,6 @@ class MemoryPlan:
         return [i for i, here in enumerate(self.on_device) if not here]
 
     @property
-    def stream_bytes(self) -> int:
-        return stream_slot_bytes([self.layer_bytes[i] for i in self.host_layers])
-
-    @property
     def weight_bytes(self) -> int:
         """Device bytes of weights: fixed, resident layers and the streaming slots."""
         return device_weight_bytes(self.layer_bytes, self.fixed_bytes, set(self.host_layers))
@@ -144,10 +140,6 @@ class ResidencyPolicy:
         """What the budget leaves the KV cache with the `host` layers streamed."""
         weights = device_weight_bytes(self.plan.layer_bytes, self.plan.fixed_bytes, host)
         return self.budget - weights - self.plan.reserve_bytes
-
-    def room(self, kv_bytes: int) -> int:
-        """Bytes the budget has left beside the weights, the reserve and `kv_bytes` of KV."""
-        return self._kv_room(self.host) - kv_bytes
 
     def make_room(self, kv_bytes: int, extra: int) -> list[int]:
         """Layers to move to the host (coldest first) so the KV cache can grow from `kv_bytes`

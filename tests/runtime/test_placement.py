@@ -36,7 +36,7 @@ def test_no_budget_keeps_everything_or_the_first_layers() -> None:
     assert plan().host_layers == [] and plan().kv_bytes == KV
     p = plan(gpu_layers=3)
     assert p.on_device == (True,) * 3 + (False,) * 5
-    assert p.stream_bytes == 200  # two slots of the largest host layer
+    assert p.weight_bytes == FIXED + 3 * 100 + 200  # and two slots of the largest host layer
     assert plan(gpu_layers=99).host_layers == []
     with pytest.raises(MetallicError, match="0 or more"):
         plan(gpu_layers=-1)
@@ -81,7 +81,7 @@ def test_residency_moves_the_coldest_layers_and_brings_them_back() -> None:
     # much), the third frees 100, so five layers must go.
     moved = policy.make_room(kv_bytes=100, extra=250)
     assert moved == [7, 6, 5, 4, 3]
-    assert policy.room(kv_bytes=350) >= 0
+    assert policy.make_room(kv_bytes=350, extra=0) == []  # the grown cache now fits
     assert policy.evictions == 5
     assert policy.restorable(kv_bytes=350) == []  # still needed
     assert policy.restorable(kv_bytes=100) == [3, 4, 5, 6, 7]
