@@ -75,10 +75,10 @@ def checks(engine: Engine, fixture: Path | None, cpu_engine: Engine | None) -> d
     sampled = SamplingParams(temperature=0.8, seed=3, max_tokens=24, ignore_eos=True)
     with_graphs = greedy(engine, ids, 32)
     with_graphs_sampled = [s.token_id for s in engine.generate_tokens(ids, sampled)]
-    graphs, engine.graphs = engine.graphs, None  # eager steps, token by token through the host
+    engine.runner.cuda_graphs = False  # eager steps
     without = greedy(engine, ids, 32)
     without_sampled = [s.token_id for s in engine.generate_tokens(ids, sampled)]
-    engine.graphs = graphs
+    engine.runner.cuda_graphs = True
     out["graphs_same_greedy_tokens"] = prefix(with_graphs, without)
     out["graphs_same_sampled_tokens"] = prefix(with_graphs_sampled, without_sampled)
     if cpu_engine is not None:  # the kernel path against the torch path, same tokens
@@ -137,7 +137,7 @@ def float_gemv_baseline(engine: Engine) -> dict[str, object]:
     dp4a_logits = engine.logits(ids[:1]).float()  # one row: the decode kernels
     limit = quant_gemv.DP4A_MIN_BYTES
     quant_gemv.DP4A_MIN_BYTES = 1 << 62
-    engine.graphs = None  # recapture without the dp4a kernels
+    engine.runner.graphs = None  # recapture without the dp4a kernels
     try:
         result: dict[str, object] = dict(metallic_speed(engine))
         float_logits = engine.logits(ids[:1]).float()
@@ -147,7 +147,7 @@ def float_gemv_baseline(engine: Engine) -> dict[str, object]:
         )
     finally:
         quant_gemv.DP4A_MIN_BYTES = limit
-        engine.graphs = None
+        engine.runner.graphs = None
     return result
 
 

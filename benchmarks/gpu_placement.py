@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from metallic.engine.engine import Engine
+from metallic.engine.loader import kv_sizes
 from metallic.engine.sampling import SamplingParams
-from metallic.runtime.kv_cache import PagedKVCache
 from metallic.runtime.placement import parse_bytes
 from metallic.testing.synthetic import write_synthetic_model
 
@@ -112,7 +112,8 @@ def residency(path: Path, long_prompt: list[int]) -> dict:
     """All layers fit but only a minimal KV cache: a long prompt forces moves."""
     probe = Engine(path, context_size=4096, memory_budget=1 << 40)
     assert probe.plan is not None
-    _, least = PagedKVCache.bytes_needed(probe.config, 1, 4096, probe.dtype, max_step_tokens=512)
+    layout = probe.store.layout
+    least = layout.bytes(kv_sizes(layout, 4096, 512).least(layout, 512))
     budget = probe.plan.weight_bytes + probe.plan.reserve_bytes + least
     reference = greedy(probe, long_prompt, 16)
     del probe

@@ -24,7 +24,9 @@ from gguf import GGMLQuantizationType as T
 from torch.profiler import ProfilerActivity, profile
 
 from metallic.engine.engine import Engine
-from metallic.runtime.batch import SequenceChunk
+from metallic.engine.sampling import SamplingParams
+from metallic.engine.scheduler import Chunk
+from metallic.engine.sequence import Sequence
 from metallic.testing.synthetic import write_synthetic_model
 
 
@@ -75,31 +77,37 @@ def wall_us(fn, repeats: int = 20) -> float:
 
 def profile_model(label: str, path: Path, ctx: int) -> dict:
     engine = Engine(path, device="cuda", context_size=ctx)
-    cache, model = engine.cache, engine.model
-    slot = cache.allocate()
+    model, store, runner = engine.model, engine.store, engine.runner
     prompt = list(range(100, 612))
-    prefill = cache.batch([SequenceChunk(slot, 0, prompt)])
-    model.forward(prefill, cache)
-    decode = cache.batch([SequenceChunk(slot, len(prompt), [7])])
-    engine._replay(decode)  # captures the decode graph
+    seq = Sequence(0, 0, prompt, SamplingParams(), engine.tokenizer, len(store.n_blocks), ctx)
+    assert engine.blocks.reserve(seq, 0, len(prompt) + 1)
+    runner.cuda_graphs = False  # the prefill as it is, not padded for a graph
+    prefill, _ = runner.prepare([Chunk(seq, 0, len(prompt))], None)
+    runner.cuda_graphs = True
+    model.forward(prefill, store)
+    seq.token_ids.append(7)
+    step = [Chunk(seq, len(prompt), len(prompt) + 1)]
+    decode, graphed = runner.prepare(step, None)
+    assert graphed
+    runner.execute(decode, graphed)  # captures the decode graph
     result: dict[str, object] = {"model": label}
     result["decode_kernels"], result["decode_kernel_us"] = kernel_table(
-        lambda: model.forward(decode, cache)
+        lambda: model.forward(decode, store)
     )
-    result["decode_graph_us"] = event_us(lambda: engine._replay(decode))
-    result["decode_eager_wall_us"] = wall_us(lambda: model.forward(decode, cache))
+    result["decode_graph_us"] = event_us(lambda: runner.execute(decode, True))
+    result["decode_eager_wall_us"] = wall_us(lambda: model.forward(decode, store))
 
     def engine_step() -> None:  # what generation does per token, minus the detokenizer
-        batch = cache.batch([SequenceChunk(slot, len(prompt), [7])])
-        logits = engine._replay(batch)
+        batch, _ = runner.prepare(step, None)
+        logits = runner.execute(batch, True)
         int(logits.argmax())
 
     result["decode_step_wall_us"] = wall_us(engine_step)
     result["prefill_kernels"], result["prefill_kernel_us"] = kernel_table(
-        lambda: model.forward(prefill, cache)
+        lambda: model.forward(prefill, store)
     )
-    result["prefill_wall_us"] = wall_us(lambda: model.forward(prefill, cache), 5)
-    cache.release(slot)
+    result["prefill_wall_us"] = wall_us(lambda: model.forward(prefill, store), 5)
+    engine.blocks.release(seq)
     return result
 
 

@@ -1,61 +1,60 @@
-"""The generation engine: load a GGUF model, then prefill, decode, sample and stream text.
+"""The engine: many requests at once, one step at a time.
 
-Runs one request at a time through a model step that already takes many sequences (flat token
-batch + per-sequence slices), so continuous batching can later schedule several.
+`add_request` queues a prompt, `step` runs one model step for every running sequence (the
+scheduler decides what, the model runner computes it) and returns what each request got, `abort`
+drops a request and frees its KV blocks. `generate`, `stream`, `generate_tokens` and
+`generate_batch` are loops over these.
+
+Steps overlap the host with the device: `step` queues the next step (decode inputs still on the
+device feed it there) before it reads the tokens of the one in flight, so the GPU computes while
+the host detokenizes, matches stop strings and schedules. A sequence that turns out to have ended
+has computed one token too many, which nobody sees.
+
+One thread may drive `step` while others call `add_request` and `abort`: requests wait in an
+inbox that the next step takes in, and everything else happens under the engine's lock.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from metallic.engine.detokenizer import StopMatcher, StreamingDetokenizer
-from metallic.engine.sampling import Sampler, SamplingParams, top_logprobs
+from metallic.engine.blocks import BlockManager
+from metallic.engine.loader import load_model
+from metallic.engine.model_runner import Launched, ModelRunner
+from metallic.engine.planner import KVPlanner
+from metallic.engine.sampling import Sampler, SamplingParams
+from metallic.engine.scheduler import KVCacheTooSmall, Scheduler
+from metallic.engine.sequence import GenerationStats, RequestOutput, Status, TokenLogprob
+from metallic.engine.sequence import Sequence as Seq
 from metallic.errors import MetallicError
-from metallic.gguf.config import ModelConfig, config_from_metadata
-from metallic.gguf.default_model import default_model_path
-from metallic.gguf.reader import open_gguf
-from metallic.gguf.tokenizer import Tokenizer
-from metallic.models.transformer import Transformer, step_memory_bound
-from metallic.models.weights import (
-    LayerWeights,
-    ModelWeights,
-    Part,
-    estimate_bytes,
-    formats,
-    load_weights,
-    tensors_of,
-    with_tensors,
-)
-from metallic.ops.dispatch import use_kernels
-from metallic.runtime.batch import SequenceChunk, StepBatch
-from metallic.runtime.device import choose_device, choose_dtype, choose_vocab_dtype
-from metallic.runtime.graphs import StepGraphs
-from metallic.runtime.kv_cache import ContiguousKVCache, KVCache, PagedKVCache
-from metallic.runtime.memory import Block, MemoryPool
-from metallic.runtime.placement import MemoryPlan, ResidencyPolicy, parse_bytes, plan_memory
-from metallic.runtime.staging import StagingRing
-from metallic.runtime.streaming import LayerStreamer, PackedLayer, pack, packed_size
+from metallic.models.kv_store import KVStore
+from metallic.runtime.placement import KVBudgetExceeded
 
-DEFAULT_CONTEXT = 4096
-PREFILL_CHUNK = 512  # bounds the attention score matrix of long prompts
-ARENA_BYTES = 32 << 20  # the memory pool's arena size (larger buffers get their own)
-# Device bytes beside weights, KV cache and a step's activations (RoPE tables: the pool's
-# activations kind; sampler buffers, graph outputs, cuBLAS workspaces): 8B Q4_K_M under a 2 GiB
-# budget on an H100 peaked 82 MiB over a 32 MiB allowance (arena slack included, which a
-# budgeted pool no longer has), so this is measured, with room.
-RUNTIME_BYTES = 160 << 20
+PREFILL_CHUNK = 512  # the most tokens of one sequence in a step (bounds attention's scores)
+DEFAULT_MAX_SEQS = 64  # sequences running at once
 
 log = logging.getLogger("metallic")
 
 
 class PromptTooLong(MetallicError):
     """The prompt does not leave room for a single generated token in the context."""
+
+
+class BatchError(MetallicError):
+    """Some requests of a batch failed; the others completed (see `completions`)."""
+
+    def __init__(self, message: str, completions: list[Completion]) -> None:
+        super().__init__(message)
+        self.completions = completions
 
 
 @dataclass
@@ -68,21 +67,17 @@ class GeneratedToken:
 
 
 @dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    finish_reason: str = ""
+class Completion:
+    """A finished request of a batch: its text and ids, or the error that ended it."""
 
-    @property
-    def decode_tokens_per_second(self) -> float:
-        steps = max(self.generated_tokens - 1, 0)  # the first token comes out of the prefill
-        return steps / self.decode_seconds if self.decode_seconds else 0.0
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    error: Exception | None = None
 
 
 class Engine:
-    """A loaded model ready to generate; create it with `metallic.load`."""
+    """A loaded model serving requests; create it with `metallic.load`."""
 
     def __init__(
         self,
@@ -96,289 +91,344 @@ class Engine:
         progress: Callable[[int, int], None] | None = None,
         gpu_layers: int | None = None,
         memory_budget: int | str | None = None,
+        max_num_seqs: int = DEFAULT_MAX_SEQS,
+        max_kv_tokens: int | None = None,
+        prefix_cache: bool = True,
     ) -> None:
-        """On CUDA the Triton kernels run everything: weights stay in their GGUF blocks
-        (`native`, default on), the KV cache is paged, and decode steps replay as CUDA graphs
-        (`cuda_graphs`). Elsewhere weights are dequantized once at load into `dtype` and torch
-        runs the ops (`native=True` there needs TRITON_INTERPRET=1: a testing mode).
-
-        `gpu_layers` keeps only the first N layers on the device and streams the rest from the
-        host; `memory_budget` (bytes, or text such as "2G") plans placement to fit it, KV cache
-        included, and moves layers to the host when the KV cache outgrows what is left."""
-        self.path = Path(path) if path is not None else default_model_path()
-        self.gguf = open_gguf(self.path)
-        self.config: ModelConfig = config_from_metadata(self.gguf.metadata, str(self.path))
-        self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
-        self.device = choose_device(device)
-        self.dtype = choose_dtype(self.device, dtype)
-        kernels = use_kernels(self.device)
-        native = kernels if native is None else native
-        ctx = context_size or min(self.config.context_length, DEFAULT_CONTEXT)
-        if ctx <= 1:
-            raise MetallicError(f"context size must be at least 2, got {ctx}")
-        # The CPU path keeps activations in f32: its f16 weights are widened for the products.
-        act_dtype = self.dtype if kernels else torch.float32
-        budget = parse_bytes(memory_budget) if isinstance(memory_budget, str) else memory_budget
-        self.plan: MemoryPlan | None = None
-        if gpu_layers is not None or budget is not None:
-            fixed, per_layer = estimate_bytes(self.gguf, self.config, self.dtype, native)
-            kv_full, kv_least = PagedKVCache.bytes_needed(
-                self.config, 1, ctx, act_dtype, max_step_tokens=PREFILL_CHUNK
-            )
-            reserve = step_memory_bound(self.config, act_dtype, PREFILL_CHUNK, widen=native)
-            reserve += RUNTIME_BYTES
-            self.plan = plan_memory(
-                per_layer, fixed, kv_full, kv_least, reserve, budget=budget, gpu_layers=gpu_layers
-            )
-            log.info("placement: %s", self.plan.describe())
-        plan = self.plan
-        self.staging = StagingRing(self.device)
-        # The kernel path (and any placement) keeps device buffers in a typed pool: each layer
-        # is one block of its bytes packed together, so nothing pays the allocator's rounding.
-        # Under a budget the pool is exact: it holds only what the plan counts, and what the
-        # residency manager frees leaves the device at once.
-        pooled = kernels or plan is not None
-        self.memory = (
-            MemoryPool(self.device, arena_bytes=ARENA_BYTES, exact=budget is not None)
-            if pooled
-            else None
-        )
-        self.blocks: dict[str, Block] = {}  # the weights' pool blocks, by part name
-        self.packed: dict[str, PackedLayer] = {}  # their layouts, to re-read a moved block
-        self.slot_blocks: list[Block] = []
-        weights = load_weights(
-            self.gguf,
-            self.config,
-            self.device,
-            self.dtype,
-            progress,
-            vocab_dtype=choose_vocab_dtype(self.device, self.dtype),
+        """`context_size`: the most tokens (prompt and output) of one sequence (default: the
+        model's, at most 4096); `max_num_seqs`: sequences running at once (more wait their
+        turn); `prefix_cache`: reuse the KV blocks of prompts' shared beginnings. `gpu_layers`
+        keeps only the first N layers on the device and streams the rest from the host;
+        `memory_budget` (bytes, or text such as "2G") plans placement to fit it, KV cache
+        included, and moves layers to the host when the KV cache outgrows what is left. See
+        `loader.load_model` for the rest."""
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_kv_tokens", max_kv_tokens)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"{name} must be an integer, got {value!r}")
+            if value is not None and value < 1:
+                raise MetallicError(f"{name} must be at least 1, got {value}")
+        step_tokens = max(PREFILL_CHUNK, max_num_seqs)
+        loaded = load_model(
+            path,
+            device=device,
+            dtype=dtype,
+            context_size=context_size,
+            step_tokens=step_tokens,
+            n_seqs=max_num_seqs,
             native=native,
-            staging=self.staging,
-            on_host=lambda i: plan is not None and not plan.on_device[i],
-            adopt=self._adopt,
+            progress=progress,
+            gpu_layers=gpu_layers,
+            memory_budget=memory_budget,
         )
-        self.model = Transformer(self.config, weights, self.device, act_dtype)
-        self.host_layers: dict[int, PackedLayer] = {}
-        for i in plan.host_layers if plan else ():
-            self.host_layers[i] = self._pack_host(i)
-        self._install_streamer()
-        self.cache: KVCache
-        if kernels or plan is not None:
-            self.cache = PagedKVCache(
-                self.config,
-                1,
-                ctx,
-                self.device,
-                act_dtype,  # the CPU path keeps its KV in f32, like the contiguous cache
-                max_step_tokens=PREFILL_CHUNK,
-                kv_bytes=plan.kv_bytes if plan and plan.budget is not None else None,
-                memory=self.memory,
-            )
-        else:
-            self.cache = ContiguousKVCache(self.config, 1, ctx, self.device)
-        self.residency: ResidencyPolicy | None = None
-        self.layer_moves = 0
-        if plan is not None and plan.budget is not None:
-            self.residency = ResidencyPolicy(plan)
-            assert isinstance(self.cache, PagedKVCache)
-            self.cache.grow_hook = self._make_room
-        self.model.reserve_positions(ctx, self.memory)
-        self.graphs: StepGraphs | None = None  # captured on first use
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        if self.cuda_graphs:
-            self._token_host = torch.empty(1, dtype=torch.long, pin_memory=True)
-        self._graphs_key = (-1, -1, -1)
+        self.path, self.gguf, self.config = loaded.path, loaded.gguf, loaded.config
+        self.tokenizer, self.device, self.dtype = loaded.tokenizer, loaded.device, loaded.dtype
+        self.plan, self.memory, self.staging = loaded.plan, loaded.memory, loaded.staging
+        self.residency, self.model = loaded.residency, loaded.model
+        self.context_size = loaded.context_size
+        layout, scratch = loaded.layout, loaded.kv_sizes.scratch
+        self._kv_sizes = loaded.kv_sizes
+        most = loaded.kv_sizes.most(max_num_seqs)
+        if max_kv_tokens is not None:
+            most = [min(n, -(-max_kv_tokens // layout.block_size) + scratch) for n in most]
+        start = [min(n, top) for n, top in zip(loaded.kv_start, most, strict=True)]
+        self.store = KVStore(layout, start, self.config, self.device, loaded.act_dtype, self.memory)
+        self.blocks = BlockManager(layout, start, scratch, prefix_cache)
+        self.planner = KVPlanner(self.store, self.blocks, self.residency, most)
+        self.scheduler = Scheduler(
+            self.blocks, self.planner, max_num_seqs, step_tokens, PREFILL_CHUNK
+        )
         self.sampler = Sampler(self.config.vocab_size, self.device, sorted(self.tokenizer.stop_ids))
+        self.runner = ModelRunner(
+            self.model,
+            self.store,
+            self.blocks,
+            self.sampler,
+            self.context_size,
+            _prefill_bucket,
+            cuda_graphs,
+            lambda: self.residency.version,
+        )
         self.last_stats = GenerationStats()
+        self.failure: Exception | None = None  # the last exception a step ran into
+        self._lock = threading.RLock()
+        self._inbox: deque[Seq] = deque()  # added, not yet taken in by a step
+        self._aborts: deque[object] = deque()
+        self._active: dict[object, Seq] = {}  # request id -> its sequence, until it ends
+        self._ids = itertools.count()
+        self._in_flight: Launched | None = None
+        self._ended: list[RequestOutput] = []  # outputs of requests ended between steps
 
-    def _adopt(self, name: str, part: ModelWeights | LayerWeights) -> object:
-        """Each part of the model as it loads: device parts move into pool blocks (host layers
-        are packed into pinned memory once the model exists)."""
-        if self.memory is None:
-            return part
-        layer = int(name.split(".")[1]) if isinstance(part, LayerWeights) else None
-        if layer is not None and self.plan is not None and not self.plan.on_device[layer]:
-            return part
-        return self._to_pool(part, name)
+    # Requests: the engine loop.
 
-    def _to_pool(self, part: Part, name: str, tensors: list[torch.Tensor] | None = None) -> Part:
-        """`part` reading its `tensors` (default: its own) from one new pool block."""
-        assert self.memory is not None
-        tensors = tensors_of(part) if tensors is None else tensors
-        size = packed_size(tensors)
-        block = self.memory.allocate(
-            "weights", (size,), torch.uint8, quant=formats(part), name=name
-        )
-        self.blocks[name] = block
-        self.packed[name] = pack(tensors, self.device, out=block.tensor)
-        return with_tensors(part, self.packed[name].tensors())
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        *,
+        request_id: object = None,
+        logprobs: int | None = None,
+        truncate: bool = False,
+    ) -> object:
+        """Queue a prompt (text, or token ids) for generation; returns its request id (the one
+        given, or a new integer). `logprobs`: report each generated token's log-probability
+        and that many alternatives. Bad parameters or a prompt that does not fit raise here,
+        before anything is scheduled."""
+        params = params or SamplingParams()
+        params.validate()
+        if logprobs is not None and (isinstance(logprobs, bool) or not 0 <= logprobs <= 1000):
+            raise MetallicError(f"logprobs must be an integer in [0, 1000], got {logprobs!r}")
+        ids = self.encode_prompt(prompt, truncate=truncate)
+        self._check_fits(len(ids) + 1)
+        with self._lock:
+            if request_id is None:
+                request_id = next(self._ids)
+            if request_id in self._active:
+                raise MetallicError(f"request id {request_id!r} is already in use")
+            seq = Seq(
+                next(self._ids) if not isinstance(request_id, int) else request_id,
+                request_id,
+                ids,
+                params,
+                self.tokenizer,
+                len(self.blocks.pools),
+                self.context_size,
+                logprobs,
+            )
+            self._active[request_id] = seq
+            self._inbox.append(seq)
+        return request_id
 
-    def _pack_host(self, layer: int) -> PackedLayer:
-        """Layer `layer`'s tensors in one host buffer (pinned for asynchronous copies)."""
-        tensors = tensors_of(self.model.weights.layers[layer])
-        return pack(tensors, torch.device("cpu"), pin=self.device.type == "cuda")
+    def abort(self, request_id: object) -> None:
+        """End a request now: its KV blocks go back at once when no step is running, else as
+        the running step ends. Unknown or finished ids are ignored."""
+        self._aborts.append(request_id)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._ended += self._take_inbox()
+            finally:
+                self._lock.release()
 
-    def _slot(self, n_bytes: int, name: str) -> torch.Tensor:
-        """A streaming slot: a pool block (host layers exist only under a plan, which pools)."""
-        assert self.memory is not None
-        block = self.memory.allocate("weights", (n_bytes,), torch.uint8, name=name)
-        self.slot_blocks.append(block)
-        return block.tensor
+    def has_unfinished(self) -> bool:
+        return bool(self._inbox or self._aborts or self.scheduler.has_work() or self._in_flight)
 
-    def _free_slots(self) -> None:
-        """Release the streaming slots (the streamer that reads them is about to be replaced)."""
-        for block in self.slot_blocks:
-            assert self.memory is not None
-            self.memory.free(block)
-        self.slot_blocks = []
+    def step(self) -> list[RequestOutput]:
+        """Run one step: queue the next piece of work, then collect the tokens of the step
+        queued before it. Returns what each request got; a request's last output has
+        `finished` set. An exception inside ends every request with it as their error."""
+        with self._lock:
+            outputs, self._ended = self._ended, []
+            outputs += self._take_inbox()
+            try:
+                work = self.scheduler.schedule()
+                for seq in work.failed:
+                    error = KVBudgetExceeded(
+                        f"the KV cache cannot hold a sequence of {len(seq.token_ids)} tokens "
+                        "even alone (raise --gpu-memory or lower --ctx-size)"
+                    )
+                    outputs.append(self._end(seq, "error", error))
+                launched = self.runner.launch(work, self._in_flight) if work.chunks else None
+                for chunk in work.chunks:
+                    self.blocks.commit(chunk.seq)
+                previous, self._in_flight = self._in_flight, launched
+                if previous is not None:
+                    outputs += self._collect(previous)
+                if not self.has_unfinished():
+                    self.planner.relieve()
+            except Exception as err:
+                outputs += self._fail_all(err)
+            return outputs
 
-    def _install_streamer(self) -> None:
-        """Point every host layer at its streaming slot (a new streamer per set of layers)."""
-        if not self.host_layers:
-            self.model.streamer = None
-            return
-        streamer = LayerStreamer(self.device, self.host_layers, allocate=self._slot)
-        layers = self.model.weights.layers
-        for i in streamer.layers:
-            layers[i] = with_tensors(layers[i], streamer.device_views(i))
-        self.model.streamer = streamer
+    def _take_inbox(self) -> list[RequestOutput]:
+        """Take in the requests added and aborted since the last step."""
+        outputs = []
+        while self._inbox:
+            seq = self._inbox.popleft()
+            self.sampler.add(seq.seq_id, seq.params, seq.token_ids)
+            self.scheduler.add(seq)
+        while self._aborts:
+            seq = self._active.get(self._aborts.popleft())
+            if seq is not None:
+                outputs.append(self._end(seq, "abort"))
+        return outputs
 
-    def _move_layers(self, moved: list[int], to_host: bool) -> None:
-        """Carry out a residency decision: the layers' bytes change sides, then the streamer and
-        (through `layer_moves`) the captured graphs are rebuilt. The old slots go first and the
-        new ones come last, so the device never holds more than before or after the move."""
-        assert self.memory is not None  # a plan (and so residency) implies a pool
-        self._synchronize()
-        self._free_slots()  # nothing runs before the new streamer exists
-        layers = self.model.weights.layers
-        for i in moved:
-            if to_host:
-                self.host_layers[i] = self._pack_host(i)
-                self.memory.free(self.blocks.pop(f"blk.{i}"))  # read from its slot from now on
-                del self.packed[f"blk.{i}"]
-            else:
-                host = self.host_layers.pop(i)
-                layers[i] = self._to_pool(layers[i], f"blk.{i}", host.tensors())
-        self._install_streamer()
-        self.layer_moves += len(moved)
-        side = "host (streamed)" if to_host else "device"
-        log.info("residency: moved layers %s to the %s", moved, side)
-        self._compact()
+    def _collect(self, launched: Launched) -> list[RequestOutput]:
+        """The tokens of a step that ran: resolve them, detokenize, and end what ended."""
+        ids, logprobs = launched.fetch()
+        by_row = dict(zip(launched.logprob_rows, logprobs, strict=True))
+        now = time.perf_counter()
+        outputs = []
+        for row, (seq, index) in enumerate(launched.sampled):
+            if seq.finished:  # ended (or aborted) after this step was queued
+                continue
+            token = ids[row]
+            text, finish = seq.resolve(index, token)
+            seq.first_token_at = seq.first_token_at or now
+            out = RequestOutput(seq.request_id, [token], text)
+            if seq.logprobs is not None:
+                values, k, n = by_row[row], launched.top_k, seq.logprobs
+                top = list(zip(map(int, values[1 : 1 + n]), values[1 + k : 1 + k + n], strict=True))
+                out.logprobs = [TokenLogprob(token, values[0], top)]
+            if finish:
+                end = self._end(seq, finish)
+                out.finished, out.finish_reason, out.stats = True, finish, end.stats
+            outputs.append(out)
+        for chunk in launched.step.chunks:
+            if chunk.seq.status is Status.RUNNING:
+                self.blocks.commit(chunk.seq)
+        return outputs
 
-    def _make_room(self, kv_extra: int, transient: int) -> None:
-        """The KV cache is about to grow by `kv_extra` bytes, and to hold `transient` more while
-        it copies a tensor: stream layers so that both fit the budget. The room stays free until
-        the cache shrinks back, whose copy needs no more than one smaller tensor."""
-        assert self.residency is not None
-        moved = self.residency.make_room(self.cache.nbytes, kv_extra + transient)
-        if moved:
-            self._move_layers(moved, to_host=True)
+    def _end(self, seq: Seq, reason: str, error: Exception | None = None) -> RequestOutput:
+        """Finish `seq`: its blocks and sampler state go back, its id is free again."""
+        self.scheduler.remove(seq)
+        self.sampler.remove(seq.seq_id)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        seq.finished_at = time.perf_counter()
+        del self._active[seq.request_id]
+        return RequestOutput(seq.request_id, [], "", None, True, reason, error, stats=seq.stats())
 
-    def _relieve(self) -> None:
-        """After a run, a safe point: shrink the KV cache back (under a budget), compact the pool
-        where fragmented, and return the layers that fit again."""
-        shrunk = (
-            self.residency is not None
-            and isinstance(self.cache, PagedKVCache)
-            and self.cache.shrink()
-        )
-        self._compact()
-        if shrunk:
-            assert self.residency is not None
-            back = self.residency.restorable(self.cache.nbytes)
-            if back:
-                self._move_layers(back, to_host=False)
+    def _fail_all(self, error: Exception) -> list[RequestOutput]:
+        """A step failed: every request ends with the error, and the engine starts afresh."""
+        if not isinstance(error, MetallicError):
+            log.exception("engine step failed")
+        self.failure = error
+        self._in_flight = None
+        return [self._end(seq, "error", error) for seq in list(self._active.values())]
 
-    def _compact(self) -> None:
-        """At a safe point: compact the weights and KV kinds where fragmented (synchronized
-        first, so no replay or copy in flight touches a block that moves), release empty
-        arenas, and have the owners of moved blocks read them again; captured graphs see the
-        new `memory.generation` and are recaptured."""
-        memory = self.memory
-        if memory is None:
-            return
-        kinds = ("weights", "kv")
-        if any(memory.fragmented(kind) for kind in kinds):  # else no device sync is needed
-            self._synchronize()
-            generation = memory.generation
-            for kind in kinds:
-                memory.maybe_compact(kind)
-            if memory.generation != generation:
-                self._rebind()
-        memory.trim()  # empty arenas go back to the device
+    # One request, or a batch, from start to end (the caller drives the engine).
 
-    def _rebind(self) -> None:
-        """Point the weights, the streaming slots and the KV cache at their moved blocks."""
-        layers = self.model.weights.layers
-        for name, block in self.blocks.items():
-            self.packed[name] = replace(self.packed[name], buffer=block.tensor)
-            tensors = self.packed[name].tensors()
-            if name == "output":  # the non-layer weights; the layer list stays the same
-                self.model.weights = with_tensors(self.model.weights, tensors)
-            else:
-                i = int(name.split(".")[1])
-                layers[i] = with_tensors(layers[i], tensors)
-        streamer = self.model.streamer
-        if streamer is not None:
-            streamer.slots = [block.tensor for block in self.slot_blocks]
-            for i in streamer.layers:
-                layers[i] = with_tensors(layers[i], streamer.device_views(i))
-        if isinstance(self.cache, PagedKVCache):
-            self.cache.rebind()
+    def generate_tokens(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        *,
+        logprobs: int = 0,
+        truncate: bool = False,
+    ) -> Iterator[GeneratedToken]:
+        """Yield each generated token with its text piece until EOS, a stop string or the limit.
 
-    def _replay(self, batch: StepBatch) -> torch.Tensor:
-        """The step as a CUDA graph, captured again whenever addresses it baked in changed (the
-        KV cache was resized, layers moved, or the memory pool compacted)."""
-        key = (
-            self.cache.generation if isinstance(self.cache, PagedKVCache) else 0,
-            self.layer_moves,
-            self.memory.generation if self.memory is not None else 0,
-        )
-        if self.graphs is None or key != self._graphs_key:
-            self.graphs = StepGraphs(lambda b: self.model.forward(b, self.cache))
-            self._graphs_key = key
-        return self.graphs.run(batch)
+        Drives the engine itself: do not use while another thread calls `step`."""
+        request = self.add_request(prompt, params, logprobs=logprobs or None, truncate=truncate)
+        ended = False
+        try:
+            while not ended:
+                for out in self.step():
+                    if out.request_id != request:
+                        continue
+                    ended = out.finished
+                    if out.error is not None:
+                        raise out.error
+                    top = out.logprobs[0].top if out.logprobs else []
+                    for token in out.token_ids:
+                        yield GeneratedToken(token, out.text, top)
+                    if out.stats is not None:
+                        self.last_stats = out.stats
+        finally:
+            if not ended:
+                self.abort(request)
+            self._settle()
 
-    @property
-    def context_size(self) -> int:
-        return self.cache.context_size
+    def stream(
+        self, prompt: str | list[int], max_tokens: int = 256, **sampling: object
+    ) -> Iterator[str]:
+        """Yield text pieces as they are generated (keyword arguments: `SamplingParams` fields)."""
+        params = _params(max_tokens, sampling)
+        for step in self.generate_tokens(prompt, params):
+            if step.text:
+                yield step.text
 
-    def stats(self) -> dict[str, object]:
-        """Where memory went and how the last generation ran: device, weight and KV-cache
-        bytes, the paged cache's block pools (blocks in use per window), the last run's speed."""
-        kv_pools = self.cache.stats() if isinstance(self.cache, PagedKVCache) else []
-        streamer = self.model.streamer
-        placement = {
-            "layers_on_device": self.config.n_layers - len(self.host_layers),
-            "layers_streamed": len(self.host_layers),
-            "host_bytes": streamer.host_bytes if streamer else 0,  # what every step copies
-            "stream_slot_bytes": streamer.device_bytes if streamer else 0,
-        }
-        if self.residency is not None:
-            placement |= {
-                "budget_bytes": self.residency.budget,
-                "evictions": self.residency.evictions,
-                "restores": self.residency.restores,
-            }
-        return {
-            "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "weight_bytes": self._device_weight_bytes(),
-            "kv_cache_bytes": self.cache.nbytes,
-            "kv_pools": kv_pools,
-            "placement": placement,
-            "memory_pool": self.memory.stats() if self.memory is not None else None,
-            "staging": self.staging.stats(),
-            "last_run": vars(self.last_stats),
-        }
+    def generate(self, prompt: str | list[int], max_tokens: int = 256, **sampling: object) -> str:
+        """The whole completion of `prompt` as one string."""
+        return "".join(self.stream(prompt, max_tokens, **sampling))
 
-    def _device_weight_bytes(self) -> int:
-        """Weights held on the device: the pool's weight blocks (resident parts and streaming
-        slots) when there is a pool, else every tensor of the model."""
-        if self.memory is None:
-            return self.model.weights.nbytes
-        return self.memory.stats()["kinds"]["weights"]["current_bytes"]
+    def generate_batch(
+        self, prompts: Sequence[str | list[int]], max_tokens: int = 256, **sampling: object
+    ) -> list[str]:
+        """The completions of many prompts, run together (keyword arguments: `SamplingParams`
+        fields, shared by all). If some fail, the others still complete, and a `BatchError`
+        carries every completion."""
+        return [c.text for c in self.complete_batch(prompts, _params(max_tokens, sampling))]
+
+    def generate_batch_tokens(
+        self, prompts: Sequence[str | list[int]], max_tokens: int = 256, **sampling: object
+    ) -> list[list[int]]:
+        """`generate_batch`, returning each completion's token ids."""
+        completions = self.complete_batch(prompts, _params(max_tokens, sampling))
+        return [c.token_ids for c in completions]
+
+    def complete_batch(
+        self, prompts: Sequence[str | list[int]], params: SamplingParams
+    ) -> list[Completion]:
+        """Run every prompt to its end; see `generate_batch`."""
+        params.validate()
+        completions = [Completion() for _ in prompts]
+        index: dict[object, int] = {}
+        for i, prompt in enumerate(prompts):
+            try:
+                index[self.add_request(prompt, params)] = i
+            except MetallicError as err:
+                completions[i].error = err
+        try:
+            while len(index) > sum(1 for c in completions if c.finish_reason):
+                for out in self.step():
+                    if out.request_id not in index:
+                        continue
+                    done = completions[index[out.request_id]]
+                    done.text += out.text
+                    done.token_ids += out.token_ids
+                    done.error = out.error
+                    if out.finished:
+                        done.finish_reason = out.finish_reason or ""
+        finally:
+            for request, i in index.items():
+                if not completions[i].finish_reason:
+                    self.abort(request)
+            self._settle()
+        failed = [(i, c.error) for i, c in enumerate(completions) if c.error is not None]
+        if failed:
+            first, error = failed[0]
+            raise BatchError(
+                f"{len(failed)} of {len(prompts)} requests failed (request {first}: {error})",
+                completions,
+            )
+        return completions
+
+    def _settle(self) -> None:
+        """Finish the step still in flight when no request is left, so the engine is idle."""
+        while self.has_unfinished() and not self._active:
+            self.step()
+
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Teacher-forced logits [len, vocab] of every position (for evaluation and tests)."""
+        self._check_ids(token_ids)
+        if len(token_ids) > self.context_size:
+            raise PromptTooLong(
+                f"the sequence has {len(token_ids)} tokens but the context holds "
+                f"{self.context_size} (raise --ctx-size or shorten it)"
+            )
+        with self._lock:
+            self._settle()
+            seq = Seq(-1, None, token_ids, SamplingParams(), self.tokenizer, 0, 0)
+            seq.reset_blocks(len(self.blocks.pools))
+            rows = []
+            try:
+                for start in range(0, len(token_ids), PREFILL_CHUNK):
+                    end = min(len(token_ids), start + PREFILL_CHUNK)
+                    if not self.blocks.reserve(seq, start, end) and not (
+                        self.planner.grow(self.blocks.missing(seq, end))
+                        and self.blocks.reserve(seq, start, end)
+                    ):
+                        raise KVBudgetExceeded(
+                            f"the KV cache cannot hold {end} positions "
+                            "(raise --gpu-memory or lower --ctx-size)"
+                        )
+                    rows.append(self.runner.forward_chunk(seq, start, end))
+                return torch.cat(rows)
+            finally:
+                self.blocks.release(seq)
+                self.planner.relieve()
+
+    # Prompts and what the engine holds.
 
     def encode_prompt(self, prompt: str | list[int], *, truncate: bool = False) -> list[int]:
         ids = (
@@ -395,56 +445,7 @@ class Engine:
         if not ids:
             raise MetallicError("the prompt is empty (and the model adds no BOS token)")
         self._check_ids(ids)
-        return ids
-
-    def _run(self, slot: int, tokens: list[int], start: int, *, every_row: bool) -> torch.Tensor:
-        """Feed `tokens` at positions start.. in chunks; return the logits of every row [T, V]
-        or of the last one only [1, V] (all a generation step needs)."""
-        rows = []
-        for offset in range(0, len(tokens), PREFILL_CHUNK):
-            chunk = SequenceChunk(slot, start + offset, tokens[offset : offset + PREFILL_CHUNK])
-            if not self.cuda_graphs or every_row:
-                batch = self.cache.batch([chunk])
-                rows.append(self.model.forward(batch, self.cache, every_row))
-                continue
-            assert isinstance(self.cache, PagedKVCache)  # graphs run on the kernel path only
-            bucket = _graph_bucket(len(chunk.tokens))
-            batch = self.cache.batch([chunk], pad_to=bucket)
-            rows.append(self._replay(batch)[:1])  # row 0: this sequence (then the filler)
-        return torch.cat(rows) if every_row else rows[-1]
-
-    def logits(self, token_ids: list[int]) -> torch.Tensor:
-        """Teacher-forced logits [len, vocab] of every position (for evaluation and tests)."""
-        self._check_ids(token_ids)
-        self.cache.check_room(len(token_ids))
-        slot = self.cache.allocate()
-        try:
-            return self._run(slot, token_ids, 0, every_row=True)
-        finally:
-            self.cache.release(slot)
-            self._relieve()
-
-    def _fetch_later(self, chosen: torch.Tensor) -> torch.cuda.Event:
-        """Start copying the sampled token to the host; `_fetched` waits for this copy alone."""
-        self._token_host.copy_(chosen[:1], non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record()
-        return copied
-
-    def _fetched(self, copied: torch.cuda.Event) -> int:
-        copied.synchronize()
-        return int(self._token_host[0])
-
-    def _decode_from_device(self, slot: int, chosen: torch.Tensor, position: int) -> torch.Tensor:
-        """Queue the decode step of the token still on the device (its id goes from the sampler
-        into the step's input on the GPU) and return its logits, valid once it runs."""
-        batch = self.cache.batch([SequenceChunk(slot, position, [0])], pad_to=1)
-        batch.tokens.copy_(chosen[:1])
-        return self._replay(batch)[:1]
-
-    def _synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        return list(ids)
 
     def _check_ids(self, ids: list[int]) -> None:
         bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
@@ -453,96 +454,69 @@ class Engine:
                 f"token id {bad[0]} is outside the vocabulary of {self.config.vocab_size}"
             )
 
-    def generate_tokens(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams,
-        *,
-        logprobs: int = 0,
-        truncate: bool = False,
-    ) -> Iterator[GeneratedToken]:
-        """Yield each generated token with its text piece until EOS, a stop string or the limit."""
-        params.validate()
-        ids = self.encode_prompt(prompt, truncate=truncate)
-        limit = params.max_tokens or self.context_size
-        stats = GenerationStats(prompt_tokens=len(ids))
-        self.last_stats = stats
-        slot = self.cache.allocate()
-        seq_id = slot
-        self.sampler.add(seq_id, params, ids)
-        detok = StreamingDetokenizer(self.tokenizer)
-        stops = StopMatcher(params.stop)
-        try:
-            began = time.perf_counter()
-            logits = self._run(slot, ids, 0, every_row=False)
-            self._synchronize()  # the timer stops when the logits exist, not when queued
-            stats.prefill_seconds = time.perf_counter() - began
-            began = time.perf_counter()
-            position = len(ids)
-            chosen = self.sampler.sample(logits, [seq_id])
-            while True:
-                # With graphs, the next step is queued before this token reaches the host: the
-                # GPU computes it while the host detokenizes (wasted only when generation ends).
-                queued = None
-                ahead = position + 1 < self.context_size and stats.generated_tokens + 1 < limit
-                if self.cuda_graphs and not logprobs and ahead:
-                    copied = self._fetch_later(chosen)
-                    queued = self._decode_from_device(slot, chosen, position)
-                    token = self._fetched(copied)
-                else:
-                    token = int(chosen[0])
-                stats.generated_tokens += 1
-                top = []
-                if logprobs:
-                    top_ids, top_lp = top_logprobs(logits, logprobs)
-                    top = list(zip(top_ids[0].tolist(), top_lp[0].tolist(), strict=True))
-                finish = ""
-                if token in self.tokenizer.stop_ids and not params.ignore_eos:
-                    text, finish = "", "stop"
-                else:
-                    text = stops.push(detok.push(token))
-                    if stops.stopped:
-                        finish = "stop"
-                    elif stats.generated_tokens >= limit or position + 1 >= self.context_size:
-                        finish = "length"
-                if finish:
-                    if not stops.stopped:  # release text held back for a possible stop string
-                        text += stops.push(detok.flush()) + stops.flush()
-                    stats.finish_reason = finish
-                    yield GeneratedToken(token, text, top)
-                    break
-                yield GeneratedToken(token, text, top)
-                if queued is None:
-                    queued = self._run(slot, [token], position, every_row=False)
-                logits = queued
-                position += 1
-                chosen = self.sampler.sample(logits, [seq_id])
-            stats.decode_seconds = time.perf_counter() - began
-        finally:
-            self.sampler.remove(seq_id)
-            self.cache.release(slot)
-            self._relieve()
+    def _check_fits(self, n_tokens: int) -> None:
+        """A sequence of `n_tokens` must fit the KV cache at its largest, alone."""
+        bs, scratch = self.blocks.block_size, len(self.blocks.scratch_tables[0])
+        layout, planner = self.store.layout, self.planner
+        # Alone, a sequence holds all its blocks, or on a windowed pool the window's.
+        need = [scratch + min(-(-n_tokens // bs), n) for n in self._kv_sizes.per_sequence]
+        most = min(top - scratch for top in planner.max_blocks) * bs
+        if any(n > top for n, top in zip(need, planner.max_blocks, strict=True)):
+            raise KVCacheTooSmall(
+                f"a sequence of {n_tokens} tokens does not fit a KV cache of {most} tokens "
+                "(raise max_kv_tokens)"
+            )
+        limit = planner.max_kv_bytes()
+        if limit is not None and layout.bytes(need) > limit:
+            raise KVBudgetExceeded(
+                f"the KV cache needs {layout.bytes(need) / 2**20:.0f} MiB for a {n_tokens}-token "
+                f"sequence but the device budget leaves it at most {limit / 2**20:.0f} MiB "
+                "(raise --gpu-memory or lower --ctx-size)"
+            )
 
-    def stream(
-        self, prompt: str | list[int], max_tokens: int = 256, **sampling: object
-    ) -> Iterator[str]:
-        """Yield text pieces as they are generated (keyword arguments: `SamplingParams` fields)."""
-        params = _params(max_tokens, sampling)
-        for step in self.generate_tokens(prompt, params):
-            if step.text:
-                yield step.text
-
-    def generate(self, prompt: str | list[int], max_tokens: int = 256, **sampling: object) -> str:
-        """The whole completion of `prompt` as one string."""
-        return "".join(self.stream(prompt, max_tokens, **sampling))
+    def stats(self) -> dict[str, object]:
+        """Where memory went and how requests ran: device, weight and KV-cache bytes, the KV
+        pools (blocks held and cached per window), placement, the memory pool, the scheduler,
+        the prefix cache, and the last `generate`'s figures."""
+        layout = self.store.layout
+        pools = [
+            stats
+            | {
+                "layers": layout.layer_pool.count(p),
+                "bytes": self.store.pool_bytes(p),
+            }
+            for p, stats in enumerate(self.blocks.stats())
+        ]
+        blocks = self.blocks
+        return {
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "weight_bytes": self.residency.weight_bytes(),
+            "kv_cache_bytes": self.store.nbytes,
+            "kv_pools": pools,
+            "placement": self.residency.stats(self.config.n_layers),
+            "memory_pool": self.memory.stats() if self.memory is not None else None,
+            "staging": self.staging.stats(),
+            "scheduler": {
+                "running": len(self.scheduler.running),
+                "waiting": len(self.scheduler.waiting) + len(self._inbox),
+                "preemptions": self.scheduler.preemptions,
+                "steps": self.runner.steps,
+                "kv_growths": self.planner.growths,
+            },
+            "prefix_cache": {
+                "queries": blocks.queries,
+                "prompt_tokens": blocks.looked_up,
+                "hit_tokens": blocks.hits,
+            },
+            "last_run": vars(self.last_stats),
+        }
 
 
-def _graph_bucket(n_tokens: int) -> int:
-    """Token counts that get a captured graph: 1 (decode), then powers of two from 16 up to
-    PREFILL_CHUNK. A prompt chunk is padded up to its bucket: at most 2x the tokens, against
-    launch costs that exceed the whole prefill's GPU time on small models."""
-    if n_tokens == 1:
-        return 1
+def _prefill_bucket(n_tokens: int) -> int:
+    """Token counts of a prompt chunk that get a captured graph: powers of two from 16 up to
+    PREFILL_CHUNK. A chunk is padded up to its bucket: at most 2x the tokens, against launch
+    costs that exceed the whole prefill's GPU time on small models."""
     return min(PREFILL_CHUNK, max(16, 1 << (n_tokens - 1).bit_length()))
 
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 
 from metallic.gguf.config import ModelConfig
+from metallic.models.kv_store import KVStore
 from metallic.models.weights import LayerWeights, ModelWeights
 from metallic.ops import RopeTable, apply_rope, embed, gated_activation, linear, rms_norm
 from metallic.ops.rope import RopeStep
 from metallic.runtime.batch import StepBatch
-from metallic.runtime.kv_cache import KVCache
 from metallic.runtime.memory import MemoryPool
 from metallic.runtime.streaming import LayerStreamer
 
@@ -59,7 +59,7 @@ class Transformer:
                 table.cos = _pooled(memory, table.cos, f"rope cos {base:g}")
                 table.sin = _pooled(memory, table.sin, f"rope sin {base:g}")
 
-    def forward(self, batch: StepBatch, cache: KVCache, every_row: bool = False) -> torch.Tensor:
+    def forward(self, batch: StepBatch, cache: KVStore, every_row: bool = False) -> torch.Tensor:
         """float32 logits [B, vocab] of each sequence's last token, or [T, vocab] of every one."""
         c = self.config
         steps = {
@@ -115,7 +115,7 @@ class Transformer:
         x: torch.Tensor,
         rope: RopeStep,
         batch: StepBatch,
-        cache: KVCache,
+        cache: KVStore,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Layer i on its normed input h; adds the attention half into x and returns the MLP
         half's output with its post-norm weight (both applied by the next norm)."""
@@ -143,14 +143,15 @@ def _pooled(memory: MemoryPool, t: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def step_memory_bound(
-    config: ModelConfig, act_dtype: torch.dtype, n_tokens: int, widen: bool
+    config: ModelConfig, act_dtype: torch.dtype, n_tokens: int, n_seqs: int, widen: bool
 ) -> int:
-    """A bound on one step's transient device bytes for `n_tokens` rows: the activations (with
-    2x slack for the allocator) and, when native matrices are widened for a prefill (`widen`),
-    the widest stacked matrix in `act_dtype`. A memory plan reserves this much."""
+    """A bound on one step's transient device bytes for `n_tokens` rows of `n_seqs` sequences:
+    the activations (with 2x slack for the allocator), each sequence's f32 logits and their
+    sampling copies, and, when native matrices are widened for a prefill (`widen`), the widest
+    stacked matrix in `act_dtype`. A memory plan reserves this much."""
     c, size = config, act_dtype.itemsize
     per_row = 4 * c.hidden_size * 2  # the f32 residual stream and a block's output
     per_row += size * (c.hidden_size + c.q_size + 2 * c.kv_size + c.q_size + 3 * c.ffn_size)
-    rows = 2 * n_tokens * per_row + 4 * c.vocab_size * 4  # last rows' logits and sampling
+    rows = 2 * n_tokens * per_row + n_seqs * 4 * c.vocab_size * 4
     widest = 2 * c.ffn_size * c.hidden_size * size if widen else 0
     return rows + widest

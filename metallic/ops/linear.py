@@ -69,17 +69,35 @@ def linear(x: torch.Tensor, weight: LinearWeight) -> torch.Tensor:
     """`x @ W.T + b` with x [..., in]; the result keeps x's dtype."""
     if weight.dense is not None:
         w = weight.dense
-        if w.device.type == "cpu" and w.dtype == torch.float16 and x.numel() > x.shape[-1]:
-            # CPU f16 matrix-matrix products are slow without native f16 arithmetic; for a
-            # prefill chunk, widening the weight once costs far less than the product saves.
-            w = w.float()
-        out = F.linear(x.to(w.dtype), w)
+        rows = x.numel() // x.shape[-1]
+        if w.device.type == "cpu" and w.dtype == torch.float16 and rows >= MIN_WIDENED_ROWS:
+            out = _widened_linear(x.reshape(rows, -1).float(), w).view(*x.shape[:-1], -1)
+        else:
+            out = F.linear(x.to(w.dtype), w)
     else:
         out = _native_linear(x.reshape(-1, weight.in_features), weight.native or ())
         out = out.view(*x.shape[:-1], weight.out_features)
     if weight.bias is not None:
         out = out + weight.bias.to(out.dtype)
     return out.to(x.dtype)
+
+
+# CPU f16 products without native f16 arithmetic cost each row a pass over the weight (a
+# matrix-vector loop); from this many rows (a batch of decodes, a prompt chunk) widening the
+# weight to f32 a slice at a time is cheaper (one conversion pass, then an f32 GEMM per slice
+# while the slice is in cache). Measured on 2 cores, 262144x640: 4 rows 108 vs 216 ms,
+# 16 rows 446 vs 213 ms.
+MIN_WIDENED_ROWS = 8
+_WIDEN_BYTES = 4 << 20  # f32 bytes of one widened slice
+
+
+def _widened_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, in] f32 times an f16 weight widened a slice of rows at a time."""
+    out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+    step = max(64, _WIDEN_BYTES // (4 * w.shape[1]))
+    for first in range(0, w.shape[0], step):
+        out[:, first : first + step] = F.linear(x, w[first : first + step].float())
+    return out
 
 
 def _native_linear(rows: torch.Tensor, parts: tuple[PackedWeight, ...]) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """The metadata of one model step, built on the host and sent to the device in one copy.
 
-A step is a flat batch of tokens from one or more sequences (a prefill chunk or one decode token
-each). Everything the kernels index by (positions, sequence lengths, the block table) lives in a
-single int32 buffer, so a step costs one host-to-device transfer, and a captured CUDA graph
-replays against a static buffer of the same layout refreshed by one `copy_`.
+A step is a flat batch of tokens from one or more sequences (prefill chunks and single decode
+tokens, mixed freely). Everything the kernels index by (positions, sequence lengths, the block
+tables) lives in a single int32 buffer, so a step costs one host-to-device transfer, and a
+captured CUDA graph replays against a static buffer of the same layout refreshed by one `copy_`.
 """
 
 from __future__ import annotations
@@ -11,16 +11,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
 @dataclass(frozen=True)
 class SequenceChunk:
-    """`tokens` of the sequence in KV slot `slot`, at positions `start ..`."""
+    """`tokens` of one sequence at positions `start ..`, with the sequence's block table in each
+    KV pool (the physical block of every logical block `position // block_size`; entries below a
+    sliding window are never read)."""
 
-    slot: int
     start: int
     tokens: Sequence[int]
+    tables: Sequence[Sequence[int]] = ()
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.tokens)
 
 
 @dataclass
@@ -31,7 +38,7 @@ class StepBatch:
     seq_lens: torch.Tensor  # [B]: keys each sequence sees after this step
     cu_seqlens_q: torch.Tensor  # [B + 1]: sequence s owns token rows cu[s] .. cu[s+1]
     last_rows: torch.Tensor  # [B]: each sequence's last token row (whose logits sample)
-    block_tables: tuple[torch.Tensor, ...]  # per block pool [B, max_blocks] (paged caches only)
+    block_tables: tuple[torch.Tensor, ...]  # per KV pool [B, table_width]
     chunks: tuple[SequenceChunk, ...]  # the host's view of the same step
     max_q_len: int
     max_position: int
@@ -53,43 +60,44 @@ class StepBatch:
         cls,
         chunks: Sequence[SequenceChunk],
         device: torch.device,
-        tables: Sequence[Sequence[Sequence[int]]] = (),
-        max_blocks: int = 0,
+        table_width: int = 0,
         max_q_len: int | None = None,
         max_keys: int = 0,
     ) -> StepBatch:
-        """Pack `chunks` (and, for a paged cache, per block pool each chunk's table row padded
-        to `max_blocks`) into one buffer on `device`. `max_q_len` (default: the longest chunk)
-        sizes the kernels' grids: a graph replayed for other splits of the same token count
-        passes the token count. `max_keys` bounds the sequences' lengths (see the field)."""
-        tokens: list[int] = []
-        positions: list[int] = []
-        seq_lens, cu, last = [], [0], []
-        for chunk in chunks:
-            n = len(chunk.tokens)
-            tokens.extend(chunk.tokens)
-            positions.extend(range(chunk.start, chunk.start + n))
-            seq_lens.append(chunk.start + n)
-            last.append(cu[-1] + n - 1)
-            cu.append(cu[-1] + n)
-        flat: list[int] = []
-        for rows in tables:
-            for row in rows:
-                flat.extend(row)
-                flat.extend([0] * (max_blocks - len(row)))
-        host = torch.tensor(tokens + positions + seq_lens + cu + last + flat, dtype=torch.int32)
+        """Pack `chunks` (each chunk's table rows padded to `table_width`, default the longest)
+        into one buffer on `device`. `max_q_len` (default: the longest chunk) sizes the kernels'
+        grids: a graph replayed for other splits of the same token count passes the token count.
+        `max_keys` bounds the sequences' lengths (see the field)."""
+        lengths = np.fromiter((len(c.tokens) for c in chunks), np.int64, len(chunks))
+        starts = np.fromiter((c.start for c in chunks), np.int64, len(chunks))
+        cu = np.zeros(len(chunks) + 1, np.int64)
+        np.cumsum(lengths, out=cu[1:])
+        n_tokens = int(cu[-1])
+        tokens = np.fromiter((t for c in chunks for t in c.tokens), np.int64, n_tokens)
+        # Token i of sequence s sits at position start[s] + (i - cu[s]).
+        positions = np.repeat(starts - cu[:-1], lengths) + np.arange(n_tokens)
+        n_pools = len(chunks[0].tables) if chunks else 0
+        width = table_width or max((len(t) for c in chunks for t in c.tables), default=0)
+        tables = np.zeros((n_pools, len(chunks), width), np.int64)
+        for s, chunk in enumerate(chunks):
+            for p, table in enumerate(chunk.tables):
+                tables[p, s, : len(table)] = table
+        flat = np.concatenate(
+            (tokens, positions, starts + lengths, cu, cu[1:] - 1, tables.reshape(-1))
+        )
+        host = torch.from_numpy(flat.astype(np.int32))
         if device.type == "cuda":
             host = host.pin_memory()
         packed = host.to(device, non_blocking=True)
         return cls._views(
             packed,
             tuple(chunks),
-            len(tokens),
+            n_tokens,
             len(chunks),
-            len(tables),
-            max_blocks,
-            max_q_len=max_q_len or max((len(c.tokens) for c in chunks), default=0),
-            max_position=max(positions, default=0),
+            n_pools,
+            width,
+            max_q_len=max_q_len or int(lengths.max(initial=0)),
+            max_position=int(positions.max(initial=0)),
             max_keys=max_keys,
         )
 
@@ -101,13 +109,13 @@ class StepBatch:
         n_tokens: int,
         n_seqs: int,
         n_tables: int,
-        max_blocks: int,
+        width: int,
         *,
         max_q_len: int,
         max_position: int,
         max_keys: int,
     ) -> StepBatch:
-        sizes = [n_tokens, n_tokens, n_seqs, n_seqs + 1, n_seqs] + [n_seqs * max_blocks] * n_tables
+        sizes = [n_tokens, n_tokens, n_seqs, n_seqs + 1, n_seqs] + [n_seqs * width] * n_tables
         tokens, positions, seq_lens, cu, last, *tables = packed.split(sizes)
         return cls(
             packed,
@@ -116,7 +124,7 @@ class StepBatch:
             seq_lens,
             cu,
             last,
-            tuple(t.view(n_seqs, max_blocks) for t in tables),
+            tuple(t.view(n_seqs, width) for t in tables),
             chunks,
             max_q_len,
             max_position,

@@ -13,6 +13,8 @@ tensors and the output are alive at the addresses the graph captured.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 
 import torch
@@ -22,6 +24,8 @@ from metallic.runtime.lifetime import GraphGuard, debug_enabled
 
 Step = Callable[[StepBatch], torch.Tensor]
 GraphKey = tuple[int, int, int]  # tokens, sequences, key-count bound (decode only)
+
+log = logging.getLogger("metallic")
 
 
 class StepGraphs:
@@ -38,7 +42,15 @@ class StepGraphs:
         """The step's output for `batch` (valid until the next call)."""
         key = (batch.n_tokens, len(batch.chunks), batch.max_keys if batch.decode else 0)
         if key not in self.graphs:
+            began = time.perf_counter()
             self.graphs[key] = self._capture(batch)
+            log.info(
+                "captured a CUDA graph for %d tokens of %d sequences%s in %.2f s",
+                key[0],
+                key[1],
+                f" (keys <= {key[2]})" if key[2] else "",
+                time.perf_counter() - began,
+            )
             if self.guards is not None:
                 self.guards[key] = GraphGuard(graph_tensors(key, *self.graphs[key][1:]))
         graph, static, out = self.graphs[key]

@@ -162,6 +162,10 @@ class ResidencyPolicy:
         self.evictions += len(moved)
         return moved
 
+    def kv_room_all_streamed(self) -> int:
+        """The most the budget can ever leave the KV cache: with every layer streamed."""
+        return self._kv_room(set(range(len(self.plan.layer_bytes))))
+
     def restorable(self, kv_bytes: int) -> list[int]:
         """Layers moved out earlier that fit back now that the KV cache holds `kv_bytes`
         (the warmest first), never past the plan made at load."""

@@ -66,12 +66,13 @@ def test_prompt_too_long(engine: Engine) -> None:
     assert 1 <= len(steps) <= 2
 
 
-def test_cache_slots_are_reused(engine: Engine) -> None:
-    free = list(engine.cache.free_slots)
+def test_blocks_go_back_after_every_request(engine: Engine) -> None:
+    idle = [pool.n_free for pool in engine.blocks.pools]
     engine.generate("abc", max_tokens=3)
     with pytest.raises(SamplingError):
         engine.generate("abc", max_tokens=3, temperature=-1)
-    assert engine.cache.free_slots == free
+    assert [pool.n_free for pool in engine.blocks.pools] == idle
+    assert not engine.has_unfinished()
 
 
 def test_unknown_option(engine: Engine) -> None:
@@ -90,5 +91,5 @@ def test_stats_report_memory_and_the_last_run(engine: Engine) -> None:
     engine.generate("memory", max_tokens=3, temperature=0)
     stats = engine.stats()
     assert stats["weight_bytes"] == engine.model.weights.nbytes > 0
-    assert stats["kv_cache_bytes"] == engine.cache.nbytes > 0
+    assert stats["kv_cache_bytes"] == engine.store.nbytes > 0
     assert stats["last_run"]["generated_tokens"] == 3  # type: ignore[index]

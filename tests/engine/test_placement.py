@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from metallic.engine import engine as engine_module
+from metallic.engine import loader as loader_module
 from metallic.engine.engine import Engine
+from metallic.engine.loader import kv_sizes
 from metallic.engine.sampling import SamplingParams
-from metallic.runtime.kv_cache import PagedKVCache
+from metallic.models.kv_store import KVLayout
 from metallic.runtime.memory import MemoryPool
 from metallic.runtime.placement import BudgetTooSmall, KVBudgetExceeded
 from metallic.testing.synthetic import ModelShape, write_synthetic_model
@@ -34,7 +36,8 @@ def small_steps(monkeypatch):
 
 
 def engine(model, **options) -> Engine:
-    return Engine(model, device="cpu", dtype="f32", context_size=CTX, **options)
+    """Steps of at most 32 tokens (small_steps), so few sequences at once."""
+    return Engine(model, device="cpu", dtype="f32", context_size=CTX, max_num_seqs=4, **options)
 
 
 def greedy(e: Engine, n: int = 20) -> list[int]:
@@ -44,7 +47,7 @@ def greedy(e: Engine, n: int = 20) -> list[int]:
 
 @pytest.fixture(scope="module")
 def reference(model):
-    e = Engine(model, device="cpu", dtype="f32", context_size=CTX)
+    e = Engine(model, device="cpu", dtype="f32", context_size=CTX, max_num_seqs=4)
     return e.logits(PROMPT), greedy(e)
 
 
@@ -60,7 +63,9 @@ def test_streamed_layers_give_identical_results(model, reference) -> None:
 
 def _kv_bytes(e: Engine) -> tuple[int, int]:
     """The KV cache's bytes at the full context, and the least a budget must give it."""
-    return PagedKVCache.bytes_needed(e.config, 1, CTX, torch.float32, 16, 32)
+    layout = KVLayout.of(e.config, torch.float32)
+    sizes = kv_sizes(layout, CTX, 32)
+    return layout.bytes(sizes.start()), layout.bytes(sizes.least(layout, 32))
 
 
 def _least_kv(e: Engine) -> int:
@@ -73,11 +78,11 @@ def test_residency_streams_layers_under_kv_pressure_and_brings_them_back(model, 
     budget = roomy.weight_bytes + roomy.reserve_bytes + _least_kv(engine(model))
     e = engine(model, memory_budget=budget)  # every layer fits, the KV cache barely
     assert e.plan is not None and e.plan.host_layers == []
-    start_kv = e.cache.nbytes
+    start_kv = e.store.nbytes
     assert greedy(e) == reference[1]  # 170 tokens need more KV than the start leaves
     place = e.stats()["placement"]
     assert place["evictions"] > 0 and place["restores"] == place["evictions"]
-    assert place["layers_streamed"] == 0 and e.cache.nbytes == start_kv  # pressure fell
+    assert place["layers_streamed"] == 0 and e.store.nbytes == start_kv  # pressure fell
     assert greedy(e) == reference[1]  # and again, from the same state
     assert e.stats()["placement"]["evictions"] == 2 * place["evictions"]
 
@@ -128,7 +133,7 @@ def test_kv_growth_keeps_the_pool_within_the_budget(kv_heavy, step) -> None:
     assert e.stats()["placement"]["evictions"] > 0  # the cache outgrew what the start left
     pool = e.stats()["memory_pool"]
     activations = pool["kinds"]["activations"]["reserved_bytes"]
-    assert 0 < activations <= engine_module.RUNTIME_BYTES
+    assert 0 < activations <= loader_module.RUNTIME_BYTES
     assert pool["peak_reserved_bytes"] <= budget - e.plan.reserve_bytes + activations
 
 
@@ -156,7 +161,7 @@ def test_the_end_of_a_run_compacts_a_fragmented_pool(model, reference, monkeypat
             spacers.append(pool.allocate(kind, (4096,), torch.uint8, name="spacer"))
         return pool
 
-    monkeypatch.setattr(engine_module, "MemoryPool", pool_with_spacers)
+    monkeypatch.setattr(loader_module, "MemoryPool", pool_with_spacers)
     e = engine(model, gpu_layers=4)  # pooled without a budget (shared arenas), two slots
     assert e.memory is not None and not e.memory.exact and e.model.streamer is not None
     assert torch.equal(e.logits(PROMPT), reference[0])
@@ -164,12 +169,12 @@ def test_the_end_of_a_run_compacts_a_fragmented_pool(model, reference, monkeypat
     for block in spacers:
         e.memory.free(block)
     assert e.memory.fragmented("weights") and e.memory.fragmented("kv")
-    before = [e.cache.k[0], e.model.streamer.slots[0], e.model.weights.output_norm]
+    before = [e.store.k[0], e.model.streamer.slots[0], e.model.weights.output_norm]
     assert torch.equal(e.logits(PROMPT), reference[0])  # compacted at its end
     pool = e.stats()["memory_pool"]
     assert pool["compactions"] == 2 and pool["generation"] == 2
     assert pool["kinds"]["weights"]["fragmentation"] == pool["kinds"]["kv"]["fragmentation"] == 0
-    after = [e.cache.k[0], e.model.streamer.slots[0], e.model.weights.output_norm]
+    after = [e.store.k[0], e.model.streamer.slots[0], e.model.weights.output_norm]
     for old, new in zip(before, after, strict=True):
         assert new.data_ptr() == old.data_ptr() - 4096  # slid over the spacer's bytes
     assert torch.equal(e.logits(PROMPT), reference[0])

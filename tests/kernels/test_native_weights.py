@@ -10,9 +10,9 @@ import torch
 
 from metallic.engine.engine import Engine
 from metallic.engine.sampling import SamplingParams
+from metallic.engine.scheduler import Chunk
+from metallic.engine.sequence import Sequence
 from metallic.ops.linear import LinearWeight
-from metallic.runtime.batch import SequenceChunk
-from metallic.runtime.kv_cache import PagedKVCache
 from metallic.testing.synthetic import PRESETS, write_synthetic_model
 
 
@@ -29,7 +29,6 @@ def test_kernel_path_matches_torch_path(tmp_path, monkeypatch, preset, mix):
     torch_path = Engine(path, device="cpu", dtype="f32", context_size=40)
     monkeypatch.setenv("METALLIC_FORCE_KERNELS", "1")
     kernels = Engine(path, device="cpu", dtype="f32", context_size=40)
-    assert isinstance(kernels.cache, PagedKVCache)
     layer = kernels.model.weights.layers[0]
     assert isinstance(layer.qkv, LinearWeight) and layer.qkv.dense is None
     assert kernels.model.weights.embedding.native is not None
@@ -72,20 +71,39 @@ def test_a_part_the_kernels_cannot_read_keeps_its_whole_stack_dense(tmp_path, mo
     assert _relative(native.logits(ids), dense.logits(ids)) < 1e-3
 
 
-def test_padded_prompt_chunk_gives_the_unpadded_logits(tmp_path, monkeypatch):
-    """A prompt chunk topped up with a filler sequence (how a captured prefill graph serves any
-    length up to its bucket) yields the same logits for the real sequence."""
+def test_padded_steps_give_the_unpadded_logits(tmp_path, monkeypatch):
+    """A prompt chunk topped up with a filler sequence, and decode steps topped up with filler
+    rows (how captured graphs serve any length up to their bucket), yield the same logits for
+    the real sequences: the filler writes only the scratch blocks."""
     shape = dataclasses.replace(PRESETS["tiny-gemma3"], n_layers=2)
     path = write_synthetic_model(tmp_path / "m.gguf", shape, "Q8_0", seed=8)
     monkeypatch.setenv("METALLIC_FORCE_KERNELS", "1")
     engine = Engine(path, device="cpu", dtype="f32", context_size=64)
-    cache, model = engine.cache, engine.model
-    assert isinstance(cache, PagedKVCache)
-    tokens = engine.tokenizer.encode("padding must not leak into a sequence")[:11]
-    slot = cache.allocate()
-    plain = model.forward(cache.batch([SequenceChunk(slot, 0, tokens)]), cache)
-    padded_batch = cache.batch([SequenceChunk(slot, 0, tokens)], pad_to=16)
-    assert padded_batch.n_tokens == 16 and len(padded_batch.chunks) == 2
-    padded = model.forward(padded_batch, cache)
-    assert padded.shape[0] == 2
+    runner, model, store = engine.runner, engine.model, engine.store
+    prompts = [
+        engine.tokenizer.encode("padding must not leak into a sequence")[:n] for n in (11, 5, 8)
+    ]
+    seqs = []
+    for i, tokens in enumerate(prompts):
+        seq = Sequence(i, i, tokens, SamplingParams(), engine.tokenizer, len(store.n_blocks), 64)
+        assert engine.blocks.reserve(seq, 0, len(tokens) + 1)
+        seqs.append(seq)
+
+    def run(chunks: list[Chunk], graphs: bool) -> torch.Tensor:
+        runner.cuda_graphs = graphs  # prepare pads as for a graph (nothing is captured here)
+        batch, graphed = runner.prepare(chunks, None)
+        assert graphed == graphs
+        return model.forward(batch, store)
+
+    prefill = [Chunk(seqs[0], 0, 11)]
+    plain, padded = run(prefill, False), run(prefill, True)
+    assert padded.shape[0] == 2  # the sequence and the filler (16 tokens)
     torch.testing.assert_close(padded[0], plain[0], rtol=1e-5, atol=1e-5)
+    for seq in seqs[1:]:
+        run([Chunk(seq, 0, len(seq.token_ids))], False)
+    for seq in seqs:
+        seq.token_ids.append(7)
+    decode = [Chunk(seq, len(seq.token_ids) - 1, len(seq.token_ids)) for seq in seqs]
+    plain, padded = run(decode, False), run(decode, True)
+    assert padded.shape[0] == 4  # three sequences and a filler row
+    torch.testing.assert_close(padded[:3], plain, rtol=1e-5, atol=1e-5)

@@ -257,7 +257,7 @@ def test_step_graphs_guard_their_static_batch_only_in_debug_mode(monkeypatch):
     assert StepGraphs(lambda batch: batch.tokens).guards is None
     monkeypatch.setenv("METALLIC_DEBUG", "1")
     assert StepGraphs(lambda batch: batch.tokens).guards == {}
-    batch = StepBatch.build([SequenceChunk(0, 0, [5, 6])], CPU, [[[1]]], max_blocks=2)
+    batch = StepBatch.build([SequenceChunk(0, [5, 6], [[1]])], CPU, table_width=2)
     static = batch.static_copy()
     out = torch.zeros(2, 8)
     tensors = graph_tensors((2, 1), static, out)

@@ -1,0 +1,210 @@
+"""Scheduled work in, sampled tokens out: one step batch, one forward, one sampling pass.
+
+The runner turns a scheduled step into a `StepBatch` (the tokens of every sequence flattened, with
+positions, block tables and lengths), runs the model on it and samples every sequence that ends
+its chunk, each with its own parameters, in one batched pass. Nothing here waits for the device:
+the sampled ids stay on it, and a copy to pinned host memory is queued with an event, so the
+engine can queue the next step before it reads them (a decode input whose id is still on the
+device is filled in there from the previous step's tensor).
+
+On CUDA, steps replay as graphs: decode steps padded to a power-of-two number of sequences and
+captured per key-count bound, single prompt chunks padded to a bucket of tokens. Padding rows are
+a filler sequence that writes its keys into the scratch blocks. Mixed steps (several prompts, or
+prompts beside decodes) run eagerly. A graph is captured on first use with a log line, and again
+when anything it baked in moved (the KV pools were resized, layers moved, the pool compacted).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from metallic.engine.blocks import BlockManager
+from metallic.engine.sampling import Sampler
+from metallic.engine.scheduler import Chunk, Step
+from metallic.engine.sequence import PENDING, Sequence
+from metallic.models.kv_store import KVStore
+from metallic.models.transformer import Transformer
+from metallic.runtime.batch import SequenceChunk, StepBatch
+from metallic.runtime.graphs import StepGraphs
+
+MIN_KEY_BOUND = 256  # the smallest key-count bound of a step (see key_bound)
+
+log = logging.getLogger("metallic")
+
+
+@dataclass
+class Launched:
+    """A step queued on the device: what it computes and where its sampled ids will be."""
+
+    step: Step
+    sampled: list[tuple[Sequence, int]]  # (sequence, index of its PENDING token), in row order
+    tokens: torch.Tensor  # [len(sampled)] int64 on the device
+    host: torch.Tensor  # the same ids (and logprobs), landing in (pinned) host memory
+    ready: torch.cuda.Event | None
+    logprob_rows: list[int] = field(default_factory=list)  # rows in `sampled` with logprobs
+    top_k: int = 0
+
+    def fetch(self) -> tuple[list[int], list[list[float]]]:
+        """Wait for the ids (and the logprobs: chosen first, then the top ids and their
+        values) to reach the host."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        n = len(self.sampled)
+        ids = self.host[:n].long().tolist()
+        rows = len(self.logprob_rows)
+        return ids, self.host[n:].view(rows, -1).tolist() if rows else []
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: Transformer,
+        store: KVStore,
+        blocks: BlockManager,
+        sampler: Sampler,
+        context_size: int,
+        prefill_bucket: Callable[[int], int],
+        cuda_graphs: bool,
+        version: Callable[[], object],
+    ) -> None:
+        """`prefill_bucket(n)`: the token count a captured prompt chunk of n tokens is padded
+        to; `version()`: changes when weights moved (graphs recapture)."""
+        self.model = model
+        self.store = store
+        self.blocks = blocks
+        self.sampler = sampler
+        self.device = model.device
+        self.context_size = context_size
+        self.prefill_bucket = prefill_bucket
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.version = version
+        self.graphs: StepGraphs | None = None
+        self._graphs_key: object = None
+        self.steps = 0
+
+    def key_bound(self, n_keys: int) -> int:
+        """The power of two from MIN_KEY_BOUND up (at most the context) that holds `n_keys`:
+        few bounds, so few decode graphs, yet a short context is not split as a full one."""
+        bound = MIN_KEY_BOUND
+        while bound < n_keys:
+            bound *= 2
+        return min(bound, self.context_size)
+
+    def launch(self, step: Step, previous: Launched | None) -> Launched:
+        """Queue `step` on the device: batch, forward, sampling, and the copy of the ids."""
+        batch, graphed = self.prepare(step.chunks, previous)
+        logits = self.execute(batch, graphed)
+        rows = [i for i, c in enumerate(step.chunks) if c.samples]
+        sampled = [(step.chunks[i].seq, len(step.chunks[i].seq.token_ids)) for i in rows]
+        if len(rows) != logits.shape[0]:  # filler rows, or chunks that do not sample yet
+            logits = logits[torch.tensor(rows, dtype=torch.long, device=self.device)]
+        seq_ids = [seq.seq_id for seq, _ in sampled]
+        tokens = self.sampler.sample(logits, seq_ids) if rows else logits.new_empty(0).long()
+        logprob_rows = [i for i, (seq, _) in enumerate(sampled) if seq.logprobs is not None]
+        top_k = max((sampled[i][0].logprobs or 0 for i in logprob_rows), default=0)
+        parts = [tokens.double()]  # ids and log-probabilities travel in one copy
+        if logprob_rows:
+            parts.append(self._logprobs(logits, tokens, logprob_rows, top_k).reshape(-1))
+        flat = torch.cat(parts)
+        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=self.device.type == "cuda")
+        host.copy_(flat, non_blocking=True)
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        for row, (seq, index) in enumerate(sampled):
+            seq.token_ids.append(PENDING)
+            seq.pending_row = row
+            assert len(seq.token_ids) == index + 1
+        for chunk in step.chunks:
+            chunk.seq.num_computed = chunk.end
+        self.steps += 1
+        return Launched(step, sampled, tokens, host, ready, logprob_rows, top_k)
+
+    def _logprobs(
+        self, logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], k: int
+    ) -> torch.Tensor:
+        """Per row: the chosen token's log-probability under the raw logits, then the `k` most
+        likely ids and their log-probabilities: [len(rows), 1 + 2k]."""
+        index = torch.tensor(rows, device=logits.device)
+        logprobs = torch.log_softmax(logits[index].float(), dim=-1)
+        chosen = logprobs.gather(1, tokens[index][:, None])
+        values, ids = logprobs.topk(k, dim=-1) if k else (chosen[:, :0], chosen[:, :0])
+        return torch.cat((chosen, ids.double().to(chosen.dtype), values), dim=1).double()
+
+    def prepare(self, chunks: list[Chunk], previous: Launched | None) -> tuple[StepBatch, bool]:
+        """The step batch of `chunks` (padded for a graph when one serves it), and whether a
+        graph does. Inputs still on the device come from `previous`'s sampled ids."""
+        seq_chunks = []
+        fill_rows, fill_from = [], []
+        row = 0
+        for chunk in chunks:
+            seq = chunk.seq
+            tokens = seq.token_ids[chunk.start : chunk.end]
+            if tokens[-1] == PENDING:
+                assert previous is not None and len(tokens) == 1
+                tokens = [0]
+                fill_rows.append(row)
+                fill_from.append(seq.pending_row)
+            seq_chunks.append(SequenceChunk(chunk.start, tokens, seq.tables))
+            row += len(tokens)
+        longest = max(c.end for c in chunks)
+        bound = self.key_bound(longest)
+        bs = self.blocks.block_size
+        graphed = self.cuda_graphs
+        width, pad_to = 0, 0
+        if graphed and all(c.end - c.start == 1 for c in chunks):
+            n = 1 << (len(chunks) - 1).bit_length()  # sequences, padded to a power of two
+            scratch = [t[:1] for t in self.blocks.scratch_tables]
+            seq_chunks += [SequenceChunk(0, [0], scratch)] * (n - len(chunks))
+            width = -(-bound // bs)
+        elif graphed and len(chunks) == 1:
+            pad_to = self.prefill_bucket(len(seq_chunks[0].tokens))
+            filler = pad_to - len(seq_chunks[0].tokens)
+            if filler:
+                scratch = [t[: -(-filler // bs)] for t in self.blocks.scratch_tables]
+                seq_chunks.append(SequenceChunk(0, [0] * filler, scratch))
+            width = -(-self.context_size // bs)
+            bound = 0  # a prompt chunk's graph serves every context length
+        else:
+            graphed = False
+        batch = StepBatch.build(
+            seq_chunks, self.device, width, max_q_len=pad_to or None, max_keys=bound
+        )
+        if fill_rows:
+            self._fill(batch, fill_rows, fill_from, previous)
+        return batch, graphed
+
+    def _fill(
+        self, batch: StepBatch, rows: list[int], sources: list[int], previous: Launched | None
+    ) -> None:
+        """Write decode inputs whose ids are still on the device (previous step's samples)."""
+        assert previous is not None
+        source = previous.tokens.to(torch.int32)
+        if rows == sources == list(range(len(rows))):
+            batch.tokens[: len(rows)].copy_(source[: len(rows)])
+            return
+        index = torch.tensor(sources, device=self.device)
+        at = torch.tensor(rows, device=self.device)
+        batch.tokens.index_copy_(0, at, source.index_select(0, index))
+
+    def execute(self, batch: StepBatch, graphed: bool) -> torch.Tensor:
+        """Logits [sequences (filler included), vocab] of each sequence's last token."""
+        if not graphed:
+            return self.model.forward(batch, self.store)
+        key = (self.store.generation, self.version())
+        if self.graphs is None or key != self._graphs_key:
+            self.graphs = StepGraphs(lambda b: self.model.forward(b, self.store))
+            self._graphs_key = key
+        return self.graphs.run(batch)
+
+    def forward_chunk(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+        """Logits [end - start, vocab] of every token of `seq` in [start, end), run eagerly
+        (teacher forcing); the sequence holds the blocks."""
+        chunk = SequenceChunk(start, seq.token_ids[start:end], seq.tables)
+        batch = StepBatch.build([chunk], self.device, max_keys=self.key_bound(end))
+        return self.model.forward(batch, self.store, every_row=True)
