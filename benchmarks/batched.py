@@ -12,6 +12,8 @@
    the same B, prompts and outputs) and llama-bench (pp512, tg128).
 4. On the CPU (--device cpu): 8 prompts through `generate_batch` against the same 8 one after
    another, generated tokens per second.
+5. Check first (--check): 16 prompts' greedy tokens run together against each run alone; a
+   difference must start at a near-tie of the alone run (its top two logits' gap is printed).
 
 Prints a table, writes the results and a record (benchmarks/common.py) to $OUT or
 benchmarks/results/.
@@ -124,12 +126,27 @@ def cpu_comparison(engine: Engine, n: int = 8, generated: int = 32) -> dict[str,
     }
 
 
+def check(engine: Engine, n: int = 16, generated: int = 32) -> dict[str, object]:
+    prompts = random_prompts(engine, n, 48, seed=5)
+    kwargs = {"max_tokens": generated, "temperature": 0, "ignore_eos": True}
+    together = engine.generate_batch_tokens(prompts, **kwargs)
+    gaps = []
+    for prompt, got in zip(prompts, together, strict=True):
+        alone = engine.generate_batch_tokens([prompt], **kwargs)[0]
+        if got != alone:
+            k = next(i for i, (a, b) in enumerate(zip(got, alone, strict=True)) if a != b)
+            top2 = engine.logits(prompt + alone[:k])[-1].topk(2).values
+            gaps.append((k, float(top2[0] - top2[1])))
+    return {"identical": n - len(gaps), "of": n, "first_difference_and_top2_gap": gaps}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="the real Gemma 3 270M GGUF")
     parser.add_argument("--synthetic", action="append", default=[], help="preset: llama3-8b")
     parser.add_argument("--batches", default="1,8,32,64")
     parser.add_argument("--prefix", action="store_true", help="the shared-prefix workload")
+    parser.add_argument("--check", action="store_true", help="batched vs alone greedy tokens")
     parser.add_argument("--llama-bin", type=Path, help="llama.cpp's build/bin for baselines")
     parser.add_argument("--vocab", type=Path, help="vocab GGUF for synthetic files (llama.cpp)")
     parser.add_argument("--device", default="cuda")
@@ -154,6 +171,9 @@ def main() -> int:
         print(f"{label} ({path})", flush=True)
         engine = Engine(path, device=args.device, context_size=args.ctx)
         entry: dict[str, object] = {}
+        if args.check:
+            entry["check"] = check(engine)
+            print(f"  check: {entry['check']}", flush=True)
         if device.type == "cpu":
             entry["cpu"] = cpu_comparison(engine)
             print(f"  {entry['cpu']}", flush=True)
