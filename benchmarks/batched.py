@@ -81,14 +81,48 @@ def burst(engine: Engine, prompts: list[list[int]], max_tokens: int) -> dict[str
     }
 
 
-def batch_sizes(engine: Engine, sizes: list[int]) -> dict[int, dict[str, float]]:
-    results = {}
+def batch_sizes(engine: Engine, sizes: list[int]) -> dict[int, dict[str, object]]:
+    results: dict[int, dict[str, object]] = {}
     for b in sizes:
         prompts = random_prompts(engine, b, PROMPT, seed=b)
         burst(engine, prompts, GENERATED)  # warm-up
+        before = dict(vars(engine.step_times))
         results[b] = burst(engine, random_prompts(engine, b, PROMPT, seed=1000 + b), GENERATED)
-        print(f"  B={b}: S_TG {results[b]['s_tg']:.0f} tok/s", flush=True)
+        after = vars(engine.step_times)
+        steps = after["steps"] - before["steps"]
+        results[b]["host_ms_per_step"] = {
+            phase: 1e3 * (after[phase] - before[phase]) / steps
+            for phase in ("schedule", "launch", "wait", "collect")
+        }
+        print(
+            f"  B={b}: S_TG {results[b]['s_tg']:.0f} tok/s, per step (ms) "
+            f"{results[b]['host_ms_per_step']}",
+            flush=True,
+        )
     return results
+
+
+def decode_kernels(engine: Engine, b: int, steps: int = 10) -> dict[str, object]:
+    """Device time per kernel over steady decode steps of `b` sequences."""
+    from gpu_profile import kernel_table
+
+    params = SamplingParams(temperature=0.0, max_tokens=steps * 3 + 20, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in random_prompts(engine, b, 64, seed=4)]
+    started: set[object] = set()
+    while len(started) < len(ids):
+        started |= {out.request_id for out in engine.step() if out.token_ids}
+    began = time.perf_counter()
+    rows, kernel_us = kernel_table(engine.step, repeats=steps)
+    wall = (time.perf_counter() - began) / (steps + 1)
+    for request in ids:
+        engine.abort(request)
+    while engine.has_unfinished():
+        engine.step()
+    top = [(name, n, round(us, 1)) for name, n, us in rows[:14]]
+    print(f"  B={b} decode step: kernels {kernel_us:.0f} us, wall {wall * 1e6:.0f} us", flush=True)
+    for name, n, us in top:
+        print(f"    {us:>8.1f} us  x{n:<4} {name}", flush=True)
+    return {"kernel_us": kernel_us, "wall_us": wall * 1e6, "top": top}
 
 
 def prefix_workload(path: Path, device: str, ctx: int) -> dict[str, dict[str, float]]:
@@ -147,6 +181,7 @@ def main() -> int:
     parser.add_argument("--batches", default="1,8,32,64")
     parser.add_argument("--prefix", action="store_true", help="the shared-prefix workload")
     parser.add_argument("--check", action="store_true", help="batched vs alone greedy tokens")
+    parser.add_argument("--kernels", type=int, default=0, help="profile decode at this B")
     parser.add_argument("--llama-bin", type=Path, help="llama.cpp's build/bin for baselines")
     parser.add_argument("--vocab", type=Path, help="vocab GGUF for synthetic files (llama.cpp)")
     parser.add_argument("--device", default="cuda")
@@ -179,6 +214,8 @@ def main() -> int:
             print(f"  {entry['cpu']}", flush=True)
         else:
             entry["metallic"] = batch_sizes(engine, sizes)
+            if args.kernels:
+                entry["kernels"] = decode_kernels(engine, args.kernels)
             records += [
                 row(label, f"batch-{b}", "metallic", r["s_tg"], "tok/s")
                 for b, r in entry["metallic"].items()
@@ -189,15 +226,24 @@ def main() -> int:
         if args.prefix:
             entry["prefix"] = prefix_workload(path, args.device, args.ctx)
             for state, r in entry["prefix"].items():
-                records.append(row(label, f"ttft-p50-prefix-cache-{state}", "metallic",
-                                   r["ttft_p50"] * 1e3, "ms"))  # fmt: skip
+                records.append(
+                    row(
+                        label,
+                        f"ttft-p50-prefix-cache-{state}",
+                        "metallic",
+                        r["ttft_p50"] * 1e3,
+                        "ms",
+                    )
+                )
         if args.llama_bin:
             lc = llama_batched_bench(
                 args.llama_bin / "llama-batched-bench", path, PROMPT, GENERATED, sizes
             )
             entry["llama.cpp"] = {b: r["S_TG t/s"] for b, r in lc.items()}
-            records += [row(label, f"batch-{b}", "llama.cpp", v, "tok/s")
-                        for b, v in entry["llama.cpp"].items()]  # fmt: skip
+            records += [
+                row(label, f"batch-{b}", "llama.cpp", v, "tok/s")
+                for b, v in entry["llama.cpp"].items()
+            ]
             bench = llama_bench(args.llama_bin / "llama-bench", path, 512, 128)
             entry["llama-bench"] = bench
             records += [row(label, t, "llama.cpp", v, "tok/s") for t, v in bench.items()]

@@ -67,6 +67,19 @@ class GeneratedToken:
 
 
 @dataclass
+class StepTimes:
+    """Host seconds per phase of `step`, summed over steps. While the device keeps up, `wait`
+    (for the tokens of the step in flight) is where it computes; the rest is host work that a
+    step on the device must outlast for the host not to be the limit."""
+
+    steps: int = 0
+    schedule: float = 0.0  # what runs next, KV blocks, growth, preemption
+    launch: float = 0.0  # batch, forward and sampling queued, prefix blocks hashed
+    wait: float = 0.0  # the previous step's tokens reaching the host
+    collect: float = 0.0  # detokenizing, stop strings, ending requests
+
+
+@dataclass
 class Completion:
     """A finished request of a batch: its text and ids, or the error that ended it."""
 
@@ -149,6 +162,7 @@ class Engine:
             lambda: self.residency.version,
         )
         self.last_stats = GenerationStats()
+        self.step_times = StepTimes()
         self.failure: Exception | None = None  # the last exception a step ran into
         self._lock = threading.RLock()
         self._inbox: deque[Seq] = deque()  # added, not yet taken in by a step
@@ -218,7 +232,9 @@ class Engine:
         with self._lock:
             outputs, self._ended = self._ended, []
             outputs += self._take_inbox()
+            times = self.step_times
             try:
+                began = time.perf_counter()
                 work = self.scheduler.schedule()
                 for seq in work.failed:
                     error = KVBudgetExceeded(
@@ -226,12 +242,21 @@ class Engine:
                         "even alone (raise --gpu-memory or lower --ctx-size)"
                     )
                     outputs.append(self._end(seq, "error", error))
+                scheduled = time.perf_counter()
                 launched = self.runner.launch(work, self._in_flight) if work.chunks else None
                 for chunk in work.chunks:
                     self.blocks.commit(chunk.seq)
                 previous, self._in_flight = self._in_flight, launched
+                queued = time.perf_counter()
                 if previous is not None:
-                    outputs += self._collect(previous)
+                    fetched = previous.fetch()
+                    arrived = time.perf_counter()
+                    outputs += self._collect(previous, *fetched)
+                    times.wait += arrived - queued
+                    times.collect += time.perf_counter() - arrived
+                times.steps += 1
+                times.schedule += scheduled - began
+                times.launch += queued - scheduled
                 if not self.has_unfinished():
                     self.planner.relieve()
             except Exception as err:
@@ -251,9 +276,10 @@ class Engine:
                 outputs.append(self._end(seq, "abort"))
         return outputs
 
-    def _collect(self, launched: Launched) -> list[RequestOutput]:
+    def _collect(
+        self, launched: Launched, ids: list[int], logprobs: list[list[float]]
+    ) -> list[RequestOutput]:
         """The tokens of a step that ran: resolve them, detokenize, and end what ended."""
-        ids, logprobs = launched.fetch()
         by_row = dict(zip(launched.logprob_rows, logprobs, strict=True))
         now = time.perf_counter()
         outputs = []
@@ -509,6 +535,7 @@ class Engine:
                 "prompt_tokens": blocks.looked_up,
                 "hit_tokens": blocks.hits,
             },
+            "step_times": vars(self.step_times),
             "last_run": vars(self.last_stats),
         }
 
