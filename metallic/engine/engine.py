@@ -168,7 +168,8 @@ class Engine:
         self._inbox: deque[Seq] = deque()  # added, not yet taken in by a step
         self._aborts: deque[object] = deque()
         self._active: dict[object, Seq] = {}  # request id -> its sequence, until it ends
-        self._ids = itertools.count()
+        self._request_ids = itertools.count()  # for requests that bring no id
+        self._seq_ids = itertools.count()  # the sampler's keys: unique whatever the ids
         self._in_flight: Launched | None = None
         self._ended: list[RequestOutput] = []  # outputs of requests ended between steps
 
@@ -195,11 +196,13 @@ class Engine:
         self._check_fits(len(ids) + 1)
         with self._lock:
             if request_id is None:
-                request_id = next(self._ids)
-            if request_id in self._active:
+                request_id = next(self._request_ids)
+                while request_id in self._active:  # a caller chose this number before
+                    request_id = next(self._request_ids)
+            elif request_id in self._active:
                 raise MetallicError(f"request id {request_id!r} is already in use")
             seq = Seq(
-                next(self._ids) if not isinstance(request_id, int) else request_id,
+                next(self._seq_ids),
                 request_id,
                 ids,
                 params,
@@ -305,8 +308,11 @@ class Engine:
 
     def _end(self, seq: Seq, reason: str, error: Exception | None = None) -> RequestOutput:
         """Finish `seq`: its blocks and sampler state go back, its id is free again."""
-        self.scheduler.remove(seq)
-        self.sampler.remove(seq.seq_id)
+        if seq in self._inbox:  # added while a step ran, never taken in
+            self._inbox.remove(seq)
+        else:
+            self.scheduler.remove(seq)
+            self.sampler.remove(seq.seq_id)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         seq.finished_at = time.perf_counter()
