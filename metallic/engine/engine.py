@@ -17,11 +17,12 @@ import torch
 from metallic.engine.detokenizer import StopMatcher, StreamingDetokenizer
 from metallic.engine.sampling import Sampler, SamplingParams, top_logprobs
 from metallic.errors import MetallicError
-from metallic.gguf.config import ModelConfig, config_from_metadata
+from metallic.gguf.config import ModelConfig
 from metallic.gguf.default_model import default_model_path
 from metallic.gguf.reader import open_gguf
 from metallic.gguf.tokenizer import Tokenizer
 from metallic.models.transformer import Transformer, step_memory_bound
+from metallic.models.validate import model_config
 from metallic.models.weights import (
     LayerWeights,
     ModelWeights,
@@ -107,7 +108,7 @@ class Engine:
         included, and moves layers to the host when the KV cache outgrows what is left."""
         self.path = Path(path) if path is not None else default_model_path()
         self.gguf = open_gguf(self.path)
-        self.config: ModelConfig = config_from_metadata(self.gguf.metadata, str(self.path))
+        self.config: ModelConfig = model_config(self.gguf)
         self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
         self.device = choose_device(device)
         self.dtype = choose_dtype(self.device, dtype)
