@@ -35,6 +35,7 @@ from metallic.models.weights import (
 )
 from metallic.ops.dispatch import use_kernels
 from metallic.runtime.batch import SequenceChunk, StepBatch
+from metallic.runtime.budget import budget_overhead
 from metallic.runtime.device import choose_device, choose_dtype, choose_vocab_dtype
 from metallic.runtime.graphs import StepGraphs
 from metallic.runtime.kv_cache import ContiguousKVCache, KVCache, PagedKVCache
@@ -128,6 +129,7 @@ class Engine:
             )
             reserve = step_memory_bound(self.config, act_dtype, PREFILL_CHUNK, widen=native)
             reserve += RUNTIME_BYTES
+            reserve += budget_overhead(self.device, budget)  # CUDA context, libraries, modules
             self.plan = plan_memory(
                 per_layer, fixed, kv_full, kv_least, reserve, budget=budget, gpu_layers=gpu_layers
             )
