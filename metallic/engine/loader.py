@@ -16,14 +16,16 @@ import torch
 
 from metallic.engine.residency import Residency
 from metallic.errors import MetallicError
-from metallic.gguf.config import ModelConfig, config_from_metadata
+from metallic.gguf.config import ModelConfig
 from metallic.gguf.default_model import default_model_path
 from metallic.gguf.reader import GGUFFile, open_gguf
 from metallic.gguf.tokenizer import Tokenizer
 from metallic.models.kv_store import KVLayout
 from metallic.models.transformer import Transformer, step_memory_bound
+from metallic.models.validate import model_config
 from metallic.models.weights import estimate_bytes, load_weights
 from metallic.ops.dispatch import use_kernels
+from metallic.runtime.budget import budget_overhead
 from metallic.runtime.device import choose_device, choose_dtype, choose_vocab_dtype
 from metallic.runtime.memory import MemoryPool
 from metallic.runtime.placement import MemoryPlan, parse_bytes, plan_memory
@@ -115,7 +117,7 @@ def load_model(
     to the model's, at most DEFAULT_CONTEXT."""
     path = Path(path) if path is not None else default_model_path()
     gguf = open_gguf(path)
-    config = config_from_metadata(gguf.metadata, str(path))
+    config = model_config(gguf)
     tokenizer = Tokenizer.from_metadata(gguf.metadata)
     device = choose_device(device)
     dtype = choose_dtype(device, dtype)
@@ -134,6 +136,7 @@ def load_model(
     if gpu_layers is not None or budget is not None:
         fixed, per_layer = estimate_bytes(gguf, config, dtype, native)
         reserve = step_memory_bound(config, act_dtype, step_tokens, n_seqs, widen=native)
+        reserve += budget_overhead(device, budget)  # the CUDA context, libraries, modules
         full, least = layout.bytes(kv_start), layout.bytes(sizes.least(layout, step_tokens))
         plan = plan_memory(
             per_layer, fixed, full, least, reserve + RUNTIME_BYTES, budget=budget,

@@ -19,6 +19,7 @@ detokenizer. Anything else (other models, other pre-tokenizers) is refused with 
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from tokenizers import Regex, models, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
 from metallic.errors import TokenizerError
+
+log = logging.getLogger("metallic")
 
 SPACE_MARK = "\u2581"  # how SentencePiece spells a space inside tokens
 
@@ -837,12 +840,22 @@ def _flag(metadata: Mapping[str, Any], key: str, default: bool) -> bool:
 
 
 def _special_id(metadata: Mapping[str, Any], key: str, n: int, default: int | None) -> int | None:
-    """The id ``tokenizer.ggml.<key>`` names; like llama.cpp, an invalid id keeps the default."""
+    """The id ``tokenizer.ggml.<key>`` names; like llama.cpp, an id outside the vocabulary is
+    ignored with a warning, keeping the default."""
     if default is not None and not 0 <= default < n:
         default = None
     value = metadata.get(f"tokenizer.ggml.{key}")
+    if value is None:
+        return default
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < n:
         return value
+    log.warning(
+        "ignoring tokenizer.ggml.%s = %.60r: not a token id of the %d-token vocabulary (using %s)",
+        key,
+        value,
+        n,
+        default,
+    )
     return default
 
 

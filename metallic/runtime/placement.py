@@ -57,7 +57,7 @@ class MemoryPlan:
     layer_bytes: tuple[int, ...]
     fixed_bytes: int  # embedding, output, norms: always on the device
     kv_bytes: int  # the KV cache's starting size
-    reserve_bytes: int  # activations and prefill scratch
+    reserve_bytes: int  # activations, prefill scratch and what torch does not allocate
     budget: int | None
 
     @property
@@ -76,7 +76,11 @@ class MemoryPlan:
             text += f", {len(self.host_layers)} streamed from the host"
         if self.budget is not None:
             used = self.weight_bytes + self.kv_bytes + self.reserve_bytes
-            text += f" ({used / MiB:.0f} of {self.budget / MiB:.0f} MiB budget)"
+            text += (
+                f" ({used / MiB:.0f} of {self.budget / MiB:.0f} MiB budget: weights"
+                f" {self.weight_bytes / MiB:.0f}, KV cache {self.kv_bytes / MiB:.0f}, reserve"
+                f" {self.reserve_bytes / MiB:.0f} for activations, libraries and the CUDA context)"
+            )
         return text
 
 
@@ -115,7 +119,8 @@ def plan_memory(
         f"a device budget of {budget / MiB:.0f} MiB is too small: this model needs at least "
         f"{(needed + min_kv_bytes) / MiB:.0f} MiB"
         + (f" with {most} layers on the device" if gpu_layers is not None else "")
-        + " (non-layer weights, streaming slots, activations and a minimal KV cache)"
+        + " (non-layer weights, streaming slots, a minimal KV cache and the reserve for"
+        " activations, libraries and the CUDA context)"
     )
 
 

@@ -11,10 +11,7 @@ from __future__ import annotations
 import math
 import random
 import resource
-import signal
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +20,7 @@ from test_bad_input import write_small_gguf
 
 from metallic.errors import GGUFError
 from metallic.gguf.reader import open_gguf
+from metallic.testing.hostile import Hang, time_limit
 
 N_CASES = 2000
 MAX_SECONDS_PER_CASE = 1.0
@@ -30,24 +28,6 @@ HANG_ALARM_SECONDS = 10  # a hung case is stopped here instead of stalling the w
 MAX_PEAK_RSS_GROWTH_BYTES = 64 * 2**20
 INTERESTING_U64 = [0, 1, 2**31, 2**32 - 1, 2**32, 2**62, 2**63, 2**63 + 1, 2**64 - 32, 2**64 - 1]
 INTERESTING_U32 = [0, 1, 5, 13, 2**16, 2**31, 2**32 - 1]
-
-
-class _Hang(BaseException):
-    """Raised from SIGALRM; a BaseException so no `except Exception` in the reader can eat it."""
-
-
-@contextmanager
-def _alarm(seconds: int) -> Iterator[None]:
-    def on_alarm(signum: int, frame: object) -> None:
-        raise _Hang
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def _integer_fields(path: Path) -> list[tuple[int, int]]:
@@ -124,14 +104,14 @@ def test_random_damage_never_escapes_gguf_error(tmp_path: Path) -> None:
         path.write_bytes(_mutate(data, header_end, fields, seed))
         case_started = time.perf_counter()
         try:
-            with _alarm(HANG_ALARM_SECONDS):
+            with time_limit(HANG_ALARM_SECONDS):
                 _use_everything(path)
             outcomes["opened"] += 1
         except GGUFError as err:
             outcomes["rejected"] += 1
             if "\n" in str(err) or not str(err).startswith(f"{path}: "):
                 failures.append(f"seed {seed}: malformed message {str(err)!r}")
-        except (Exception, _Hang) as err:
+        except (Exception, Hang) as err:
             failures.append(f"seed {seed}: {type(err).__name__}: {err}")
         elapsed = time.perf_counter() - case_started
         slowest = max(slowest, elapsed)

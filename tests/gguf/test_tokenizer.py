@@ -316,6 +316,28 @@ def test_bad_spm_metadata_is_refused(key: str, value: Any, message: str) -> None
     assert isinstance(err.value, MetallicError) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("value", [2**32 - 1, 265, -1, "2", 2.0, True])
+def test_special_ids_outside_the_vocabulary_are_ignored_with_a_warning(
+    caplog: pytest.LogCaptureFixture, value: Any
+) -> None:
+    """As llama.cpp does: a bad id keeps the default (EOS 2 for SentencePiece) and warns."""
+    metadata = _tiny_spm()  # 265 tokens
+    metadata["tokenizer.ggml.eos_token_id"] = value
+    with caplog.at_level("WARNING", logger="metallic"):
+        tokenizer = Tokenizer.from_metadata(metadata)
+    assert tokenizer.eos_id == 2 and 2 in tokenizer.stop_ids
+    assert f"ignoring tokenizer.ggml.eos_token_id = {value!r}" in caplog.text
+    assert "265-token vocabulary (using 2)" in caplog.text
+
+
+def test_valid_special_ids_are_used_silently(caplog: pytest.LogCaptureFixture) -> None:
+    metadata = _tiny_spm()
+    metadata["tokenizer.ggml.eos_token_id"] = 264
+    with caplog.at_level("WARNING", logger="metallic"):
+        assert Tokenizer.from_metadata(metadata).eos_id == 264
+    assert not caplog.records
+
+
 def test_bad_merges_are_refused(vocab_metadata: Callable[[str], dict[str, Any]]) -> None:
     metadata = vocab_metadata("gpt-2")
     metadata["tokenizer.ggml.merges"] = [*metadata["tokenizer.ggml.merges"][:10], "zq xj"]

@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 
@@ -66,9 +67,100 @@ def test_unknown_architecture():
 
 
 def test_bad_values_are_errors():
-    with pytest.raises(ConfigError, match="do not divide"):
+    with pytest.raises(ConfigError, match="must divide"):
         config_from_metadata(_llama_meta(**{"llama.attention.head_count_kv": 3}))
-    with pytest.raises(ConfigError, match="non-negative integer"):
+    with pytest.raises(ConfigError, match="must be an integer >= 1"):
         config_from_metadata(_llama_meta(**{"llama.block_count": "four"}))
-    with pytest.raises(ConfigError, match="rope scaling"):
+    with pytest.raises(ConfigError, match=r"rope\.scaling\.type = 'yarn' is unsupported"):
         config_from_metadata(_llama_meta(**{"llama.rope.scaling.type": "yarn"}))
+
+
+ROPE = "llama.rope.dimension_count"
+KV_HEADS = "llama.attention.head_count_kv"
+EPS = "llama.attention.layer_norm_rms_epsilon"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        (ROPE, 1, f"{ROPE} = 1 must be an integer >= 2"),
+        (ROPE, 63, f"{ROPE} = 63 must be even and <= head size 64"),
+        (ROPE, 2**32 - 1, f"{ROPE} = 4294967295 must be even and <= head size 64"),
+        (ROPE, 128, f"{ROPE} = 128 must be even and <= head size 64"),
+        (
+            "llama.attention.key_length",
+            63,
+            f"{ROPE} = 63 must be even and <= head size 63 (absent, so the head size)",
+        ),
+        ("llama.block_count", 2**31 - 1, "llama.block_count = 2147483647 must be at most 512"),
+        ("llama.block_count", 0, "llama.block_count = 0 must be an integer >= 1"),
+        ("llama.block_count", [4] * 4, "llama.block_count = [4, 4, 4, 4] must be a single integer"),
+        ("llama.context_length", 0, "llama.context_length = 0 must be an integer >= 1"),
+        ("llama.embedding_length", -1, "llama.embedding_length = -1 must be an integer >= 1"),
+        ("llama.attention.head_count", 0, "llama.attention.head_count = 0 must be an integer"),
+        (
+            "llama.attention.head_count",
+            1024,
+            "llama.attention.head_count = 1024 must be at most llama.embedding_length = 512",
+        ),
+        (
+            "llama.attention.value_length",
+            32,
+            "llama.attention.value_length = 32 must equal llama.attention.key_length = 64",
+        ),
+        (EPS, math.nan, f"{EPS} = nan must be a finite number > 0"),
+        (EPS, 0.0, f"{EPS} = 0.0 must be a finite number > 0"),
+        ("llama.rope.freq_base", math.inf, "llama.rope.freq_base = inf must be a finite number"),
+        ("llama.rope.freq_base", -1.0, "llama.rope.freq_base = -1.0 must be a finite number"),
+        ("llama.attention.sliding_window", 0, "llama.attention.sliding_window = 0 must be an"),
+        ("llama.vocab_size", 4, "llama.vocab_size = 4 must equal the 3 tokens of tokenizer."),
+        (KV_HEADS, [2] * 3, f"{KV_HEADS} = [2, 2, 2] must hold one value for each of 4 layers"),
+        (KV_HEADS, [2] * 9, f"{KV_HEADS} = [2, 2, 2, 2, ... (9 values)] must hold one value"),
+        (KV_HEADS, [2, 2, 2, 1], f"{KV_HEADS} = [2, 2, 2, 1] differs between layers"),
+    ],
+)
+def test_each_value_is_checked_before_use(key, value, message):
+    """One line naming the file, the key, the value and what it must be."""
+    with pytest.raises(ConfigError, match="^" + re.escape(f"m.gguf: {message}")) as err:
+        config_from_metadata(_llama_meta(**{key: value}), "m.gguf")
+    assert "\n" not in str(err.value)
+
+
+def test_rope_scaling_factor():
+    linear = {"llama.rope.scaling.type": "linear"}
+    assert config_from_metadata(_llama_meta(**linear)).rope_linear_scale == 1.0
+    scaled = _llama_meta(**linear, **{"llama.rope.scaling.factor": 4.0})
+    assert config_from_metadata(scaled).rope_linear_scale == 4.0
+    # llama.cpp reads a factor of 0 as no scaling; anything negative or not finite is refused
+    unscaled = _llama_meta(**linear, **{"llama.rope.scaling.factor": 0.0})
+    assert config_from_metadata(unscaled).rope_linear_scale == 1.0
+    for bad in (-2.0, math.nan, math.inf):
+        meta = _llama_meta(**linear, **{"llama.rope.scaling.factor": bad})
+        with pytest.raises(
+            ConfigError, match=r"rope\.scaling\.factor = .* must be a finite number >= 0"
+        ):
+            config_from_metadata(meta)
+
+
+def test_uniform_per_layer_arrays_are_read():
+    meta = _llama_meta(**{"llama.attention.head_count_kv": [4, 4, 4, 4]})
+    assert config_from_metadata(meta).n_kv_heads == 4
+
+
+def test_layer_count_must_match_the_file():
+    with pytest.raises(ConfigError, match=r"block_count = 4 must equal the 2 layers whose blk\.N"):
+        config_from_metadata(_llama_meta(), "m.gguf", layers_in_file=2)
+    assert config_from_metadata(_llama_meta(), layers_in_file=4).n_layers == 4
+
+
+def test_gemma3_needs_a_sliding_window_of_at_least_one():
+    meta = {k.replace("llama.", "gemma3."): v for k, v in _llama_meta().items()}
+    meta["general.architecture"] = "gemma3"
+    with pytest.raises(
+        ConfigError, match=r"missing metadata key gemma3\.attention\.sliding_window"
+    ):
+        config_from_metadata(meta)
+    with pytest.raises(ConfigError, match=r"gemma3\.attention\.sliding_window = 0 must be"):
+        config_from_metadata({**meta, "gemma3.attention.sliding_window": 0})
+    cfg = config_from_metadata({**meta, "gemma3.attention.sliding_window": 512})
+    assert cfg.sliding_window == 512 and cfg.sliding_layers == (True, True, True, True)
