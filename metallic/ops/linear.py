@@ -83,15 +83,15 @@ def linear(x: torch.Tensor, weight: LinearWeight) -> torch.Tensor:
 
 
 def _native_linear(rows: torch.Tensor, parts: tuple[PackedWeight, ...]) -> torch.Tensor:
-    """rows [M, in] times the stacked parts. Decode-sized M: each part's fused kernel writes its
-    own output columns (one row against large K-quants: the dp4a kernels, on x rounded to int8).
-    Prefill: every part is widened into one scratch matrix, then a single dense product (one
-    cuBLAS call for q|k|v whatever their formats)."""
-    from metallic.kernels import MAX_DECODE_M, dequantize_gpu, quant_matmul
+    """rows [M, in] times the stacked parts. Up to MAX_FUSED_M rows: each part's fused kernel
+    writes its own output columns (one row against large K-quants: the dp4a kernels, on x
+    rounded to int8). Beyond: every part is widened into one scratch matrix, then a single dense
+    product (one cuBLAS call for q|k|v whatever their formats)."""
+    from metallic.kernels import MAX_FUSED_M, dequantize_gpu, quant_matmul
     from metallic.kernels.quant_gemv import gemv, quantize_x, uses_dp4a
 
     n_total = sum(p.n for p in parts)
-    if rows.shape[0] > MAX_DECODE_M:
+    if rows.shape[0] > MAX_FUSED_M:
         dense = torch.empty(n_total, rows.shape[1], dtype=rows.dtype, device=rows.device)
         first = 0
         for p in parts:
