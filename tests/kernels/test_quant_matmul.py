@@ -181,15 +181,16 @@ def test_bad_input_is_a_metallic_error(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_tiles_by_rows_and_split_k_by_scratch() -> None:
     """Each bucket of M takes its table tile (prefill sizes tiles of 128 rows); K is split toward
-    the bucket's programs per SM (the interpreter counts 2 SMs) but never into f32 partial sums
-    past a quarter of the weight's bytes."""
+    the bucket's programs per SM (the interpreter counts 2 SMs) but never into more f32 partial
+    sums than the L2 keeps."""
     for m, bm in ((2, 16), (16, 16), (17, 32), (33, 64), (64, 64), (65, 128), (4096, 128)):
         assert dot_tile(m, T.Q4_K).bm == bm, m
     assert dot_tile(64, T.Q6_K).bn == 64 and dot_tile(64, T.Q4_K).bn == 128
     cpu = torch.device("cpu")
     split = quant_matmul_module._steps_per_split
+    limit = quant_matmul_module._MAX_SCRATCH_BYTES
     # 1 program, 16 steps, 4 programs a SM on 2 SMs: 8 splits of 2 steps while partial sums
-    # are small, 2 splits when only two fit under a quarter of the weight, none at prefill sizes.
+    # are small, 2 splits when only two fit the limit, none when one split alone passes it.
     assert split(1, 16, 1 << 20, 1 << 10, 4, cpu) == 2
-    assert split(1, 16, 1 << 20, 1 << 17, 4, cpu) == 8
-    assert split(1, 16, 1 << 20, 1 << 20, 4, cpu) == 16
+    assert split(1, 16, 1 << 20, limit // 2, 4, cpu) == 8
+    assert split(1, 16, 1 << 20, limit + 1, 4, cpu) == 16
