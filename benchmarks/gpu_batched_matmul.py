@@ -167,7 +167,8 @@ def print_table(rows: list[dict[str, object]], copy_bw: float) -> None:
 
 def sweep_candidates(m: int, qtype: GGMLQuantizationType) -> list:
     """The table's tile for m rows first, then its variations: rows of W by warps, and pipeline
-    stages (two fit the shared memory with half-length steps, 4 groups, or up to 32 rows of x)."""
+    stages (two fit the shared memory with half-length steps, 4 groups, or up to 32 rows of x);
+    at prefill sizes also tiles of 256 rows of x (half the dequantization a product)."""
     default = qm.dot_tile(m, qtype)
     staging = ((1, 8), (2, 4)) if default.bm > 32 else ((1, 8), (2, 4), (2, 8), (3, 8))
     candidates = [default]
@@ -175,6 +176,8 @@ def sweep_candidates(m: int, qtype: GGMLQuantizationType) -> list:
         tile = dataclasses.replace(default, bn=bn, warps=warps, stages=stages, groups=groups)
         if tile not in candidates:
             candidates.append(tile)
+    if m >= 256:
+        candidates.append(dataclasses.replace(default, bm=256, bn=128, warps=8, stages=1))
     return candidates
 
 
