@@ -6,9 +6,10 @@ dequantized matrix, and dequantize_gpu bit-exact against metallic.quant.referenc
 then timed as a decode step runs them: calls captured back to back in a CUDA graph (no host
 overhead), each on its own copy of the weights, with enough copies that they don't fit in the L2
 (median per call over 20 replays). Decode (M = 1 and 8) reports weight bytes / time as a share of
-a device-to-device copy measured in the same run; prefill (M = 512) is compared with torch.matmul
-on a dense bf16 copy. Small odd shapes (K not a multiple of the step, N not a multiple of the row
-block, every M regime, f16/bf16/f32 activations) are checked before any timing.
+a device-to-device copy measured in the same run; prefill (M = 512, quant_matmul's tiles of 128
+rows) is compared with torch.matmul on a dense bf16 copy (gpu_batched_matmul.py covers all M).
+Small odd shapes (K not a multiple of the step, N not a multiple of the row block, every M
+regime, f16/bf16/f32 activations) are checked before any timing.
 
 GPU only, never in CI:  python benchmarks/gpu_quant_matmul.py   (JSON to $OUT or benchmarks/results)
 """
@@ -27,7 +28,7 @@ import torch
 import triton
 from gguf import GGMLQuantizationType
 
-from metallic.kernels import dequantize_gpu, prepare_weight, quant_matmul
+from metallic.kernels import PackedWeight, dequantize_gpu, prepare_weight, quant_matmul
 from metallic.quant.formats import block_format
 from metallic.quant.reference import dequantize
 
@@ -54,15 +55,26 @@ ROTATION_BYTES = 256 << 20  # weight copies per timing: at least this much, five
 def random_blocks(
     qtype: GGMLQuantizationType, n: int, k: int, gen: torch.Generator
 ) -> torch.Tensor:
-    """Random valid raw blocks of an [n, k] matrix on the GPU, scales about 1e-3 as in real nets."""
+    """Random valid raw blocks of an [n, k] matrix on gen's device, scales about 1e-3 as in real
+    nets."""
     fmt = block_format(qtype)
     n_blocks = n * k // fmt.block_size
     shape = (n_blocks, fmt.type_size)
-    raw = torch.randint(0, 256, shape, dtype=torch.uint8, device="cuda", generator=gen)
+    raw = torch.randint(0, 256, shape, dtype=torch.uint8, device=gen.device, generator=gen)
     for offset in F16_FIELDS[qtype]:
-        scale = torch.rand(n_blocks, device="cuda", generator=gen) * 2e-3 + 1e-4
+        scale = torch.rand(n_blocks, device=gen.device, generator=gen) * 2e-3 + 1e-4
         raw[:, offset : offset + 2] = scale.to(torch.float16).view(torch.uint8).view(n_blocks, 2)
     return raw.view(-1)
+
+
+def weight_copies(
+    qtype: GGMLQuantizationType, raw: torch.Tensor, n: int, k: int, gen: torch.Generator
+) -> list[PackedWeight]:
+    """raw's packed weight, then packed fresh random blocks: together about ROTATION_BYTES (at
+    most 16), so calls on them in turn read from DRAM, not the L2."""
+    count = min(16, -(-ROTATION_BYTES // raw.numel()))
+    fresh = (random_blocks(qtype, n, k, gen) for _ in range(count - 1))
+    return [prepare_weight(r, qtype, n, k) for r in (raw, *fresh)]
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -155,11 +167,7 @@ def bench_format(
     failures: list[str],
 ) -> dict[str, object]:  # fmt: skip
     raw = random_blocks(qtype, n, k, gen)
-    copies = [prepare_weight(raw, qtype, n, k)]
-    copies += [
-        prepare_weight(random_blocks(qtype, n, k, gen), qtype, n, k)
-        for _ in range(min(16, -(-ROTATION_BYTES // raw.numel())) - 1)
-    ]
+    copies = weight_copies(qtype, raw, n, k, gen)
     dense = dequantize_gpu(copies[0], qtype, n, k)
     check_reference_rows(qtype, raw, dense, k, failures)
     row: dict[str, object] = {"format": qtype.name, "n": n, "k": k, "weight_bytes": raw.numel()}

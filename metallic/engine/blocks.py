@@ -164,7 +164,7 @@ class BlockManager:
         as soon as a step is queued: a later step that claims the blocks runs after it on the
         device. A block whose tokens are not all known yet (a sampled id still on the device)
         waits for the next call."""
-        if not self.prefix_cache:
+        if not self.prefix_cache or seq.num_computed // self.block_size <= len(seq.block_hashes):
             return
         known = seq.num_computed
         for index in range(max(0, len(seq.token_ids) - 2), len(seq.token_ids)):

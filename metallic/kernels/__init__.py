@@ -1,13 +1,21 @@
 """Triton kernels for CUDA; importing this package needs triton."""
 
 from metallic.kernels.packing import KERNEL_TYPES, PackedWeight, gather_rows, prepare_weight
-from metallic.kernels.quant_matmul import MAX_DECODE_M, dequantize_gpu, quant_matmul
+from metallic.kernels.quant_matmul import (
+    MAX_FUSED_M,
+    DotTile,
+    dequantize_gpu,
+    dot_tile,
+    quant_matmul,
+)
 
 __all__ = [
     "KERNEL_TYPES",
-    "MAX_DECODE_M",
+    "MAX_FUSED_M",
+    "DotTile",
     "PackedWeight",
     "dequantize_gpu",
+    "dot_tile",
     "gather_rows",
     "prepare_weight",
     "quant_matmul",

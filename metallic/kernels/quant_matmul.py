@@ -16,19 +16,22 @@ Three modes share the step code:
   where ``w = a*f - b`` is the weight: one FMA per weight in the loop. x comes as 8-byte packs of
   the 4 elements a word's bytes hold, so its loads take the weights' layout. A warp spans 32
   groups of one row (about 1 KB of contiguous bytes per row and step).
-- DOT (2 <= M <= 16): ``w = a*f - b`` per element; each par's planes are joined into a
-  [rows, 8*groups] tile of 8-element runs of K, one ``tl.dot`` with x^T padded to 16 columns.
+- DOT (M >= 2): ``w = a*f - b`` per element; each par's planes are joined into a
+  [rows, 8*groups] tile of 8-element runs of K, one ``tl.dot`` (the tensor cores) with a tile of
+  x^T: a program takes a tile of rows of W and one of M (padded), so each weight is read and
+  dequantized once per tile of M. Tiles by M and format: _DOT_TILES.
 - DEQUANT: the weights with the reference's float operations in its order, so the result is
-  bit-exact (the launch turns FMA contraction off), stored in 16-byte runs. Prefill (M > 16)
-  multiplies that with torch.matmul.
+  bit-exact (the launch turns FMA contraction off), stored in 16-byte runs: embedding lookups,
+  and ops.linear's products of more than MAX_FUSED_M rows (with torch.matmul).
 
-Decode splits K across programs when N alone gives too few programs to keep every SM streaming;
-partial sums go to an f32 scratch and one more small kernel adds them.
+Products split K across programs when N (and M) alone give too few programs to keep every SM
+streaming; partial sums go to an f32 scratch and one more small kernel adds them.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -42,7 +45,12 @@ T = GGMLQuantizationType
 
 STEP = 256  # elements of K in a super-block: steps are whole numbers of them
 _ONE_BITS = 0x3F800000  # 1.0f: kernels get it as an argument (see _unit)
-MAX_DECODE_M = 16  # up to this many rows of x the fused kernel runs; beyond, dequantize + matmul
+# Rows of x up to which a product runs the fused kernel; above, ops.linear dequantizes into a
+# scratch matrix and calls cuBLAS. Dequantizing costs a fixed pass over the matrix (~3.5x a
+# cuBLAS product at M = 512, BENCHMARKS.md), the fused kernel a share of the tensor cores that
+# cuBLAS reaches: at 40-50% of cuBLAS the two cross at M ~ 1,100-1,700. Check with
+# benchmarks/gpu_batched_matmul.py --m 1024,2048.
+MAX_FUSED_M = 1024
 
 _MODE_FMA, _MODE_DOT, _MODE_DEQUANT = 0, 1, 2
 _FMT_Q4_0, _FMT_Q5_0, _FMT_Q8_0, _FMT_Q4_K, _FMT_Q5_K, _FMT_Q6_K, _FMT_DENSE = range(7)
@@ -67,27 +75,110 @@ _GROUPS = {
 }
 # Groups per step (measured on an H100, Llama-3-8B shapes): the FMA mode puts a warp's 32 threads
 # across one row's K, about 1 KB of contiguous bytes per row and step (long DRAM bursts: 1.6x
-# faster than 144 bytes); the DOT mode 8 groups by 64 rows (16 by 32 was 1.4x slower).
-_FMA_GROUPS, _DOT_GROUPS = 32, 8
+# faster than 144 bytes).
+_FMA_GROUPS = 32
 _FMA_ROWS_PER_THREAD = 2  # x is loaded once for this many rows (4 was 1.6x slower: registers)
-_DOT_ROWS, _DEQUANT_ROWS, _DENSE_ROWS = 64, 16, 16
+_DEQUANT_ROWS, _DENSE_ROWS = 16, 16
 # DEQUANT: groups per step (0: one super-block) and warps. Swept on an H200 at 8B shapes
 # (benchmarks/gpu_profile.py --sweep-dequant): 16 rows x 8 warps beat 32 x 4 by 1.25-1.5x.
 _DEQUANT_GROUPS, _DEQUANT_WARPS = 0, 8
-_PROGRAMS_PER_SM = 4  # split K until the grid has this many programs per multiprocessor
+_PROGRAMS_PER_SM = 4  # FMA mode: split K until the grid has this many programs per multiprocessor
 # Below this many weight bytes a decode product is launch-bound: no split-K, no merge launch.
 _MIN_SPLIT_BYTES = 4 << 20
+# Split K no further than f32 partial sums of this many bytes: written, then read back by the
+# merge right away, they stay in the L2 (50 MB on an H100/H200) instead of adding DRAM traffic.
+# At M = 64 the 8B's q|k|v takes 1.6 MB a split; a 512-row product of N = 4096, 8.4 MB.
+_MAX_SCRATCH_BYTES = 16 << 20
 
 
-def _geometry(fmt: int, mode: int, k: int) -> tuple[int, int, int, int]:
+@dataclass(frozen=True)
+class DotTile:
+    """The geometry of a DOT-mode launch (see _DOT_TILES)."""
+
+    bm: int  # rows of x per program; M is padded up to a multiple of it
+    bn: int  # rows of W per program
+    groups: int  # groups per K step, as far as K allows; each tl.dot spans 8 * groups of K
+    warps: int
+    stages: int  # Triton's software pipelining depth (num_stages)
+    programs_per_sm: int  # split K until the grid has this many programs per multiprocessor
+
+    def __post_init__(self) -> None:
+        powers = {"bm": 16, "bn": 16, "groups": 1, "warps": 1}  # tl.dot tiles are >= 16
+        for name, least in powers.items():
+            value = getattr(self, name)
+            if value < least or value & (value - 1):
+                raise MetallicError(f"DotTile.{name} must be a power of two >= {least}: {value}")
+        if self.stages < 1 or self.programs_per_sm < 1:
+            raise MetallicError(f"DotTile stages and programs_per_sm must be >= 1: {self}")
+
+
+_BUCKET_TILES = {
+    16: DotTile(bm=16, bn=64, groups=8, warps=4, stages=1, programs_per_sm=4),
+    32: DotTile(bm=32, bn=128, groups=8, warps=8, stages=1, programs_per_sm=4),
+    64: DotTile(bm=64, bn=128, groups=8, warps=8, stages=1, programs_per_sm=4),
+    128: DotTile(bm=128, bn=128, groups=8, warps=8, stages=1, programs_per_sm=1),
+}
+# Q6_K (the 8B's ffn_down on half its layers, attn_v, the output head) needs 170-180 registers a
+# thread at 32 and 64 rows of x: 8 warps of 128 rows of W fit once per SM (8 warps), 4 warps of
+# 64 rows three times (12 warps).
+_FORMAT_TILES = {
+    (m, T.Q6_K): DotTile(bm=m, bn=64, groups=8, warps=4, stages=1, programs_per_sm=4)
+    for m in (32, 64)
+}
+_DOT_TILES = {
+    (m, qtype): _FORMAT_TILES.get((m, qtype), tile)
+    for m, tile in _BUCKET_TILES.items()
+    for qtype in _FMT_IDS
+}
+"""DOT-mode geometry by (M bucket, format): M takes the smallest bucket that holds it (decode
+batches of 2..64 rows: one tile of M); beyond the largest, tiles of 128 rows (prefill).
+
+Chosen from the sm_90 code, not yet from timings: ``python benchmarks/sm90_tiles.py`` compiles
+every entry on the CPU (Triton 3.9's ptxas) and prints the figures below;
+``benchmarks/gpu_batched_matmul.py --sweep`` times the alternatives on the GPU.
+
+- Groups 8 (each tl.dot spans 64 of K; a step 256 or, for Q4_K/Q5_K, 512 elements): the
+  measured best of the DOT mode at up to 16 rows (8 groups by 64 rows beat 16 by 32 by 1.4x).
+- One stage: Triton's pipelining holds every sub-tile's words and x tile per stage in shared
+  memory. With its default 3 stages 16 rows of x take 48-132 KB (Q4_K 100 KB: 2 programs per
+  SM; Q5_K 132 KB: 1), 32 rows 72-180 KB, 64 rows 120-276 KB (Q4_K, Q5_K: more than an SM has,
+  the launch fails). With one stage 8-32 KB, so registers set the occupancy (at 16 rows 12-36
+  warps per SM against 4-16), and the quant formats' loop runs 10-18% fewer instructions.
+- 128 rows of W by 8 warps at 32 and 64 rows of x: about the registers a thread of 64 rows by 4
+  warps (Q4_0, Q4_K, Q8_0: 16 warps per SM, against 12-16), and half the traffic of x, which
+  every program re-reads from L2 along all of K: at M = 64 with 64 rows of W, 3.6 bytes per
+  byte of Q4_K weight, with 128 rows 1.8. Q6_K keeps 64 rows: see _FORMAT_TILES.
+- Decode tiles split K until 4 programs per SM (as the FMA mode): the products are bound by
+  memory, so every SM needs loads in flight. Prefill (128 x 128, 8 warps: 64 registers of
+  accumulator a thread, 135-250 in all, one program per SM) is bound by compute: K is split only
+  to fill SMs a grid leaves idle (_MAX_SCRATCH_BYTES keeps the 8B's 512-row products whole).
+- Dequantizing costs 4.5-5 (Q4_0, Q8_0), 5-5.4 (Q4_K), 6.6-7.5 (Q5_0, Q5_K, Q6_K) instructions a
+  weight and tile of M, whatever the tile: at 32-64 rows the issue slots that takes on an H200
+  are about the time its bytes take to arrive. Fewer instructions are the next lever.
+"""
+
+
+def dot_tile(m: int, ggml_type: GGMLQuantizationType | int) -> DotTile:
+    """The table's tile for a product of ``m`` rows of x (m >= 2) against ``ggml_type``."""
+    bucket = next((b for b in sorted(_BUCKET_TILES) if m <= b), max(_BUCKET_TILES))
+    return _DOT_TILES[(bucket, T(ggml_type))]
+
+
+def _geometry(
+    fmt: int, mode: int, k: int, tile: DotTile | None = None
+) -> tuple[int, int, int, int]:
     """(super-blocks per step, groups, words per thread, rows per program) for a launch.
 
     Steps span as many super-blocks as the mode's group target asks, as far as K allows
-    (DEQUANT's grid has one program per step and row block).
+    (DEQUANT's grid has one program per step and row block). The DOT mode takes its target and
+    rows from ``tile``.
     """
     if fmt == _FMT_DENSE:
-        return 1, 8, 32, _DENSE_ROWS
-    target = {_MODE_FMA: _FMA_GROUPS, _MODE_DOT: _DOT_GROUPS}.get(mode, _DEQUANT_GROUPS)
+        return 1, 8, 32, tile.bn if mode == _MODE_DOT else _DENSE_ROWS
+    if mode == _MODE_DOT:
+        target = tile.groups
+    else:
+        target = _FMA_GROUPS if mode == _MODE_FMA else _DEQUANT_GROUPS
     sbs = 1
     while sbs * _GROUPS[fmt] < target and sbs * 2 * STEP <= k:
         sbs *= 2
@@ -95,7 +186,7 @@ def _geometry(fmt: int, mode: int, k: int) -> tuple[int, int, int, int]:
     if mode == _MODE_FMA:
         rows = 128 * _FMA_ROWS_PER_THREAD // groups
     else:
-        rows = _DOT_ROWS if mode == _MODE_DOT else _DEQUANT_ROWS
+        rows = tile.bn if mode == _MODE_DOT else _DEQUANT_ROWS
     return sbs, groups, 2, rows
 
 
@@ -538,30 +629,33 @@ def _step_q6_k(acc, s, one, one_g, ql_ptr, qh_ptr, sc_ptr, d_ptr, rows, row_ok, 
 def _step_dense(acc, s, w_ptr, rows, row_ok, x_ptr, out_ptr, M, K, stride_xm,
                 MODE: tl.constexpr, EVEN: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
                 PREC: tl.constexpr):
-    """F16/BF16 weights: a [BN, 256] tile per step (as [BN, 8, 32] in the FMA mode)."""
+    """F16/BF16 weights: 256 elements of K per step, as [BN, 8, 32] in the FMA mode, four
+    [BN, 64] sub-tiles in the DOT mode (the quant formats' tl.dot size) and one [BN, 256] tile
+    in the DEQUANT mode."""
+    row2 = tl.reshape(rows, (BN, 1))
     if MODE == 0:
         kidx = s * 256 + 32 * tl.arange(0, 8)[None, :, None] + tl.arange(0, 32)[None, None, :]
         w = _load(w_ptr + rows * K + kidx, kidx < K, 0.0, EVEN)
         xv = _load(x_ptr + kidx, kidx < K, 0.0, EVEN)
         acc += w.to(tl.float32) * xv.to(tl.float32)
-    else:
-        kidx = s * 256 + tl.arange(0, 256)
-        row2 = tl.reshape(rows, (BN, 1))
-        kmask = kidx[None, :] < K
-        w = _load(w_ptr + row2 * K + kidx[None, :], kmask, 0.0, EVEN)
-        if MODE == 1:
-            m = tl.arange(0, BM)[None, :]
+    elif MODE == 1:
+        m = tl.arange(0, BM)[None, :]
+        for t in tl.static_range(4):
+            kidx = s * 256 + 64 * t + tl.arange(0, 64)
+            w = _load(w_ptr + row2 * K + kidx[None, :], kidx[None, :] < K, 0.0, EVEN)
             xmask = m < M
             if not EVEN:
                 xmask = xmask & (kidx[:, None] < K)
             xt = tl.load(x_ptr + m * stride_xm + kidx[:, None], mask=xmask, other=0.0)
             acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision=PREC)
-        else:
-            mask = tl.reshape(row_ok, (BN, 1))
-            if not EVEN:
-                mask = mask & kmask
-            tl.store(out_ptr + row2 * K + kidx[None, :], w.to(out_ptr.dtype.element_ty),
-                     mask=mask)
+    else:
+        kidx = s * 256 + tl.arange(0, 256)
+        kmask = kidx[None, :] < K
+        w = _load(w_ptr + row2 * K + kidx[None, :], kmask, 0.0, EVEN)
+        mask = tl.reshape(row_ok, (BN, 1))
+        if not EVEN:
+            mask = mask & kmask
+        tl.store(out_ptr + row2 * K + kidx[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
     return acc
 
 
@@ -571,15 +665,25 @@ def _quant_kernel(x_ptr, x64_ptr, out_ptr, p0, p1, p2, p3, M, N, K, stride_xm, s
                   MODE: tl.constexpr, G: tl.constexpr, W: tl.constexpr, SBS: tl.constexpr,
                   BN: tl.constexpr, BM: tl.constexpr, XKIND: tl.constexpr, EVEN: tl.constexpr,
                   PARTIAL: tl.constexpr, PREC: tl.constexpr):
-    """Rows [BN*pid0, +BN) of out, over K steps [pid1*steps_per_split, +steps_per_split).
+    """Rows [BN*r, +BN) of out, over K steps [pid1*steps_per_split, +steps_per_split).
 
+    DOT mode: program pid0 = r * m_tiles + t also takes rows [BM*t, +BM) of x (t varies
+    fastest, so the programs that read one weight tile run together and share it in L2).
     ``one_bits`` is 0x3F800000 (see _unit). ``group_stride`` is 1, multiplied into the offsets
     of per-group scales: unknown to the compiler, it keeps their loads from being vectorized
     along the groups, which would give them a layout other than the words' and a conversion
     of every value derived from them inside the loop.
     """
     pid_k = tl.program_id(1)
-    row_ids = tl.program_id(0) * BN + tl.arange(0, BN)
+    row_block = tl.program_id(0)
+    m_first = 0
+    if MODE == 1:
+        m_tiles = tl.cdiv(M, BM)
+        m_first = (row_block % m_tiles) * BM
+        row_block = row_block // m_tiles
+        x_ptr += m_first * stride_xm
+    m_left = M - m_first  # rows of x from this program's first on
+    row_ids = row_block * BN + tl.arange(0, BN)
     row_ok = (row_ids < N)[:, None, None]
     # Rows past N read row N-1 (valid memory, no masks in the loop); only stores are masked.
     rows = tl.minimum(row_ids, N - 1).to(tl.int64)[:, None, None]
@@ -593,24 +697,24 @@ def _quant_kernel(x_ptr, x64_ptr, out_ptr, p0, p1, p2, p3, M, N, K, stride_xm, s
     for s in range(first, tl.minimum(first + steps_per_split, n_steps)):
         if FMT == 0:
             acc = _step_q4_0(acc, s, one, one_g, p0, p1, rows, row_ok, x_ptr, x64_ptr, out_ptr,
-                             M, K, stride_xm, SBS, XKIND, MODE, EVEN, BN, BM, PREC)
+                             m_left, K, stride_xm, SBS, XKIND, MODE, EVEN, BN, BM, PREC)
         elif FMT == 1:
             acc = _step_q5_0(acc, s, one, one_g, p0, p1, p2, rows, row_ok, x_ptr, x64_ptr,
-                             out_ptr, M, K, stride_xm, SBS, XKIND, MODE, EVEN, BN, BM, PREC)
+                             out_ptr, m_left, K, stride_xm, SBS, XKIND, MODE, EVEN, BN, BM, PREC)
         elif FMT == 2:
             acc = _step_q8_0(acc, s, one, one_g, p0, p1, rows, row_ok, x_ptr, x64_ptr, out_ptr,
-                             M, K, stride_xm, SBS, XKIND, MODE, EVEN, BN, BM, PREC)
+                             m_left, K, stride_xm, SBS, XKIND, MODE, EVEN, BN, BM, PREC)
         elif FMT == 3:
             acc = _step_q4_k(acc, s, one, one_g, p0, p1, rows, row_ok, x_ptr, x64_ptr, out_ptr,
-                             M, K, stride_xm, SBS, XKIND, MODE, EVEN, BN, BM, PREC)
+                             m_left, K, stride_xm, SBS, XKIND, MODE, EVEN, BN, BM, PREC)
         elif FMT == 4:
             acc = _step_q5_k(acc, s, one, one_g, p0, p1, rows, row_ok, x_ptr, x64_ptr, out_ptr,
-                             M, K, stride_xm, SBS, XKIND, MODE, EVEN, BN, BM, PREC)
+                             m_left, K, stride_xm, SBS, XKIND, MODE, EVEN, BN, BM, PREC)
         elif FMT == 5:
             acc = _step_q6_k(acc, s, one, one_g, p0, p1, p2, p3, rows, row_ok, x_ptr, x64_ptr,
-                             out_ptr, M, K, stride_xm, SBS, XKIND, MODE, EVEN, BN, BM, PREC)
+                             out_ptr, m_left, K, stride_xm, SBS, XKIND, MODE, EVEN, BN, BM, PREC)
         else:
-            acc = _step_dense(acc, s, p0, rows, row_ok, x_ptr, out_ptr, M, K, stride_xm, MODE,
+            acc = _step_dense(acc, s, p0, rows, row_ok, x_ptr, out_ptr, m_left, K, stride_xm, MODE,
                               EVEN, BN, BM, PREC)
     if MODE == 0:
         res = tl.sum(tl.sum(acc, axis=2), axis=1)
@@ -618,12 +722,12 @@ def _quant_kernel(x_ptr, x64_ptr, out_ptr, p0, p1, p2, p3, M, N, K, stride_xm, s
         mask = row_ids < N
     elif MODE == 1:
         res = acc
-        m = tl.arange(0, BM)[None, :]
+        m = m_first + tl.arange(0, BM)[None, :]
         ptrs = out_ptr + m * stride_om + row_ids[:, None]
         mask = (row_ids < N)[:, None] & (m < M)
     if MODE != 2:
         if PARTIAL:  # the scratch is [splits, M, N] with stride_om = N
-            tl.store(ptrs + pid_k * M * N, res, mask=mask)
+            tl.store(ptrs + pid_k.to(tl.int64) * M * N, res, mask=mask)
         else:
             tl.store(ptrs, res.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -717,13 +821,16 @@ def dequantize_gpu(
     return out
 
 
-def _steps_per_split(row_blocks: int, n_steps: int, nbytes: int, device: torch.device) -> int:
-    """Split K until there are about _PROGRAMS_PER_SM programs per multiprocessor, unless the
-    matrix is so small that the launch of the merge would cost more than the split saves."""
+def _steps_per_split(
+    programs: int, n_steps: int, nbytes: int, split_bytes: int, per_sm: int, device: torch.device
+) -> int:
+    """K steps per program: split K until there are about ``per_sm`` programs per multiprocessor,
+    unless the matrix is so small that the launch of the merge would cost more than the split
+    saves, or the f32 partial sums (``split_bytes`` a split) would pass _MAX_SCRATCH_BYTES."""
     if nbytes < _MIN_SPLIT_BYTES and device.type == "cuda":
         return n_steps
-    target = _PROGRAMS_PER_SM * sm_count(device)
-    splits = min(n_steps, max(1, triton.cdiv(target, row_blocks)))
+    splits = min(n_steps, max(1, triton.cdiv(per_sm * sm_count(device), programs)))
+    splits = max(1, min(splits, _MAX_SCRATCH_BYTES // split_bytes))
     return triton.cdiv(n_steps, splits)
 
 
@@ -744,16 +851,18 @@ def quant_matmul(
     k: int,
     *,
     steps_per_split: int | None = None,
+    tile: DotTile | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ W.T`` for x [M, k] (f16/bf16/f32) and W [n, k] in ggml blocks; [M, n] in x's dtype.
 
     ``weight`` is the raw GGUF bytes or, better, ``prepare_weight``'s result (raw Q4_0, Q5_0,
-    Q8_0 and Q6_K are repacked on every call). Accumulation is f32. M <= 16 runs the fused
-    kernel; larger M dequantizes into a scratch matrix and calls torch.matmul.
-    ``steps_per_split`` (K steps per program; a step is 256 elements or, for M = 1, up to 2048)
-    overrides the split-K choice. ``out`` (an [M, n] tensor of x's dtype whose rows are
-    contiguous, such as a column slice of a wider output) receives the result in place.
+    Q8_0 and Q6_K are repacked on every call). Accumulation is f32. M = 1 runs the FMA mode,
+    larger M the DOT mode with dot_tile's geometry (or ``tile``): each weight is read and
+    dequantized once per tile of M. ``steps_per_split`` (K steps per program; a step is 256
+    elements or, for M = 1, up to 2048) overrides the split-K choice. ``out`` (an [M, n] tensor
+    of x's dtype whose rows are contiguous, such as a column slice of a wider output) receives
+    the result in place.
     """
     if x.dim() != 2 or x.shape[1] != k:
         raise MetallicError(f"x must be [M, {k}], got {list(x.shape)}")
@@ -771,10 +880,6 @@ def quant_matmul(
             f"out must be [{m}, {n}] {x.dtype} with contiguous rows, got {list(out.shape)} "
             f"{out.dtype} strides {out.stride()}"
         )
-    if m > MAX_DECODE_M:
-        dense = dequantize_gpu(packed, packed.ggml_type, n, k, x.dtype)
-        product = torch.matmul(x, dense.T)
-        return product if out is None else out.copy_(product)
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
@@ -782,25 +887,34 @@ def quant_matmul(
     if x.stride(1) != 1:
         x = x.contiguous()
     fmt = _FMT_IDS[packed.ggml_type]
-    mode = _MODE_FMA if m == 1 else _MODE_DOT
-    sbs, groups, words, rows = _geometry(fmt, mode, k)
+    if m == 1:
+        mode, tile, m_tiles = _MODE_FMA, None, 1
+        per_sm, options = _PROGRAMS_PER_SM, {"num_warps": 4}
+    else:
+        mode = _MODE_DOT
+        tile = tile or dot_tile(m, packed.ggml_type)
+        m_tiles = triton.cdiv(m, tile.bm)
+        per_sm, options = tile.programs_per_sm, {"num_warps": tile.warps, "num_stages": tile.stages}
+    sbs, groups, words, rows = _geometry(fmt, mode, k, tile)
     row_blocks = triton.cdiv(n, rows)
     n_steps = triton.cdiv(k, sbs * STEP)
-    per_split = steps_per_split or _steps_per_split(row_blocks, n_steps, packed.nbytes, x.device)
+    per_split = steps_per_split or _steps_per_split(
+        row_blocks * m_tiles, n_steps, packed.nbytes, 4 * m * n, per_sm, x.device
+    )
     splits = triton.cdiv(n_steps, per_split)
     target = out
     if splits > 1:
         target = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     x64 = _packed_x(x)
-    _quant_kernel[(row_blocks, splits)](
+    _quant_kernel[(row_blocks * m_tiles, splits)](
         x, x64, target, *_launch_args(packed), m, n, k, x.stride(0),
         n if splits > 1 else out.stride(0), n_steps, per_split,
         _ONE_BITS, 1,
         FMT=fmt, MODE=mode, G=groups, W=words, SBS=sbs, BN=rows,
-        BM=1 if mode == _MODE_FMA else 16, XKIND=_X_SINGLE if x64 is x else _X_KINDS[x.dtype],
+        BM=tile.bm if tile else 1, XKIND=_X_SINGLE if x64 is x else _X_KINDS[x.dtype],
         EVEN=k % (sbs * STEP) == 0, PARTIAL=splits > 1,
         PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=4, enable_fp_fusion=True,
+        enable_fp_fusion=True, **options,
     )  # fmt: skip
     if splits > 1:
         sum_splits(target, out)

@@ -100,16 +100,31 @@ def _widened_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def native_path(m: int, parts: Sequence[PackedWeight]) -> str:
+    """How `_native_linear` multiplies m rows of x by the stacked parts:
+
+    - ``"dp4a"``: one row against large K-quants: x rounded to int8 once, the dp4a kernels;
+    - ``"fused"``: up to MAX_FUSED_M rows: each part's fused kernel (quant_matmul) reads its
+      blocks once per tile of rows and writes its own output columns;
+    - ``"dequantize"``: beyond, every part is widened into one scratch matrix, then a single
+      dense product (one cuBLAS call for q|k|v whatever their formats).
+    """
+    from metallic.kernels import MAX_FUSED_M
+    from metallic.kernels.quant_gemv import uses_dp4a
+
+    if m == 1 and uses_dp4a(parts):
+        return "dp4a"
+    return "fused" if m <= MAX_FUSED_M else "dequantize"
+
+
 def _native_linear(rows: torch.Tensor, parts: tuple[PackedWeight, ...]) -> torch.Tensor:
-    """rows [M, in] times the stacked parts. Decode-sized M: each part's fused kernel writes its
-    own output columns (one row against large K-quants: the dp4a kernels, on x rounded to int8).
-    Prefill: every part is widened into one scratch matrix, then a single dense product (one
-    cuBLAS call for q|k|v whatever their formats)."""
-    from metallic.kernels import MAX_DECODE_M, dequantize_gpu, quant_matmul
-    from metallic.kernels.quant_gemv import gemv, quantize_x, uses_dp4a
+    """rows [M, in] times the stacked parts, by native_path."""
+    from metallic.kernels import dequantize_gpu, quant_matmul
+    from metallic.kernels.quant_gemv import gemv, quantize_x
 
     n_total = sum(p.n for p in parts)
-    if rows.shape[0] > MAX_DECODE_M:
+    path = native_path(rows.shape[0], parts)
+    if path == "dequantize":
         dense = torch.empty(n_total, rows.shape[1], dtype=rows.dtype, device=rows.device)
         first = 0
         for p in parts:
@@ -117,8 +132,7 @@ def _native_linear(rows: torch.Tensor, parts: tuple[PackedWeight, ...]) -> torch
             first += p.n
         return rows @ dense.T
     out = torch.empty(rows.shape[0], n_total, dtype=rows.dtype, device=rows.device)
-    # One row against large K-quant matrices: x is rounded to int8 once for every part.
-    x8 = quantize_x(rows[0]) if rows.shape[0] == 1 and uses_dp4a(parts) else None
+    x8 = quantize_x(rows[0]) if path == "dp4a" else None
     first = 0
     for p in parts:
         cols = out[:, first : first + p.n]

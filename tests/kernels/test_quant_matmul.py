@@ -3,10 +3,10 @@
 Weights are random floats quantized with metallic.quant.quantize; the oracle is
 metallic.quant.reference.dequantize, and the product ``x.double() @ W.double().T``. Seeds are fresh
 each run and appear in failure messages. Shapes are small but cover every kernel path: M = 1
-(FMA), 2..16 (DOT), > 16 (dequantize + matmul), K ending inside a step, split K, N not a
-multiple of the row block. bf16 activations only run the M = 1 path here: the interpreter's
-tl.dot on bf16 is wrong, and it rounds f32 -> bf16 by truncation (bf16 is checked on the GPU by
-benchmarks/gpu_quant_matmul.py).
+(FMA), M >= 2 (DOT) in every M bucket of its tile table and in several tiles of M, K ending
+inside a step, split K, N not a multiple of the row block. bf16 activations only run the M = 1
+path here: the interpreter's tl.dot on bf16 is wrong, and it rounds f32 -> bf16 by truncation
+(bf16 is checked on the GPU by benchmarks/gpu_quant_matmul.py and gpu_batched_matmul.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from metallic.errors import MetallicError, UnsupportedTensorType
-from metallic.kernels import dequantize_gpu, prepare_weight, quant_matmul
+from metallic.kernels import DotTile, dequantize_gpu, dot_tile, prepare_weight, quant_matmul
 from metallic.quant.formats import block_format
 from metallic.quant.quantize import quantize
 from metallic.quant.reference import dequantize
@@ -30,7 +30,10 @@ quant_matmul_module = importlib.import_module("metallic.kernels.quant_matmul")
 
 T = GGMLQuantizationType
 FORMATS = (T.Q4_0, T.Q5_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K, T.F16, T.BF16)
-# ||out - ref|| / ||ref||: f32 math throughout, so the activation dtype's rounding dominates.
+# ||out - ref|| / ||ref||: f32 math throughout, so the activation dtype's rounding dominates. The
+# reference takes x as rounded, so in f16 what remains is the DOT mode's rounding of each weight
+# to f16 for tl.dot and the output's rounding: unit roundoff 2**-11 each, RMS 2**-11 / sqrt(3)
+# ~ 3e-4 relative, about 4e-4 together; bf16 the same with 2**-8 (~3e-3).
 BOUND = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
@@ -78,6 +81,22 @@ def _check(
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
 def test_matmul_f16(qtype: GGMLQuantizationType, m: int) -> None:
     _check(qtype, 72, 512, m, torch.float16)
+
+
+@pytest.mark.parametrize("m", [17, 32, 33, 64, 100, 512])
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
+def test_matmul_many_rows(qtype: GGMLQuantizationType, m: int) -> None:
+    """Batched decode (17..64: one tile of M, padded) and prefill sizes (tiles of 128 rows)."""
+    _check(qtype, 40, 512, m, torch.float16)
+
+
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
+def test_matmul_tiles_of_m_with_split_k_and_a_partial_step(qtype: GGMLQuantizationType) -> None:
+    """Two tiles of M (the second partial), each K step its own program, K ending inside a step
+    (where the format's step is longer than its block): every tile's partial sums land in its
+    own rows of the scratch."""
+    k = 768 if block_format(qtype).block_size == 256 else 352
+    _check(qtype, 20, k, 160, torch.float16, steps_per_split=1)
 
 
 @pytest.mark.parametrize("m", [1, 3])
@@ -151,6 +170,27 @@ def test_bad_input_is_a_metallic_error(monkeypatch: pytest.MonkeyPatch) -> None:
         quant_matmul(torch.randn(1, 512), packed, T.Q4_K, 4, 512)
     with pytest.raises(MetallicError, match="steps_per_split"):
         quant_matmul(x, packed, T.Q4_K, 8, 256, steps_per_split=0)
+    with pytest.raises(MetallicError, match="power of two >= 16"):
+        quant_matmul(x.repeat(4, 1), packed, T.Q4_K, 8, 256, tile=DotTile(24, 64, 8, 4, 1, 4))
+    with pytest.raises(MetallicError, match="stages"):
+        DotTile(16, 64, 8, 4, 0, 4)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(MetallicError, match="run on CUDA"):
         quant_matmul(x, packed, T.Q4_K, 8, 256)
+
+
+def test_tiles_by_rows_and_split_k_by_scratch() -> None:
+    """Each bucket of M takes its table tile (prefill sizes tiles of 128 rows); K is split toward
+    the bucket's programs per SM (the interpreter counts 2 SMs) but never into more f32 partial
+    sums than the L2 keeps."""
+    for m, bm in ((2, 16), (16, 16), (17, 32), (33, 64), (64, 64), (65, 128), (4096, 128)):
+        assert dot_tile(m, T.Q4_K).bm == bm, m
+    assert dot_tile(64, T.Q6_K).bn == 64 and dot_tile(64, T.Q4_K).bn == 128
+    cpu = torch.device("cpu")
+    split = quant_matmul_module._steps_per_split
+    limit = quant_matmul_module._MAX_SCRATCH_BYTES
+    # 1 program, 16 steps, 4 programs a SM on 2 SMs: 8 splits of 2 steps while partial sums
+    # are small, 2 splits when only two fit the limit, none when one split alone passes it.
+    assert split(1, 16, 1 << 20, 1 << 10, 4, cpu) == 2
+    assert split(1, 16, 1 << 20, limit // 2, 4, cpu) == 8
+    assert split(1, 16, 1 << 20, limit + 1, 4, cpu) == 16

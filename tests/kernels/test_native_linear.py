@@ -1,0 +1,78 @@
+"""ops.linear's native products: which kernel path runs for which number of rows, and that each
+path gives x @ W.T for stacked parts of different formats (in the interpreter)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+
+import metallic.kernels as kernels
+from metallic.kernels import MAX_FUSED_M, prepare_weight, quant_gemv
+from metallic.ops.linear import LinearWeight, linear, native_path
+from metallic.quant.quantize import quantize
+from metallic.quant.reference import dequantize
+
+T = GGMLQuantizationType
+
+
+def _seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def _part(qtype: GGMLQuantizationType, n: int, k: int, seed: int):
+    values = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32) * 0.02
+    raw = torch.from_numpy(quantize(values, qtype).reshape(-1).copy())
+    return prepare_weight(raw, qtype, n, k), dequantize(raw, qtype, n * k).view(n, k).double()
+
+
+def test_native_path_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One row against large K-quants: dp4a; otherwise the fused kernel up to MAX_FUSED_M rows
+    (batched decode and prefill chunks), dequantize + one dense product beyond."""
+    monkeypatch.setattr(quant_gemv, "DP4A_MIN_BYTES", 0)
+    k_quants = tuple(_part(t, 8, 256, _seed())[0] for t in (T.Q4_K, T.Q6_K))
+    mixed = (*k_quants, _part(T.Q8_0, 8, 256, _seed())[0])
+    assert native_path(1, k_quants) == "dp4a"
+    assert native_path(1, mixed) == "fused"
+    for m in (2, 16, 17, 32, 33, 64, 128, 512, MAX_FUSED_M):
+        assert native_path(m, k_quants) == "fused", m
+        assert native_path(m, mixed) == "fused", m
+    assert native_path(MAX_FUSED_M + 1, k_quants) == "dequantize"
+    assert native_path(4 * MAX_FUSED_M, mixed) == "dequantize"
+    monkeypatch.setattr(quant_gemv, "DP4A_MIN_BYTES", 1 << 40)
+    assert native_path(1, k_quants) == "fused"
+
+
+@pytest.mark.parametrize("m", [33, 100])
+def test_linear_runs_the_path_it_names(m: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stacked Q4_K | Q6_K | Q8_0 parts (q|k|v-like, each writing its own output columns): M rows
+    take the fused kernel, one call a part and no dequantization; with MAX_FUSED_M below M, one
+    scratch matrix of all parts and no fused call. Both give x @ W.T (f16 activations)."""
+    seed = _seed()
+    k = 512
+    types, rows = (T.Q4_K, T.Q6_K, T.Q8_0), (40, 24, 16)
+    parts = [_part(t, n, k, seed + i) for i, (t, n) in enumerate(zip(types, rows, strict=True))]
+    weight = LinearWeight(types, rows, k, native=tuple(p for p, _ in parts))
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(torch.float16)
+    ref = x.double() @ torch.cat([dense for _, dense in parts]).T
+    calls: list[str] = []
+    for name in ("quant_matmul", "dequantize_gpu"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(
+            kernels,
+            name,
+            lambda *a, real=real, name=name, **kw: calls.append(name) or real(*a, **kw),
+        )
+    for max_fused, expected in (
+        (MAX_FUSED_M, ["quant_matmul"] * 3),
+        (m - 1, ["dequantize_gpu"] * 3),
+    ):
+        monkeypatch.setattr(kernels, "MAX_FUSED_M", max_fused)
+        calls.clear()
+        out = linear(x, weight)
+        assert calls == expected, f"MAX_FUSED_M={max_fused}"
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        assert err < 1e-3, f"MAX_FUSED_M={max_fused} M={m}: error {err:.3g} (seed {seed})"
