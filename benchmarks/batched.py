@@ -102,6 +102,28 @@ def batch_sizes(engine: Engine, sizes: list[int]) -> dict[int, dict[str, object]
     return results
 
 
+def host_profile(engine: Engine, b: int, steps: int = 20) -> None:
+    """Where the host's time goes in steady decode steps of `b` sequences (cProfile)."""
+    import cProfile
+    import pstats
+
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 40, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in random_prompts(engine, b, 64, seed=6)]
+    started: set[object] = set()
+    while len(started) < len(ids):
+        started |= {out.request_id for out in engine.step() if out.token_ids}
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        engine.step()
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(14)
+    for request in ids:
+        engine.abort(request)
+    while engine.has_unfinished():
+        engine.step()
+
+
 def decode_kernels(engine: Engine, b: int, steps: int = 10) -> dict[str, object]:
     """Device time per kernel over steady decode steps of `b` sequences."""
     from gpu_profile import kernel_table
@@ -182,6 +204,7 @@ def main() -> int:
     parser.add_argument("--prefix", action="store_true", help="the shared-prefix workload")
     parser.add_argument("--check", action="store_true", help="batched vs alone greedy tokens")
     parser.add_argument("--kernels", type=int, default=0, help="profile decode at this B")
+    parser.add_argument("--host-profile", type=int, default=0, help="cProfile decode at this B")
     parser.add_argument("--llama-bin", type=Path, help="llama.cpp's build/bin for baselines")
     parser.add_argument("--vocab", type=Path, help="vocab GGUF for synthetic files (llama.cpp)")
     parser.add_argument("--device", default="cuda")
@@ -216,6 +239,8 @@ def main() -> int:
             entry["metallic"] = batch_sizes(engine, sizes)
             if args.kernels:
                 entry["kernels"] = decode_kernels(engine, args.kernels)
+            if args.host_profile:
+                host_profile(engine, args.host_profile)
             records += [
                 row(label, f"batch-{b}", "metallic", r["s_tg"], "tok/s")
                 for b, r in entry["metallic"].items()

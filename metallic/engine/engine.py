@@ -38,6 +38,7 @@ from metallic.engine.sequence import Sequence as Seq
 from metallic.errors import MetallicError
 from metallic.models.kv_store import KVStore
 from metallic.runtime.placement import KVBudgetExceeded
+from metallic.runtime.transfer import PinnedRing
 
 PREFILL_CHUNK = 512  # the most tokens of one sequence in a step (bounds attention's scores)
 DEFAULT_MAX_SEQS = 64  # sequences running at once
@@ -150,7 +151,10 @@ class Engine:
         self.scheduler = Scheduler(
             self.blocks, self.planner, max_num_seqs, step_tokens, PREFILL_CHUNK
         )
-        self.sampler = Sampler(self.config.vocab_size, self.device, sorted(self.tokenizer.stop_ids))
+        uploads = PinnedRing(self.device, slots=16)
+        self.sampler = Sampler(
+            self.config.vocab_size, self.device, sorted(self.tokenizer.stop_ids), uploads.upload
+        )
         self.runner = ModelRunner(
             self.model,
             self.store,
@@ -160,6 +164,7 @@ class Engine:
             _prefill_bucket,
             cuda_graphs,
             lambda: self.residency.version,
+            uploads,
         )
         self.last_stats = GenerationStats()
         self.step_times = StepTimes()

@@ -30,6 +30,7 @@ from metallic.models.kv_store import KVStore
 from metallic.models.transformer import Transformer
 from metallic.runtime.batch import SequenceChunk, StepBatch
 from metallic.runtime.graphs import StepGraphs
+from metallic.runtime.transfer import PinnedRing
 
 MIN_KEY_BOUND = 256  # the smallest key-count bound of a step (see key_bound)
 
@@ -70,9 +71,11 @@ class ModelRunner:
         prefill_bucket: Callable[[int], int],
         cuda_graphs: bool,
         version: Callable[[], object],
+        uploads: PinnedRing,
     ) -> None:
         """`prefill_bucket(n)`: the token count a captured prompt chunk of n tokens is padded
-        to; `version()`: changes when weights moved (graphs recapture)."""
+        to; `version()`: changes when weights moved (graphs recapture); `uploads`: the pinned
+        buffers of per-step uploads (shared with the sampler)."""
         self.model = model
         self.store = store
         self.blocks = blocks
@@ -82,6 +85,8 @@ class ModelRunner:
         self.prefill_bucket = prefill_bucket
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.version = version
+        self.uploads = uploads
+        self.downloads = PinnedRing(self.device)
         self.graphs: StepGraphs | None = None
         self._graphs_key: object = None
         self.steps = 0
@@ -101,7 +106,7 @@ class ModelRunner:
         rows = [i for i, c in enumerate(step.chunks) if c.samples]
         sampled = [(step.chunks[i].seq, len(step.chunks[i].seq.token_ids)) for i in rows]
         if len(rows) != logits.shape[0]:  # filler rows, or chunks that do not sample yet
-            logits = logits[torch.tensor(rows, dtype=torch.long, device=self.device)]
+            logits = logits[self.uploads.upload(rows)]
         seq_ids = [seq.seq_id for seq, _ in sampled]
         tokens = self.sampler.sample(logits, seq_ids) if rows else logits.new_empty(0).long()
         logprob_rows = [i for i, (seq, _) in enumerate(sampled) if seq.logprobs is not None]
@@ -109,13 +114,7 @@ class ModelRunner:
         parts = [tokens.double()]  # ids and log-probabilities travel in one copy
         if logprob_rows:
             parts.append(self._logprobs(logits, tokens, logprob_rows, top_k).reshape(-1))
-        flat = torch.cat(parts)
-        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=self.device.type == "cuda")
-        host.copy_(flat, non_blocking=True)
-        ready = None
-        if self.device.type == "cuda":
-            ready = torch.cuda.Event()
-            ready.record()
+        host, ready = self.downloads.download(torch.cat(parts))
         for row, (seq, index) in enumerate(sampled):
             seq.token_ids.append(PENDING)
             seq.pending_row = row
@@ -130,7 +129,7 @@ class ModelRunner:
     ) -> torch.Tensor:
         """Per row: the chosen token's log-probability under the raw logits, then the `k` most
         likely ids and their log-probabilities: [len(rows), 1 + 2k]."""
-        index = torch.tensor(rows, device=logits.device)
+        index = self.uploads.upload(rows)
         logprobs = torch.log_softmax(logits[index].float(), dim=-1)
         chosen = logprobs.gather(1, tokens[index][:, None])
         values, ids = logprobs.topk(k, dim=-1) if k else (chosen[:, :0], chosen[:, :0])
@@ -173,7 +172,12 @@ class ModelRunner:
         else:
             graphed = False
         batch = StepBatch.build(
-            seq_chunks, self.device, width, max_q_len=pad_to or None, max_keys=bound
+            seq_chunks,
+            self.device,
+            width,
+            max_q_len=pad_to or None,
+            max_keys=bound,
+            upload=self.uploads.upload,
         )
         if fill_rows:
             self._fill(batch, fill_rows, fill_from, previous)
@@ -188,8 +192,8 @@ class ModelRunner:
         if rows == sources == list(range(len(rows))):
             batch.tokens[: len(rows)].copy_(source[: len(rows)])
             return
-        index = torch.tensor(sources, device=self.device)
-        at = torch.tensor(rows, device=self.device)
+        index = self.uploads.upload(sources)
+        at = self.uploads.upload(rows)
         batch.tokens.index_copy_(0, at, source.index_select(0, index))
 
     def execute(self, batch: StepBatch, graphed: bool) -> torch.Tensor:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -232,7 +232,10 @@ class Sampler:
         vocab_size: int,
         device: torch.device | str = "cpu",
         eog_token_ids: Sequence[int] = (),
+        upload: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
+        """`upload` moves small per-batch host tensors to the device without waiting for it
+        (default: through freshly pinned memory)."""
         self.vocab_size = vocab_size
         self.device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0" for comparisons
         self._eog = torch.tensor(list(eog_token_ids), dtype=torch.long, device=self.device)
@@ -241,6 +244,7 @@ class Sampler:
         self._history = torch.full((0, 0), -1, dtype=torch.long, device=self.device)
         self._batch_key: tuple[int, ...] | None = None
         self._batch: _Batch | None = None
+        self._uploader = upload
 
     def add(self, seq_id: int, params: SamplingParams, history: Sequence[int] = ()) -> None:
         """Start sampling for ``seq_id``; ``history`` (e.g. the prompt) seeds the penalties."""
@@ -355,6 +359,8 @@ class Sampler:
         A copy from pageable memory first waits for the stream to drain; from pinned memory it is
         queued like a kernel (PyTorch's pinned-block cache keeps the block until it completes).
         """
+        if self._uploader is not None:
+            return self._uploader(host)
         if self.device.type != "cuda":
             return host.to(self.device)
         return host.pin_memory().to(self.device, non_blocking=True)
@@ -390,7 +396,7 @@ class Sampler:
         vocab = self.vocab_size
 
         def on_device(values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(self.device)
+            return self._upload(torch.tensor(values, dtype=dtype))
 
         def strategy(p: SamplingParams) -> _Strategy:
             if 0 < p.top_k < vocab:

@@ -6,6 +6,7 @@ from metallic.kernels.quant_matmul import (
     DotTile,
     dequantize_gpu,
     dot_tile,
+    fuses,
     quant_matmul,
 )
 
@@ -16,6 +17,7 @@ __all__ = [
     "PackedWeight",
     "dequantize_gpu",
     "dot_tile",
+    "fuses",
     "gather_rows",
     "prepare_weight",
     "quant_matmul",

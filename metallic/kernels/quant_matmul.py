@@ -46,11 +46,20 @@ T = GGMLQuantizationType
 STEP = 256  # elements of K in a super-block: steps are whole numbers of them
 _ONE_BITS = 0x3F800000  # 1.0f: kernels get it as an argument (see _unit)
 # Rows of x up to which a product runs the fused kernel; above, ops.linear dequantizes into a
-# scratch matrix and calls cuBLAS. Dequantizing costs a fixed pass over the matrix (~3.5x a
-# cuBLAS product at M = 512, BENCHMARKS.md), the fused kernel a share of the tensor cores that
-# cuBLAS reaches: at 40-50% of cuBLAS the two cross at M ~ 1,100-1,700. Check with
-# benchmarks/gpu_batched_matmul.py --m 1024,2048.
-MAX_FUSED_M = 1024
+# scratch matrix and calls cuBLAS. Measured on an H200 (benchmarks/gpu_batched_matmul.py,
+# BENCHMARKS.md): up to 16 rows the fused kernel wins on every shape; from 17 to 128 rows it wins
+# on matrices of FUSED_MIN_BYTES or more (the 8B's: 0.36-0.75x of dequantize + cuBLAS at 32-128
+# rows) and loses on small ones (Gemma 3 270M's 640-wide layers: 1.3-4.8x), whose grids are too
+# small to fill the GPU; at 512 rows dequantize + cuBLAS wins everywhere (1.6-2.3x).
+MAX_SMALL_FUSED_M = 16
+MAX_FUSED_M = 128
+FUSED_MIN_BYTES = 4 << 20
+
+
+def fuses(m: int, n_bytes: int) -> bool:
+    """Whether m rows against a matrix of n_bytes take the fused kernel (see above)."""
+    return m <= MAX_SMALL_FUSED_M or (m <= MAX_FUSED_M and n_bytes >= FUSED_MIN_BYTES)
+
 
 _MODE_FMA, _MODE_DOT, _MODE_DEQUANT = 0, 1, 2
 _FMT_Q4_0, _FMT_Q5_0, _FMT_Q8_0, _FMT_Q4_K, _FMT_Q5_K, _FMT_Q6_K, _FMT_DENSE = range(7)

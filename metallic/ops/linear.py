@@ -104,17 +104,18 @@ def native_path(m: int, parts: Sequence[PackedWeight]) -> str:
     """How `_native_linear` multiplies m rows of x by the stacked parts:
 
     - ``"dp4a"``: one row against large K-quants: x rounded to int8 once, the dp4a kernels;
-    - ``"fused"``: up to MAX_FUSED_M rows: each part's fused kernel (quant_matmul) reads its
-      blocks once per tile of rows and writes its own output columns;
-    - ``"dequantize"``: beyond, every part is widened into one scratch matrix, then a single
+    - ``"fused"``: a few rows, or up to MAX_FUSED_M rows against a large matrix
+      (`kernels.fuses`): each part's fused kernel (quant_matmul) reads its blocks once per tile
+      of rows and writes its own output columns;
+    - ``"dequantize"``: otherwise every part is widened into one scratch matrix, then a single
       dense product (one cuBLAS call for q|k|v whatever their formats).
     """
-    from metallic.kernels import MAX_FUSED_M
+    from metallic.kernels import fuses
     from metallic.kernels.quant_gemv import uses_dp4a
 
     if m == 1 and uses_dp4a(parts):
         return "dp4a"
-    return "fused" if m <= MAX_FUSED_M else "dequantize"
+    return "fused" if fuses(m, sum(p.nbytes for p in parts)) else "dequantize"
 
 
 def _native_linear(rows: torch.Tensor, parts: tuple[PackedWeight, ...]) -> torch.Tensor:

@@ -8,7 +8,7 @@ captured CUDA graph replays against a static buffer of the same layout refreshed
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,11 +63,13 @@ class StepBatch:
         table_width: int = 0,
         max_q_len: int | None = None,
         max_keys: int = 0,
+        upload: Callable[[np.ndarray], torch.Tensor] | None = None,
     ) -> StepBatch:
         """Pack `chunks` (each chunk's table rows padded to `table_width`, default the longest)
         into one buffer on `device`. `max_q_len` (default: the longest chunk) sizes the kernels'
         grids: a graph replayed for other splits of the same token count passes the token count.
-        `max_keys` bounds the sequences' lengths (see the field)."""
+        `max_keys` bounds the sequences' lengths (see the field); `upload` moves the packed
+        int32 array to `device` (default: through freshly pinned memory)."""
         lengths = np.fromiter((len(c.tokens) for c in chunks), np.int64, len(chunks))
         starts = np.fromiter((c.start for c in chunks), np.int64, len(chunks))
         cu = np.zeros(len(chunks) + 1, np.int64)
@@ -85,10 +87,14 @@ class StepBatch:
         flat = np.concatenate(
             (tokens, positions, starts + lengths, cu, cu[1:] - 1, tables.reshape(-1))
         )
-        host = torch.from_numpy(flat.astype(np.int32))
-        if device.type == "cuda":
-            host = host.pin_memory()
-        packed = host.to(device, non_blocking=True)
+        flat = flat.astype(np.int32)
+        if upload is not None:
+            packed = upload(flat)
+        else:
+            host = torch.from_numpy(flat)
+            packed = (host.pin_memory() if device.type == "cuda" else host).to(
+                device, non_blocking=True
+            )
         return cls._views(
             packed,
             tuple(chunks),

@@ -3,6 +3,7 @@ path gives x @ W.T for stacked parts of different formats (in the interpreter)."
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import numpy as np
@@ -23,6 +24,10 @@ def _seed() -> int:
     return int.from_bytes(os.urandom(4), "little")
 
 
+# The module (the package exports its function of the same name).
+quant_matmul_module = importlib.import_module("metallic.kernels.quant_matmul")
+
+
 def _part(qtype: GGMLQuantizationType, n: int, k: int, seed: int):
     values = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32) * 0.02
     raw = torch.from_numpy(quantize(values, qtype).reshape(-1).copy())
@@ -30,16 +35,21 @@ def _part(qtype: GGMLQuantizationType, n: int, k: int, seed: int):
 
 
 def test_native_path_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One row against large K-quants: dp4a; otherwise the fused kernel up to MAX_FUSED_M rows
-    (batched decode and prefill chunks), dequantize + one dense product beyond."""
+    """One row against large K-quants: dp4a; otherwise the fused kernel up to 16 rows, and up
+    to MAX_FUSED_M rows against large matrices (batched decode); dequantize + one dense product
+    beyond (prefill chunks, and small matrices from 17 rows)."""
     monkeypatch.setattr(quant_gemv, "DP4A_MIN_BYTES", 0)
     k_quants = tuple(_part(t, 8, 256, _seed())[0] for t in (T.Q4_K, T.Q6_K))
     mixed = (*k_quants, _part(T.Q8_0, 8, 256, _seed())[0])
     assert native_path(1, k_quants) == "dp4a"
     assert native_path(1, mixed) == "fused"
-    for m in (2, 16, 17, 32, 33, 64, 128, 512, MAX_FUSED_M):
-        assert native_path(m, k_quants) == "fused", m
-        assert native_path(m, mixed) == "fused", m
+    for m in (2, 16):
+        assert native_path(m, k_quants) == native_path(m, mixed) == "fused", m
+    for m in (17, 64, MAX_FUSED_M, 512):
+        assert native_path(m, mixed) == "dequantize", m  # a small matrix
+    monkeypatch.setattr(quant_matmul_module, "FUSED_MIN_BYTES", 0)  # every matrix large
+    for m in (17, 32, 33, 64, MAX_FUSED_M):
+        assert native_path(m, k_quants) == native_path(m, mixed) == "fused", m
     assert native_path(MAX_FUSED_M + 1, k_quants) == "dequantize"
     assert native_path(4 * MAX_FUSED_M, mixed) == "dequantize"
     monkeypatch.setattr(quant_gemv, "DP4A_MIN_BYTES", 1 << 40)
@@ -66,11 +76,12 @@ def test_linear_runs_the_path_it_names(m: int, monkeypatch: pytest.MonkeyPatch) 
             name,
             lambda *a, real=real, name=name, **kw: calls.append(name) or real(*a, **kw),
         )
+    monkeypatch.setattr(quant_matmul_module, "FUSED_MIN_BYTES", 0)  # as large matrices go
     for max_fused, expected in (
         (MAX_FUSED_M, ["quant_matmul"] * 3),
         (m - 1, ["dequantize_gpu"] * 3),
     ):
-        monkeypatch.setattr(kernels, "MAX_FUSED_M", max_fused)
+        monkeypatch.setattr(quant_matmul_module, "MAX_FUSED_M", max_fused)
         calls.clear()
         out = linear(x, weight)
         assert calls == expected, f"MAX_FUSED_M={max_fused}"
