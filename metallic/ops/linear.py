@@ -100,8 +100,8 @@ def _widened_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def native_path(m: int, parts: Sequence[PackedWeight]) -> str:
-    """How `_native_linear` multiplies m rows of x by the stacked parts:
+def native_path(m: int, parts: Sequence[PackedWeight], dtype: torch.dtype = torch.bfloat16) -> str:
+    """How `_native_linear` multiplies m rows of x (in `dtype`) by the stacked parts:
 
     - ``"dp4a"``: one row against large K-quants: x rounded to int8 once, the dp4a kernels;
     - ``"fused"``: a few rows, or up to MAX_FUSED_M rows against a large matrix
@@ -115,7 +115,7 @@ def native_path(m: int, parts: Sequence[PackedWeight]) -> str:
 
     if m == 1 and uses_dp4a(parts):
         return "dp4a"
-    return "fused" if fuses(m, sum(p.nbytes for p in parts)) else "dequantize"
+    return "fused" if fuses(m, sum(p.nbytes for p in parts), dtype) else "dequantize"
 
 
 def _native_linear(rows: torch.Tensor, parts: tuple[PackedWeight, ...]) -> torch.Tensor:
@@ -124,7 +124,7 @@ def _native_linear(rows: torch.Tensor, parts: tuple[PackedWeight, ...]) -> torch
     from metallic.kernels.quant_gemv import gemv, quantize_x
 
     n_total = sum(p.n for p in parts)
-    path = native_path(rows.shape[0], parts)
+    path = native_path(rows.shape[0], parts, rows.dtype)
     if path == "dequantize":
         dense = torch.empty(n_total, rows.shape[1], dtype=rows.dtype, device=rows.device)
         first = 0

@@ -50,6 +50,8 @@ def test_native_path_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(quant_matmul_module, "FUSED_MIN_BYTES", 0)  # every matrix large
     for m in (17, 32, 33, 64, MAX_FUSED_M):
         assert native_path(m, k_quants) == native_path(m, mixed) == "fused", m
+    assert native_path(64, k_quants, torch.float32) == "dequantize"  # f32 rows: up to 16
+    assert native_path(16, k_quants, torch.float32) == "fused"
     assert native_path(MAX_FUSED_M + 1, k_quants) == "dequantize"
     assert native_path(4 * MAX_FUSED_M, mixed) == "dequantize"
     monkeypatch.setattr(quant_gemv, "DP4A_MIN_BYTES", 1 << 40)
