@@ -1,10 +1,12 @@
 """Many sequences at once: aggregate decode speed beside llama.cpp, and the prefix cache.
 
 1. batch-B, llama-batched-bench's S_TG: B requests of 128 random prompt tokens, 128 tokens
-   generated each (greedy, EOS ignored), submitted together. The decode phase runs from the
-   moment every sequence has its first token to the last token; S_TG = the tokens generated in
-   it / its seconds. A round of the same B runs first as warm-up (kernel compiles, graph
-   captures, KV-cache growth).
+   generated each (greedy, EOS ignored), submitted together. llama-batched-bench prefills
+   every prompt, then times decode steps of all B sequences; here prompts are admitted a
+   chunk budget at a time while the first ones already decode, so the same quantity is taken
+   over the steps where all B decode: from the moment the last sequence has its first token to
+   the moment the first one ends. S_TG = the tokens generated in that window / its seconds.
+   A round of the same B runs first as warm-up (kernel compiles, graph captures, KV growth).
 2. Prefix cache (--prefix): 64 requests sharing a 1,000-token system prompt, each with 24 tokens
    of its own and 16 generated, submitted together: time to first token (p50, p99) and the
    whole burst's seconds, with the prefix cache on and off.
@@ -60,6 +62,7 @@ def burst(engine: Engine, prompts: list[list[int]], max_tokens: int) -> dict[str
     ids = [engine.add_request(p, params) for p in prompts]
     first: dict[object, float] = {}
     stamps: list[float] = []  # when each generated token reached the host
+    first_end = 0.0
     while engine.has_unfinished():
         outputs = engine.step()
         now = time.perf_counter()
@@ -67,13 +70,15 @@ def burst(engine: Engine, prompts: list[list[int]], max_tokens: int) -> dict[str
             if out.token_ids:
                 first.setdefault(out.request_id, now)
                 stamps.append(now)
+            if out.finished and not first_end:
+                first_end = now
     end = time.perf_counter()
     assert len(first) == len(ids) and len(stamps) == len(ids) * max_tokens
-    decode_from = max(first.values())
-    decoded = sum(1 for t in stamps if t > decode_from)
+    all_decoding = max(first.values())
+    decoded = sum(1 for t in stamps if all_decoding < t <= first_end)
     ttft = sorted(t - began for t in first.values())
     return {
-        "s_tg": decoded / (end - decode_from) if end > decode_from else 0.0,
+        "s_tg": decoded / (first_end - all_decoding) if decoded else 0.0,
         "ttft_p50": statistics.median(ttft),
         "ttft_p99": ttft[min(len(ttft) - 1, round(0.99 * (len(ttft) - 1)))],
         "seconds": end - began,
