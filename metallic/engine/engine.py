@@ -14,12 +14,21 @@ from pathlib import Path
 
 import torch
 
+from metallic.engine.arguments import (
+    PromptTooLong,  # noqa: F401 (callers catch it from this module)
+    cap_context,
+    check_kv_fits,
+    check_load_options,
+    check_prompt,
+    fit_prompt,
+)
 from metallic.engine.detokenizer import StopMatcher, StreamingDetokenizer
 from metallic.engine.sampling import Sampler, SamplingParams, top_logprobs
 from metallic.errors import MetallicError
 from metallic.gguf.config import ModelConfig, config_from_metadata
-from metallic.gguf.default_model import default_model_path
+from metallic.gguf.default_model import DEFAULT_MODEL
 from metallic.gguf.reader import open_gguf
+from metallic.gguf.registry import resolve_model
 from metallic.gguf.tokenizer import Tokenizer
 from metallic.models.transformer import Transformer, step_memory_bound
 from metallic.models.weights import (
@@ -42,7 +51,6 @@ from metallic.runtime.placement import MemoryPlan, ResidencyPolicy, parse_bytes,
 from metallic.runtime.staging import StagingRing
 from metallic.runtime.streaming import LayerStreamer, PackedLayer, pack, packed_size
 
-DEFAULT_CONTEXT = 4096
 PREFILL_CHUNK = 512  # bounds the attention score matrix of long prompts
 ARENA_BYTES = 32 << 20  # the memory pool's arena size (larger buffers get their own)
 # Device bytes beside weights, KV cache and a step's activations (RoPE tables: the pool's
@@ -52,10 +60,6 @@ ARENA_BYTES = 32 << 20  # the memory pool's arena size (larger buffers get their
 RUNTIME_BYTES = 160 << 20
 
 log = logging.getLogger("metallic")
-
-
-class PromptTooLong(MetallicError):
-    """The prompt does not leave room for a single generated token in the context."""
 
 
 @dataclass
@@ -96,6 +100,7 @@ class Engine:
         progress: Callable[[int, int], None] | None = None,
         gpu_layers: int | None = None,
         memory_budget: int | str | None = None,
+        context_override: bool = False,
     ) -> None:
         """On CUDA the Triton kernels run everything: weights stay in their GGUF blocks
         (`native`, default on), the KV cache is paged, and decode steps replay as CUDA graphs
@@ -104,8 +109,23 @@ class Engine:
 
         `gpu_layers` keeps only the first N layers on the device and streams the rest from the
         host; `memory_budget` (bytes, or text such as "2G") plans placement to fit it, KV cache
-        included, and moves layers to the host when the KV cache outgrows what is left."""
-        self.path = Path(path) if path is not None else default_model_path()
+        included, and moves layers to the host when the KV cache outgrows what is left.
+
+        `path` may name a known model (`metallic models`). `context_size` may not pass the
+        model's training context unless `context_override`."""
+        check_load_options(
+            path,
+            device=device,
+            dtype=dtype,
+            context_size=context_size,
+            context_override=context_override,
+            native=native,
+            cuda_graphs=cuda_graphs,
+            progress=progress,
+            gpu_layers=gpu_layers,
+            memory_budget=memory_budget,
+        )
+        self.path = resolve_model(path, DEFAULT_MODEL)
         self.gguf = open_gguf(self.path)
         self.config: ModelConfig = config_from_metadata(self.gguf.metadata, str(self.path))
         self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
@@ -113,11 +133,10 @@ class Engine:
         self.dtype = choose_dtype(self.device, dtype)
         kernels = use_kernels(self.device)
         native = kernels if native is None else native
-        ctx = context_size or min(self.config.context_length, DEFAULT_CONTEXT)
-        if ctx <= 1:
-            raise MetallicError(f"context size must be at least 2, got {ctx}")
+        ctx = cap_context(context_size, self.config.context_length, context_override)
         # The CPU path keeps activations in f32: its f16 weights are widened for the products.
         act_dtype = self.dtype if kernels else torch.float32
+        check_kv_fits(self.config, ctx, act_dtype, self.device)
         budget = parse_bytes(memory_budget) if isinstance(memory_budget, str) else memory_budget
         self.plan: MemoryPlan | None = None
         if gpu_layers is not None or budget is not None:
@@ -380,18 +399,20 @@ class Engine:
             return self.model.weights.nbytes
         return self.memory.stats()["kinds"]["weights"]["current_bytes"]
 
-    def encode_prompt(self, prompt: str | list[int], *, truncate: bool = False) -> list[int]:
+    def encode_prompt(
+        self, prompt: str | list[int], *, truncate: bool = False, max_tokens: int | None = None
+    ) -> list[int]:
+        check_prompt(prompt)
         ids = (
             self.tokenizer.encode(prompt, parse_special=True) if isinstance(prompt, str) else prompt
         )
-        room = self.context_size - 1
-        if len(ids) > room:
-            if not truncate:
-                raise PromptTooLong(
-                    f"the prompt has {len(ids)} tokens but the context holds {self.context_size}"
-                    " (raise --ctx-size, or pass --truncate to keep the prompt's end)"
-                )
-            ids = ids[-room:]
+        ids = fit_prompt(
+            ids,
+            self.context_size,
+            truncate=truncate,
+            max_tokens=max_tokens,
+            bos_id=self.tokenizer.bos_id,
+        )
         if not ids:
             raise MetallicError("the prompt is empty (and the model adds no BOS token)")
         self._check_ids(ids)
@@ -463,7 +484,7 @@ class Engine:
     ) -> Iterator[GeneratedToken]:
         """Yield each generated token with its text piece until EOS, a stop string or the limit."""
         params.validate()
-        ids = self.encode_prompt(prompt, truncate=truncate)
+        ids = self.encode_prompt(prompt, truncate=truncate, max_tokens=params.max_tokens)
         limit = params.max_tokens or self.context_size
         stats = GenerationStats(prompt_tokens=len(ids))
         self.last_stats = stats
