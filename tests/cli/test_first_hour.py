@@ -249,6 +249,17 @@ def test_chat_message_too_long_for_the_context_is_skipped(capsys, monkeypatch, t
     assert "that message needs" in err and "more than the" in err
 
 
+def test_a_hostile_chat_template_is_one_line(capsys, monkeypatch, tiny) -> None:
+    """A model file whose template loops a billion times: one line, exit 2, at once."""
+    from metallic.engine.chat import ChatTemplate
+
+    hostile = ChatTemplate("{% for i in range(10**9) %}x{% endfor %}")
+    monkeypatch.setattr(ChatTemplate, "for_model", classmethod(lambda cls, metadata: hostile))
+    set_stdin(monkeypatch, b"hello\n")
+    assert main(["chat", tiny, "-n", "2"]) == 2
+    one_line_error(capsys, "chat template failed to render", "Range too big")
+
+
 class Terminal:
     """`metallic chat` with a terminal as its stdin (so it is interactive) and pipes out."""
 
