@@ -124,7 +124,8 @@ def test_ctx_size_past_training_needs_the_override(capsys) -> None:
     """-c 100000000 on the default model: one line, not a 100 GB allocation."""
     assert main(["run", "-p", "hi", "-c", "100000000"]) == 2
     one_line_error(capsys, "100,000,000 tokens", "trained on (32,768)", "--ctx-size-override")
-    assert main(["run", "-p", "hi", "-c", "100000000", "--ctx-size-override"]) == 2
+    override = ["-c", "100000000", "--ctx-size-override", "--device", "cpu"]
+    assert main(["run", "-p", "hi", *override]) == 2
     one_line_error(capsys, "needs 572.2 GiB of KV cache", "of host memory is available")
 
 
