@@ -1,7 +1,9 @@
-"""`metallic` command line: inspect, tokenize, run and chat.
+"""`metallic` command line: inspect, tokenize, run, chat, and the known models.
 
 Generated text goes to stdout, everything else (progress, stats, errors) to stderr. Every
-`MetallicError` ends the process with one line and exit code 2; Ctrl-C exits with 130.
+`MetallicError` and every bad flag ends the process with one line and exit code 2 (flags are
+checked before any model is loaded); Ctrl-C exits with 130, except during a chat reply, where it
+stops only that reply.
 """
 
 from __future__ import annotations
@@ -12,44 +14,106 @@ import logging
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn
 
+from metallic import __version__
+from metallic.engine import arguments
 from metallic.errors import MetallicError
+from metallic.progress import terminal_bar
 
 if TYPE_CHECKING:  # heavy imports (torch) wait until a command needs them
+    from metallic.engine.chat import ChatTemplate, Message
     from metallic.engine.engine import Engine
     from metallic.engine.sampling import SamplingParams
+    from metallic.gguf.registry import KnownModel
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
-def _progress_bar(label: str) -> Callable[[int, int], None] | None:
-    """A one-line progress bar on a terminal's stderr; silent when stderr is not a terminal."""
-    if not sys.stderr.isatty():
-        return None
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the problem and where help is, not the whole usage."""
 
-    def show(done: int, total: int) -> None:
-        width = 30
-        filled = width * done // max(total, 1)
-        bar = "#" * filled + "-" * (width - filled)
-        end = "\n" if done >= total else ""
-        print(f"\r{label} [{bar}] {done}/{total}", end=end, file=sys.stderr, flush=True)
-
-    return show
+    def error(self, message: str) -> NoReturn:
+        line = " ".join(message.split())
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {line} (see {self.prog} --help)\n")
 
 
-def _model_path(value: str | None) -> Path:
-    from metallic.gguf.default_model import default_model_path
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default in --help where it has one to show (not None, False, "" or [])."""
 
-    return Path(value) if value else default_model_path()
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        if default is None or default is False or default in ("", [], argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _checked(check: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type from a check: its one-line error becomes argparse's (exit 2)."""
+
+    def convert(text: str) -> Any:
+        try:
+            return check(text)
+        except MetallicError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return convert
+
+
+def _int_at_least(least: int) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+
+    return convert
+
+
+def _device(text: str) -> str:
+    arguments.check_device(text)
+    return text
+
+
+def _dtype(text: str) -> str:
+    arguments.check_dtype(text)
+    return text
+
+
+def _size(text: str) -> int | None:
+    return arguments.memory_size(text, name=None)
+
+
+def _model_path(value: str | None, default: KnownModel) -> Path:
+    from metallic.gguf.registry import resolve_model
+
+    return resolve_model(value, default)
+
+
+def _read_text(source: str) -> str:
+    """The text of a file, or of standard input for '-' (UTF-8 either way)."""
+    try:
+        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    except OSError as err:
+        raise MetallicError(f"cannot read {source}: {err.strerror or err}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        where = "standard input" if source == "-" else source
+        raise MetallicError(f"{where} is not UTF-8 text (byte {err.start})") from None
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from metallic.gguf.default_model import DEFAULT_MODEL
     from metallic.gguf.reader import open_gguf
 
-    path = _model_path(args.model)
+    path = _model_path(args.model, DEFAULT_MODEL)
     gguf = open_gguf(path)
     meta = gguf.metadata
     formats = Counter(t.type_name for t in gguf)
@@ -87,56 +151,139 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _names_a_model(word: str) -> bool:
+    """Whether a lone `tokenize` argument is a model rather than text: a known name, a .gguf
+    name or an existing file (its text would be tokenized otherwise, a silent surprise)."""
+    from metallic.gguf.registry import KNOWN_MODELS
+
+    return word.lower() in KNOWN_MODELS or word.lower().endswith(".gguf") or Path(word).is_file()
+
+
 def cmd_tokenize(args: argparse.Namespace) -> int:
+    from metallic.gguf.default_model import DEFAULT_MODEL
     from metallic.gguf.reader import open_gguf
     from metallic.gguf.tokenizer import Tokenizer
 
-    if len(args.words) == 1:
-        model, text = None, args.words[0]
-    elif len(args.words) == 2:
-        model, text = args.words
+    words = list(args.words)
+    if args.file is not None:
+        if len(words) > 1:
+            raise MetallicError("give TEXT or -f FILE, not both")
+        model, text = (words or [None])[0], _read_text(args.file)
+    elif len(words) == 2:
+        model, text = words
+    elif len(words) == 1 and not _names_a_model(words[0]):
+        model, text = None, words[0]
+    elif words:
+        raise MetallicError(f"no TEXT to tokenize after the model {words[0]} (or pass -f FILE)")
     else:
-        raise MetallicError("usage: metallic tokenize [MODEL] TEXT")
-    tokenizer = Tokenizer.from_metadata(open_gguf(_model_path(model)).metadata)
+        raise MetallicError("no TEXT to tokenize (give TEXT, or -f FILE; - reads stdin)")
+    if text == "-":
+        text = _read_text("-")
+    tokenizer = Tokenizer.from_metadata(open_gguf(_model_path(model, DEFAULT_MODEL)).metadata)
     ids = tokenizer.encode(text, add_special=not args.no_bos, parse_special=args.special)
     print(json.dumps(ids))
     return 0
 
 
-def _add_sampling(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling (defaults as llama.cpp)")
-    g.add_argument("-n", "--max-tokens", type=int, default=256, help="tokens to generate")
-    g.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy")
+def cmd_models(args: argparse.Namespace) -> int:
+    from metallic.gguf.cache import cache_dir
+    from metallic.gguf.registry import KNOWN_MODELS
+
+    rows = [
+        {
+            "name": m.name,
+            "title": m.title,
+            "size": m.size,
+            "architecture": m.architecture,
+            "purpose": m.purpose,
+            "source": m.source.describe(),
+            "cached": m.is_cached(),
+            "path": str(m.path),
+        }
+        for m in KNOWN_MODELS.values()
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(row["name"]) for row in rows)
+    print(f"{'NAME':<{width}}  {'SIZE':>8}  {'ARCH':<7} {'CACHED':<6}  PURPOSE / SOURCE")
+    for row in rows:
+        size = f"{row['size'] / 2**20:.0f} MiB"
+        cached = "yes" if row["cached"] else "no"
+        print(
+            f"{row['name']:<{width}}  {size:>8}  {row['architecture']:<7} {cached:<6}  "
+            f"{row['title']}: {row['purpose']}"
+        )
+        print(f"{'':<{width}}  {'':>8}  {'':<7} {'':<6}  from {row['source']}")
+    print(f"cache: {cache_dir() / 'models'} (METALLIC_CACHE moves it)")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from metallic.gguf.registry import known_model
+
+    print(known_model(args.name).fetch())
+    return 0
+
+
+def _add_sampling(p: argparse.ArgumentParser, temperature: float = 0.8) -> None:
+    defaults = "as llama.cpp" if temperature == 0.8 else "as llama.cpp, but greedy"
+    g = p.add_argument_group(f"sampling (defaults {defaults})")
+    g.add_argument("-n", "--max-tokens", type=int, default=256, help="most tokens to generate")
+    g.add_argument("--temp", type=float, default=temperature, help="temperature; 0 = greedy")
     g.add_argument("--top-k", type=int, default=40, help="0 = off")
     g.add_argument("--top-p", type=float, default=0.95, help="1.0 = off")
     g.add_argument("--min-p", type=float, default=0.05, help="0 = off")
     g.add_argument("--repeat-penalty", type=float, default=1.0, help="1.0 = off")
     g.add_argument("--repeat-last-n", type=int, default=64, help="window of the penalties")
-    g.add_argument("--presence-penalty", type=float, default=0.0)
-    g.add_argument("--frequency-penalty", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="0 = off")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="0 = off")
+    g.add_argument("--seed", type=int, default=None, help="same seed, same text (default: random)")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
 
 
-def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", help="GGUF file (default: Gemma 3 270M Q4_K_M)")
-    p.add_argument("-c", "--ctx-size", type=int, default=None, help="context size in tokens")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    p.add_argument("--dtype", default=None, help="f32, f16 or bf16 (default: by device)")
+def _add_model(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument(
+        "model",
+        nargs="?",
+        help=f"GGUF file or known model name (`metallic models`; default: {default})",
+    )
+    p.add_argument(
+        "-c",
+        "--ctx-size",
+        type=_int_at_least(2),
+        default=None,
+        help="context size in tokens (default: the model's training context, at most 4096)",
+    )
+    p.add_argument(
+        "--ctx-size-override",
+        action="store_true",
+        help="allow a --ctx-size past the model's training context",
+    )
+    p.add_argument(
+        "--device",
+        type=_checked(_device),
+        default=None,
+        help="cpu, cuda or cuda:N (default: cuda if any)",
+    )
+    p.add_argument(
+        "--dtype", type=_checked(_dtype), default=None, help="f32, f16 or bf16 (default: by device)"
+    )
     p.add_argument(
         "--gpu-layers",
-        type=int,
+        type=_int_at_least(0),
         default=None,
         metavar="N",
-        help="keep the first N layers on the device, stream the rest from host memory",
+        help="CUDA only: keep the first N layers on the device, stream the rest from host memory",
     )
     p.add_argument(
         "--gpu-memory",
+        type=_checked(_size),
         default=None,
         metavar="SIZE",
-        help="device memory budget, e.g. 2G: layers that don't fit are streamed from the host,"
-        " and moved there when the KV cache needs room",
+        help="CUDA only: device memory budget, e.g. 2G: layers that don't fit are streamed from"
+        " the host, and moved there when the KV cache needs room",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log placement and residency")
 
@@ -162,32 +309,58 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
     return params
 
 
-def _load(args: argparse.Namespace) -> Engine:
+def _gpu_options(args: argparse.Namespace) -> dict[str, Any]:
+    """--gpu-layers / --gpu-memory, or none of them on a machine that will run on the CPU: there
+    they would only route the CPU path through the GPU path's machinery (slower), so they are
+    dropped with a warning."""
+    from metallic.runtime.device import choose_device
+
+    given = [
+        flag
+        for flag, value in (("--gpu-layers", args.gpu_layers), ("--gpu-memory", args.gpu_memory))
+        if value is not None
+    ]
+    if given and choose_device(args.device).type != "cuda":
+        print(
+            f"metallic: warning: {' and '.join(given)} ignored: GPU-only, and this run is on"
+            " the CPU",
+            file=sys.stderr,
+        )
+        return {}
+    return {"gpu_layers": args.gpu_layers, "memory_budget": args.gpu_memory}
+
+
+def _load(args: argparse.Namespace, default: KnownModel) -> Engine:
     from metallic.engine.engine import Engine
 
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="metallic: %(message)s", stream=sys.stderr)
+    gpu = _gpu_options(args)
     return Engine(
-        _model_path(args.model),
+        _model_path(args.model, default),
         device=args.device,
         dtype=args.dtype,
         context_size=args.ctx_size,
-        progress=_progress_bar("loading"),
-        gpu_layers=args.gpu_layers,
-        memory_budget=args.gpu_memory,
+        context_override=args.ctx_size_override,
+        progress=terminal_bar("loading"),
+        **gpu,
     )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from metallic.gguf.default_model import DEFAULT_MODEL
+
     params = _sampling_params(args)
-    engine = _load(args)
+    prompt = _read_text(args.file) if args.file is not None else args.prompt
+    if prompt == "-" and args.file is None:
+        prompt = _read_text("-")
+    engine = _load(args, DEFAULT_MODEL)
+    ids = engine.encode_prompt(prompt, truncate=args.truncate, max_tokens=params.max_tokens)
     if args.json:
-        steps = list(
-            engine.generate_tokens(args.prompt, params, logprobs=5, truncate=args.truncate)
-        )
+        steps = list(engine.generate_tokens(ids, params, logprobs=5))
         tok = engine.tokenizer
         result = {
-            "prompt_ids": engine.encode_prompt(args.prompt, truncate=args.truncate),
+            "prompt_ids": ids,
             "generated_ids": [s.token_id for s in steps],
             "text": "".join(s.text for s in steps),
             "finish_reason": engine.last_stats.finish_reason,
@@ -201,53 +374,120 @@ def cmd_run(args: argparse.Namespace) -> int:
         }
         print(json.dumps(result, ensure_ascii=False))
     else:
-        for step in engine.generate_tokens(args.prompt, params, truncate=args.truncate):
+        for step in engine.generate_tokens(ids, params):
             print(step.text, end="", flush=True)
         print(flush=True)
     if args.stats:
-        s = engine.last_stats
-        print(
-            f"prompt {s.prompt_tokens} tokens in {s.prefill_seconds:.2f} s "
-            f"({s.prompt_tokens / max(s.prefill_seconds, 1e-9):.1f} tok/s); "
-            f"generated {s.generated_tokens} tokens, "
-            f"decode {s.decode_tokens_per_second:.1f} tok/s ({s.finish_reason})",
-            file=sys.stderr,
-        )
-        memory = engine.stats()
-        pools = "".join(
-            f"; {p['layers']} {'window ' + str(p['window']) if p['window'] else 'global'} layers "
-            f"{p['blocks_used']}/{p['blocks']} blocks"
-            for p in memory["kv_pools"]  # type: ignore[union-attr]
-        )
-        place: dict[str, int] = memory["placement"]  # type: ignore[assignment]
-        streamed = ""
-        if place["layers_streamed"]:
-            streamed = (
-                f"; {place['layers_streamed']} layers streamed from the host "
-                f"({place['host_bytes'] / 2**20:.0f} MiB copied per step)"
-            )
-        if "evictions" in place:
-            streamed += f"; residency moves out/back {place['evictions']}/{place['restores']}"
-        print(
-            f"{memory['device']} {memory['dtype']}: weights {memory['weight_bytes'] / 2**20:.0f} "
-            f"MiB, KV cache {memory['kv_cache_bytes'] / 2**20:.0f} MiB{pools}{streamed}",
-            file=sys.stderr,
-        )
+        _print_stats(engine)
     return 0
+
+
+def _print_stats(engine: Engine) -> None:
+    s = engine.last_stats
+    print(
+        f"prompt {s.prompt_tokens} tokens in {s.prefill_seconds:.2f} s "
+        f"({s.prompt_tokens / max(s.prefill_seconds, 1e-9):.1f} tok/s); "
+        f"generated {s.generated_tokens} tokens, "
+        f"decode {s.decode_tokens_per_second:.1f} tok/s ({s.finish_reason})",
+        file=sys.stderr,
+    )
+    memory = engine.stats()
+    pools = "".join(
+        f"; {p['layers']} {'window ' + str(p['window']) if p['window'] else 'global'} layers "
+        f"{p['blocks_used']}/{p['blocks']} blocks"
+        for p in memory["kv_pools"]  # type: ignore[union-attr]
+    )
+    place: dict[str, int] = memory["placement"]  # type: ignore[assignment]
+    streamed = ""
+    if place["layers_streamed"]:
+        streamed = (
+            f"; {place['layers_streamed']} layers streamed from the host "
+            f"({place['host_bytes'] / 2**20:.0f} MiB copied per step)"
+        )
+    if "evictions" in place:
+        streamed += f"; residency moves out/back {place['evictions']}/{place['restores']}"
+    print(
+        f"{memory['device']} {memory['dtype']}: weights {memory['weight_bytes'] / 2**20:.0f} "
+        f"MiB, KV cache {memory['kv_cache_bytes'] / 2**20:.0f} MiB{pools}{streamed}",
+        file=sys.stderr,
+    )
+
+
+class _Conversation:
+    """A chat's history and how it becomes a prompt that fits the context."""
+
+    def __init__(self, engine: Engine, template: ChatTemplate, system: str, reply_room: int):
+        self.engine = engine
+        self.template = template
+        self.messages: list[Message] = [{"role": "system", "content": system}] if system else []
+        # tokens kept free for the reply: -n, but at most half the context
+        self.reply_room = min(reply_room, engine.context_size // 2)
+        self.told_dropping = False
+
+    def _ids(self, messages: Sequence[Message]) -> list[int]:
+        prompt = self.template.render(messages)
+        bos = self.template.bos_token
+        add_bos = not (bos and prompt.startswith(bos))
+        return self.engine.tokenizer.encode(prompt, add_special=add_bos, parse_special=True)
+
+    def prompt_for(self, user_text: str) -> list[int] | None:
+        """The prompt ids with the user's new message, dropping the oldest turns when the
+        history outgrows the context (said once on stderr); None when the message alone is too
+        long (it is then left out of the history)."""
+        from metallic.engine.chat import fit_history
+
+        room = self.engine.context_size - self.reply_room
+        candidate = [*self.messages, {"role": "user", "content": user_text}]
+        kept, dropped = fit_history(candidate, lambda m: len(self._ids(m)) <= room)
+        ids = self._ids(kept)
+        if len(ids) > room:
+            print(
+                f"metallic: error: that message needs {len(ids)} tokens with the system prompt,"
+                f" more than the {room} the context leaves (raise --ctx-size or lower -n)",
+                file=sys.stderr,
+            )
+            return None
+        if dropped and not self.told_dropping:
+            print(
+                f"metallic: the conversation outgrew the context ({self.engine.context_size}"
+                " tokens): dropping its oldest turns (the system prompt stays)",
+                file=sys.stderr,
+            )
+            self.told_dropping = True
+        self.messages = kept
+        return ids
+
+    def reply(self, ids: list[int], params: SamplingParams) -> None:
+        """Stream the model's reply and add it to the history. Ctrl-C stops the reply (what was
+        shown so far stays in the history as the reply) and the chat goes on."""
+        pieces: list[str] = []
+        try:
+            with closing(self.engine.generate_tokens(ids, params)) as steps:
+                for step in steps:
+                    print(step.text, end="", flush=True)
+                    pieces.append(step.text)
+        except KeyboardInterrupt:
+            print(flush=True)
+            print("metallic: reply stopped", file=sys.stderr)
+        else:
+            print(flush=True)
+        self.messages.append({"role": "assistant", "content": "".join(pieces)})
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from metallic.engine.chat import ChatTemplate
+    from metallic.gguf.default_model import CHAT_MODEL
 
     params = _sampling_params(args)
-    engine = _load(args)
+    engine = _load(args, CHAT_MODEL)
     template = ChatTemplate.for_model(engine.gguf.metadata)
-    messages: list[dict[str, str]] = []
-    if args.system:
-        messages.append({"role": "system", "content": args.system})
+    chat = _Conversation(engine, template, args.system, params.max_tokens or 256)
     interactive = sys.stdin.isatty()
     if interactive:
-        print("metallic chat: empty line or Ctrl-D to quit", file=sys.stderr)
+        print(
+            "metallic chat: Ctrl-C stops a reply; an empty line, Ctrl-D or Ctrl-C here quits",
+            file=sys.stderr,
+        )
     while True:
         try:
             line = input("> " if interactive else "")
@@ -255,47 +495,78 @@ def cmd_chat(args: argparse.Namespace) -> int:
             return 0
         if not line.strip():
             return 0
-        messages.append({"role": "user", "content": line})
-        prompt = template.render(messages)
-        add_bos = not (template.bos_token and prompt.startswith(template.bos_token))
-        ids = engine.tokenizer.encode(prompt, add_special=add_bos, parse_special=True)
-        reply = []
-        for step in engine.generate_tokens(ids, params):
-            print(step.text, end="", flush=True)
-            reply.append(step.text)
-        print()
-        messages.append({"role": "assistant", "content": "".join(reply)})
+        ids = chat.prompt_for(line)
+        if ids is not None:
+            chat.reply(ids, params)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="metallic", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    from metallic.gguf.registry import GEMMA3_270M, SMOLLM2_135M_INSTRUCT
 
-    p = sub.add_parser("inspect", help="describe a GGUF model file")
-    p.add_argument("model", nargs="?", help="GGUF file (default: Gemma 3 270M Q4_K_M)")
+    run_default, chat_default = GEMMA3_270M.name, SMOLLM2_135M_INSTRUCT.name
+    parser = _Parser(
+        prog="metallic", description=__doc__.splitlines()[0], formatter_class=_HelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"metallic {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=help_text, description=help_text, formatter_class=_HelpFormatter
+        )
+
+    p = command("inspect", "describe a GGUF model file")
+    p.add_argument(
+        "model", nargs="?", help=f"GGUF file or known model name (default: {run_default})"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("tokenize", help="print token ids of TEXT as JSON")
-    p.add_argument("words", nargs="+", metavar="[MODEL] TEXT")
+    p = command("tokenize", "print the token ids of TEXT as JSON")
+    p.add_argument(
+        "words",
+        nargs="*",
+        metavar="[MODEL] TEXT",
+        help=f"GGUF file or known model name (default: {run_default}), then the text; "
+        "TEXT - reads stdin",
+    )
+    p.add_argument("-f", "--file", help="read the text from FILE (- for stdin)")
     p.add_argument("--no-bos", action="store_true", help="do not add BOS/EOS")
     p.add_argument("--special", action="store_true", help="parse special-token texts")
     p.set_defaults(func=cmd_tokenize)
 
-    p = sub.add_parser("run", help="generate a completion of a prompt")
-    _add_model(p)
-    p.add_argument("-p", "--prompt", required=True, help="prompt text")
+    p = command("run", "generate a completion of a prompt")
+    _add_model(p, run_default)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("-p", "--prompt", help="prompt text; - reads it from stdin")
+    source.add_argument("-f", "--file", help="read the prompt from FILE (- for stdin)")
     p.add_argument("--json", action="store_true", help="one JSON object with ids and logprobs")
-    p.add_argument("--truncate", action="store_true", help="keep the end of a too-long prompt")
+    p.add_argument(
+        "--truncate",
+        action="store_true",
+        help="cut the start of a too-long prompt (its BOS stays) to leave room for -n tokens",
+    )
     p.add_argument("--stats", action="store_true", help="print speed figures to stderr")
     _add_sampling(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("chat", help="interactive chat using the model's chat template")
-    _add_model(p)
+    p = command(
+        "chat",
+        "chat with the model's template; the oldest turns go when the context is full",
+    )
+    _add_model(p, chat_default)
     p.add_argument("--system", default="", help="system prompt")
-    _add_sampling(p)
+    # greedy: the small default chat model answers best so (at 0.8 it drifts off topic often)
+    _add_sampling(p, temperature=0.0)
     p.set_defaults(func=cmd_chat)
+
+    p = command("models", "list the models metallic knows by name")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(func=cmd_models)
+
+    p = command("pull", "fetch a known model into the cache and print its path")
+    p.add_argument("name", help="a name from `metallic models`")
+    p.set_defaults(func=cmd_pull)
     return parser
 
 

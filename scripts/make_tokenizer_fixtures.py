@@ -1,11 +1,13 @@
-"""Write tests/fixtures/tokenizer_gemma3.json: llama.cpp's tokenization of a varied corpus.
+"""Write tests/fixtures/tokenizer_NAME.json: llama.cpp's tokenization of a varied corpus.
 
 Run with the llama-cpp-python venv (a dev-only reference, never a dependency of metallic):
 
-    /root/llvenv/bin/python scripts/make_tokenizer_fixtures.py MODEL.gguf
+    /root/llvenv/bin/python scripts/make_tokenizer_fixtures.py MODEL.gguf [--vocab smollm2]
 
-MODEL.gguf is the default model (Gemma 3 270M; ``metallic.gguf.default_model.default_model_path()``
-prints where it is). Only the vocabulary is loaded (``vocab_only``). For every corpus string and
+MODEL.gguf is the model of the vocabulary named by --vocab: ``gemma3`` (the default: Gemma 3
+270M, ``metallic.gguf.default_model.default_model_path()`` prints where it is) or ``smollm2``
+(SmolLM2-135M-Instruct, ``metallic pull smollm2-135m-instruct``). Only the vocabulary is loaded
+(``vocab_only``). For every corpus string (the shared corpus plus the vocabulary's own texts) and
 every combination of add_special / parse_special the fixture stores llama.cpp's ids and its
 detokenization of them (``llama_detokenize``, special tokens rendered and not); for the vocabulary
 it stores the BOS/EOS ids and flags, the end-of-generation set, the control tokens, and the
@@ -23,7 +25,6 @@ from pathlib import Path
 import llama_cpp
 
 REPO = Path(__file__).resolve().parents[1]
-OUTPUT = REPO / "tests" / "fixtures" / "tokenizer_gemma3.json"
 
 ENGLISH = (
     "Tokenizers split text into pieces that a language model can handle. A good tokenizer keeps"
@@ -92,6 +93,25 @@ CORPUS = [
     "control chars \x01\x02\x7f",
 ]
 
+# Texts for each vocabulary's own quirks. SmolLM2's byte-level vocabulary has no token for the
+# bytes 0x04, 0x06, 0x13, 0x14, 0x16, 0x1D, 0xC0, 0xC1, 0xF1, 0xF2 and 0xF5-0xFF, which llama.cpp
+# drops.
+EXTRA_CORPUS = {
+    "gemma3": [],
+    "smollm2": [
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+        "<|endoftext|> and <|im_end|> as plain text",
+        "<repo_name>metallic<file_sep>cli.py<filename>x<jupyter_code>",
+        "digits 1234567890 and 3.14159 split one by one",
+        "a\x04b",
+        "\x04\x06\x13\x14\x16\x1d",
+        "word\x04 word \x06word\x13\n\x14 \x16\x1dend",
+        "kept control bytes \x00\x01\x05\x07\x08\x1b\x1c\x1e\x1f and dropped \x1d",
+        "plane-5 character \U00050000 starts with the byte 0xF1",
+        "mixed ab\x04ab\x06ab and Café\x1dnaïve",
+    ],
+}
+
 
 def detokenize(vocab: llama_cpp.llama_vocab_p, ids: list[int], special: bool) -> str:
     tokens = (llama_cpp.llama_token * max(1, len(ids)))(*ids)
@@ -100,7 +120,7 @@ def detokenize(vocab: llama_cpp.llama_vocab_p, ids: list[int], special: bool) ->
     n = llama_cpp.llama_detokenize(vocab, tokens, len(ids), buffer, size, False, special)
     if n < 0:
         raise RuntimeError(f"llama_detokenize needs {-n} bytes")
-    return buffer.raw[:n].decode("utf-8")
+    return buffer.raw[:n].decode("utf-8", errors="replace")  # as metallic shows bad bytes
 
 
 def piece(vocab: llama_cpp.llama_vocab_p, token_id: int) -> bytes:
@@ -124,8 +144,10 @@ def ranges(ids: list[int]) -> list[list[int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", type=Path, help="the default model's GGUF file")
+    parser.add_argument("model", type=Path, help="the GGUF file of the vocabulary")
+    parser.add_argument("--vocab", choices=sorted(EXTRA_CORPUS), default="gemma3")
     args = parser.parse_args()
+    output = REPO / "tests" / "fixtures" / f"tokenizer_{args.vocab}.json"
     llm = llama_cpp.Llama(model_path=str(args.model), vocab_only=True, verbose=False)
     vocab = llm._model.vocab
     n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
@@ -144,7 +166,8 @@ def main() -> None:
         "pieces": {str(i): piece(vocab, i).hex() for i in sample},
     }
     cases = []
-    for text in CORPUS:
+    corpus = CORPUS + EXTRA_CORPUS[args.vocab]
+    for text in corpus:
         for add_special in (False, True):
             for parse_special in (False, True):
                 ids = llm.tokenize(text.encode(), add_bos=add_special, special=parse_special)
@@ -164,8 +187,8 @@ def main() -> None:
     lines += [f"    {json.dumps(case, ensure_ascii=False)}," for case in cases]
     lines[-1] = lines[-1].rstrip(",")
     lines += ["  ]", "}"]
-    OUTPUT.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print(f"wrote {len(cases)} cases ({len(CORPUS)} strings) to {OUTPUT.relative_to(REPO)}")
+    output.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"wrote {len(cases)} cases ({len(corpus)} strings) to {output.relative_to(REPO)}")
 
 
 if __name__ == "__main__":

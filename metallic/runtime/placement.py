@@ -13,6 +13,7 @@ the order in which llama.cpp's --n-gpu-layers leaves layers on the host.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,9 +35,10 @@ def parse_bytes(text: str) -> int:
         number = float(value[: len(value) - len(suffix)])
     except ValueError:
         raise MetallicError(f"cannot read {text!r} as a size (examples: 2G, 1500M)") from None
-    if number <= 0:
-        raise MetallicError(f"a memory size must be positive, got {text!r}")
-    return int(number * units[suffix])
+    n_bytes = number * units[suffix]
+    if not math.isfinite(n_bytes) or n_bytes < 1:
+        raise MetallicError(f"a memory size must be a positive finite number, got {text!r}")
+    return int(n_bytes)
 
 
 def stream_slot_bytes(host_layer_bytes: list[int]) -> int:

@@ -164,10 +164,10 @@ def test_gemma_fixture_is_varied(gemma_reference: dict[str, Any]) -> None:
     assert len(flags) == 4
 
 
-def test_gemma_encodes_like_llama_cpp(gemma: Tokenizer, gemma_reference: dict[str, Any]) -> None:
+def assert_encodes_like_llama_cpp(tokenizer: Tokenizer, reference: dict[str, Any]) -> None:
     mismatches = []
-    for case in gemma_reference["cases"]:
-        got = gemma.encode(
+    for case in reference["cases"]:
+        got = tokenizer.encode(
             case["text"], add_special=case["add_special"], parse_special=case["parse_special"]
         )
         if got != case["ids"]:
@@ -179,25 +179,37 @@ def test_gemma_encodes_like_llama_cpp(gemma: Tokenizer, gemma_reference: dict[st
     assert not mismatches, f"{len(mismatches)} cases differ:\n" + "\n".join(mismatches)
 
 
+def assert_decodes_like_llama_cpp(tokenizer: Tokenizer, reference: dict[str, Any]) -> None:
+    for case in reference["cases"]:
+        assert tokenizer.decode(case["ids"]) == case["decoded"], case["text"]
+        plain = tokenizer.decode(case["ids"], skip_special=True)
+        assert plain == case["decoded_plain"], case["text"]
+
+
+def assert_vocabulary_like_llama_cpp(tokenizer: Tokenizer, reference: dict[str, Any]) -> None:
+    assert tokenizer.vocab_size == reference["vocab_size"]
+    assert (tokenizer.bos_id, tokenizer.eos_id) == (reference["bos_id"], reference["eos_id"])
+    assert (tokenizer.add_bos, tokenizer.add_eos) == (reference["add_bos"], reference["add_eos"])
+    assert sorted(tokenizer.stop_ids) == reference["eog_ids"]
+    control = [i for first, end in reference["control_ranges"] for i in range(first, end)]
+    assert [i for i in range(tokenizer.vocab_size) if tokenizer.is_control(i)] == control
+    pieces = {int(i): bytes.fromhex(piece) for i, piece in reference["pieces"].items()}
+    assert {i: tokenizer.token_bytes(i) for i in pieces} == pieces
+
+
+def test_gemma_encodes_like_llama_cpp(gemma: Tokenizer, gemma_reference: dict[str, Any]) -> None:
+    assert_encodes_like_llama_cpp(gemma, gemma_reference)
+
+
 def test_gemma_decodes_like_llama_cpp(gemma: Tokenizer, gemma_reference: dict[str, Any]) -> None:
-    for case in gemma_reference["cases"]:
-        assert gemma.decode(case["ids"]) == case["decoded"], case["text"]
-        assert gemma.decode(case["ids"], skip_special=True) == case["decoded_plain"], case["text"]
+    assert_decodes_like_llama_cpp(gemma, gemma_reference)
 
 
 def test_gemma_vocabulary_matches_llama_cpp(
     gemma: Tokenizer, gemma_reference: dict[str, Any]
 ) -> None:
-    reference = gemma_reference
-    assert gemma.vocab_size == reference["vocab_size"] == 262144
-    assert (gemma.bos_id, gemma.eos_id) == (reference["bos_id"], reference["eos_id"])
-    assert (gemma.add_bos, gemma.add_eos) == (reference["add_bos"], reference["add_eos"])
-    assert gemma.kind == "spm"
-    assert sorted(gemma.stop_ids) == reference["eog_ids"]
-    control = [i for first, end in reference["control_ranges"] for i in range(first, end)]
-    assert [i for i in range(gemma.vocab_size) if gemma.is_control(i)] == control
-    pieces = {int(i): bytes.fromhex(piece) for i, piece in reference["pieces"].items()}
-    assert {i: gemma.token_bytes(i) for i in pieces} == pieces
+    assert gemma.vocab_size == 262144 and gemma.kind == "spm"
+    assert_vocabulary_like_llama_cpp(gemma, gemma_reference)
 
 
 def test_gemma_chat_turn_uses_single_special_tokens(gemma: Tokenizer) -> None:
@@ -375,3 +387,105 @@ def _tiny_spm(user_defined: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
         "tokenizer.ggml.token_type": types,
         "tokenizer.ggml.add_space_prefix": False,
     }
+
+
+# -- (4) SmolLM2: the starcoder split and a vocabulary without some byte tokens (issue 15) --------
+
+SMOLLM2_FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "tokenizer_smollm2.json"
+SMOLLM2_MISSING_BYTES = [4, 6, 19, 20, 22, 29, 192, 193, 241, 242, *range(245, 256)]
+
+
+@pytest.fixture(scope="module")
+def smollm2_metadata(chat_model_path: Path) -> dict[str, Any]:
+    return dict(open_gguf(chat_model_path).metadata)
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_metadata: dict[str, Any]) -> Tokenizer:
+    return Tokenizer.from_metadata(smollm2_metadata)
+
+
+@pytest.fixture(scope="module")
+def smollm2_reference() -> dict[str, Any]:
+    return json.loads(SMOLLM2_FIXTURE.read_text(encoding="utf-8"))
+
+
+def test_smollm2_vocabulary_lacks_byte_tokens(smollm2_metadata: dict[str, Any]) -> None:
+    """The case the fixture is for: 21 of the 256 byte-level tokens are missing."""
+    from metallic.gguf.tokenizer import _BYTE_CHARS
+
+    tokens = set(smollm2_metadata["tokenizer.ggml.tokens"])
+    missing = [b for b, char in enumerate(_BYTE_CHARS) if char not in tokens]
+    assert missing == SMOLLM2_MISSING_BYTES
+    assert smollm2_metadata["tokenizer.ggml.pre"] == "smollm"
+
+
+def test_smollm2_encodes_like_llama_cpp(
+    smollm2: Tokenizer, smollm2_reference: dict[str, Any]
+) -> None:
+    assert any("\x04" in case["text"] for case in smollm2_reference["cases"])
+    assert_encodes_like_llama_cpp(smollm2, smollm2_reference)
+
+
+def test_smollm2_decodes_like_llama_cpp(
+    smollm2: Tokenizer, smollm2_reference: dict[str, Any]
+) -> None:
+    assert_decodes_like_llama_cpp(smollm2, smollm2_reference)
+
+
+def test_smollm2_vocabulary_matches_llama_cpp(
+    smollm2: Tokenizer, smollm2_reference: dict[str, Any]
+) -> None:
+    assert smollm2.vocab_size == 49152 and smollm2.kind == "bpe"
+    assert_vocabulary_like_llama_cpp(smollm2, smollm2_reference)
+
+
+@pytest.mark.parametrize(
+    "name", ["starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"]
+)
+def test_starcoder_family_splits_like_smollm(
+    smollm2: Tokenizer, smollm2_metadata: dict[str, Any], name: str
+) -> None:
+    """llama.cpp gives these names the same regexes as smollm (digits one by one, then GPT-2's
+    split); they differ only in the detokenizer's space clean-up, which metallic never does."""
+    metadata = {**smollm2_metadata, "tokenizer.ggml.pre": name}
+    text = "Price: $1234567.89 in 2024, isn't it? 3 apples"
+    ids = Tokenizer.from_metadata(metadata).encode(text, add_special=False)
+    assert ids == smollm2.encode(text, add_special=False)
+    digits = [smollm2.decode([i]) for i in ids if smollm2.decode([i]).strip().isdigit()]
+    assert all(len(piece.strip()) == 1 for piece in digits)
+
+
+def _byte_level_vocab(
+    missing: str = "", merges: tuple[str, ...] = ("a b",), pre: str = "smollm"
+) -> dict[str, Any]:
+    from metallic.gguf.tokenizer import _BYTE_CHARS
+
+    byte_tokens = [char for char in _BYTE_CHARS if char not in missing]
+    return {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.tokens": [*byte_tokens, "ab"],
+        "tokenizer.ggml.merges": list(merges),
+    }
+
+
+def test_a_byte_without_a_token_is_dropped_and_still_separates() -> None:
+    """As llama.cpp: the byte leaves no token, and the text either side merges on its own (no
+    "ab" across it; HF's BPE alone would join them)."""
+    metadata = _byte_level_vocab(missing="\u0104")  # GPT-2's stand-in for the byte 0x04
+    tokenizer = Tokenizer.from_metadata(metadata)
+    tokens = metadata["tokenizer.ggml.tokens"]
+    ab, a, b = tokens.index("ab"), tokens.index("a"), tokens.index("b")
+    assert tokenizer.encode("ab") == [ab]
+    assert tokenizer.encode("a\x04b") == [a, b]
+    assert tokenizer.encode("\x04\x04") == []
+    assert tokenizer.encode("ab\x04ab") == [ab, ab]
+    assert tokenizer.decode(tokenizer.encode("x\x04y")) == "xy"
+
+
+def test_a_merge_that_joins_a_byte_without_a_token_is_refused() -> None:
+    metadata = _byte_level_vocab(missing="\u0104", merges=("a b", "\u0104 a"))
+    metadata["tokenizer.ggml.tokens"].append("\u0104a")
+    with pytest.raises(TokenizerError, match="joins a byte that has no token"):
+        Tokenizer.from_metadata(metadata)
