@@ -49,7 +49,12 @@ class PinnedRing:
     def upload(self, values: np.ndarray | Sequence[int] | torch.Tensor) -> torch.Tensor:
         """`values` (an array, a list of ints: int64, or a CPU tensor) on the device, without
         waiting for the device."""
-        host = values if isinstance(values, torch.Tensor) else torch.from_numpy(np.asarray(values))
+        if isinstance(values, torch.Tensor):
+            host = values
+        elif isinstance(values, np.ndarray):
+            host = torch.from_numpy(values)
+        else:  # a list of ints, maybe empty
+            host = torch.from_numpy(np.asarray(values, dtype=np.int64))
         if not self.cuda:
             return host.to(self.device)
         buffer = self._slot(host.nbytes)

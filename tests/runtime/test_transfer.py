@@ -8,6 +8,7 @@ from metallic.runtime.transfer import PinnedRing
 
 def test_uploads_and_downloads_keep_values_and_types() -> None:
     ring = PinnedRing(torch.device("cpu"), slots=2)
+    assert ring.upload([]).dtype == torch.int64  # an empty list of indices indexes
     for values in ([3, 1, 2], np.arange(5, dtype=np.int32), torch.tensor([True, False])):
         got = ring.upload(values)
         expected = torch.as_tensor(np.asarray(values))
