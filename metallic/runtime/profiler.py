@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,11 +97,19 @@ class _Trace:
 
 
 class Profiler(Hooks):
-    def __init__(self, device: torch.device | str, *, ranges: bool = False) -> None:
-        """`ranges`: also open trace ranges (record_function, and NVTX on CUDA)."""
+    def __init__(
+        self,
+        device: torch.device | str,
+        *,
+        ranges: bool = False,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        """`ranges`: also open trace ranges (record_function, and NVTX on CUDA); `clock`: the
+        host clock that stamps CPU steps."""
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.ranges = ranges
+        self.clock = clock
         self.phases: dict[str, PhaseTimes] = {}
         self._graph_traces: dict[int, _Trace] = {}  # by the data_ptr of the graph's output
         self._trace: _Trace | None = None
@@ -174,7 +183,7 @@ class Profiler(Hooks):
 
     def _stamp(self) -> Any:
         if not self.cuda:
-            return time.perf_counter()
+            return self.clock()
         capturing = torch.cuda.is_current_stream_capturing()
         event = torch.cuda.Event(enable_timing=True, external=capturing)
         event.record()

@@ -50,11 +50,11 @@ def test_profiling_changes_no_result(engine: Engine) -> None:
 
 
 def test_rows_sum_to_the_measured_time(engine: Engine) -> None:
-    """The wall time of a whole generation (prefill, 63 decode steps, sampling, host work)
+    """The wall time of a whole generation (prefill, 127 decode steps, sampling, host work)
     against the profile's rows, each phase's per-step rows times its steps."""
     session = ProfileSession(engine)
     began = time.perf_counter()
-    tokens = greedy(engine, PROMPT, 64)
+    tokens = greedy(engine, PROMPT, 128)
     wall = time.perf_counter() - began
     session.stop()
     report = profile_report(engine, session.phases())["phases"]
@@ -69,28 +69,40 @@ def test_rows_sum_to_the_measured_time(engine: Engine) -> None:
         assert layers == {-1: OUTSIDE_OPS, 0: LAYER_OPS, 1: LAYER_OPS}
 
 
+class FakeClock:
+    """Time that passes only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_time_goes_to_the_op_that_spent_it(engine: Engine, monkeypatch) -> None:
-    """An activation made 20 ms slower shows as 20 ms more activation in every layer, and
-    in no other op."""
-    slow = transformer.gated_activation
+    """The activation is the only op during which the clock moves (1 s a call): the profile
+    gives it 1 s per layer and step, and every other op nothing."""
+    clock = FakeClock()
+    activation = transformer.gated_activation
 
-    def sleepy(*args, **kwargs):
-        time.sleep(0.02)
-        return slow(*args, **kwargs)
+    def slow(*args, **kwargs):
+        clock.now += 1.0
+        return activation(*args, **kwargs)
 
-    monkeypatch.setattr(transformer, "gated_activation", sleepy)
-    session = ProfileSession(engine)
-    greedy(engine, PROMPT, 3)
-    session.stop()
-    for phase in profile_report(engine, session.phases())["phases"].values():
+    monkeypatch.setattr(transformer, "gated_activation", slow)
+    engine.model.profiler = profiler = Profiler("cpu", clock=clock)
+    try:
+        greedy(engine, PROMPT, 3)
+    finally:
+        engine.model.profiler = OFF
+    n_layers = engine.config.n_layers
+    for phase in profile_report(engine, profiler.phases)["phases"].values():
         for layer in phase["layers"]:
-            if layer["layer"] >= 0:
-                assert layer["ops"]["activation"] >= 20
+            expected = 1e3 if layer["layer"] >= 0 else 0.0
+            assert layer["ops"].get("activation", 0.0) == expected
+            assert sum(layer["ops"].values()) == expected
         for row in phase["ops"]:
-            if row["op"] == "activation":
-                assert row["ms"] >= 2 * 20
-            else:
-                assert row["ms"] < 20, row
+            assert row["ms"] == (n_layers * 1e3 if row["op"] == "activation" else 0.0)
 
 
 def test_trace_names_every_layer_and_op(engine: Engine, tmp_path: Path) -> None:
@@ -121,20 +133,21 @@ def test_step_shape_and_phases() -> None:
 def test_marks_partition_a_forward() -> None:
     """Hand-driven marks: each op gets the time to the next mark, the last to `end`, and the
     gap between two forwards is its own figure."""
-    profiler = Profiler("cpu")
+    clock = FakeClock()
+    profiler = Profiler("cpu", clock=clock)
     batch = StepBatch.build([SequenceChunk(0, [1])], torch.device("cpu"))
     for _ in range(2):
         profiler.begin(batch, every_row=False)
         profiler.mark("embed")
-        time.sleep(0.01)
+        clock.now += 1
         profiler.mark("qkv", 0)
-        time.sleep(0.02)
+        clock.now += 2
         profiler.end(torch.zeros(1))
-        time.sleep(0.03)
+        clock.now += 4
     times = profiler.phases["decode"]
     assert times.steps == 2 and times.between_steps == 1
-    embed, qkv = times.ops["embed", -1], times.ops["qkv", 0]
-    assert 0.02 <= embed < qkv and qkv >= 0.04 and times.between >= 0.03
-    assert times.forward == pytest.approx(embed + qkv)
+    assert times.ops == {("embed", -1): 2, ("qkv", 0): 4}
+    assert times.forward == 6 and times.between == 4
+    assert times.shapes == {StepShape(((0, 1),), 1): 2}
     profiler.reset()
     assert profiler.phases == {}
