@@ -1,4 +1,4 @@
-"""`metallic` command line: inspect, tokenize, run, chat, and the known models.
+"""`metallic` command line: inspect, tokenize, run, chat, bench, doctor and the known models.
 
 Generated text goes to stdout, everything else (progress, stats, errors) to stderr. Every
 `MetallicError` and every bad flag ends the process with one line and exit code 2 (flags are
@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # heavy imports (torch) wait until a command needs them
     from metallic.engine.engine import Engine
     from metallic.engine.sampling import SamplingParams
     from metallic.gguf.registry import KnownModel
+    from metallic.tools.profiling import ProfileSession
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -354,8 +355,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     prompt = _read_text(args.file) if args.file is not None else args.prompt
     if prompt == "-" and args.file is None:
         prompt = _read_text("-")
+    _check_run_outputs(args)
     engine = _load(args, DEFAULT_MODEL)
     ids = engine.encode_prompt(prompt, truncate=args.truncate, max_tokens=params.max_tokens)
+    profiling = _start_run_profiling(args, engine)
     if args.json:
         steps = list(engine.generate_tokens(ids, params, logprobs=5))
         tok = engine.tokenizer
@@ -379,6 +382,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(flush=True)
     if args.stats:
         _print_stats(engine)
+    if profiling is not None:
+        _finish_run_profiling(engine, profiling, args)
     return 0
 
 
@@ -411,6 +416,7 @@ def _print_stats(engine: Engine) -> None:
         f"MiB, KV cache {memory['kv_cache_bytes'] / 2**20:.0f} MiB{pools}{streamed}",
         file=sys.stderr,
     )
+    print(_memory_kinds(memory), file=sys.stderr)
 
 
 class _Conversation:
@@ -474,6 +480,54 @@ class _Conversation:
         self.messages.append({"role": "assistant", "content": "".join(pieces)})
 
 
+# `run --stats`: memory per kind; `run --profile` / `--trace`: where a step's time goes.
+
+
+def _memory_kinds(stats: dict[str, object]) -> str:
+    """The memory pool's current, peak and time-averaged bytes per kind; without a pool (the
+    CPU path) the process's peak resident memory."""
+    pool = stats["memory_pool"]
+    if not isinstance(pool, dict):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak *= 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+        return f"process peak memory {peak / 2**20:.0f} MiB (resident)"
+    kinds = ", ".join(
+        f"{kind} {k['current_bytes'] / 2**20:.1f}/{k['peak_bytes'] / 2**20:.1f}/"
+        f"{k['average_bytes'] / 2**20:.1f}"
+        for kind, k in pool["kinds"].items()
+    )
+    return f"memory pool MiB (current/peak/average): {kinds}"
+
+
+def _check_run_outputs(args: argparse.Namespace) -> None:
+    if args.trace:
+        from metallic.tools.files import check_writable
+
+        check_writable(Path(args.trace), "--trace")
+
+
+def _start_run_profiling(args: argparse.Namespace, engine: Engine) -> ProfileSession | None:
+    if not (args.profile or args.trace):
+        return None
+    from metallic.tools.profiling import ProfileSession
+
+    return ProfileSession(engine, trace=Path(args.trace) if args.trace else None)
+
+
+def _finish_run_profiling(
+    engine: Engine, session: ProfileSession, args: argparse.Namespace
+) -> None:
+    from metallic.tools.profiling import format_report, profile_report
+
+    session.stop()
+    if args.profile:
+        print(format_report(profile_report(engine, session.phases())), file=sys.stderr)
+    if args.trace:
+        print(f"trace written to {args.trace}", file=sys.stderr)
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from metallic.engine.chat import ChatTemplate
     from metallic.gguf.default_model import CHAT_MODEL
@@ -498,6 +552,131 @@ def cmd_chat(args: argparse.Namespace) -> int:
         ids = chat.prompt_for(line)
         if ids is not None:
             chat.reply(ids, params)
+
+
+# `metallic bench`
+
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    about = "measure prompt and generation speed (llama-bench's tests)"
+    p = sub.add_parser("bench", help=about, description=about, formatter_class=_HelpFormatter)
+    _add_model(p, "gemma-3-270m")
+    p.add_argument("-p", "--n-prompt", default="512", metavar="P[,P...]", help="prompt tokens")
+    p.add_argument("-n", "--n-gen", default="128", metavar="N[,N...]", help="generated tokens")
+    p.add_argument(
+        "-b", "--batch", default="", metavar="B[,B...]", help="sequences at once (S_TG tests)"
+    )
+    p.add_argument("--batch-prompt", default="128", help="prompt tokens of the -b tests")
+    p.add_argument("-r", "--repetitions", default="5", help="timed runs of each test")
+    p.add_argument("--seed", type=int, default=0, help="of the random prompts")
+    p.add_argument("--name", help="the model's name in the table, JSON and record")
+    p.add_argument("--json", metavar="FILE", help="write every figure as JSON")
+    p.add_argument("--record", metavar="FILE", help="write a record (benchmarks/common.py)")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the figures and a profile (PNG)")
+    p.add_argument("--profile", action="store_true", help="time per op and layer, roofline")
+    p.add_argument("--trace", metavar="FILE.json", help="a Chrome/Perfetto trace of the profile")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from metallic.engine.engine import Engine
+    from metallic.gguf.default_model import DEFAULT_MODEL
+    from metallic.tools import bench
+    from metallic.tools.files import check_writable
+    from metallic.tools.profiling import format_report
+
+    settings = bench.Settings(
+        prompt=bench.parse_counts(args.n_prompt, "-p"),
+        generate=bench.parse_counts(args.n_gen, "-n"),
+        batch=bench.parse_counts(args.batch, "-b") if args.batch else [],
+        batch_prompt=bench.parse_counts(args.batch_prompt, "--batch-prompt")[0],
+        repetitions=bench.parse_counts(args.repetitions, "-r")[0],
+        seed=args.seed,
+    )
+    outputs = {"--json": args.json, "--record": args.record, "--plot": args.plot}
+    outputs["--trace"] = args.trace
+    for option, value in outputs.items():
+        if value:
+            check_writable(Path(value), option)
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="metallic: %(message)s", stream=sys.stderr)
+    engine = Engine(
+        _model_path(args.model, DEFAULT_MODEL),
+        device=args.device,
+        dtype=args.dtype,
+        context_size=args.ctx_size or settings.context(),
+        context_override=args.ctx_size_override,
+        progress=terminal_bar("loading"),
+        max_num_seqs=max([*settings.batch, 1]),
+        prefix_cache=False,
+        **_gpu_options(args),
+    )
+    status = _status_line("bench")
+    results = bench.run_tests(engine, settings, status)
+    doc = bench.bench_document(engine, settings, results, args.name)
+    if args.profile or args.plot or args.trace:
+        status("profile")
+        trace = Path(args.trace) if args.trace else None
+        doc["profile"] = bench.profile_tests(engine, settings, trace)
+    status("")
+    print(bench.format_table(doc))
+    if args.profile:
+        print()
+        print(format_report(doc["profile"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+    if args.record:
+        command = " ".join(["metallic", *sys.argv[1:]])
+        record = bench.bench_record(doc, args.name or doc["model"]["name"], command)
+        Path(args.record).write_text(json.dumps(record, indent=1) + "\n")
+    if args.plot:
+        from metallic.tools.plot import plot_bench
+
+        plot_bench(doc, Path(args.plot))
+    return 0
+
+
+def _status_line(label: str) -> Callable[[str], None]:
+    """Progress on stderr: one line rewritten in place on a terminal, a line per update
+    elsewhere; an empty text ends it."""
+    tty = sys.stderr.isatty()
+
+    def show(text: str) -> None:
+        if tty:
+            line = f"{label}: {text}" if text else ""
+            print(f"\r\033[K{line}", end="", file=sys.stderr, flush=True)
+        elif text:
+            print(f"{label}: {text}", file=sys.stderr, flush=True)
+
+    return show
+
+
+# `metallic doctor`
+
+
+def _add_doctor_parser(sub: argparse._SubParsersAction) -> None:
+    about = "show the device, versions and kernel path metallic uses"
+    p = sub.add_parser("doctor", help=about, description=about, formatter_class=_HelpFormatter)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="measure copy bandwidth and matmul throughput, and cache them for the roofline",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_doctor)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from metallic.tools import doctor
+
+    if args.calibrate:
+        print("calibrating: a large copy and a large matmul...", file=sys.stderr, flush=True)
+        found, path = doctor.calibrate(args.device)
+        print(f"{doctor.format_calibration(vars(found))}; saved in {path}", file=sys.stderr)
+    diagnosis = doctor.diagnose(args.device)
+    print(json.dumps(diagnosis, indent=2) if args.json else doctor.format_diagnosis(diagnosis))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -547,6 +726,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="cut the start of a too-long prompt (its BOS stays) to leave room for -n tokens",
     )
     p.add_argument("--stats", action="store_true", help="print speed figures to stderr")
+    p.add_argument("--profile", action="store_true", help="print time per op and layer (stderr)")
+    p.add_argument("--trace", metavar="FILE.json", help="write a Chrome/Perfetto trace")
     _add_sampling(p)
     p.set_defaults(func=cmd_run)
 
@@ -567,6 +748,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("pull", "fetch a known model into the cache and print its path")
     p.add_argument("name", help="a name from `metallic models`")
     p.set_defaults(func=cmd_pull)
+
+    _add_bench_parser(sub)
+    _add_doctor_parser(sub)
     return parser
 
 

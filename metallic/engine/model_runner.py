@@ -200,11 +200,14 @@ class ModelRunner:
         """Logits [sequences (filler included), vocab] of each sequence's last token."""
         if not graphed:
             return self.model.forward(batch, self.store)
-        key = (self.store.generation, self.version())
+        # A profiler's timing events are part of the graphs captured while it is attached.
+        key = (self.store.generation, self.version(), self.model.profiler)
         if self.graphs is None or key != self._graphs_key:
             self.graphs = StepGraphs(lambda b: self.model.forward(b, self.store))
             self._graphs_key = key
-        return self.graphs.run(batch)
+        logits = self.graphs.run(batch)
+        self.model.profiler.replayed(logits, batch)
+        return logits
 
     def forward_chunk(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         """Logits [end - start, vocab] of every token of `seq` in [start, end), run eagerly

@@ -19,6 +19,7 @@ from metallic.ops import RopeTable, apply_rope, embed, gated_activation, linear,
 from metallic.ops.rope import RopeStep
 from metallic.runtime.batch import StepBatch
 from metallic.runtime.memory import MemoryPool
+from metallic.runtime.profiler import OFF, Hooks
 from metallic.runtime.streaming import LayerStreamer
 
 
@@ -36,6 +37,7 @@ class Transformer:
         self.device = device
         self.act_dtype = act_dtype
         self.streamer: LayerStreamer | None = None  # set when some layers live on the host
+        self.profiler: Hooks = OFF  # marks each op's start for a profiler (runtime/profiler.py)
         # One RoPE table per distinct base (gemma3: local and global), shared by its layers.
         self.layer_rope_base = [config.layer_rope_base(i) for i in range(config.n_layers)]
         self.rope = {
@@ -62,6 +64,9 @@ class Transformer:
     def forward(self, batch: StepBatch, cache: KVStore, every_row: bool = False) -> torch.Tensor:
         """float32 logits [B, vocab] of each sequence's last token, or [T, vocab] of every one."""
         c = self.config
+        profiler = self.profiler
+        profiler.begin(batch, every_row)
+        profiler.mark("embed")
         steps = {
             base: table.for_step(batch.positions, batch.max_position)
             for base, table in self.rope.items()
@@ -77,19 +82,25 @@ class Transformer:
             streamer.begin_step()
         for i, layer in enumerate(self.weights.layers):
             if streamer is not None:
+                profiler.mark("stream", i)
                 streamer.before_layer(i)
+            profiler.mark("attn_norm", i)
             h = self._norm(delta, delta_norm, x, layer.attn_norm)
             if streamer is not None and i:
                 streamer.after_layer(i - 1)  # its post-norm weight was read just now
             rope = steps[self.layer_rope_base[i]]
             delta, delta_norm = self._block(i, layer, h, x, rope, batch, cache)
+        profiler.mark("output_norm")
         if not every_row:
             rows = batch.last_rows.long()
             x, delta = x[rows], None if delta is None else delta[rows]
         # f32 into the output matrix: its kernels accumulate in f32, and logits stored in bf16
         # (8 bits of mantissa) would turn near-ties into exact ties that greedy breaks blindly.
         h = self._norm(delta, delta_norm, x, self.weights.output_norm, torch.float32)
-        return linear(h, self.weights.output).float()
+        profiler.mark("output")
+        logits = linear(h, self.weights.output).float()
+        profiler.end(logits)
+        return logits
 
     def _norm(
         self,
@@ -119,7 +130,8 @@ class Transformer:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Layer i on its normed input h; adds the attention half into x and returns the MLP
         half's output with its post-norm weight (both applied by the next norm)."""
-        c = self.config
+        c, mark = self.config, self.profiler.mark
+        mark("qkv", i)
         q, k, v = linear(h, w.qkv).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
         q = q.view(-1, c.n_heads, c.head_dim)
         k = k.view(-1, c.n_kv_heads, c.head_dim)
@@ -127,13 +139,21 @@ class Transformer:
         qk_norm = None
         if w.q_norm is not None and w.k_norm is not None:
             qk_norm = (w.q_norm, w.k_norm, c.rms_eps)
+        mark("rope", i)
         q, k = apply_rope(q, k, rope, c.rope_dim, c.rope_neox, qk_norm)
         window = c.sliding_window if c.is_sliding(i) else 0
+        mark("attention", i)
         out = cache.attend(i, q, k, v, batch, c.softmax_scale, window)
+        mark("attn_out", i)
         a = linear(out.view(-1, c.q_size), w.o)
+        mark("ffn_norm", i)
         h = self._norm(a, w.post_attn_norm, x, w.ffn_norm)
-        m = linear(gated_activation(linear(h, w.gate_up), None, c.activation), w.down)
-        return m, w.post_ffn_norm
+        mark("gate_up", i)
+        gate_up = linear(h, w.gate_up)
+        mark("activation", i)
+        act = gated_activation(gate_up, None, c.activation)
+        mark("down", i)
+        return linear(act, w.down), w.post_ffn_norm
 
 
 def _pooled(memory: MemoryPool, t: torch.Tensor, name: str) -> torch.Tensor:

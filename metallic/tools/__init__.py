@@ -1,0 +1,1 @@
+"""Front-end tools beside generation: benchmarks, profiles, device checks and plots."""
