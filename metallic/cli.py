@@ -267,6 +267,55 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from metallic.server.launch import serve
+
+    if not 0 <= args.port <= 65535:
+        raise MetallicError(f"--port must be in [0, 65535], got {args.port}")
+    return serve(
+        _model_path(args.model),
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("METALLIC_API_KEY"),
+        model_name=args.served_model_name,
+        shutdown_timeout=args.shutdown_timeout,
+        verbose=args.verbose,
+        device=args.device,
+        dtype=args.dtype,
+        context_size=args.ctx_size,
+        progress=_progress_bar("loading"),
+        gpu_layers=args.gpu_layers,
+        memory_budget=args.gpu_memory,
+        max_num_seqs=args.max_num_seqs,
+        prefix_cache=not args.no_prefix_cache,
+    )
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    _add_model(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
+    p.add_argument("--port", type=int, default=8000, help="0 = any free port")
+    p.add_argument(
+        "--api-key",
+        help="require Authorization: Bearer KEY on every route but /health"
+        " (default: $METALLIC_API_KEY)",
+    )
+    p.add_argument("--served-model-name", help="the model's name in the API (default: file name)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
+    p.add_argument("--no-prefix-cache", action="store_true", help="recompute shared prefixes")
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT, how long requests in flight may take to finish",
+    )
+    p.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metallic", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -296,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default="", help="system prompt")
     _add_sampling(p)
     p.set_defaults(func=cmd_chat)
+    _add_serve(sub)
     return parser
 
 
