@@ -43,10 +43,10 @@ from pathlib import Path
 
 import httpx2
 import torch
+from batched import burst as burst_in_process
 from common import device_name, llama_batched_bench, out_dir, row, write_record
 
 from metallic.engine.engine import Engine
-from metallic.engine.sampling import SamplingParams
 from metallic.gguf.reader import open_gguf
 from metallic.testing.synthetic import write_synthetic_model
 
@@ -159,25 +159,23 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else 0.0
 
 
-def burst_figures(began: float, firsts: list[float], stamps: list[float], tokens: int) -> dict:
-    """Aggregate generated tokens/s of a burst, over all of it and over its decode phase: from
-    the moment every stream has its first token, the `tokens` not yet out by then (a streamed
-    chunk can carry two tokens when the first ends inside a character; `stamps` are chunks)."""
+def http_burst(results: list[dict]) -> dict:
+    """Aggregate generated tokens/s of a burst through HTTP as batched.burst measures it in
+    process: over all of it, and over its decode phase (from the moment every stream has its
+    first token, the tokens not yet out by then; a streamed chunk can carry two tokens when the
+    first ends inside a character, so tokens come from the usage, chunks only time them)."""
+    stamps = [t for r in results for t in r["stamps"]]
+    firsts = [r["stamps"][0] for r in results]
+    began = min(r["sent"] for r in results)
+    tokens = sum(r["tokens"] for r in results)
     end = max(stamps)
     decode_from = max(firsts)
     decoded = tokens - sum(1 for t in stamps if t <= decode_from)
     return {
-        "tok_s": tokens / (end - began),
+        "tokens_per_s": tokens / (end - began),
         "s_tg": decoded / (end - decode_from) if end > decode_from else 0.0,
         "seconds": end - began,
     }
-
-
-def http_burst(results: list[dict]) -> dict:
-    stamps = [t for r in results for t in r["stamps"]]
-    firsts = [r["stamps"][0] for r in results]
-    began = min(r["sent"] for r in results)
-    return burst_figures(began, firsts, stamps, sum(r["tokens"] for r in results))
 
 
 def rate_figures(results: list[dict]) -> dict:
@@ -205,21 +203,9 @@ def in_process(path: Path, args: argparse.Namespace, check: list[Job], burst: li
     engine = Engine(path, device=args.device, context_size=args.ctx, max_num_seqs=args.streams)
     greedy = {"temperature": 0, "ignore_eos": True}
     texts = [engine.generate(job.prompt, job.max_tokens, **greedy) for job in check]
-    params = SamplingParams(temperature=0, max_tokens=burst[0].max_tokens, ignore_eos=True)
-    for _ in range(2):  # the first round warms up: compiles, graph captures, KV growth
-        began = time.monotonic()
-        for job in burst:
-            engine.add_request(job.prompt, params)
-        firsts: dict[object, float] = {}
-        stamps = []
-        while engine.has_unfinished():
-            outputs = engine.step()
-            now = time.monotonic()
-            for out in outputs:
-                if out.token_ids:
-                    firsts.setdefault(out.request_id, now)
-                    stamps.append(now)
-        figures = burst_figures(began, list(firsts.values()), stamps, len(stamps))
+    prompts = [job.prompt for job in burst]
+    burst_in_process(engine, prompts, burst[0].max_tokens)  # warm-up: compiles, captures, KV
+    figures = burst_in_process(engine, prompts, burst[0].max_tokens)
     del engine
     if args.device == "cuda":
         torch.cuda.empty_cache()

@@ -145,7 +145,7 @@ class _Service:
 
     def reject(self, request: Request, err: APIError) -> Response:
         """Answer an error before generation, counted and logged like every request."""
-        self.metrics.requests.labels(request.url.path, str(err.status)).inc()
+        self.metrics.requests.labels(_route(request), str(err.status)).inc()
         log.info("%s %s %d: %s", request.method, request.url.path, err.status, err.message)
         return JSONResponse(err.body(), status_code=err.status)
 
@@ -209,7 +209,7 @@ class _Service:
                 params.validate()
             except MetallicError as err:
                 raise APIError(400, str(err)) from None
-        trace = RequestTrace(self.metrics, request.url.path, formatter.request_id)
+        trace = RequestTrace(self.metrics, _route(request), formatter.request_id)
         trace.prompt_tokens = sum(len(ids) for ids in prompts)
         try:
             group = self.engine.submit(
@@ -313,6 +313,13 @@ class _EventStream(StreamingResponse):
         finally:
             self.group.abort()
             self.trace.end(CLIENT_CLOSED)
+
+
+def _route(request: Request) -> str:
+    """The route a request matched, as declared ("/v1/models/{name:path}"), or "other": metric
+    labels must not grow with every path a client invents."""
+    route = request.scope.get("route")
+    return getattr(route, "path", "other")
 
 
 def _new_id(prefix: str) -> str:

@@ -153,6 +153,7 @@ def test_health_and_metrics_move_with_traffic(tiny) -> None:
     tiny.client().completions.create(**SAMPLED, prompt="count me")
     with pytest.raises(openai.BadRequestError):
         tiny.client().completions.create(model="tiny", prompt="x", max_tokens=0)
+    assert httpx2.get(tiny.url + "/made/up/path").status_code == 404
     after = metrics(tiny)
 
     def moved(name: str) -> float:
@@ -160,6 +161,7 @@ def test_health_and_metrics_move_with_traffic(tiny) -> None:
 
     assert moved("metallic_requests_total{route=/v1/completions,status=200}") == 1
     assert moved("metallic_requests_total{route=/v1/completions,status=400}") == 1
+    assert moved("metallic_requests_total{route=other,status=404}") == 1  # no label per path
     assert moved("metallic_generation_tokens_total") == 12
     assert moved("metallic_prompt_tokens_total") > 0
     assert moved("metallic_time_to_first_token_seconds_count") == 1
