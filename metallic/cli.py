@@ -1,4 +1,4 @@
-"""`metallic` command line: inspect, tokenize, run, chat, bench, doctor and the known models.
+"""`metallic` command line: inspect, tokenize, run, chat, serve, bench, doctor, known models.
 
 Generated text goes to stdout, everything else (progress, stats, errors) to stderr. Every
 `MetallicError` and every bad flag ends the process with one line and exit code 2 (flags are
@@ -679,6 +679,59 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from metallic.gguf.registry import SMOLLM2_135M_INSTRUCT
+    from metallic.server.launch import serve
+
+    if not 0 <= args.port <= 65535:
+        raise MetallicError(f"--port must be in [0, 65535], got {args.port}")
+    return serve(
+        _model_path(args.model, SMOLLM2_135M_INSTRUCT),
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("METALLIC_API_KEY"),
+        model_name=args.served_model_name,
+        shutdown_timeout=args.shutdown_timeout,
+        verbose=args.verbose,
+        device=args.device,
+        dtype=args.dtype,
+        context_size=args.ctx_size,
+        context_override=args.ctx_size_override,
+        progress=terminal_bar("loading"),
+        max_num_seqs=args.max_num_seqs,
+        **_gpu_options(args),
+        prefix_cache=not args.no_prefix_cache,
+    )
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    about = "serve the model over an OpenAI-compatible HTTP API"
+    p = sub.add_parser("serve", help=about, description=about, formatter_class=_HelpFormatter)
+    _add_model(p, "smollm2-135m-instruct")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
+    p.add_argument("--port", type=int, default=8000, help="0 = any free port")
+    p.add_argument(
+        "--api-key",
+        help="require Authorization: Bearer KEY on every route but /health"
+        " (default: $METALLIC_API_KEY)",
+    )
+    p.add_argument("--served-model-name", help="the model's name in the API (default: file name)")
+    p.add_argument(
+        "--max-num-seqs", type=_int_at_least(1), default=64, help="sequences running at once"
+    )
+    p.add_argument("--no-prefix-cache", action="store_true", help="recompute shared prefixes")
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT, how long requests in flight may take to finish",
+    )
+    p.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from metallic.gguf.registry import GEMMA3_270M, SMOLLM2_135M_INSTRUCT
 
@@ -751,6 +804,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_bench_parser(sub)
     _add_doctor_parser(sub)
+    _add_serve(sub)
     return parser
 
 

@@ -1,0 +1,323 @@
+"""Serving behaviour where the model does not matter, on a tiny synthetic model: determinism
+under concurrency, clients that leave, the context limit, health and metrics, the API key, bad
+input, engine faults, and a graceful shutdown of `metallic serve` on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx2
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from metallic.cli import main
+from metallic.server.launch import bind
+
+SAMPLED = {
+    "model": "tiny",
+    "max_tokens": 12,
+    "temperature": 0.8,
+    "extra_body": {"ignore_eos": True},
+}
+
+
+def prompt(i: int) -> str:
+    return f"request {i}: " + " ".join(str(i * j) for j in range(i % 5 + 3))
+
+
+async def _texts(server, requests: list[dict]) -> list[str]:
+    """Run the completion requests concurrently; their texts."""
+    client = server.async_client()
+    try:
+        replies = await asyncio.gather(*(client.completions.create(**r) for r in requests))
+    finally:
+        await client.close()
+    return [r.choices[0].text for r in replies]
+
+
+def test_greedy_text_is_the_same_alone_and_among_16(tiny) -> None:
+    requests = [{**SAMPLED, "prompt": prompt(i), "temperature": 0} for i in range(16)]
+    alone = [tiny.client().completions.create(**r).choices[0].text for r in requests[:3]]
+    together = asyncio.run(_texts(tiny, requests))
+    assert together[:3] == alone
+
+
+def test_seeded_text_is_the_same_alone_and_concurrently(tiny) -> None:
+    requests = [{**SAMPLED, "prompt": prompt(i), "seed": 100 + i} for i in range(16)]
+    alone = [tiny.client().completions.create(**r).choices[0].text for r in requests[:3]]
+    together = asyncio.run(_texts(tiny, requests))
+    assert together[:3] == alone
+    assert len(set(together)) == 16  # different prompts and seeds: different texts
+    unseeded = asyncio.run(_texts(tiny, [{**SAMPLED, "prompt": prompt(0)}] * 2))
+    assert unseeded[0] != unseeded[1]
+
+
+def metrics(server) -> dict[str, float]:
+    """Every sample of /metrics by its name and labels, e.g. 'metallic_kv_blocks_used{pool=0}'."""
+    text = httpx2.get(server.url + "/metrics").text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return samples
+
+
+def engine_state(server) -> dict[str, float]:
+    sample = metrics(server)
+    return {k: v for k, v in sample.items() if "running" in k or "waiting" in k or "_used" in k}
+
+
+def wait_idle(server, idle: dict[str, float], seconds: float = 20) -> dict[str, float]:
+    deadline = time.monotonic() + seconds
+    while (state := engine_state(server)) != idle and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return state
+
+
+async def _leave(server, n: int, seconds: float) -> int:
+    """Send `n` long requests (half streamed); once every one is in the engine (64 running, the
+    rest waiting) and at least `seconds` have passed, their clients disconnect. Returns how many
+    were still going when their client left."""
+    client = server.async_client()
+    args = {"model": "tiny", "max_tokens": 400, "extra_body": {"ignore_eos": True}}
+
+    async def one(i: int) -> None:
+        if i % 2:
+            stream = await client.completions.create(**args, prompt=prompt(i), stream=True)
+            async for _ in stream:
+                pass
+        else:
+            await client.completions.create(**args, prompt=prompt(i))
+
+    tasks = [asyncio.create_task(one(i)) for i in range(n)]
+    try:
+        await asyncio.sleep(seconds)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(t.done() for t in tasks):
+            state = await asyncio.to_thread(engine_state, server)
+            running = state["metallic_requests_running"]
+            if running == 64 and running + state["metallic_requests_waiting"] == n:
+                break
+            await asyncio.sleep(0.05)
+        going = sum(not t.done() for t in tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return going
+    finally:
+        await client.close()
+
+
+def test_clients_that_leave_free_everything(tiny) -> None:
+    idle = engine_state(tiny)
+    assert idle["metallic_requests_running"] == idle["metallic_requests_waiting"] == 0
+    before = metrics(tiny)
+    assert asyncio.run(_leave(tiny, 200, 0.5)) == 200
+    assert wait_idle(tiny, idle) == idle
+    left = "metallic_requests_total{route=/v1/completions,status=499}"
+    assert metrics(tiny)[left] - before.get(left, 0) == 200
+    began = time.monotonic()
+    reply = tiny.client().completions.create(model="tiny", prompt="after", max_tokens=4)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert time.monotonic() - began < 5
+
+
+def test_context_limits(start_tiny) -> None:
+    server = start_tiny(context_size=64)
+    client = server.client()
+    fits = client.completions.create(model="tiny", prompt=[5] * 63, max_tokens=1)
+    assert fits.usage.prompt_tokens == 63 and fits.usage.completion_tokens == 1
+    before = metrics(server)["metallic_prompt_tokens_total"]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="tiny", prompt=[5] * 64, max_tokens=1)
+    assert err.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="tiny", prompt=[5] * 60, max_tokens=5)
+    assert err.value.body["param"] == "max_tokens"
+    assert metrics(server)["metallic_prompt_tokens_total"] == before  # nothing was generated
+    rest = client.completions.create(model="tiny", prompt=[5] * 60, extra_body={"ignore_eos": True})
+    assert rest.usage.completion_tokens == 4 and rest.choices[0].finish_reason == "length"
+
+
+def test_health_and_metrics_move_with_traffic(tiny) -> None:
+    assert httpx2.get(tiny.url + "/health").json() == {"status": "ok"}
+    before = metrics(tiny)
+    tiny.client().completions.create(**SAMPLED, prompt="count me")
+    with pytest.raises(openai.BadRequestError):
+        tiny.client().completions.create(model="tiny", prompt="x", max_tokens=0)
+    assert httpx2.get(tiny.url + "/made/up/path").status_code == 404
+    after = metrics(tiny)
+
+    def moved(name: str) -> float:
+        return after[name] - before.get(name, 0.0)
+
+    assert moved("metallic_requests_total{route=/v1/completions,status=200}") == 1
+    assert moved("metallic_requests_total{route=/v1/completions,status=400}") == 1
+    assert moved("metallic_requests_total{route=other,status=404}") == 1  # no label per path
+    assert moved("metallic_generation_tokens_total") == 12
+    assert moved("metallic_prompt_tokens_total") > 0
+    assert moved("metallic_time_to_first_token_seconds_count") == 1
+    assert moved("metallic_inter_token_latency_seconds_count") == 11
+    assert moved("metallic_generations_finished_total{reason=length}") == 1
+    assert after["metallic_kv_blocks{pool=0}"] >= after["metallic_kv_blocks_used{pool=0}"] > 0
+    assert moved("metallic_prefix_cache_queries_tokens_total") > 0
+    assert 0 <= after["metallic_prefix_cache_hit_rate"] <= 1
+
+
+def test_api_key_guards_every_route_but_health(start_tiny) -> None:
+    server = start_tiny(api_key="sesame")
+    routes = [
+        ("GET", "/v1/models", None),
+        ("GET", "/v1/models/tiny", None),
+        ("GET", "/metrics", None),
+        ("GET", "/nowhere", None),
+        ("POST", "/v1/completions", {"prompt": "a", "max_tokens": 1}),
+        ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}]}),
+    ]
+    for method, path, body in routes:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sesame"}):
+            reply = httpx2.request(method, server.url + path, json=body, headers=headers)
+            assert reply.status_code == 401, (path, headers)
+            assert reply.json()["error"]["code"] == "invalid_api_key"
+    assert httpx2.get(server.url + "/health").status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        server.client(api_key="wrong").models.list()
+    reply = server.client(api_key="sesame").completions.create(
+        model="tiny", prompt="a", max_tokens=2
+    )
+    assert reply.usage.completion_tokens <= 2
+
+
+BAD_REQUESTS = [
+    # (what, route, body, status, param)
+    ("wrong type", "completions", {"prompt": "a", "max_tokens": "3"}, 400, "max_tokens"),
+    ("wrong type", "completions", {"prompt": 3}, 400, "prompt"),
+    ("wrong type", "chat/completions", {"messages": "hi"}, 400, "messages"),
+    ("unknown model", "completions", {"model": "gpt-5", "prompt": "a"}, 404, "model"),
+    ("empty prompt", "completions", {"prompt": ""}, 400, "prompt"),
+    ("empty prompt", "completions", {"prompt": []}, 400, "prompt"),
+    ("empty messages", "chat/completions", {"messages": []}, 400, "messages"),
+    ("max_tokens <= 0", "completions", {"prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+    ("max_tokens <= 0", "chat/completions",
+     {"messages": [{"role": "user", "content": "a"}], "max_completion_tokens": -1},
+     400, "max_completion_tokens"),
+    ("temperature < 0", "completions", {"prompt": "a", "temperature": -0.1}, 400, "temperature"),
+    ("top_p = 0", "completions", {"prompt": "a", "top_p": 0}, 400, "top_p"),
+    ("top_p > 1", "completions", {"prompt": "a", "top_p": 1.5}, 400, "top_p"),
+    ("unknown role", "chat/completions", {"messages": [{"role": "robot", "content": "a"}]},
+     400, "messages"),
+    ("token id out of range", "completions", {"prompt": [1, 2, 100000]}, 400, "prompt"),
+    ("negative token id", "completions", {"prompt": [-1]}, 400, "prompt"),
+    ("n out of range", "completions", {"prompt": "a", "n": 0}, 400, "n"),
+    ("empty stop string", "completions", {"prompt": "a", "stop": [""]}, 400, "stop"),
+    ("unsupported", "completions", {"prompt": "a", "echo": True}, 400, "echo"),
+]  # fmt: skip
+
+
+def check_error(reply: httpx2.Response, status: int, param: str | None = None) -> None:
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and error["type"] == "invalid_request_error"
+    assert error["param"] == param
+
+
+@pytest.mark.parametrize(("what", "route", "body", "status", "param"), BAD_REQUESTS)
+def test_bad_requests_get_openai_errors(tiny, what, route, body, status, param) -> None:
+    reply = httpx2.post(f"{tiny.url}/v1/{route}", json=body)
+    check_error(reply, status, param)
+
+
+def test_malformed_and_oversized_bodies_and_the_server_goes_on(tiny) -> None:
+    url = tiny.url + "/v1/completions"
+    headers = {"Content-Type": "application/json"}
+    check_error(httpx2.post(url, content=b'{"prompt": "a",', headers=headers), 400)
+    check_error(httpx2.post(url, content=b"[1, 2]", headers=headers), 400)
+    huge = json.dumps({"prompt": "a" * (10 * 2**20)}).encode()
+    check_error(httpx2.post(url, content=huge, headers=headers), 413)
+
+    def chunked() -> object:
+        for _ in range(11):
+            yield b" " * 2**20
+
+    check_error(httpx2.post(url, content=chunked(), headers=headers), 413)
+    check_error(httpx2.get(tiny.url + "/v1/nothing"), 404)
+    reply = tiny.client().completions.create(model="tiny", prompt="still here", max_tokens=2)
+    assert reply.usage.completion_tokens <= 2
+
+
+def test_an_engine_fault_is_a_500_and_health_reports_it(start_tiny) -> None:
+    server = start_tiny()
+    client = server.client()
+    client.completions.create(model="tiny", prompt="warm", max_tokens=2)
+    server.engine.engine.runner.launch = _raise_fault
+    with pytest.raises(openai.InternalServerError) as err:
+        client.completions.create(model="tiny", prompt="boom", max_tokens=4)
+    assert err.value.status_code == 500 and "injected fault" in err.value.body["message"]
+    health = httpx2.get(server.url + "/health")
+    assert health.status_code == 503 and "injected fault" in health.json()["error"]
+    with pytest.raises(openai.APIStatusError) as err:
+        client.completions.create(model="tiny", prompt="again", max_tokens=4)
+    assert err.value.status_code == 503
+
+
+def test_an_engine_fault_ends_a_stream_with_an_error_event(start_tiny) -> None:
+    server = start_tiny()
+    client = server.client()
+    stream = client.completions.create(
+        model="tiny", prompt="boom", max_tokens=200, stream=True, extra_body={"ignore_eos": True}
+    )
+    received = 0
+    with pytest.raises(openai.APIError, match="injected fault"):
+        for _ in stream:
+            received += 1
+            if received == 3:
+                server.engine.engine.runner.launch = _raise_fault
+    assert received >= 3
+
+
+def _raise_fault(*args: object, **kwargs: object) -> None:
+    raise RuntimeError("injected fault")
+
+
+def test_serve_refuses_a_taken_port(tiny_model, capsys) -> None:
+    taken = bind("127.0.0.1", 0)
+    port = taken.getsockname()[1]
+    assert main(["serve", str(tiny_model), "--port", str(port), "--device", "cpu"]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    taken.close()
+
+
+def test_sigterm_finishes_requests_in_flight_then_exits_0(tiny_model) -> None:
+    command = [sys.executable, "-m", "metallic", "serve", str(tiny_model), "--port", "0",
+               "--device", "cpu", "-c", "512", "--served-model-name", "tiny"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        line = process.stdout.readline().decode()
+        assert line.startswith("metallic: serving tiny at http://127.0.0.1:"), line
+        base = line.split(" at ")[1].split()[0]
+        client = openai.OpenAI(base_url=base, api_key="-", max_retries=0, timeout=60)
+        stream = client.completions.create(
+            model="tiny", prompt="go", max_tokens=300, stream=True, extra_body={"ignore_eos": True}
+        )
+        chunks = [next(iter(stream))]
+        process.send_signal(signal.SIGTERM)
+        chunks += list(stream)
+        assert chunks[-1].choices[0].finish_reason == "length"
+        assert process.wait(timeout=30) == 0
+        log = process.stderr.read().decode()
+        assert "SIGTERM: shutting down" in log and "300 generated" in log
+    finally:
+        process.kill()
+        process.wait()
+    with pytest.raises(openai.APIConnectionError):
+        client.models.list()
