@@ -8,9 +8,9 @@ For each model (--model, the real Gemma 3 270M; --synthetic llama3-8b):
 2. `metallic serve` starts as a subprocess on a free port (its log goes to serve-LABEL.log).
    Correctness first: the 4 prompts, one at a time, must give the in-process texts (else the run
    stops). Then the same stream burst through HTTP, streamed. Burst figures on both sides:
-   generated tokens / seconds from the first request to the last token, and the decode phase as
-   llama-batched-bench's S_TG defines it (from the moment every stream has its first token to the
-   last token); the target is HTTP >= 90% of in-process.
+   generated tokens / seconds from the first request to the last token, and llama-batched-bench's
+   S_TG: tokens per second over the steps where every stream decodes (from the moment the last
+   has its first token to the moment the first ends); the target is HTTP >= 90% of in-process.
 3. The rate sweep: a fixed-seed workload (prompts of 128-1,024 random tokens, 64-256 generated)
    arriving as a Poisson process at each --rates (requests/s) for --duration seconds. Per rate:
    requests/s and generated tokens/s completed, time to first token and the gaps between streamed
@@ -161,19 +161,20 @@ def percentile(values: list[float], q: float) -> float:
 
 def http_burst(results: list[dict]) -> dict:
     """Aggregate generated tokens/s of a burst through HTTP as batched.burst measures it in
-    process: over all of it, and over its decode phase (from the moment every stream has its
-    first token, the tokens not yet out by then; a streamed chunk can carry two tokens when the
-    first ends inside a character, so tokens come from the usage, chunks only time them)."""
+    process: over all of it, and over the steps where every stream decodes (from the moment the
+    last stream has its first token to the moment the first one ends; there streamed chunks are
+    counted, one token each, so a chunk that carries two when a character spans them counts
+    one: the figure errs low)."""
     stamps = [t for r in results for t in r["stamps"]]
-    firsts = [r["stamps"][0] for r in results]
     began = min(r["sent"] for r in results)
     tokens = sum(r["tokens"] for r in results)
     end = max(stamps)
-    decode_from = max(firsts)
-    decoded = tokens - sum(1 for t in stamps if t <= decode_from)
+    all_decoding = max(r["stamps"][0] for r in results)
+    first_end = min(r["stamps"][-1] for r in results)
+    decoded = sum(1 for t in stamps if all_decoding < t <= first_end)
     return {
         "tokens_per_s": tokens / (end - began),
-        "s_tg": decoded / (end - decode_from) if end > decode_from else 0.0,
+        "s_tg": decoded / (first_end - all_decoding) if decoded else 0.0,
         "seconds": end - began,
     }
 

@@ -59,17 +59,22 @@ class RequestGroup:
         return not self._open
 
     async def next_outputs(self) -> list[tuple[int, RequestOutput]]:
-        """Wait for outputs and return all that have arrived, each with the index of the request
-        it belongs to; [] once every request has finished."""
+        """Wait for outputs and return all that have arrived, one per request (the outputs of
+        several steps merged), each with the index of the request it belongs to; [] once every
+        request has finished. When the event loop falls behind the engine, streams so send
+        fewer, larger chunks instead of falling further behind."""
         if not self._open:
             return []
         arrived = [await self._queue.get()]
         while not self._queue.empty():
             arrived.append(self._queue.get_nowait())
+        merged: dict[object, RequestOutput] = {}
         for out in arrived:
             if out.finished:
                 self._open.discard(out.request_id)
-        return [(self._index[out.request_id], out) for out in arrived]
+            earlier = merged.get(out.request_id)
+            merged[out.request_id] = out if earlier is None else _merge(earlier, out)
+        return [(self._index[rid], out) for rid, out in merged.items()]
 
     def abort(self) -> None:
         """End the requests still open (their client went away): their KV blocks are freed
@@ -83,6 +88,23 @@ class RequestGroup:
 
     def put(self, out: RequestOutput) -> None:
         self._queue.put_nowait(out)
+
+
+def _merge(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """Two consecutive outputs of one request as one."""
+    logprobs = None
+    if earlier.logprobs is not None or later.logprobs is not None:
+        logprobs = (earlier.logprobs or []) + (later.logprobs or [])
+    return RequestOutput(
+        later.request_id,
+        earlier.token_ids + later.token_ids,
+        earlier.text + later.text,
+        logprobs,
+        later.finished,
+        later.finish_reason,
+        later.error,
+        later.stats,
+    )
 
 
 class AsyncEngine:
