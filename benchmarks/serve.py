@@ -162,16 +162,19 @@ def percentile(values: list[float], q: float) -> float:
 def http_burst(results: list[dict]) -> dict:
     """Aggregate generated tokens/s of a burst through HTTP as batched.burst measures it in
     process: over all of it, and over the steps where every stream decodes (from the moment the
-    last stream has its first token to the moment the first one ends; there streamed chunks are
-    counted, one token each, so a chunk that carries two when a character spans them counts
-    one: the figure errs low)."""
+    last stream has its first token to the moment the first one ends). A streamed chunk may
+    carry several tokens (the server merges what a lagging client has not taken yet), so each
+    stream's chunks in that window count its average tokens per chunk (from the usage)."""
     stamps = [t for r in results for t in r["stamps"]]
     began = min(r["sent"] for r in results)
     tokens = sum(r["tokens"] for r in results)
     end = max(stamps)
     all_decoding = max(r["stamps"][0] for r in results)
     first_end = min(r["stamps"][-1] for r in results)
-    decoded = sum(1 for t in stamps if all_decoding < t <= first_end)
+    decoded = sum(
+        r["tokens"] / len(r["stamps"]) * sum(1 for t in r["stamps"] if all_decoding < t <= first_end)
+        for r in results
+    )
     return {
         "tokens_per_s": tokens / (end - began),
         "s_tg": decoded / (first_end - all_decoding) if decoded else 0.0,
