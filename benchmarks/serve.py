@@ -171,10 +171,10 @@ def http_burst(results: list[dict]) -> dict:
     end = max(stamps)
     all_decoding = max(r["stamps"][0] for r in results)
     first_end = min(r["stamps"][-1] for r in results)
-    decoded = sum(
-        r["tokens"] / len(r["stamps"]) * sum(1 for t in r["stamps"] if all_decoding < t <= first_end)
-        for r in results
-    )
+    decoded = 0.0
+    for r in results:
+        in_window = sum(1 for t in r["stamps"] if all_decoding < t <= first_end)
+        decoded += in_window * r["tokens"] / len(r["stamps"])
     return {
         "tokens_per_s": tokens / (end - began),
         "s_tg": decoded / (first_end - all_decoding) if decoded else 0.0,

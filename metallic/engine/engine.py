@@ -244,7 +244,8 @@ class Engine:
                 self._lock.release()
 
     def has_unfinished(self) -> bool:
-        return bool(self._inbox or self._aborts or self.scheduler.has_work() or self._in_flight)
+        queued = self._inbox or self._aborts or self._ended  # _ended: aborted between steps
+        return bool(queued or self.scheduler.has_work() or self._in_flight)
 
     def step(self) -> list[RequestOutput]:
         """Run one step: queue the next piece of work, then collect the tokens of the step
