@@ -8,6 +8,7 @@ with models `gemma3-270m-q4_k_m` and `llama3-8b-q4_k_m`, tests `pp512`, `tg128`,
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -58,12 +59,15 @@ def row(model: str, test: str, engine: str, value: float, unit: str) -> dict[str
 
 def write_record(name: str, device: str, rows: list[dict[str, object]]) -> Path:
     """The run's record (see the module docstring) as `name-DATE.json` in the results folder."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE
-        ).stdout.strip()
-    except OSError:
-        commit = ""
+    # $METALLIC_COMMIT first: a copy of the tree on another machine may carry an older .git.
+    commit = os.environ.get("METALLIC_COMMIT", "")
+    with contextlib.suppress(OSError):
+        commit = (
+            commit
+            or subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE
+            ).stdout.strip()
+        )
     date = datetime.date.today().isoformat()
     record = {
         "device": device,
