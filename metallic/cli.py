@@ -626,7 +626,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
     if args.record:
-        command = " ".join(["metallic", *sys.argv[1:]])
+        command = " ".join(["metallic", *args.argv])
         record = bench.bench_record(doc, args.name or doc["model"]["name"], command)
         Path(args.record).write_text(json.dumps(record, indent=1) + "\n")
     if args.plot:
@@ -811,6 +811,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a record says was run
     try:
         return args.func(args)
     except MetallicError as err:
