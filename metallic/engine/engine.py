@@ -419,21 +419,22 @@ class Engine:
                 index[self.add_request(prompt, params)] = i
             except MetallicError as err:
                 completions[i].error = err
+        pending = set(index)
         try:
-            while len(index) > sum(1 for c in completions if c.finish_reason):
+            while pending:
                 for out in self.step():
-                    if out.request_id not in index:
+                    if out.request_id not in pending:
                         continue
                     done = completions[index[out.request_id]]
                     done.text += out.text
                     done.token_ids += out.token_ids
-                    done.error = out.error
                     if out.finished:
                         done.finish_reason = out.finish_reason or ""
+                        done.error = out.error
+                        pending.discard(out.request_id)
         finally:
-            for request, i in index.items():
-                if not completions[i].finish_reason:
-                    self.abort(request)
+            for request in pending:
+                self.abort(request)
             self._settle()
         failed = [(i, c.error) for i, c in enumerate(completions) if c.error is not None]
         if failed:

@@ -133,7 +133,7 @@ class ModelRunner:
         logprobs = torch.log_softmax(logits[index].float(), dim=-1)
         chosen = logprobs.gather(1, tokens[index][:, None])
         values, ids = logprobs.topk(k, dim=-1) if k else (chosen[:, :0], chosen[:, :0])
-        return torch.cat((chosen, ids.double().to(chosen.dtype), values), dim=1).double()
+        return torch.cat((chosen.double(), ids.double(), values.double()), dim=1)
 
     def prepare(self, chunks: list[Chunk], previous: Launched | None) -> tuple[StepBatch, bool]:
         """The step batch of `chunks` (padded for a graph when one serves it), and whether a
