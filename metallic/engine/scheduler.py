@@ -48,10 +48,6 @@ class Step:
     chunks: list[Chunk]
     failed: list[Sequence]  # sequences that can never get their blocks (finished as errors)
 
-    @property
-    def decode(self) -> bool:
-        return all(c.end - c.start == 1 for c in self.chunks)
-
 
 class Scheduler:
     def __init__(

@@ -95,7 +95,6 @@ class Sequence:
         self.pending_row = -1  # the device row of a PENDING last token's id
         self.finish_reason: str | None = None
         self.arrival = time.perf_counter()
-        self.scheduled_at = 0.0  # first time it got a step
         self.first_token_at = 0.0
         self.finished_at = 0.0
 
