@@ -81,7 +81,10 @@ class RequestTrace:
         self.ended = False
 
     def tokens(self, choice: int, n: int) -> None:
-        """`n` tokens of `choice` arrived now."""
+        """`n` tokens of `choice` arrived now. Every token after a choice's first gets one
+        inter-token observation: tokens that arrive together (outputs merged while a stream
+        lagged) share the gap since the last arrival, the first of a choice's first arrival
+        counts as its time to first token instead."""
         if not n:
             return
         now = time.perf_counter()
@@ -89,8 +92,9 @@ class RequestTrace:
             self.first_token = now
             self.metrics.ttft.observe(now - self.started)
         last = self.last_token.get(choice)
-        if last is not None:
-            self.metrics.inter_token.observe(now - last)
+        gaps = [(now - last) / n] * n if last is not None else [0.0] * (n - 1)
+        for gap in gaps:
+            self.metrics.inter_token.observe(gap)
         self.last_token[choice] = now
         self.generated += n
 
