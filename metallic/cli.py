@@ -699,7 +699,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         context_size=args.ctx_size,
         context_override=args.ctx_size_override,
-        progress=terminal_bar("loading"),
         max_num_seqs=args.max_num_seqs,
         **_gpu_options(args),
         prefix_cache=not args.no_prefix_cache,

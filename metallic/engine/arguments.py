@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # torch is imported where needed, so the CLI's flag checks st
     import torch
 
     from metallic.gguf.config import ModelConfig
+    from metallic.gguf.tokenizer import Tokenizer
 
 DEFAULT_CONTEXT = 4096  # the context when none is asked for (or the training context, if less)
 _DEVICE = re.compile(r"(cpu|cuda(:\d+)?)")
@@ -289,3 +290,31 @@ def fit_prompt(
             f"{context} (lower -n or raise --ctx-size)"
         )
     return ids[:1] + ids[len(ids) - room + 1 :] if keep_bos else ids[len(ids) - room :]
+
+
+def encode_prompt(
+    prompt: str | Sequence[int],
+    tokenizer: Tokenizer,
+    context: int,
+    vocab_size: int,
+    *,
+    truncate: bool = False,
+    max_tokens: int | None = None,
+) -> list[int]:
+    """The prompt's token ids as they enter a context of `context` tokens (`truncate`: its end,
+    keeping a BOS, with room for `max_tokens`), each checked to be in the vocabulary."""
+    check_prompt(prompt)
+    ids = tokenizer.encode(prompt, parse_special=True) if isinstance(prompt, str) else prompt
+    ids = fit_prompt(
+        ids, context, truncate=truncate, max_tokens=max_tokens, bos_id=tokenizer.bos_id
+    )
+    if not ids:
+        raise MetallicError("the prompt is empty (and the model adds no BOS token)")
+    check_token_ids(ids, vocab_size)
+    return ids
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int) -> None:
+    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        raise MetallicError(f"token id {bad} is outside the vocabulary of {vocab_size}")

@@ -27,7 +27,12 @@ from pathlib import Path
 
 import torch
 
-from metallic.engine.arguments import PromptTooLong, check_load_options, check_prompt, fit_prompt
+from metallic.engine.arguments import (
+    PromptTooLong,
+    check_load_options,
+    check_token_ids,
+    encode_prompt,
+)
 from metallic.engine.blocks import BlockManager
 from metallic.engine.loader import load_model
 from metallic.engine.model_runner import Launched, ModelRunner
@@ -452,7 +457,7 @@ class Engine:
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """Teacher-forced logits [len, vocab] of every position (for evaluation and tests)."""
-        self._check_ids(token_ids)
+        check_token_ids(token_ids, self.config.vocab_size)
         if len(token_ids) > self.context_size:
             raise PromptTooLong(
                 f"the sequence has {len(token_ids)} tokens but the context holds "
@@ -487,28 +492,14 @@ class Engine:
     ) -> list[int]:
         """The prompt's token ids as they enter the context (`--truncate`: its end, keeping a
         BOS, with room for `max_tokens`)."""
-        check_prompt(prompt)
-        ids = (
-            self.tokenizer.encode(prompt, parse_special=True) if isinstance(prompt, str) else prompt
-        )
-        ids = fit_prompt(
-            ids,
+        return encode_prompt(
+            prompt,
+            self.tokenizer,
             self.context_size,
+            self.config.vocab_size,
             truncate=truncate,
             max_tokens=max_tokens,
-            bos_id=self.tokenizer.bos_id,
         )
-        if not ids:
-            raise MetallicError("the prompt is empty (and the model adds no BOS token)")
-        self._check_ids(ids)
-        return list(ids)
-
-    def _check_ids(self, ids: list[int]) -> None:
-        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
-        if bad:
-            raise MetallicError(
-                f"token id {bad[0]} is outside the vocabulary of {self.config.vocab_size}"
-            )
 
     def _check_fits(self, n_tokens: int) -> None:
         """A sequence of `n_tokens` must fit the KV cache at its largest, alone."""

@@ -27,8 +27,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from metallic.engine.arguments import PromptTooLong
 from metallic.engine.chat import ChatTemplate
-from metallic.engine.engine import PromptTooLong
 from metallic.errors import MetallicError
 from metallic.server.async_engine import AsyncEngine, EngineUnavailable, RequestGroup
 from metallic.server.metrics import RequestTrace, ServerMetrics
@@ -52,7 +52,7 @@ CLIENT_CLOSED = 499  # the status logged for a request whose client left (nginx'
 
 def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
     """The ASGI app serving `engine` as `model_name`; with `api_key`, every route but /health
-    wants `Authorization: Bearer <api_key>`. The engine thread runs while the app does."""
+    wants `Authorization: Bearer <api_key>`. The engine process is stopped when the app stops."""
     service = _Service(engine, model_name)
 
     @asynccontextmanager
@@ -119,10 +119,9 @@ class _Service:
         self.engine = engine
         self.model_name = model_name
         self.metrics = ServerMetrics(engine)
-        inner = engine.engine
-        self.tokenizer = inner.tokenizer
-        self.context = inner.context_size
-        self.template = ChatTemplate.for_model(inner.gguf.metadata)
+        self.tokenizer = engine.tokenizer
+        self.context = engine.context_size
+        self.template = ChatTemplate.for_model(engine.metadata)
         self.created = int(time.time())
 
     def model_card(self) -> dict[str, Any]:
@@ -178,7 +177,7 @@ class _Service:
         if not prompt:
             raise APIError(400, f"{param} must not be empty", param=param)
         try:
-            return self.engine.engine.encode_prompt(prompt)
+            return self.engine.encode_prompt(prompt)
         except PromptTooLong as err:
             raise APIError(400, str(err), param=param, code="context_length_exceeded") from None
         except MetallicError as err:

@@ -1,45 +1,48 @@
-"""The engine for coroutines: one background thread steps it, each request gets an asyncio queue.
+"""The engine for coroutines: the engine runs in a process of its own, each request gets an asyncio
+queue of its outputs.
 
-Only the engine thread touches the engine. It takes in new requests and aborts between steps,
-runs `step` while anything is unfinished, and otherwise sleeps on an event that a submission sets.
-Each step's outputs cross to the event loop in one `call_soon_threadsafe`, which sorts them into
-the queues of the requests they belong to. So the event loop never waits for a step (the engine
-holds its lock through one), and the engine never waits for the event loop.
+Creating an `AsyncEngine` spawns the engine process (`engine_process`) and waits until the model is
+loaded; the tokenizer and chat template are read here from the same file, so prompts are encoded
+and checked in the front end. (So, as with any `multiprocessing` spawn, a script that creates one
+must guard its entry point with `if __name__ == "__main__":`.) Submissions and aborts go to the
+engine as messages; a reader thread receives its step outputs and hands each batch of them to the
+event loop in one `call_soon_threadsafe`, which sorts them into the queues of the requests they
+belong to. The event loop never waits for a step and the engine never waits for the event loop: the
+two share no interpreter lock.
 
 A step that raises ends every request it touched with the error; the engine is then considered
-dead, as it is when the thread itself fails: open requests end with the error, new ones are
+dead, as it is when its process exits unasked: open requests end with the error, new ones are
 refused, and `error` says why (`/health` reports it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import multiprocessing
 import threading
-import time
-from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
-from metallic.engine.engine import Engine
+from metallic.engine.arguments import encode_prompt
 from metallic.engine.sampling import SamplingParams
 from metallic.engine.sequence import RequestOutput
+from metallic.errors import MetallicError
+from metallic.gguf.reader import open_gguf
+from metallic.gguf.tokenizer import Tokenizer
+from metallic.server import engine_process
+from metallic.server.engine_process import EngineInfo, Submission
 
 log = logging.getLogger("metallic.server")
 
-STATS_INTERVAL = 0.5  # seconds between snapshots of `Engine.stats` while the engine is busy
+STOP_TIMEOUT = 30.0  # seconds the engine process gets to end its requests and exit
 
 
 class EngineUnavailable(Exception):
     """The engine has stopped (it failed, or the server is shutting down)."""
-
-
-@dataclass
-class _Submission:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    logprobs: int | None
 
 
 class RequestGroup:
@@ -108,40 +111,82 @@ def _merge(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    """The front end's handle on the engine process."""
+
+    def __init__(
+        self,
+        model: Path | str,
+        options: dict[str, Any] | None = None,
+        *,
+        progress_label: str | None = None,
+        log_level: int = logging.WARNING,
+    ) -> None:
+        """`options` go to `Engine`; `progress_label` names the loading bar on stderr."""
         self.error: Exception | None = None  # why the engine stopped for good
-        self.stats: dict[str, Any] = engine.stats()  # refreshed by the engine thread
+        self.stats: dict[str, Any] = {}  # the engine's latest `Engine.stats()`
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._groups: dict[str, RequestGroup] = {}  # open request id -> its group (event loop)
-        self._submissions: deque[_Submission] = deque()
-        self._aborts: deque[str] = deque()
-        self._wake = threading.Event()
         self._stopping = False
-        self._admitted: set[str] = set()  # request ids the engine holds (engine thread)
+        self._calls: dict[int, Future] = {}
+        self._call_ids = itertools.count()
+        self._send_lock = threading.Lock()
+        context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        command_reader, self._commands = context.Pipe(duplex=False)
+        self._events, event_writer = context.Pipe(duplex=False)
+        self._process = context.Process(
+            target=engine_process.run,
+            args=(command_reader, event_writer, model, options or {}, progress_label, log_level),
+            name="metallic-engine",
+            daemon=True,
+        )
+        self._process.start()
+        command_reader.close()  # the child's ends: closed here, so its exit reads as EOF
+        event_writer.close()
+        kind, payload = self._receive_start()
+        if kind == "failed":
+            self._process.join()
+            raise payload
+        info: EngineInfo = payload
+        self.path = info.path
+        self.context_size, self.vocab_size = info.context_size, info.vocab_size
+        self.stats = info.stats
+        self.metadata = open_gguf(info.path).metadata
+        self.tokenizer = Tokenizer.from_metadata(self.metadata)
+        self._reader = threading.Thread(target=self._read, name="metallic-events", daemon=True)
+
+    def _receive_start(self) -> tuple[str, Any]:
+        try:
+            message = self._events.recv()
+        except EOFError:
+            self._process.join()
+            raise MetallicError(
+                f"the engine process exited while loading (exit code {self._process.exitcode})"
+            ) from None
+        return message[0], message[1]
 
     @property
     def alive(self) -> bool:
-        return self.error is None and self._thread is not None and self._thread.is_alive()
+        return self.error is None and self._process.is_alive()
 
-    @property
-    def queued(self) -> int:
-        """Requests submitted that the engine has not taken in yet."""
-        return len(self._submissions)
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """The prompt's ids, checked as the engine checks them."""
+        return encode_prompt(prompt, self.tokenizer, self.context_size, self.vocab_size)
 
     def start(self) -> None:
-        """Start the engine thread; call from the event loop that will await the outputs."""
+        """Start receiving the engine's outputs; call from the event loop that awaits them."""
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="metallic-engine", daemon=True)
-        self._thread.start()
+        self._reader.start()
 
     async def stop(self) -> None:
-        """Abort what still runs, end the thread and close every open request."""
+        """Abort what still runs, end the engine process and close every open request."""
         self._stopping = True
-        self._wake.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+        if self._process.is_alive():
+            self._send(("stop",))
+            await asyncio.to_thread(self._process.join, STOP_TIMEOUT)
+        if self._process.is_alive():
+            log.warning("the engine process did not stop within %.0f s; killing it", STOP_TIMEOUT)
+            self._process.kill()
+            await asyncio.to_thread(self._process.join)
         self._end_open(EngineUnavailable("the server is shutting down"), "abort")
 
     def submit(
@@ -152,77 +197,90 @@ class AsyncEngine:
         logprobs: int | None,
     ) -> RequestGroup:
         """Queue one engine request per (prompt, params) pair, named `request_id-i`."""
-        if self._stopping or self.error is not None:
-            raise EngineUnavailable(str(self.error or "the server is shutting down"))
+        self._check_alive()
         ids = [f"{request_id}-{i}" for i in range(len(prompts))]
         group = RequestGroup(ids, self)
+        submissions = []
         for rid, prompt, p in zip(ids, prompts, params, strict=True):
             self._groups[rid] = group
-            self._submissions.append(_Submission(rid, prompt, p, logprobs))
-        self._wake.set()
+            submissions.append(Submission(rid, prompt, p, logprobs))
+        self._send(("add", submissions))
         return group
 
     def abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             self._groups.pop(rid, None)
-        self._aborts.extend(request_ids)
-        self._wake.set()
+        self._send(("abort", request_ids))
 
-    # The engine thread.
+    def call(self, function: Callable[..., Any], *args: object, timeout: float = 60.0) -> Any:
+        """`function(engine, *args)` run in the engine process between steps, and its result
+        (both must pickle; `function` a module-level function): for tests and diagnostics.
+        Blocks: call from a thread other than the event loop."""
+        self._check_alive()
+        call_id = next(self._call_ids)
+        future: Future = Future()
+        self._calls[call_id] = future
+        self._send(("call", call_id, function, args))
+        return future.result(timeout)
 
-    def _run(self) -> None:
-        engine = self.engine
-        refreshed = time.perf_counter()
+    def _check_alive(self) -> None:
+        if self._stopping:
+            raise EngineUnavailable("the server is shutting down")
+        if not self.alive:
+            raise EngineUnavailable(str(self.error or "the engine process has exited"))
+
+    def _send(self, message: tuple) -> None:
         try:
-            while not self._stopping:
-                self._wake.clear()
-                outputs = self._take_in()
-                if engine.has_unfinished():
-                    outputs += engine.step()
-                    self._deliver(outputs)
-                    if engine.failure is not None:
-                        raise engine.failure
-                    if time.perf_counter() - refreshed > STATS_INTERVAL:
-                        self.stats, refreshed = engine.stats(), time.perf_counter()
-                else:
-                    self._deliver(outputs)
-                    self.stats = engine.stats()
-                    self._wake.wait()
-            for rid in self._admitted:
-                engine.abort(rid)
-            while engine.has_unfinished():
-                engine.step()
-        except Exception as err:
-            self.error = err
-            log.error("the engine stopped: %s: %s", type(err).__name__, err)
-            self._call(self._end_open, err, "error")
+            with self._send_lock:
+                self._commands.send(message)
+        except (BrokenPipeError, OSError):
+            pass  # the engine process is gone; the reader reports why
 
-    def _take_in(self) -> list[RequestOutput]:
-        """Add the submitted requests (those the engine refuses end at once with the reason),
-        then drop the aborted ones."""
-        refused = []
-        while self._submissions:
-            s = self._submissions.popleft()
-            try:
-                self.engine.add_request(
-                    s.prompt_ids, s.params, request_id=s.request_id, logprobs=s.logprobs
-                )
-                self._admitted.add(s.request_id)
-            except Exception as err:
-                refused.append(RequestOutput(s.request_id, [], "", None, True, "error", err))
-        while self._aborts:
-            rid = self._aborts.popleft()
-            if rid in self._admitted:
-                self._admitted.discard(rid)
-                self.engine.abort(rid)
-        return refused
+    # The reader thread.
 
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            if out.finished:
-                self._admitted.discard(out.request_id)
-        if outputs:
-            self._call(self._dispatch, outputs)
+    def _read(self) -> None:
+        """Receive the engine's messages until it stops. If it died, or its process exited
+        unasked, the engine is dead: `error` says why and every open request ends with it."""
+        reason: Exception | None = None
+        stopped = False
+        try:
+            while reason is None and not stopped:
+                batch = [self._events.recv()]
+                while self._events.poll():
+                    batch.append(self._events.recv())
+                outputs: list[RequestOutput] = []
+                for message in batch:
+                    kind = message[0]
+                    if kind == "outputs":
+                        outputs += message[1]
+                    elif kind == "stats":
+                        self.stats = message[1]
+                    elif kind == "result":
+                        self._resolve(*message[1:])
+                    elif kind == "died":
+                        reason = message[1]
+                    elif kind == "stopped":
+                        stopped = True
+                if outputs:
+                    self._call(self._dispatch, outputs)
+        except (EOFError, OSError):
+            self._process.join(1.0)
+            if not self._stopping:
+                code = self._process.exitcode
+                reason = EngineUnavailable(f"the engine process exited (exit code {code})")
+        if reason is not None:
+            self.error = reason
+            log.error("the engine stopped: %s: %s", type(reason).__name__, reason)
+            self._call(self._end_open, reason, "error")
+        for future in self._calls.values():
+            future.set_exception(EngineUnavailable(str(reason or "the engine stopped")))
+
+    def _resolve(self, call_id: int, value: object, error: Exception | None) -> None:
+        future = self._calls.pop(call_id)
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
 
     def _call(self, callback: Any, *args: object) -> None:
         if self._loop is not None and not self._loop.is_closed():

@@ -1,9 +1,10 @@
 """Run the server: bind the socket, load the model, serve until SIGTERM or SIGINT.
 
-The socket is bound before the model loads, so a taken port fails in a second, not after the
-load. A signal stops accepting connections, lets the requests in flight finish for up to
-`shutdown_timeout` seconds, aborts the rest, stops the engine and exits 0 (uvicorn itself would
-re-raise the signal after its shutdown, ending the process by it).
+The socket is bound before the model loads, so a taken port fails in a second, not after the load.
+The engine runs in a process of its own (`engine_process`); this one serves HTTP. A signal stops
+accepting connections, lets the requests in flight finish for up to `shutdown_timeout` seconds,
+aborts the rest, stops the engine and exits 0 (uvicorn itself would re-raise the signal after its
+shutdown, ending the process by it).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from pathlib import Path
 
 import uvicorn
 
-from metallic.engine.engine import Engine
 from metallic.errors import MetallicError
 from metallic.server.app import create_app
 from metallic.server.async_engine import AsyncEngine
@@ -106,9 +106,14 @@ def serve(
     """Serve `model` until a signal; `engine_options` go to `Engine`."""
     configure_logging(verbose)
     sock = bind(host, port)
-    engine = Engine(model, **engine_options)  # type: ignore[arg-type]
-    name = model_name or Path(model).name.removesuffix(".gguf")
-    app = create_app(AsyncEngine(engine), name, api_key)
+    engine = AsyncEngine(
+        model,
+        engine_options,
+        progress_label="loading",
+        log_level=logging.INFO if verbose else logging.WARNING,
+    )
+    name = model_name or Path(engine.path).name.removesuffix(".gguf")
+    app = create_app(engine, name, api_key)
     config = uvicorn.Config(
         app,
         log_config=None,

@@ -2,7 +2,7 @@
 
 Request figures are counted as requests go: requests by route and status, why generations ended,
 prompt and generated tokens, time to first token, the gaps between tokens, the whole duration.
-Engine figures are read at scrape time from the engine thread's latest `Engine.stats()` (at most
+Engine figures are read at scrape time from the engine process's latest `Engine.stats()` (at most
 half a second old while it runs, fresh once it is idle): queue depth, running sequences, KV blocks
 used and in all per pool, prefix-cache hits, weight, KV-cache and memory-pool bytes.
 """
@@ -140,7 +140,7 @@ class _EngineCollector:
         yield _gauge(
             "metallic_requests_waiting",
             "Requests waiting to run",
-            scheduler["waiting"] + self.engine.queued,
+            scheduler["waiting"],
         )
         yield _gauge("metallic_requests_running", "Sequences running", scheduler["running"])
         yield CounterMetricFamily(

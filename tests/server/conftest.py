@@ -1,5 +1,6 @@
 """Live servers on loopback for the client tests: uvicorn in a background thread, on a free port,
-serving an engine the test can reach (to inject a fault, or read its state)."""
+serving an engine in its own process, as `metallic serve` does (a test reaches into it with
+`AsyncEngine.call`, to inject a fault or read its state)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import openai
 import pytest
 import uvicorn
 
-from metallic.engine.engine import Engine
 from metallic.server.app import create_app
 from metallic.server.async_engine import AsyncEngine
 from metallic.server.launch import Server, bind, url
@@ -20,8 +20,10 @@ from metallic.testing.synthetic import write_synthetic_model
 
 
 class LiveServer:
-    def __init__(self, engine: Engine, name: str = "test-model", api_key: str | None = None):
-        self.engine = AsyncEngine(engine)
+    def __init__(
+        self, model: Path, options: dict, name: str = "test-model", api_key: str | None = None
+    ):
+        self.engine = AsyncEngine(model, options)
         self.name = name
         sock = bind("127.0.0.1", 0)
         self.url = url(sock, "127.0.0.1")
@@ -58,16 +60,16 @@ def tiny_model(tmp_path_factory) -> Path:
     return write_synthetic_model(tmp_path_factory.mktemp("server") / "tiny.gguf", "tiny-llama")
 
 
-def tiny_engine(path: Path, **options: object) -> Engine:
+def tiny_options(**options: object) -> dict:
     """f32 on the CPU: batched and single steps then agree to float rounding, so greedy and
     seeded texts do not depend on what else shares a step."""
-    return Engine(path, device="cpu", dtype="f32", **{"context_size": 512, **options})
+    return {"device": "cpu", "dtype": "f32", "context_size": 512, **options}
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model) -> Iterator[LiveServer]:
     """A server of the tiny model, shared by a module's tests (each leaves it idle)."""
-    server = LiveServer(tiny_engine(tiny_model), "tiny")
+    server = LiveServer(tiny_model, tiny_options(), "tiny")
     yield server
     server.close()
 
@@ -78,7 +80,7 @@ def start_tiny(tiny_model) -> Iterator[Callable[..., LiveServer]]:
     servers: list[LiveServer] = []
 
     def start(api_key: str | None = None, **engine_options: object) -> LiveServer:
-        servers.append(LiveServer(tiny_engine(tiny_model, **engine_options), "tiny", api_key))
+        servers.append(LiveServer(tiny_model, tiny_options(**engine_options), "tiny", api_key))
         return servers[-1]
 
     yield start
@@ -89,6 +91,6 @@ def start_tiny(tiny_model) -> Iterator[Callable[..., LiveServer]]:
 @pytest.fixture(scope="module")
 def gemma(default_model_path) -> Iterator[LiveServer]:
     """The default model, served as "gemma"."""
-    server = LiveServer(Engine(default_model_path, device="cpu", context_size=512), "gemma")
+    server = LiveServer(default_model_path, {"device": "cpu", "context_size": 512}, "gemma")
     yield server
     server.close()

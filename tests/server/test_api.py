@@ -27,7 +27,7 @@ def test_completion_streamed_equals_plain(gemma) -> None:
     choice = plain.choices[0]
     assert choice.finish_reason in ("stop", "length") and choice.text
     assert plain.usage.completion_tokens <= 10
-    assert plain.usage.prompt_tokens == len(gemma.engine.engine.tokenizer.encode(PROMPT))
+    assert plain.usage.prompt_tokens == len(gemma.engine.tokenizer.encode(PROMPT))
     assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
 
     chunks = list(client.completions.create(**args, stream=True))

@@ -18,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from metallic.cli import main
+from metallic.server.async_engine import EngineUnavailable
 from metallic.server.launch import bind
 
 SAMPLED = {
@@ -258,14 +259,19 @@ def test_an_engine_fault_is_a_500_and_health_reports_it(start_tiny) -> None:
     server = start_tiny()
     client = server.client()
     client.completions.create(model="tiny", prompt="warm", max_tokens=2)
-    server.engine.engine.runner.launch = _raise_fault
+    server.engine.call(_inject_fault)
     with pytest.raises(openai.InternalServerError) as err:
         client.completions.create(model="tiny", prompt="boom", max_tokens=4)
     assert err.value.status_code == 500 and "injected fault" in err.value.body["message"]
+    assert_dead(server, "injected fault")
+
+
+def assert_dead(server, reason: str) -> None:
+    """/health says the engine stopped and why; a new request is refused at once."""
     health = httpx2.get(server.url + "/health")
-    assert health.status_code == 503 and "injected fault" in health.json()["error"]
+    assert health.status_code == 503 and reason in health.json()["error"]
     with pytest.raises(openai.APIStatusError) as err:
-        client.completions.create(model="tiny", prompt="again", max_tokens=4)
+        server.client().completions.create(model="tiny", prompt="again", max_tokens=4)
     assert err.value.status_code == 503
 
 
@@ -280,12 +286,46 @@ def test_an_engine_fault_ends_a_stream_with_an_error_event(start_tiny) -> None:
         for _ in stream:
             received += 1
             if received == 3:
-                server.engine.engine.runner.launch = _raise_fault
+                server.engine.call(_inject_fault)
     assert received >= 3
+
+
+def _inject_fault(engine) -> None:
+    """Make the engine's next step fail (run in the engine process)."""
+    engine.runner.launch = _raise_fault
 
 
 def _raise_fault(*args: object, **kwargs: object) -> None:
     raise RuntimeError("injected fault")
+
+
+def test_an_engine_process_that_dies_fails_its_requests_and_health(start_tiny) -> None:
+    """The engine runs in its own process; if that process is killed (out of memory, a crash
+    in a driver), streams in flight end with an error, /health says why and new requests get a
+    503 at once instead of waiting forever."""
+    server = start_tiny()
+    stream = server.client().completions.create(
+        model="tiny", prompt="go", max_tokens=400, stream=True, extra_body={"ignore_eos": True}
+    )
+    next(iter(stream))
+    with pytest.raises(EngineUnavailable, match="exited"):
+        server.engine.call(_die)
+    with pytest.raises(openai.APIError, match="exited"):
+        list(stream)
+    assert_dead(server, "exited")
+
+
+def _die(engine) -> None:
+    """Kill the engine process (run in it)."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_model_that_cannot_load_is_a_one_line_error(tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 60)
+    assert main(["serve", str(bad), "--port", "0", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.gguf" in err[0], err
 
 
 def test_serve_refuses_a_taken_port(tiny_model, capsys) -> None:
