@@ -277,11 +277,22 @@ def serve_model(
     if entry["exit_status"] != 0:
         raise SystemExit(f"{label}: metallic serve exited with {entry['exit_status']} on SIGTERM")
     if args.llama_bin:
+        wait_for(args.llama_ready)
         batches = sorted({1, 8, 32, args.streams} & set(range(1, args.streams + 1)))
         lc = llama_batched_bench(args.llama_bin / "llama-batched-bench", path,
                                  sizes.stream_prompt, sizes.stream_generated, batches)  # fmt: skip
         entry["llama.cpp"] = {b: r["S_TG t/s"] for b, r in lc.items()}
     return entry
+
+
+def wait_for(ready: Path | None, seconds: float = 900) -> None:
+    """Wait until `ready` exists: llama.cpp may still be building (at low priority, so that it
+    does not disturb the measurements) when the first model's turn comes."""
+    deadline = time.monotonic() + seconds
+    while ready is not None and not ready.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{ready} did not appear within {seconds:.0f} s")
+        time.sleep(2)
 
 
 def records(label: str, entry: dict, streams: int) -> list[dict[str, object]]:
@@ -327,6 +338,7 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=64, help="concurrent streams of the burst")
     parser.add_argument("--clients", type=int, default=4, help="client processes")
     parser.add_argument("--llama-bin", type=Path, help="llama.cpp's build/bin for baselines")
+    parser.add_argument("--llama-ready", type=Path, help="wait for this file before llama.cpp")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--ctx", type=int, default=2048)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/metallic-bench"))
