@@ -13,8 +13,9 @@ For each model (--model, the real Gemma 3 270M; --synthetic llama3-8b):
    has its first token to the moment the first ends); the target is HTTP >= 90% of in-process.
 3. The rate sweep: a fixed-seed workload (prompts of 128-1,024 random tokens, 64-256 generated)
    arriving as a Poisson process at each --rates (requests/s) for --duration seconds. Per rate:
-   requests/s and generated tokens/s completed, time to first token and the gaps between streamed
-   chunks (inter-token latency), p50 and p99.
+   requests/s and generated tokens/s completed, time to first token and inter-token latency
+   (a chunk of n tokens counts as n gaps of a nth of its wait; chunks carry the usage so far),
+   p50 and p99.
 4. --llama-bin DIR: llama-batched-bench on the same file (128 prompt tokens, 256 generated, the
    same batch sizes up to --streams) beside it.
 
@@ -117,10 +118,10 @@ async def _request(client: httpx2.AsyncClient, job: Job, start_at: float) -> dic
         "temperature": 0,
         "ignore_eos": True,
         "stream": True,
-        "stream_options": {"include_usage": True},
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
     }
     sent = time.monotonic()
-    stamps, text, tokens = [], [], 0
+    stamps, counts, text, tokens = [], [], [], 0
     async with client.stream("POST", "/v1/completions", json=body) as reply:
         if reply.status_code != 200:
             return {"index": job.index, "error": (await reply.aread()).decode()}
@@ -130,13 +131,14 @@ async def _request(client: httpx2.AsyncClient, job: Job, start_at: float) -> dic
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 return {"index": job.index, "error": chunk["error"]["message"]}
+            so_far = chunk["usage"]["completion_tokens"]
             if chunk["choices"]:
                 stamps.append(time.monotonic())
+                counts.append(so_far - tokens)
                 text.append(chunk["choices"][0]["text"])
-            else:
-                tokens = chunk["usage"]["completion_tokens"]
-    return {"index": job.index, "sent": sent, "stamps": stamps, "tokens": tokens,
-            "text": "".join(text), "expected": job.max_tokens}  # fmt: skip
+            tokens = so_far
+    return {"index": job.index, "sent": sent, "stamps": stamps, "counts": counts,
+            "tokens": tokens, "text": "".join(text), "expected": job.max_tokens}  # fmt: skip
 
 
 def drive(pool: ProcessPoolExecutor, base: str, jobs: list[Job], clients: int) -> list[dict]:
@@ -163,8 +165,8 @@ def http_burst(results: list[dict]) -> dict:
     """Aggregate generated tokens/s of a burst through HTTP as batched.burst measures it in
     process: over all of it, and over the steps where every stream decodes (from the moment the
     last stream has its first token to the moment the first one ends). A streamed chunk may
-    carry several tokens (the server merges what a lagging client has not taken yet), so each
-    stream's chunks in that window count its average tokens per chunk (from the usage)."""
+    carry several tokens (the server merges what a lagging client has not taken yet): each
+    chunk's count comes from the usage so far that it carries."""
     stamps = [t for r in results for t in r["stamps"]]
     began = min(r["sent"] for r in results)
     tokens = sum(r["tokens"] for r in results)
@@ -173,8 +175,8 @@ def http_burst(results: list[dict]) -> dict:
     first_end = min(r["stamps"][-1] for r in results)
     decoded = 0.0
     for r in results:
-        in_window = sum(1 for t in r["stamps"] if all_decoding < t <= first_end)
-        decoded += in_window * r["tokens"] / len(r["stamps"])
+        stamped = zip(r["stamps"], r["counts"], strict=True)
+        decoded += sum(n for t, n in stamped if all_decoding < t <= first_end)
     return {
         "tokens_per_s": tokens / (end - began),
         "s_tg": decoded / (first_end - all_decoding) if decoded else 0.0,
@@ -185,7 +187,12 @@ def http_burst(results: list[dict]) -> dict:
 def rate_figures(results: list[dict]) -> dict:
     began = min(r["sent"] for r in results)
     end = max(r["stamps"][-1] for r in results)
-    gaps = [b - a for r in results for a, b in zip(r["stamps"], r["stamps"][1:], strict=False)]
+    gaps = [  # a chunk of n tokens: n gaps of a nth of the time since the previous chunk
+        (b - a) / n
+        for r in results
+        for a, b, n in zip(r["stamps"], r["stamps"][1:], r["counts"][1:], strict=False)
+        for _ in range(n)
+    ]
     ttft = [r["stamps"][0] - r["sent"] for r in results]
     return {
         "requests": len(results),

@@ -220,7 +220,8 @@ class _Service:
         except EngineUnavailable as err:
             raise APIError(503, f"the engine is not running: {err}") from None
         if body.stream:
-            events = self._stream(group, formatter, trace, body.include_usage)
+            usage = (body.include_usage, body.continuous_usage)
+            events = self._stream(group, formatter, trace, *usage)
             return _EventStream(events, group, trace)
         return await self._respond(request, group, formatter, trace)
 
@@ -255,16 +256,28 @@ class _Service:
         return JSONResponse(formatter.response(choices, trace.prompt_tokens))
 
     async def _stream(
-        self, group: RequestGroup, formatter: Formatter, trace: RequestTrace, usage: bool
+        self,
+        group: RequestGroup,
+        formatter: Formatter,
+        trace: RequestTrace,
+        usage: bool,
+        continuous: bool,
     ) -> AsyncIterator[str]:
         """Server-sent events: a chunk per choice and step, each output's tokens as they come
-        (outputs that arrived together go out in one write), the usage if asked, [DONE]."""
+        (outputs that arrived together go out in one write), the usage if asked (`continuous`:
+        the usage so far in every chunk, as vLLM's extension does), [DONE]."""
         n = len(group.request_ids)
         offsets = [0] * n
         status = CLIENT_CLOSED
+
+        def so_far() -> tuple[int, int] | None:
+            return (trace.prompt_tokens, trace.generated) if continuous else None
+
         try:
             if isinstance(formatter, ChatFormatter):
-                roles = [formatter.chunk([formatter.role_delta(i)], usage) for i in range(n)]
+                roles = [
+                    formatter.chunk([formatter.role_delta(i)], usage, so_far()) for i in range(n)
+                ]
                 yield "".join(map(_event, roles))
             error = None
             while not group.finished and error is None:
@@ -278,7 +291,7 @@ class _Service:
                         trace.finish_reason(out.finish_reason or "")
                     if out.text or out.logprobs or out.finished:
                         delta = formatter.delta(index, out, offsets[index])
-                        events.append(_event(formatter.chunk([delta], usage)))
+                        events.append(_event(formatter.chunk([delta], usage, so_far())))
                     offsets[index] += len(out.text)
                 if events:
                     yield "".join(events)
@@ -325,8 +338,16 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+# Characters JSON leaves raw that some clients' line splitting (Python's str.splitlines, say)
+# takes for line ends, cutting an event in two: escaped, as JSON allows.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _event(body: dict[str, Any]) -> str:
-    return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    if "\x85" in text or "\u2028" in text or "\u2029" in text:
+        text = text.translate(_LINE_BREAKS)
+    return f"data: {text}\n\n"
 
 
 def _engine_error(err: Exception) -> APIError:

@@ -70,6 +70,7 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's extension: the usage so far in every chunk
 
 
 class GenerationRequest(BaseModel):
@@ -126,6 +127,10 @@ class GenerationRequest(BaseModel):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.continuous_usage_stats
 
 
 class CompletionRequest(GenerationRequest):
@@ -241,10 +246,16 @@ class Formatter:
         body["usage"] = usage(prompt_tokens, sum(c.tokens for c in choices))
         return body
 
-    def chunk(self, choices: list[dict[str, Any]], with_usage: bool) -> dict[str, Any]:
+    def chunk(
+        self, choices: list[dict[str, Any]], with_usage: bool, so_far: tuple[int, int] | None
+    ) -> dict[str, Any]:
+        """A streamed chunk; `so_far` (prompt, completion tokens) puts the usage until now in
+        it, else `with_usage` a null usage (OpenAI's: only the last chunk has one)."""
         body = self.head(self.chunk_object)
         body["choices"] = choices
-        if with_usage:
+        if so_far is not None:
+            body["usage"] = usage(*so_far)
+        elif with_usage:
             body["usage"] = None
         return body
 

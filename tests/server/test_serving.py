@@ -18,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from metallic.cli import main
+from metallic.server.app import _event
 from metallic.server.async_engine import EngineUnavailable
 from metallic.server.launch import bind
 
@@ -129,6 +130,29 @@ def test_clients_that_leave_free_everything(tiny) -> None:
     reply = tiny.client().completions.create(model="tiny", prompt="after", max_tokens=4)
     assert reply.choices[0].finish_reason in ("stop", "length")
     assert time.monotonic() - began < 5
+
+
+def test_continuous_usage_counts_every_token_as_it_streams(tiny) -> None:
+    """vLLM's `continuous_usage_stats`: each chunk carries the usage so far, so a client knows
+    how many tokens a chunk holds even when a lagging stream gets several at once."""
+    body = {"model": "tiny", "prompt": "count", "max_tokens": 40, "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}  # fmt: skip
+    with httpx2.stream("POST", tiny.url + "/v1/completions", json=body) as reply:
+        events = [json.loads(line[6:]) for line in reply.iter_lines() if line.startswith("data: {")]
+    counts = [e["usage"]["completion_tokens"] for e in events]
+    assert counts == sorted(counts) and counts[-1] == 40
+    assert {e["usage"]["prompt_tokens"] for e in events} == {events[-1]["usage"]["prompt_tokens"]}
+    assert events[-1]["choices"] == [] and events[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_events_escape_what_line_splitters_take_for_line_ends() -> None:
+    """JSON may hold U+2028, U+2029 and NEL raw, but clients that split lines with Python's
+    str.splitlines would cut the event there: a generated text with them stays one line."""
+    text = "a\u2028b\u2029c\x85d\re\nf"
+    event = _event({"text": text})
+    assert len(event.removesuffix("\n\n").splitlines()) == 1
+    assert json.loads(event.removeprefix("data: "))["text"] == text
 
 
 def test_context_limits(start_tiny) -> None:
