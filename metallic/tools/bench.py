@@ -42,10 +42,9 @@ from metallic.engine.sequence import RequestOutput
 from metallic.errors import MetallicError
 from metallic.ops.dispatch import use_kernels
 from metallic.tools.doctor import device_info, versions
-from metallic.tools.profiling import ProfileSession, profile_report
+from metallic.tools.profiling import CUDA_EVENTS, HOST_CLOCK, ProfileSession, profile_report
 
 SCHEMA_ID = "metallic-bench/1"
-HOST_CLOCK, CUDA_EVENTS = "host clock", "cuda events"  # what timed the tests
 
 _COUNT = {"type": "integer", "minimum": 1}
 _RATE = {"type": "number", "exclusiveMinimum": 0}
