@@ -9,9 +9,11 @@ once more first, untimed, as warm-up: kernel compiles, graph captures, KV-cache 
   after the first: the aggregate decode speed llama-batched-bench calls S_TG (the tokens
   generated after every sequence has its first one, over that time).
 
-Every prompt is new random tokens, so no prefix cache can serve it. Intervals end when tokens
-reach the host, as a user gets them (the engine waits for them on a CUDA event); the per-op
-profile (`--profile`) is what CUDA events time.
+Every prompt is new random tokens, so no prefix cache can serve it. On the GPU the intervals are
+timed with CUDA events on the engine's stream (`EventTimer`: an interval ends when the device has
+computed the step whose tokens end it), read back once per run; on the CPU with the host clock
+as the tokens reach the host (`HostTimer`). The per-op profile (`--profile`) is
+tools/profiling.py's.
 
 The JSON document (`SCHEMA`, a JSON Schema) holds the versions, the device, the model, the
 settings, every repetition's figure, and the profile when one ran. `bench_record` turns it into
@@ -22,6 +24,7 @@ the record format of benchmarks/common.py (tests `pp512`, `tg128`, `batch-8`, ..
 from __future__ import annotations
 
 import datetime
+import os
 import statistics
 import subprocess
 import time
@@ -35,10 +38,11 @@ from gguf import LlamaFileType
 
 from metallic.engine.engine import Engine
 from metallic.engine.sampling import SamplingParams
+from metallic.engine.sequence import RequestOutput
 from metallic.errors import MetallicError
 from metallic.ops.dispatch import use_kernels
 from metallic.tools.doctor import device_info, versions
-from metallic.tools.profiling import ProfileSession, profile_report
+from metallic.tools.profiling import CUDA_EVENTS, HOST_CLOCK, ProfileSession, profile_report
 
 SCHEMA_ID = "metallic-bench/1"
 
@@ -83,8 +87,17 @@ SCHEMA: dict[str, Any] = {
         },
         "settings": {
             "type": "object",
-            "required": ["prompt", "generate", "batch", "batch_prompt", "repetitions", "context"],
+            "required": [
+                "prompt",
+                "generate",
+                "batch",
+                "batch_prompt",
+                "repetitions",
+                "context",
+                "clock",
+            ],
             "properties": {
+                "clock": {"enum": [HOST_CLOCK, CUDA_EVENTS]},
                 "prompt": {"type": "array", "items": _COUNT, "minItems": 1},
                 "generate": {"type": "array", "items": _COUNT, "minItems": 1},
                 "batch": {"type": "array", "items": _COUNT},
@@ -170,38 +183,116 @@ def random_prompts(vocab: int, n: int, length: int, seed: int) -> list[list[int]
     return [torch.randint(0, vocab, (length,), generator=generator).tolist() for _ in range(n)]
 
 
-def run_once(engine: Engine, test: Test, seed: int) -> tuple[int, float]:
-    """(tokens, seconds) of one run of `test` on fresh prompts."""
+class HostTimer:
+    """The host clock, read as each step's tokens reach the host: where steps run on the CPU,
+    the host is the device."""
+
+    name = HOST_CLOCK
+
+    def start(self) -> float:
+        return time.perf_counter()
+
+    def step(self, engine: Engine) -> tuple[list[RequestOutput], float]:
+        outputs = engine.step()
+        return outputs, time.perf_counter()
+
+    def finish(self) -> None:
+        """Nothing to wait for: the stamps are already times."""
+
+    def seconds(self, start: float, stop: float) -> float:
+        return stop - start
+
+
+class EventTimer:
+    """CUDA events on the engine's stream, read once per run (`finish`). The engine queues step
+    n + 1 before it reads step n's tokens, so the event recorded just before a call to
+    `engine.step()` completes when the device has finished step n, the step whose tokens that
+    call returns: stamps are the device's times, free of the host's lag in reading them."""
+
+    name = CUDA_EVENTS
+
+    def __init__(
+        self,
+        device: torch.device,
+        new_event: Callable[[], Any] | None = None,
+        stream: Any = None,
+    ) -> None:
+        """`new_event` and `stream`: what to record on, by default timing events on the
+        device's current stream (tests pass stand-ins)."""
+        self.device = device
+        self.new_event = new_event or (lambda: torch.cuda.Event(enable_timing=True))
+        self.stream = stream
+        self._last: Any = None
+
+    def start(self) -> Any:
+        event = self.new_event()
+        stream = torch.cuda.current_stream(self.device) if self.stream is None else self.stream
+        event.record(stream)
+        self._last = event
+        return event
+
+    def step(self, engine: Engine) -> tuple[list[RequestOutput], Any]:
+        stamp = self.start()
+        return engine.step(), stamp
+
+    def finish(self) -> None:
+        """Wait once for the run's last event; every earlier one has completed then."""
+        self._last.synchronize()
+
+    def seconds(self, start: Any, stop: Any) -> float:
+        return start.elapsed_time(stop) * 1e-3
+
+
+def timer_for(device: torch.device) -> HostTimer | EventTimer:
+    """CUDA events on the GPU, the host clock on the CPU."""
+    return EventTimer(device) if device.type == "cuda" else HostTimer()
+
+
+def run_once(
+    engine: Engine, test: Test, seed: int, timer: HostTimer | EventTimer | None = None
+) -> tuple[int, float]:
+    """(tokens, seconds) of one run of `test` on fresh prompts, timed by `timer` (by default
+    the engine's device's: `timer_for`)."""
+    timer = timer or timer_for(engine.device)
     prompts = random_prompts(engine.config.vocab_size, test.batch, test.prompt, seed)
     max_tokens = 1 if test.kind == "pp" else test.generate + 1
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    began = time.perf_counter()
+    began = timer.start()
     requests = {engine.add_request(prompt, params) for prompt in prompts}
-    first: dict[object, float] = {}
-    arrivals: list[float] = []  # when each token after a sequence's first reached the host
+    stamps: list[Any] = []  # one per step call
+    first: dict[object, int] = {}  # each sequence's first token: the index of its step's stamp
+    arrivals: list[int] = []  # the same for every token after a sequence's first
     while engine.has_unfinished():
-        for out in engine.step():
+        outputs, stamp = timer.step(engine)
+        stamps.append(stamp)
+        for out in outputs:
             if out.error is not None:
                 raise out.error
             if out.request_id in requests and out.token_ids:
-                now = time.perf_counter()
                 if out.request_id in first:
-                    arrivals.append(now)
+                    arrivals.append(len(stamps) - 1)
                 else:
-                    first[out.request_id] = now
+                    first[out.request_id] = len(stamps) - 1
+    timer.finish()
+    times = [timer.seconds(began, stamp) for stamp in stamps]
     if test.kind == "pp":
-        return test.prompt, first[next(iter(requests))] - began
-    decode_from = max(first.values())
-    decoded = [t for t in arrivals if t > decode_from]
+        return test.prompt, times[first[next(iter(requests))]]
+    decode_from = max(times[i] for i in first.values())
+    decoded = [times[i] for i in arrivals if times[i] > decode_from]
     if not decoded:
         raise MetallicError(f"{test.name}: no token was decoded after the first ones")
     return len(decoded), max(decoded) - decode_from
 
 
 def run_tests(
-    engine: Engine, settings: Settings, progress: Callable[[str], None] | None = None
+    engine: Engine,
+    settings: Settings,
+    progress: Callable[[str], None] | None = None,
+    timer: HostTimer | EventTimer | None = None,
 ) -> list[dict[str, Any]]:
-    """Every test: one warm-up run, then `repetitions` timed runs."""
+    """Every test: one warm-up run, then `repetitions` timed runs (by `timer`, by default the
+    device's)."""
+    timer = timer or timer_for(engine.device)
     results = []
     for number, test in enumerate(tests_of(settings)):
         samples_ts, samples_s = [], []
@@ -209,7 +300,7 @@ def run_tests(
             if progress is not None:
                 label = "warm-up" if rep == 0 else f"run {rep}/{settings.repetitions}"
                 progress(f"{test.name}: {label}")
-            tokens, seconds = run_once(engine, test, settings.seed + 1000 * number + rep)
+            tokens, seconds = run_once(engine, test, settings.seed + 1000 * number + rep, timer)
             if rep:
                 samples_ts.append(tokens / seconds)
                 samples_s.append(seconds)
@@ -291,6 +382,7 @@ def bench_document(
             "repetitions": settings.repetitions,
             "context": engine.context_size,
             "seed": settings.seed,
+            "clock": timer_for(engine.device).name,
         },
         "results": results,
     }
@@ -321,7 +413,10 @@ def _count(n: int) -> str:
 
 
 def source_commit() -> str:
-    """The git commit metallic runs from, or "unknown" outside a checkout."""
+    """$METALLIC_COMMIT when set (a copy of the tree on another machine may carry an older
+    .git), else the git commit metallic runs from, else "unknown"."""
+    if os.environ.get("METALLIC_COMMIT"):
+        return os.environ["METALLIC_COMMIT"]
     try:
         done = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],

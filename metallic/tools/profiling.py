@@ -4,7 +4,9 @@
 with `trace=FILE` it also records a torch.profiler trace of the same steps, written as a
 Chrome/Perfetto JSON file, with a range per step, layer and op (NVTX ranges too on CUDA, for
 Nsight Systems). A trace needs eager steps (a replayed graph opens no ranges), so tracing turns
-the CUDA graphs off, and GPU op times then include the host's launch gaps.
+the CUDA graphs off, and GPU op times then include the host's launch gaps. On CUDA the small ops
+are timed with the product or attention beside them (runtime/profiler.py: `GPU_FOLDED`), since
+every event adds device time; `every_op=True` times each op alone.
 
 `phase_report` turns one phase's times (prefill or decode) into rows per op kind and per layer;
 with the roofline's costs and a calibrated device (`metallic doctor --calibrate`), each op also
@@ -23,16 +25,21 @@ import torch
 from metallic.engine.engine import Engine
 from metallic.models.roofline import Cost, Limits, Roofline
 from metallic.runtime import calibration
-from metallic.runtime.profiler import OFF, PhaseTimes, Profiler
+from metallic.runtime.profiler import GPU_FOLDED, JOIN, OFF, PhaseTimes, Profiler
 
 BETWEEN = "between forwards"  # the row of time outside the model's forward
+HOST_CLOCK, CUDA_EVENTS = "host clock", "cuda events"  # what times ops and bench tests
 
 
 class ProfileSession:
-    def __init__(self, engine: Engine, *, trace: Path | None = None) -> None:
+    def __init__(
+        self, engine: Engine, *, trace: Path | None = None, every_op: bool = False
+    ) -> None:
         self.engine = engine
         self.trace = trace
-        self.profiler = Profiler(engine.device, ranges=trace is not None)
+        cuda = engine.device.type == "cuda"
+        fold = GPU_FOLDED if cuda and not every_op else frozenset()
+        self.profiler = Profiler(engine.device, ranges=trace is not None, fold=fold)
         self._graphs = engine.runner.cuda_graphs
         if trace is not None or (engine.device.type == "cuda" and not Profiler.times_graphs()):
             engine.runner.cuda_graphs = False
@@ -84,7 +91,8 @@ def phase_report(times: PhaseTimes, roofline: Roofline, limits: Limits | None) -
     layers: dict[int, dict[str, float]] = defaultdict(dict)
     for (kind, layer), seconds in times.ops.items():
         by_kind[kind] += seconds
-        kind_cost[kind] += costs.get((kind, layer), Cost())
+        for part in kind.split(JOIN):  # a group timed together costs what its ops cost
+            kind_cost[kind] += costs.get((part, layer), Cost())
         layers[layer][kind] = seconds / steps * 1e3
     between = times.between / times.between_steps if times.between_steps else 0.0
     step_s = times.forward / steps + between
@@ -112,6 +120,7 @@ def phase_report(times: PhaseTimes, roofline: Roofline, limits: Limits | None) -
         "tokens_per_step": sum(s.tokens * n for s, n in times.shapes.items()) / steps,
         "step_ms": step_s * 1e3,
         "forward_ms": times.forward / steps * 1e3,
+        "stamps_per_forward": times.stamps / steps,
         "seconds": times.forward + times.between,
         "ops": rows,
         "layers": [
@@ -127,6 +136,7 @@ def profile_report(engine: Engine, phases: dict[str, PhaseTimes]) -> dict[str, A
     roofline = Roofline(engine.model)
     return {
         "limits": record,
+        "clock": CUDA_EVENTS if engine.device.type == "cuda" else HOST_CLOCK,
         "phases": {phase: phase_report(times, roofline, limits) for phase, times in phases.items()},
     }
 
@@ -143,11 +153,20 @@ def format_report(report: dict[str, Any]) -> str:
         )
     else:
         lines.append("no limits for this device: `metallic doctor --calibrate` measures them")
+    if report.get("clock") == CUDA_EVENTS:
+        lines.append(
+            "op times: CUDA events recorded on the stream at each op's start (inside the "
+            "graphs where steps replay as graphs); each event costs device time, which the op "
+            f"times and the forward include; ops joined by {JOIN!r} are timed together"
+        )
+    else:
+        lines.append("op times: the host clock at each op's start")
     for phase, r in report["phases"].items():
         lines += [
             "",
             f"{phase}: {r['steps']} steps, {r['tokens_per_step']:.4g} tokens a step, "
-            f"{r['step_ms']:.3f} ms a step (forward {r['forward_ms']:.3f} ms)",
+            f"{r['step_ms']:.3f} ms a step (forward {r['forward_ms']:.3f} ms, "
+            f"{r['stamps_per_forward']:.0f} stamps)",
             "",
             "| op | ms/step | share | GB/s | TFLOP/s | of limit |",
             "|---|--:|--:|--:|--:|--:|",

@@ -13,8 +13,9 @@ import torch
 from metallic.engine.engine import Engine
 from metallic.engine.sampling import SamplingParams
 from metallic.models import transformer
+from metallic.models.roofline import Roofline
 from metallic.runtime.batch import SequenceChunk, StepBatch
-from metallic.runtime.profiler import OFF, Profiler, StepShape
+from metallic.runtime.profiler import GPU_FOLDED, OFF, Profiler, StepShape
 from metallic.testing.synthetic import write_synthetic_model
 from metallic.tools.profiling import BETWEEN, ProfileSession, profile_report
 
@@ -79,9 +80,9 @@ class FakeClock:
         return self.now
 
 
-def test_time_goes_to_the_op_that_spent_it(engine: Engine, monkeypatch) -> None:
-    """The activation is the only op during which the clock moves (1 s a call): the profile
-    gives it 1 s per layer and step, and every other op nothing."""
+@pytest.fixture
+def slow_activation(monkeypatch) -> FakeClock:
+    """A fake clock that moves 1 s in each call of the activation, and only then."""
     clock = FakeClock()
     activation = transformer.gated_activation
 
@@ -90,7 +91,13 @@ def test_time_goes_to_the_op_that_spent_it(engine: Engine, monkeypatch) -> None:
         return activation(*args, **kwargs)
 
     monkeypatch.setattr(transformer, "gated_activation", slow)
-    engine.model.profiler = profiler = Profiler("cpu", clock=clock)
+    return clock
+
+
+def test_time_goes_to_the_op_that_spent_it(engine: Engine, slow_activation: FakeClock) -> None:
+    """The activation is the only op during which the clock moves (1 s a call): the profile
+    gives it 1 s per layer and step, and every other op nothing."""
+    engine.model.profiler = profiler = Profiler("cpu", clock=slow_activation)
     try:
         greedy(engine, PROMPT, 3)
     finally:
@@ -151,3 +158,27 @@ def test_marks_partition_a_forward() -> None:
     assert times.shapes == {StepShape(((0, 1),), 1): 2}
     profiler.reset()
     assert profiler.phases == {}
+
+
+def test_folded_ops_are_timed_and_costed_as_one(engine: Engine, slow_activation: FakeClock) -> None:
+    """With the GPU's groups: 5 stamps a layer; the activation's time goes to the group it
+    joins (gate_up+activation), whose bytes are those of both ops."""
+    engine.model.profiler = profiler = Profiler("cpu", clock=slow_activation, fold=GPU_FOLDED)
+    try:
+        greedy(engine, PROMPT, 3)
+    finally:
+        engine.model.profiler = OFF
+    groups = {"attn_norm+qkv+rope", "attention", "attn_out+ffn_norm", "gate_up+activation"}
+    groups |= {"down"}
+    n_layers = engine.config.n_layers
+    report = profile_report(engine, profiler.phases)["phases"]["decode"]
+    assert report["stamps_per_forward"] == 5 * n_layers + len(OUTSIDE_OPS) + 1  # + the end
+    assert {r["op"] for r in report["ops"]} - {BETWEEN} == groups | OUTSIDE_OPS
+    for layer in report["layers"]:
+        expected = {"gate_up+activation": 1e3} if layer["layer"] >= 0 else {}
+        assert {op: ms for op, ms in layer["ops"].items() if ms} == expected
+    costs = Roofline(engine.model).costs(next(iter(profiler.phases["decode"].shapes)))
+    row = next(r for r in report["ops"] if r["op"] == "gate_up+activation")
+    parts = [costs[kind, i] for kind in ("gate_up", "activation") for i in range(n_layers)]
+    assert row["bytes"] == pytest.approx(sum(c.bytes for c in parts))
+    assert row["flops"] == pytest.approx(sum(c.flops for c in parts))

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
 
+from metallic.engine.engine import Engine
 from metallic.runtime import calibration
 from metallic.testing.synthetic import write_synthetic_model
-from metallic.tools.bench import SCHEMA
+from metallic.tools.bench import SCHEMA, EventTimer, HostTimer, Settings, run_tests, timer_for
 
 TYPES = {
     "object": dict,
@@ -163,3 +164,49 @@ def test_bad_arguments_are_one_line(cli, model: Path, flags: list[str], words: l
     assert len(lines) == 1 and lines[0].startswith("metallic: error: "), err
     for word in words:
         assert word in lines[0]
+
+
+def test_the_device_chooses_the_clock() -> None:
+    assert isinstance(timer_for(torch.device("cpu")), HostTimer)
+    assert isinstance(timer_for(torch.device("cuda", 0)), EventTimer)  # built without a GPU
+
+
+class FakeEvent:
+    """A timing event on a device whose clock moves 1 ms at each record."""
+
+    now_ms = 0.0
+    synchronized: ClassVar[list[bool]] = []
+
+    def __init__(self) -> None:
+        self.at_ms: float | None = None
+
+    def record(self, stream: object) -> None:
+        assert stream == "stream"
+        FakeEvent.now_ms += 1.0
+        self.at_ms = FakeEvent.now_ms
+
+    def synchronize(self) -> None:
+        FakeEvent.synchronized.append(self.at_ms == FakeEvent.now_ms)  # the last one recorded?
+
+    def elapsed_time(self, end: FakeEvent) -> float:
+        assert self.at_ms is not None and end.at_ms is not None
+        return end.at_ms - self.at_ms
+
+
+def test_event_timer_reads_one_event_per_step_and_waits_once_a_run(model: Path) -> None:
+    """With events 1 ms apart, one per call of `engine.step()` and one token per call in
+    steady decode, a tg test runs at exactly 1,000 tokens/s; the timer waits once per run,
+    on the run's last event, and never reads the host clock for a figure."""
+    engine = Engine(model, device="cpu", dtype="f32", context_size=64)
+    timer = EventTimer(torch.device("cuda"), new_event=FakeEvent, stream="stream")
+    FakeEvent.synchronized = []
+    settings = Settings(prompt=[8], generate=[5], batch=[], repetitions=2)
+    results = run_tests(engine, settings, timer=timer)
+    assert FakeEvent.synchronized == [True] * 2 * (settings.repetitions + 1)  # warm-ups too
+    tg = next(r for r in results if r["kind"] == "tg")
+    assert tg["samples_ts"] == pytest.approx([1000.0, 1000.0])
+    assert tg["samples_s"] == pytest.approx([0.005, 0.005])
+    pp = next(r for r in results if r["kind"] == "pp")
+    # Submitted after one event; its first token comes back from the call after the one that
+    # queued the prefill, whose event is the third: 2 ms.
+    assert pp["samples_s"] == pytest.approx([0.002, 0.002])
