@@ -11,7 +11,7 @@ outside torch, placement, decode tok/s, the plan's split) and writes the details
 record (`benchmarks/common.py`) to $OUT or benchmarks/results/. Exits 1 when a run's tokens
 differ or its peak passes its budget, or when 2G does not run.
 
-    python benchmarks/gpu_budget.py [--budgets 512M,1536M,2G,3G] [--preset llama3-8b]
+    python benchmarks/gpu_budget.py [--budget 2G ...] [--preset llama3-8b] [--mix Q4_K_M]
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ def child(path: Path, budget: str | None, nvml_index: int) -> dict:
 
 def run_child(path: Path, budget: str | None, nvml_index: int) -> dict:
     command = [sys.executable, __file__, "--child", str(path), "--nvml-index", str(nvml_index)]
-    command += ["--budget", budget] if budget else []
+    command += ["--child-budget", budget] if budget else []
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"the run under {budget or 'no budget'} failed:\n{done.stderr[-4000:]}")
@@ -201,16 +201,18 @@ def mib(n: float | None) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budgets", default="512M,1536M,2G,3G", help="comma-separated")
+    parser.add_argument(
+        "--budget", action="append", default=[], help="repeatable (default 512M 1536M 2G 3G)"
+    )
     parser.add_argument("--preset", default="llama3-8b")
     parser.add_argument("--mix", default="Q4_K_M")
     parser.add_argument("--nvml-index", type=int, default=0, help="NVML's index of the GPU")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/metallic-bench"))
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--budget", help=argparse.SUPPRESS)
+    parser.add_argument("--child-budget", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:  # one run; its result as the last line of JSON
-        print(json.dumps(child(args.child, args.budget, args.nvml_index)))
+        print(json.dumps(child(args.child, args.child_budget, args.nvml_index)))
         return 0
     # This process never starts CUDA: each child has the device to itself.
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -221,7 +223,7 @@ def main() -> int:
     if "tokens" not in reference:
         raise SystemExit(f"the all-on-device run did not run: {reference}")
     runs = {}
-    for budget in args.budgets.split(","):
+    for budget in args.budget or ["512M", "1536M", "2G", "3G"]:
         runs[budget] = run_child(path, budget, args.nvml_index)
 
     failures = []
