@@ -1,16 +1,17 @@
 """Does `--gpu-memory 2G` hold the whole process under 2 GiB, as nvidia-smi sees it?
 
-For the synthetic Llama-3-8B Q4_K_M (written on the GPU machine), this process loads the model
-under `memory_budget` (default 2G), runs a 128-token prompt and generates 32 greedy tokens, while
-a thread samples the process's device memory every 50 ms (NVML through pynvml where installed,
-else `nvidia-smi --query-compute-apps`). Checks first that the greedy tokens equal those of an
-all-on-device run (in a child process, so this process holds nothing else), then reports the
-peak process memory against the budget per phase (load, prefill, decode), beside torch's own
-peaks, the plan's split and the memory outside torch's allocator (start-up share, and its growth
-afterwards against the allowance `runtime.budget.KERNEL_MODULE_BYTES`). Prints a table and writes
-JSON to $OUT or benchmarks/results/; exits 1 when the tokens differ or the peak passes the budget.
+For the synthetic Llama-3-8B Q4_K_M (written on the GPU machine), one child process per run (a
+fresh CUDA context each): first all on the device, then one per budget (default 512M, 1536M,
+2G, 3G). Each loads the model, runs a 128-token prompt and 32 greedy tokens while a thread
+samples the process's device memory in NVML every 2 ms (through pynvml; nvidia-smi, slower,
+where it is missing) beside torch's reserved bytes. A budget below the model's minimum must be
+refused with the one-line error; one that runs must give the greedy tokens of the all-on-device
+run and peak within the budget. Prints a table (budget, NVML peak, torch's peaks, the memory
+outside torch, placement, decode tok/s, the plan's split) and writes the details as JSON and a
+record (`benchmarks/common.py`) to $OUT or benchmarks/results/. Exits 1 when a run's tokens
+differ or its peak passes its budget, or when 2G does not run.
 
-    python benchmarks/gpu_budget.py [--budget 2G] [--preset llama3-8b] [--mix Q4_K_M]
+    python benchmarks/gpu_budget.py [--budget 2G ...] [--preset llama3-8b] [--mix Q4_K_M]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -26,25 +28,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from common import out_dir, row, write_record
 
 from metallic.engine.engine import Engine
 from metallic.engine.sampling import SamplingParams
+from metallic.errors import MetallicError
 from metallic.runtime.budget import KERNEL_MODULE_BYTES, held_outside_torch
-from metallic.runtime.placement import MiB, parse_bytes
+from metallic.runtime.placement import parse_bytes
 from metallic.testing.synthetic import write_synthetic_model
 
 PROMPT_TOKENS, GENERATED = 128, 32
-SAMPLE_SECONDS = 0.05
-
-
-def prompt_ids() -> list[int]:
-    gen = torch.Generator().manual_seed(0)
-    return torch.randint(100, 100_000, (PROMPT_TOKENS,), generator=gen).tolist()
-
-
-def greedy(engine: Engine) -> list[int]:
-    params = SamplingParams(temperature=0.0, max_tokens=GENERATED, ignore_eos=True)
-    return [step.token_id for step in engine.generate_tokens(prompt_ids(), params)]
+SAMPLE_SECONDS = 0.002
+MiB = 1 << 20
 
 
 class ProcessMemory:
@@ -105,7 +100,6 @@ class Sampler:
         reserved = torch.cuda.memory_reserved() if torch.cuda.is_initialized() else 0
         self.samples.append(
             {
-                "t": time.perf_counter(),
                 "phase": self.phase,
                 "process": self.memory.used(),
                 "device": self.memory.device_used(),
@@ -114,121 +108,194 @@ class Sampler:
         )
 
 
-def reference_tokens(path: Path) -> list[int]:
-    """All layers on the device, in a child process (its memory is gone when it exits)."""
-    command = [sys.executable, __file__, "--reference", str(path)]
-    child = subprocess.run(command, capture_output=True, text=True)
-    if child.returncode:
-        raise SystemExit(f"the all-on-device reference run failed:\n{child.stderr}")
-    return json.loads(child.stdout.strip().splitlines()[-1])
-
-
 def peak(samples: list[dict], key: str, phase: str | None = None) -> int:
     values = [s[key] for s in samples if s[key] is not None and phase in (None, s["phase"])]
     return max(values, default=0)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", default="2G")
-    parser.add_argument("--preset", default="llama3-8b")
-    parser.add_argument("--mix", default="Q4_K_M")
-    parser.add_argument("--nvml-index", type=int, default=0, help="NVML's index of the GPU")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/metallic-bench"))
-    parser.add_argument("--reference", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.reference is not None:  # the child: all on device, tokens as JSON
-        print(json.dumps(greedy(Engine(args.reference, context_size=4096))))
-        return 0
-    if not torch.cuda.is_available():
-        print("gpu_budget: needs a CUDA device", file=sys.stderr)
-        return 2
-    budget = parse_bytes(args.budget)
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    path = args.workdir / f"{args.preset}-{args.mix}.gguf"
-    if not path.exists():
-        write_synthetic_model(path, args.preset, args.mix)
-    reference = reference_tokens(path)
-
-    memory = ProcessMemory(args.nvml_index)
+def child(path: Path, budget: str | None, nvml_index: int) -> dict:
+    """One run in this process: load under `budget` (None: all on the device), prompt and
+    greedy tokens, NVML sampled throughout."""
+    memory = ProcessMemory(nvml_index)
     device_before = memory.device_used()  # before this process has a CUDA context
     sampler = Sampler(memory)
     thread = threading.Thread(target=sampler.run, daemon=True)
     thread.start()
-    began = time.perf_counter()
+    result: dict = {"gpu": torch.cuda.get_device_name(), "budget": budget, "source": memory.source}
     sampler.phase = "load"
+    began = time.perf_counter()
     outside_at_start = held_outside_torch(torch.device("cuda"))  # what the engine measures
-    engine = Engine(path, context_size=4096, memory_budget=budget)
-    load_s = time.perf_counter() - began
+    try:
+        engine = Engine(path, context_size=4096, memory_budget=budget)
+    except MetallicError as err:
+        sampler.stop.set()
+        thread.join()
+        return result | {"refused": str(err), "outside_at_start": outside_at_start}
+    result["load_s"] = time.perf_counter() - began
     sampler.phase = "prefill+decode"
-    tokens = greedy(engine)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(100, 100_000, (PROMPT_TOKENS,), generator=gen).tolist()
+    params = SamplingParams(temperature=0.0, max_tokens=GENERATED, ignore_eos=True)
+    tokens, arrived = [], []
+    began = time.perf_counter()
+    try:
+        for step in engine.generate_tokens(prompt, params):
+            tokens.append(step.token_id)
+            arrived.append(time.perf_counter())
+    except MetallicError as err:  # e.g. a step the budget could not hold
+        result["failed"] = str(err)
     torch.cuda.synchronize()
     sampler.phase = "end"
     sampler.stop.set()
     thread.join()
+    if "failed" in result:
+        return result | {"nvml_peak": peak(sampler.samples, "process")}
 
     samples = sampler.samples
-    plan = engine.plan
-    assert plan is not None
     outside = [s["process"] - s["torch_reserved"] for s in samples if s["process"] is not None]
-    process_peak = peak(samples, "process")
-    device_peak = peak(samples, "device")
-    result = {
-        "gpu": torch.cuda.get_device_name(),
-        "model": f"{args.preset} {args.mix}",
-        "budget": budget,
-        "source": memory.source,
-        "greedy_equal": tokens == reference,
-        "process_peak": process_peak,
-        "process_peak_by_phase": {
+    plan = engine.plan
+    result |= {
+        "tokens": tokens,
+        "prefill_s": arrived[0] - began,
+        # From the second decode step on: the first captures its graph.
+        "decode_tok_s": (len(arrived) - 2) / (arrived[-1] - arrived[1]),
+        "nvml_peak": peak(samples, "process"),
+        "nvml_peak_by_phase": {
             phase: peak(samples, "process", phase) for phase in ("load", "prefill+decode", "end")
         },
-        "device_growth_peak": device_peak - device_before if device_before is not None else None,
-        "torch_allocated_peak": torch.cuda.max_memory_allocated(),
-        "torch_reserved_peak": torch.cuda.max_memory_reserved(),
-        "outside_torch_at_start": outside_at_start,
-        "outside_torch_peak": max(outside, default=0),
-        "outside_torch_growth": max(outside, default=0) - outside_at_start,
-        "kernel_module_allowance": KERNEL_MODULE_BYTES,
-        "plan": {
-            "weights": plan.weight_bytes,
-            "kv_cache": plan.kv_bytes,
-            "reserve": plan.reserve_bytes,
-            "layers_streamed": len(plan.host_layers),
-        },
-        "load_s": load_s,
+        "device_growth_peak": (
+            peak(samples, "device") - device_before if device_before is not None else None
+        ),
         "samples": len(samples),
-        "tokens": tokens,
+        "torch_reserved_peak": torch.cuda.max_memory_reserved(),
+        "torch_allocated_peak": torch.cuda.max_memory_allocated(),
+        "outside_at_start": outside_at_start,
+        "outside_peak": max(outside, default=0),
+        "kernel_module_allowance": KERNEL_MODULE_BYTES,
+        "placement": engine.stats()["placement"],
+        "max_num_seqs": engine.scheduler.max_num_seqs,
     }
-    within = process_peak <= budget
+    if plan is not None:
+        result["plan"] = {
+            "describe": plan.describe(),
+            "weights": dict(plan.weight_parts()),
+            "kv_cache": plan.kv_bytes,
+            "reserve": dict(plan.reserve),
+            "host_embedding": plan.host_fixed_bytes,
+        }
+    return result
 
-    def mib(n: int | None) -> str:
-        return "-" if n is None else f"{n / MiB:.0f}"
 
-    print(f"\n{result['gpu']}, {result['model']}, --gpu-memory {args.budget} ({mib(budget)} MiB)")
-    print(f"greedy tokens equal to all-on-device: {result['greedy_equal']}")
-    print(f"{'what':<44}{'MiB':>8}")
+def run_child(path: Path, budget: str | None, nvml_index: int) -> dict:
+    command = [sys.executable, __file__, "--child", str(path), "--nvml-index", str(nvml_index)]
+    command += ["--child-budget", budget] if budget else []
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"the run under {budget or 'no budget'} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def mib(n: float | None) -> str:
+    return "-" if n is None else f"{n / MiB:,.0f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--budget", action="append", default=[], help="repeatable (default 512M 1536M 2G 3G)"
+    )
+    parser.add_argument("--preset", default="llama3-8b")
+    parser.add_argument("--mix", default="Q4_K_M")
+    parser.add_argument("--nvml-index", type=int, default=0, help="NVML's index of the GPU")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/metallic-bench"))
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--child-budget", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:  # one run; its result as the last line of JSON
+        print(json.dumps(child(args.child, args.child_budget, args.nvml_index)))
+        return 0
+    # This process never starts CUDA: each child has the device to itself.
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    path = args.workdir / f"{args.preset}-{args.mix}.gguf"
+    if not path.exists():
+        write_synthetic_model(path, args.preset, args.mix)
+    reference = run_child(path, None, args.nvml_index)
+    if "tokens" not in reference:
+        raise SystemExit(f"the all-on-device run did not run: {reference}")
+    runs = {}
+    for budget in args.budget or ["512M", "1536M", "2G", "3G"]:
+        runs[budget] = run_child(path, budget, args.nvml_index)
+
+    failures = []
+    print(f"\n{reference['gpu']}, {args.preset} {args.mix}, {reference['source']} every ~2 ms")
+    head = ("budget", "NVML peak", "torch res.", "torch alloc.", "outside", "layers", "seqs")
+    print("".join(f"{h:>13}" for h in head) + f"{'tok/s':>8}{'greedy=':>9}")
+    for label, r in [("none", reference), *runs.items()]:
+        if "refused" in r or "failed" in r:
+            outcome, message = (
+                ("refused", r["refused"]) if "refused" in r else ("FAILED", r["failed"])
+            )
+            if outcome == "FAILED":
+                failures.append(f"{label}: {message}")
+            print(f"{label:>13}  {outcome}: {message}")
+            continue
+        place = r["placement"]
+        layers = (
+            f"{place['layers_on_device']}/{place['layers_on_device'] + place['layers_streamed']}"
+        )
+        equal = r["tokens"] == reference["tokens"]
+        cells = (
+            label, mib(r["nvml_peak"]), mib(r["torch_reserved_peak"]),
+            mib(r["torch_allocated_peak"]), mib(r["outside_peak"]), layers, r["max_num_seqs"],
+        )  # fmt: skip
+        print("".join(f"{c:>13}" for c in cells) + f"{r['decode_tok_s']:>8.1f}{equal!s:>9}")
+        if label != "none":
+            budget = parse_bytes(label)
+            if not equal:
+                failures.append(f"{label}: greedy tokens differ from the all-on-device run")
+            if r["nvml_peak"] > budget:
+                failures.append(f"{label}: NVML peak {mib(r['nvml_peak'])} MiB passes the budget")
+    for label, r in runs.items():
+        if "plan" in r:
+            print(f"plan at {label}: {r['plan']['describe']}")
+    if "refused" in runs.get("2G", {}):
+        failures.append("2G was refused")
+
+    peak_mib = reference["nvml_peak"] / MiB
     rows = [
-        (f"process peak ({memory.source}, {len(samples)} samples)", process_peak),
-        *((f"  during {phase}", value) for phase, value in result["process_peak_by_phase"].items()),
-        ("device-wide growth peak (NVML)", result["device_growth_peak"]),
-        ("torch allocated peak", result["torch_allocated_peak"]),
-        ("torch reserved peak", result["torch_reserved_peak"]),
-        ("outside torch at start-up (measured)", outside_at_start),
-        ("outside torch peak", result["outside_torch_peak"]),
-        ("  growth after start-up (allowance below)", result["outside_torch_growth"]),
-        ("kernel module allowance", KERNEL_MODULE_BYTES),
-        (f"plan: weights ({len(plan.host_layers)} layers streamed)", plan.weight_bytes),
-        ("plan: KV cache", plan.kv_bytes),
-        ("plan: reserve (activations, runtime, context)", plan.reserve_bytes),
+        row(args.preset, "all-on-device-process-peak-nvml", "metallic", peak_mib, "MiB"),
+        row(args.preset, "all-on-device-decode", "metallic", reference["decode_tok_s"], "tok/s"),
     ]
-    for label, value in rows:
-        print(f"{label:<44}{mib(value):>8}")
-    print(f"peak within the budget: {within}")
-    out = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "results")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_budget.json").write_text(json.dumps(result, indent=1))
-    return 0 if within and result["greedy_equal"] else 1
+    for label, r in runs.items():
+        test = f"gpu-memory-{label}"
+        if "refused" in r:  # the minimum it names, or what the context alone holds
+            for pattern, what in (
+                (r"needs at least (\d+) MiB", "refused-minimum"),
+                (r"alone hold (\d+) MiB", "refused-context-and-libraries"),
+            ):
+                if found := re.search(pattern, r["refused"]):
+                    value = float(found.group(1))
+                    rows.append(row(args.preset, f"{test}-{what}", "metallic", value, "MiB"))
+            continue
+        if "failed" in r:
+            continue
+        for what, value in (
+            ("process-peak-nvml", r["nvml_peak"]),
+            ("budget", parse_bytes(label)),
+            ("torch-reserved-peak", r["torch_reserved_peak"]),
+            ("torch-allocated-peak", r["torch_allocated_peak"]),
+            ("outside-torch-at-start", r["outside_at_start"]),
+            ("outside-torch-peak", r["outside_peak"]),
+        ):
+            rows.append(row(args.preset, f"{test}-{what}", "metallic", value / MiB, "MiB"))
+        rows.append(row(args.preset, f"{test}-decode", "metallic", r["decode_tok_s"], "tok/s"))
+    (out_dir() / "gpu_budget.json").write_text(
+        json.dumps({"reference": reference, "runs": runs, "failures": failures}, indent=1)
+    )
+    print(f"record: {write_record('budget', reference['gpu'], rows)}")
+    for failure in failures:
+        print(f"FAILED: {failure}")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -157,6 +157,7 @@ class Engine:
         self.plan, self.memory, self.staging = loaded.plan, loaded.memory, loaded.staging
         self.residency, self.model = loaded.residency, loaded.model
         self.context_size = loaded.context_size
+        max_num_seqs = loaded.max_seqs  # a device budget may admit fewer
         layout, scratch = loaded.layout, loaded.kv_sizes.scratch
         self._kv_sizes = loaded.kv_sizes
         most = loaded.kv_sizes.most(max_num_seqs)
@@ -183,6 +184,7 @@ class Engine:
             cuda_graphs,
             lambda: self.residency.version,
             uploads,
+            budgeted=self.plan is not None and self.plan.budget is not None,
         )
         self.last_stats = GenerationStats()
         self.step_times = StepTimes()

@@ -12,12 +12,18 @@ captured per key-count bound, single prompt chunks padded to a bucket of tokens.
 a filler sequence that writes its keys into the scratch blocks. Mixed steps (several prompts, or
 prompts beside decodes) run eagerly. A graph is captured on first use with a log line, and again
 when anything it baked in moved (the KV pools were resized, layers moved, the pool compacted).
+
+Under a device budget prompt chunks run eagerly, still padded to their bucket (the same kernels,
+so the same numbers): a captured chunk would keep its activations in the graphs' memory pool,
+beside the eager steps' own in torch's cache, and the budget would pay for a step twice. A step
+that the budget cannot hold fails with a one-line error.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +32,7 @@ from metallic.engine.blocks import BlockManager
 from metallic.engine.sampling import Sampler
 from metallic.engine.scheduler import Chunk, Step
 from metallic.engine.sequence import PENDING, Sequence
+from metallic.errors import MetallicError
 from metallic.models.kv_store import KVStore
 from metallic.models.transformer import Transformer
 from metallic.runtime.batch import SequenceChunk, StepBatch
@@ -35,6 +42,33 @@ from metallic.runtime.transfer import PinnedRing
 MIN_KEY_BOUND = 256  # the smallest key-count bound of a step (see key_bound)
 
 log = logging.getLogger("metallic")
+
+
+class StepOutOfMemory(MetallicError):
+    """A step needed more device memory than the budget leaves torch."""
+
+
+@contextmanager
+def _device_memory_errors() -> Iterator[None]:
+    """torch's out-of-memory error (a device budget caps its allocator) as a one-line error."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise StepOutOfMemory(
+            "a step needed more device memory than the device budget leaves it (raise "
+            "--gpu-memory, or run fewer sequences or shorter prompts at once)"
+        ) from None
+
+
+def decode_graph_rows(n_seqs: int, context_size: int) -> int:
+    """Logit rows that captured decode graphs keep as their outputs, for steps of up to
+    `n_seqs` sequences: a graph per power-of-two batch and per key-count bound (see
+    `ModelRunner.key_bound`), each holding a row per sequence of its batch."""
+    bounds, bound = 1, MIN_KEY_BOUND
+    while bound < context_size:
+        bound *= 2
+        bounds += 1
+    return bounds * (2 * (1 << (n_seqs - 1).bit_length()) - 1)
 
 
 @dataclass
@@ -72,10 +106,12 @@ class ModelRunner:
         cuda_graphs: bool,
         version: Callable[[], object],
         uploads: PinnedRing,
+        budgeted: bool = False,
     ) -> None:
         """`prefill_bucket(n)`: the token count a captured prompt chunk of n tokens is padded
         to; `version()`: changes when weights moved (graphs recapture); `uploads`: the pinned
-        buffers of per-step uploads (shared with the sampler)."""
+        buffers of per-step uploads (shared with the sampler); `budgeted`: a device budget
+        holds the process (prompt chunks run eagerly)."""
         self.model = model
         self.store = store
         self.blocks = blocks
@@ -86,6 +122,7 @@ class ModelRunner:
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.version = version
         self.uploads = uploads
+        self.budgeted = budgeted
         self.downloads = PinnedRing(self.device)
         self.graphs: StepGraphs | None = None
         self._graphs_key: object = None
@@ -101,20 +138,21 @@ class ModelRunner:
 
     def launch(self, step: Step, previous: Launched | None) -> Launched:
         """Queue `step` on the device: batch, forward, sampling, and the copy of the ids."""
-        batch, graphed = self.prepare(step.chunks, previous)
-        logits = self.execute(batch, graphed)
         rows = [i for i, c in enumerate(step.chunks) if c.samples]
         sampled = [(step.chunks[i].seq, len(step.chunks[i].seq.token_ids)) for i in rows]
-        if len(rows) != logits.shape[0]:  # filler rows, or chunks that do not sample yet
-            logits = logits[self.uploads.upload(rows)]
-        seq_ids = [seq.seq_id for seq, _ in sampled]
-        tokens = self.sampler.sample(logits, seq_ids) if rows else logits.new_empty(0).long()
         logprob_rows = [i for i, (seq, _) in enumerate(sampled) if seq.logprobs is not None]
         top_k = max((sampled[i][0].logprobs or 0 for i in logprob_rows), default=0)
-        parts = [tokens.double()]  # ids and log-probabilities travel in one copy
-        if logprob_rows:
-            parts.append(self._logprobs(logits, tokens, logprob_rows, top_k).reshape(-1))
-        host, ready = self.downloads.download(torch.cat(parts))
+        with _device_memory_errors():
+            batch, graphed = self.prepare(step.chunks, previous)
+            logits = self.execute(batch, graphed)
+            if len(rows) != logits.shape[0]:  # filler rows, or chunks that do not sample yet
+                logits = logits[self.uploads.upload(rows)]
+            seq_ids = [seq.seq_id for seq, _ in sampled]
+            tokens = self.sampler.sample(logits, seq_ids) if rows else logits.new_empty(0).long()
+            parts = [tokens.double()]  # ids and log-probabilities travel in one copy
+            if logprob_rows:
+                parts.append(self._logprobs(logits, tokens, logprob_rows, top_k).reshape(-1))
+            host, ready = self.downloads.download(torch.cat(parts))
         for row, (seq, index) in enumerate(sampled):
             seq.token_ids.append(PENDING)
             seq.pending_row = row
@@ -169,6 +207,7 @@ class ModelRunner:
                 seq_chunks.append(SequenceChunk(0, [0] * filler, scratch))
             width = -(-self.context_size // bs)
             bound = 0  # a prompt chunk's graph serves every context length
+            graphed = not self.budgeted  # padded all the same: the kernels of the graph
         else:
             graphed = False
         batch = StepBatch.build(
@@ -203,7 +242,9 @@ class ModelRunner:
         # A profiler's timing events are part of the graphs captured while it is attached.
         key = (self.store.generation, self.version(), self.model.profiler)
         if self.graphs is None or key != self._graphs_key:
-            self.graphs = StepGraphs(lambda b: self.model.forward(b, self.store))
+            self.graphs = StepGraphs(
+                lambda b: self.model.forward(b, self.store), release_cache=self.budgeted
+            )
             self._graphs_key = key
         logits = self.graphs.run(batch)
         self.model.profiler.replayed(logits, batch)
@@ -214,4 +255,5 @@ class ModelRunner:
         (teacher forcing); the sequence holds the blocks."""
         chunk = SequenceChunk(start, seq.token_ids[start:end], seq.tables)
         batch = StepBatch.build([chunk], self.device, max_keys=self.key_bound(end))
-        return self.model.forward(batch, self.store, every_row=True)
+        with _device_memory_errors():
+            return self.model.forward(batch, self.store, every_row=True)

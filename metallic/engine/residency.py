@@ -2,10 +2,12 @@
 
 Every device part of the model (each layer, and the non-layer weights) is packed into one block
 of the typed memory pool as it loads. Layers the memory plan leaves on the host are packed into
-pinned host buffers and streamed one layer ahead of compute (`runtime/streaming.py`). Under a
-device budget the residency policy (`runtime/placement.py`) moves the coldest layers to the host
-when the KV cache must grow, and back once it shrinks; the engine asks at safe points only
-(between steps), and every move or compaction changes `version`, so captured graphs recapture.
+pinned host buffers and streamed one layer ahead of compute (`runtime/streaming.py`); an
+embedding the plan leaves on the host is packed into one too, and the GPU reads its tokens' rows
+there (`kernels/host_rows.py`). Under a device budget the residency policy
+(`runtime/placement.py`) moves the coldest layers to the host when the KV cache must grow, and
+back once it shrinks; the engine asks at safe points only (between steps), and every move or
+compaction changes `version`, so captured graphs recapture.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from metallic.models.weights import (
     ModelWeights,
     Part,
     formats,
+    linear_tensors,
     tensors_of,
     with_tensors,
 )
@@ -47,6 +50,8 @@ class Residency:
         self.packed: dict[str, PackedLayer] = {}  # their layouts, to re-read a moved block
         self.slot_blocks: list[Block] = []
         self.host_layers: dict[int, PackedLayer] = {}
+        self.host_embedding: PackedLayer | None = None
+        self._on_host_mask: list[bool] = []  # which non-layer tensors the host buffer holds
         self.moves = 0  # layers moved either way; part of what a captured graph depends on
 
     @property
@@ -64,7 +69,30 @@ class Residency:
             return part
         if isinstance(part, LayerWeights) and self.on_host(int(name.split(".")[1])):
             return part
+        if isinstance(part, ModelWeights) and self.plan is not None and self.plan.host_fixed_bytes:
+            return self._adopt_with_host_embedding(part, name)
         return self._to_pool(part, name)
+
+    def _adopt_with_host_embedding(self, part: ModelWeights, name: str) -> ModelWeights:
+        """The non-layer weights in a pool block, but for the embedding's tensors: those go
+        to one pinned host buffer (a step reads a few of its rows across PCIe)."""
+        tensors = tensors_of(part)
+        embedding = {id(t) for t in linear_tensors(part.embedding)}
+        self._on_host_mask = [id(t) in embedding for t in tensors]
+        host = [t for t, h in zip(tensors, self._on_host_mask, strict=True) if h]
+        device = [t for t, h in zip(tensors, self._on_host_mask, strict=True) if not h]
+        self.host_embedding = pack(host, torch.device("cpu"), pin=self.device.type == "cuda")
+        self._fill_block(name, device, formats(part))
+        return with_tensors(part, self._fixed_tensors())
+
+    def _fixed_tensors(self) -> list[torch.Tensor]:
+        """The non-layer weights' tensors, from their pool block and (when the embedding is
+        on the host) its host buffer, in `tensors_of` order."""
+        device = iter(self.packed["output"].tensors())
+        if self.host_embedding is None:
+            return list(device)
+        host = iter(self.host_embedding.tensors())
+        return [next(host) if h else next(device) for h in self._on_host_mask]
 
     def install(self, model: Transformer) -> None:
         """Pack the plan's host layers and stream them to `model` from now on."""
@@ -75,15 +103,17 @@ class Residency:
 
     def _to_pool(self, part: Part, name: str, tensors: list[torch.Tensor] | None = None) -> Part:
         """`part` reading its `tensors` (default: its own) from one new pool block."""
-        assert self.memory is not None
         tensors = tensors_of(part) if tensors is None else tensors
+        return with_tensors(part, self._fill_block(name, tensors, formats(part)).tensors())
+
+    def _fill_block(self, name: str, tensors: list[torch.Tensor], quant: str) -> PackedLayer:
+        """`tensors` packed into one new pool block of the weights kind, named `name`."""
+        assert self.memory is not None
         size = packed_size(tensors)
-        block = self.memory.allocate(
-            "weights", (size,), torch.uint8, quant=formats(part), name=name
-        )
+        block = self.memory.allocate("weights", (size,), torch.uint8, quant=quant, name=name)
         self.blocks[name] = block
         self.packed[name] = pack(tensors, self.device, out=block.tensor)
-        return with_tensors(part, self.packed[name].tensors())
+        return self.packed[name]
 
     def _pack_host(self, layer: int) -> PackedLayer:
         """Layer `layer`'s tensors in one host buffer (pinned for asynchronous copies)."""
@@ -188,12 +218,11 @@ class Residency:
         layers = self.model.weights.layers
         for name, block in self.blocks.items():
             self.packed[name] = replace(self.packed[name], buffer=block.tensor)
-            tensors = self.packed[name].tensors()
             if name == "output":  # the non-layer weights; the layer list stays the same
-                self.model.weights = with_tensors(self.model.weights, tensors)
+                self.model.weights = with_tensors(self.model.weights, self._fixed_tensors())
             else:
                 i = int(name.split(".")[1])
-                layers[i] = with_tensors(layers[i], tensors)
+                layers[i] = with_tensors(layers[i], self.packed[name].tensors())
         streamer = self.model.streamer
         if streamer is not None:
             streamer.slots = [block.tensor for block in self.slot_blocks]
@@ -218,6 +247,7 @@ class Residency:
             "layers_on_device": n_layers - len(self.host_layers),
             "layers_streamed": len(self.host_layers),
             "host_bytes": streamer.host_bytes if streamer else 0,  # what every step copies
+            "host_embedding_bytes": self.host_embedding.nbytes if self.host_embedding else 0,
             "stream_slot_bytes": streamer.device_bytes if streamer else 0,
         }
         if self.policy is not None:

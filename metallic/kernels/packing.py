@@ -122,11 +122,27 @@ def prepare_weight(
 
 
 def gather_rows(weight: PackedWeight, rows: torch.Tensor) -> PackedWeight:
-    """The matrix made of ``rows`` of ``weight``, still in blocks (every plane is [N, ...]): an
-    embedding lookup reads only its tokens' blocks, and `dequantize_gpu` widens just those."""
+    """The matrix made of ``rows`` of ``weight``, still in blocks (every plane is [N, ...]), on
+    the rows' device: an embedding lookup reads only its tokens' blocks, and `dequantize_gpu`
+    widens just those. A weight in pinned host memory (under a device budget) is read there by
+    the GPU (`host_rows`)."""
+
+    def pick(plane: torch.Tensor) -> torch.Tensor:
+        if plane.device == rows.device:
+            return plane[rows]
+        from metallic.kernels.host_rows import gather_host_rows
+
+        return gather_host_rows(plane, rows)
+
     if weight.ggml_type in (T.Q4_K, T.Q5_K):  # one byte plane seen as words and as f16
-        words = weight.planes[0][rows]
+        words = pick(weight.planes[0])
         planes: tuple[torch.Tensor, ...] = (words, words.view(torch.float16))
     else:
-        planes = tuple(p[rows] for p in weight.planes)
+        planes = tuple(pick(p) for p in weight.planes)
     return PackedWeight(weight.ggml_type, rows.shape[0], weight.k, planes)
+
+
+def row_slice(weight: PackedWeight, start: int, end: int) -> PackedWeight:
+    """Rows [start, end) of ``weight``: views, since every plane is [N, ...] row-major."""
+    planes = tuple(p[start:end] for p in weight.planes)
+    return PackedWeight(weight.ggml_type, end - start, weight.k, planes)

@@ -16,6 +16,7 @@ from metallic.gguf.config import ModelConfig
 from metallic.models.kv_store import KVStore
 from metallic.models.weights import LayerWeights, ModelWeights
 from metallic.ops import RopeTable, apply_rope, embed, gated_activation, linear, rms_norm
+from metallic.ops.linear import LinearWeight
 from metallic.ops.rope import RopeStep
 from metallic.runtime.batch import StepBatch
 from metallic.runtime.memory import MemoryPool
@@ -38,6 +39,9 @@ class Transformer:
         self.act_dtype = act_dtype
         self.streamer: LayerStreamer | None = None  # set when some layers live on the host
         self.profiler: Hooks = OFF  # marks each op's start for a profiler (runtime/profiler.py)
+        # The most bytes one product widens a native matrix into at once (a device budget sets
+        # it; ops.linear then widens large matrices a slice at a time).
+        self.widen_limit: int | None = None
         # One RoPE table per distinct base (gemma3: local and global), shared by its layers.
         self.layer_rope_base = [config.layer_rope_base(i) for i in range(config.n_layers)]
         self.rope = {
@@ -98,9 +102,12 @@ class Transformer:
         # (8 bits of mantissa) would turn near-ties into exact ties that greedy breaks blindly.
         h = self._norm(delta, delta_norm, x, self.weights.output_norm, torch.float32)
         profiler.mark("output")
-        logits = linear(h, self.weights.output).float()
+        logits = self._linear(h, self.weights.output).float()
         profiler.end(logits)
         return logits
+
+    def _linear(self, x: torch.Tensor, weight: LinearWeight) -> torch.Tensor:
+        return linear(x, weight, self.widen_limit)
 
     def _norm(
         self,
@@ -132,7 +139,7 @@ class Transformer:
         half's output with its post-norm weight (both applied by the next norm)."""
         c, mark = self.config, self.profiler.mark
         mark("qkv", i)
-        q, k, v = linear(h, w.qkv).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        q, k, v = self._linear(h, w.qkv).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
         q = q.view(-1, c.n_heads, c.head_dim)
         k = k.view(-1, c.n_kv_heads, c.head_dim)
         v = v.view(-1, c.n_kv_heads, c.head_dim)
@@ -145,15 +152,15 @@ class Transformer:
         mark("attention", i)
         out = cache.attend(i, q, k, v, batch, c.softmax_scale, window)
         mark("attn_out", i)
-        a = linear(out.view(-1, c.q_size), w.o)
+        a = self._linear(out.view(-1, c.q_size), w.o)
         mark("ffn_norm", i)
         h = self._norm(a, w.post_attn_norm, x, w.ffn_norm)
         mark("gate_up", i)
-        gate_up = linear(h, w.gate_up)
+        gate_up = self._linear(h, w.gate_up)
         mark("activation", i)
         act = gated_activation(gate_up, None, c.activation)
         mark("down", i)
-        return linear(act, w.down), w.post_ffn_norm
+        return self._linear(act, w.down), w.post_ffn_norm
 
 
 def _pooled(memory: MemoryPool, t: torch.Tensor, name: str) -> torch.Tensor:
@@ -162,16 +169,21 @@ def _pooled(memory: MemoryPool, t: torch.Tensor, name: str) -> torch.Tensor:
     return block.tensor.copy_(t)
 
 
-def step_memory_bound(
-    config: ModelConfig, act_dtype: torch.dtype, n_tokens: int, n_seqs: int, widen: bool
-) -> int:
-    """A bound on one step's transient device bytes for `n_tokens` rows of `n_seqs` sequences:
-    the activations (with 2x slack for the allocator), each sequence's f32 logits and their
-    sampling copies, and, when native matrices are widened for a prefill (`widen`), the widest
-    stacked matrix in `act_dtype`. A memory plan reserves this much."""
+def activation_bytes(config: ModelConfig, act_dtype: torch.dtype, n_tokens: int) -> int:
+    """A bound on the activations of one step of `n_tokens` rows: the f32 residual stream and a
+    block's output, and each product's input and output in `act_dtype`, with 2x slack for the
+    allocator."""
     c, size = config, act_dtype.itemsize
-    per_row = 4 * c.hidden_size * 2  # the f32 residual stream and a block's output
+    per_row = 4 * c.hidden_size * 2
     per_row += size * (c.hidden_size + c.q_size + 2 * c.kv_size + c.q_size + 3 * c.ffn_size)
-    rows = 2 * n_tokens * per_row + n_seqs * 4 * c.vocab_size * 4
-    widest = 2 * c.ffn_size * c.hidden_size * size if widen else 0
-    return rows + widest
+    return 2 * n_tokens * per_row
+
+
+def widened_bytes(config: ModelConfig, act_dtype: torch.dtype) -> int:
+    """The most one product widens a native matrix into (ops.linear's dequantize path, for many
+    rows): the stacked gate|up matrix in `act_dtype`, or the output matrix in f32 (its input
+    is f32), whichever is larger."""
+    c = config
+    return max(
+        2 * c.ffn_size * c.hidden_size * act_dtype.itemsize, c.vocab_size * c.hidden_size * 4
+    )

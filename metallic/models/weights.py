@@ -74,6 +74,13 @@ def tensors_of(part: LayerWeights | ModelWeights) -> list[torch.Tensor]:
     return found
 
 
+def linear_tensors(weight: LinearWeight) -> list[torch.Tensor]:
+    """The tensors of one matrix (its native planes, or dense values; and bias), the same
+    objects `tensors_of` lists for the part that holds it."""
+    planes = [plane for packed in weight.native or () for plane in packed.planes]
+    return [*planes, *(t for t in (weight.dense, weight.bias) if t is not None)]
+
+
 def with_tensors(part: Part, tensors: list[torch.Tensor]) -> Part:
     """`part` with its tensors replaced, in `tensors_of` order, by `tensors` (views of the same
     values elsewhere: a memory-pool block, a streaming slot, or a host buffer)."""
@@ -263,6 +270,15 @@ def estimate_bytes(
     return fixed, layers
 
 
+def host_embedding_bytes(gguf: GGUFFile, native: bool) -> int:
+    """Bytes of an embedding matrix that a device budget can leave in host memory (where the GPU
+    reads its rows): one the kernels read natively and the output does not share; else 0."""
+    info = gguf.tensor("token_embd.weight")
+    if native and "output.weight" in gguf.tensors and info.ggml_type in _kernel_types():
+        return info.n_bytes
+    return 0
+
+
 def load_weights(
     gguf: GGUFFile,
     config: ModelConfig,
@@ -275,6 +291,7 @@ def load_weights(
     staging: StagingRing | None = None,
     on_host: Callable[[int], bool] = lambda _: False,
     adopt: Callable[[str, Any], Any] = lambda _, part: part,
+    build_on_host: bool = False,
 ) -> ModelWeights:
     """Build every layer's weights; `progress(done, total)` is called after each layer.
 
@@ -283,9 +300,12 @@ def load_weights(
     `on_host(i)` holds stay in host memory (to be packed for streaming). `adopt(name, part)` is
     handed the non-layer weights ("output", a ModelWeights without layers) and then each layer
     ("blk.N") as soon as it is built, and returns what to keep (e.g. a copy in a memory pool),
-    so at most one part exists twice at a time."""
-    load = device_load = WeightLoader(gguf, device, dtype, native, staging)
+    so at most one part exists twice at a time. `build_on_host` builds every part in host
+    memory, for `adopt` to copy where it belongs: the device then never holds a part twice (a
+    device budget's choice: the 8B's non-layer part alone is 693 MiB)."""
+    device_load = WeightLoader(gguf, device, dtype, native, staging)
     host_load = WeightLoader(gguf, torch.device("cpu"), dtype, native)
+    load = host_load if build_on_host and device.type != "cpu" else device_load
     c = config
     total = c.n_layers + 1
     tied = not load.has("output.weight")
@@ -297,7 +317,7 @@ def load_weights(
     fixed = ModelWeights(
         embedding=embedding,
         output=output,
-        output_norm=device_load.vector("output_norm.weight"),
+        output_norm=load.vector("output_norm.weight"),
         layers=[],
         rope_freqs=rope_freqs,
     )
@@ -308,7 +328,7 @@ def load_weights(
     layers = []
     for i in range(c.n_layers):
         p = f"blk.{i}."
-        load = host_load if on_host(i) and device.type != "cpu" else device_load
+        load = host_load if (on_host(i) or build_on_host) and device.type != "cpu" else device_load
 
         def bias(kind: str, prefix: str = p) -> str | None:
             return f"{prefix}attn_{kind}.bias" if c.qkv_bias else None

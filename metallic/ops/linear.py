@@ -65,8 +65,9 @@ def stack(parts: Sequence[LinearWeight]) -> LinearWeight:
     )
 
 
-def linear(x: torch.Tensor, weight: LinearWeight) -> torch.Tensor:
-    """`x @ W.T + b` with x [..., in]; the result keeps x's dtype."""
+def linear(x: torch.Tensor, weight: LinearWeight, widen_limit: int | None = None) -> torch.Tensor:
+    """`x @ W.T + b` with x [..., in]; the result keeps x's dtype. `widen_limit`: the most
+    bytes a native matrix may be widened into at once (see `_native_linear`)."""
     if weight.dense is not None:
         w = weight.dense
         rows = x.numel() // x.shape[-1]
@@ -75,7 +76,8 @@ def linear(x: torch.Tensor, weight: LinearWeight) -> torch.Tensor:
         else:
             out = F.linear(x.to(w.dtype), w)
     else:
-        out = _native_linear(x.reshape(-1, weight.in_features), weight.native or ())
+        rows = x.reshape(-1, weight.in_features)
+        out = _native_linear(rows, weight.native or (), widen_limit)
         out = out.view(*x.shape[:-1], weight.out_features)
     if weight.bias is not None:
         out = out + weight.bias.to(out.dtype)
@@ -119,20 +121,28 @@ def native_path(m: int, parts: Sequence[PackedWeight], dtype: torch.dtype = torc
     return "fused" if fuses(m, sum(p.nbytes for p in parts), dtype) else "dequantize"
 
 
-def _native_linear(rows: torch.Tensor, parts: tuple[PackedWeight, ...]) -> torch.Tensor:
-    """rows [M, in] times the stacked parts, by native_path."""
+def _native_linear(
+    rows: torch.Tensor, parts: tuple[PackedWeight, ...], widen_limit: int | None = None
+) -> torch.Tensor:
+    """rows [M, in] times the stacked parts, by native_path. Where the dequantize path would
+    widen more than `widen_limit` bytes, it widens slices of rows of at most that size in turn
+    (a device budget bounds the scratch: the 8B's output matrix in f32 is 2 GiB)."""
     from metallic.kernels import dequantize_gpu, quant_matmul
     from metallic.kernels.quant_gemv import gemv, quantize_x
 
     n_total = sum(p.n for p in parts)
     path = native_path(rows.shape[0], parts, rows.dtype)
-    if path == "dequantize":
+    row_bytes = rows.shape[1] * rows.element_size()
+    if path == "dequantize" and (widen_limit is None or n_total * row_bytes <= widen_limit):
         dense = torch.empty(n_total, rows.shape[1], dtype=rows.dtype, device=rows.device)
         first = 0
         for p in parts:
             dequantize_gpu(p, p.ggml_type, p.n, p.k, out=dense[first : first + p.n])
             first += p.n
         return rows @ dense.T
+    if path == "dequantize":
+        assert widen_limit is not None
+        return _sliced_linear(rows, parts, max(1, widen_limit // row_bytes))
     out = torch.empty(rows.shape[0], n_total, dtype=rows.dtype, device=rows.device)
     x8 = quantize_x(rows[0]) if path == "dp4a" else None
     first = 0
@@ -142,6 +152,27 @@ def _native_linear(rows: torch.Tensor, parts: tuple[PackedWeight, ...]) -> torch
             gemv(x8, p, cols)
         else:
             quant_matmul(rows, p, p.ggml_type, p.n, p.k, out=cols)
+        first += p.n
+    return out
+
+
+def _sliced_linear(rows: torch.Tensor, parts: tuple[PackedWeight, ...], step: int) -> torch.Tensor:
+    """rows [M, in] times the stacked parts, widening at most `step` rows of a part at a time
+    into one reused scratch matrix."""
+    from metallic.kernels import dequantize_gpu
+    from metallic.kernels.packing import row_slice
+
+    out = torch.empty(rows.shape[0], sum(p.n for p in parts), dtype=rows.dtype, device=rows.device)
+    scratch = torch.empty(
+        min(step, max(p.n for p in parts)), rows.shape[1], dtype=rows.dtype, device=rows.device
+    )
+    first = 0
+    for p in parts:
+        for start in range(0, p.n, step):
+            end = min(p.n, start + step)
+            dense = scratch[: end - start]
+            dequantize_gpu(row_slice(p, start, end), p.ggml_type, end - start, p.k, out=dense)
+            out[:, first + start : first + end] = rows @ dense.T
         first += p.n
     return out
 

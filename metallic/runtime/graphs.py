@@ -29,10 +29,15 @@ log = logging.getLogger("metallic")
 
 
 class StepGraphs:
-    def __init__(self, step: Step) -> None:
+    def __init__(self, step: Step, release_cache: bool = False) -> None:
         """`step(batch)` must run without host synchronization and read every per-step value
-        from `batch` (graphs replay fixed addresses)."""
+        from `batch` (graphs replay fixed addresses). `release_cache`: before each capture,
+        hand torch's cached blocks back to the device (under a device budget: the capture
+        allocates from the graphs' own pool, and while it runs the allocator cannot free the
+        cache to stay under its cap)."""
         self.step = step
+        self.release_cache = release_cache
+        self.side: torch.cuda.Stream | None = None  # the warm-up stream, one for every capture
         self.graphs: dict[GraphKey, tuple[torch.cuda.CUDAGraph, StepBatch, torch.Tensor]]
         self.graphs = {}
         self.pool: tuple[int, int] | None = None  # one memory pool shared by every graph
@@ -64,12 +69,17 @@ class StepGraphs:
         static = batch.static_copy()
         # Warm-up runs compile the kernels and settle the allocator outside the capture; they
         # compute this very step (same tokens, same cache writes), so they change nothing.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        # One stream for every warm-up: torch caches blocks per stream (and cuBLAS keeps a
+        # workspace per stream), so a new stream each time would keep more memory each time.
+        self.side = self.side or torch.cuda.Stream()
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
             for _ in range(2):
                 self.step(static)
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream().wait_stream(self.side)
+        if self.release_cache:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             out = self.step(static)

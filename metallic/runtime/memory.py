@@ -13,8 +13,9 @@ allocation is first-fit, offsets are aligned, a freed range merges with its free
 - An `exact` pool (the engine's, under a device budget) gives every block an arena of its own
   size, released the moment the block is freed. It then holds no byte the budget's plan does not
   count (no arena tails), and a part freed to make room (a layer moved to the host, a KV tensor
-  replaced by a bigger one) leaves the device at once instead of waiting in an arena that only
-  its own kind can reuse. Sub-allocation, fragmentation and compaction are for pools without it.
+  replaced by a bigger one) goes back to torch's allocator at once (which the budget caps, so it
+  is reused or handed back to the device), instead of waiting in an arena that only its own kind
+  can reuse. Sub-allocation, fragmentation and compaction are for pools without it.
 - A request the device cannot hold (after releasing empty arenas) raises `OutOfBudget`, a
   one-line error, not a CUDA out-of-memory trace, and leaves the pool as it was. The budget
   itself is the memory plan's (runtime/placement.py); the pool never moves blocks to make room.

@@ -1,11 +1,13 @@
 """Where each layer's weights live, within a device memory budget, and how that changes.
 
-A plan puts every non-layer weight (embedding, output, norms) on the device and each layer either
-on the device or on the host, streamed one layer ahead (`runtime.streaming`). `--gpu-layers N`
-keeps the first N layers; `--gpu-memory BYTES` keeps as many as fit beside the streaming slots,
-the activation reserve and a minimal KV cache. Weights come first: the KV cache starts with what
-is left and grows on demand, and when it would pass the budget the residency policy moves the
-coldest layers to the host (and back when the demand falls).
+A plan puts every non-layer weight (output, norms, and the embedding unless the loader reads it
+from host memory) on the device and each layer either on the device or on the host, streamed one
+layer ahead (`runtime.streaming`). `--gpu-layers N` keeps the first N layers; `--gpu-memory
+BYTES` keeps as many as fit beside the streaming slots, the reserve and a minimal KV cache. The
+reserve is a list of named parts (the CUDA context, a step's activations, ...), so that `-v` and
+the minimum-budget error can say how the budget is split. Weights come first: the KV cache starts
+with what is left and grows on demand, and when it would pass the budget the residency policy
+moves the coldest layers to the host (and back when the demand falls).
 
 Every layer is read once per step, so none is colder by use: the coldest are the last layers,
 the order in which llama.cpp's --n-gpu-layers leaves layers on the host.
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 from metallic.errors import MetallicError
 
 MiB = 1 << 20
+
+Parts = tuple[tuple[str, int], ...]  # (what, bytes)
 
 
 class BudgetTooSmall(MetallicError):
@@ -53,14 +57,23 @@ def device_weight_bytes(layer_bytes: Sequence[int], fixed_bytes: int, host: set[
     return fixed_bytes + resident + stream_slot_bytes([layer_bytes[i] for i in host])
 
 
+def _mib(parts: Parts) -> str:
+    return ", ".join(f"{what} {n / MiB:.0f}" for what, n in parts)
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     on_device: tuple[bool, ...]  # per layer
     layer_bytes: tuple[int, ...]
-    fixed_bytes: int  # embedding, output, norms: always on the device
+    fixed_bytes: int  # non-layer weights on the device: output, norms (and the embedding)
     kv_bytes: int  # the KV cache's starting size
-    reserve_bytes: int  # activations, prefill scratch and what torch does not allocate
+    reserve: Parts  # what the budget holds beside weights and KV cache, by name
     budget: int | None
+    host_fixed_bytes: int = 0  # non-layer weights read from host memory (the embedding)
+
+    @property
+    def reserve_bytes(self) -> int:
+        return sum(n for _, n in self.reserve)
 
     @property
     def host_layers(self) -> list[int]:
@@ -71,17 +84,31 @@ class MemoryPlan:
         """Device bytes of weights: fixed, resident layers and the streaming slots."""
         return device_weight_bytes(self.layer_bytes, self.fixed_bytes, set(self.host_layers))
 
+    def weight_parts(self) -> Parts:
+        """What `weight_bytes` is made of (parts of 0 bytes left out)."""
+        host = [self.layer_bytes[i] for i in self.host_layers]
+        parts = (
+            ("non-layer", self.fixed_bytes),
+            ("resident layers", sum(self.layer_bytes) - sum(host)),
+            ("streaming slots", stream_slot_bytes(host)),
+        )
+        return tuple(p for p in parts if p[1])
+
     def describe(self) -> str:
         n = len(self.on_device)
         text = f"{n - len(self.host_layers)}/{n} layers on the device"
         if self.host_layers:
             text += f", {len(self.host_layers)} streamed from the host"
+        if self.host_fixed_bytes:
+            text += (
+                f"; the embedding ({self.host_fixed_bytes / MiB:.0f} MiB) is read from host memory"
+            )
         if self.budget is not None:
             used = self.weight_bytes + self.kv_bytes + self.reserve_bytes
             text += (
                 f" ({used / MiB:.0f} of {self.budget / MiB:.0f} MiB budget: weights"
-                f" {self.weight_bytes / MiB:.0f}, KV cache {self.kv_bytes / MiB:.0f}, reserve"
-                f" {self.reserve_bytes / MiB:.0f} for activations, libraries and the CUDA context)"
+                f" {self.weight_bytes / MiB:.0f} ({_mib(self.weight_parts())}), KV cache"
+                f" {self.kv_bytes / MiB:.0f}, {_mib(self.reserve)})"
             )
         return text
 
@@ -91,20 +118,27 @@ def plan_memory(
     fixed_bytes: int,
     kv_bytes: int,
     min_kv_bytes: int,
-    reserve_bytes: int,
+    reserve: int | Parts,
     *,
     budget: int | None = None,
     gpu_layers: int | None = None,
+    host_fixed_bytes: int = 0,
 ) -> MemoryPlan:
     """Choose the resident layers. Without a budget the KV cache gets its full size; with one,
-    the KV cache gets what the weights leave (at least `min_kv_bytes`, at most `kv_bytes`)."""
+    the KV cache gets what the weights and the `reserve` (bytes, or named parts) leave (at
+    least `min_kv_bytes`, at most `kv_bytes`). `host_fixed_bytes`: non-layer weights kept in
+    host memory, outside the budget (for the record)."""
     n = len(layer_bytes)
     if gpu_layers is not None and gpu_layers < 0:
         raise MetallicError(f"--gpu-layers must be 0 or more, got {gpu_layers}")
+    parts = (("reserve", reserve),) if isinstance(reserve, int) else tuple(reserve)
+    reserve_bytes = sum(b for _, b in parts)
 
     def plan(resident: int, kv: int) -> MemoryPlan:
         on_device = tuple(i < resident for i in range(n))
-        return MemoryPlan(on_device, tuple(layer_bytes), fixed_bytes, kv, reserve_bytes, budget)
+        return MemoryPlan(
+            on_device, tuple(layer_bytes), fixed_bytes, kv, parts, budget, host_fixed_bytes
+        )
 
     if budget is None:
         return plan(n if gpu_layers is None else min(gpu_layers, n), kv_bytes)
@@ -116,13 +150,14 @@ def plan_memory(
             return plan(resident, min(kv_bytes, left))
         if gpu_layers is not None:
             break
-    needed = plan(0 if gpu_layers is None else most, 0).weight_bytes + reserve_bytes
+    least = plan(0 if gpu_layers is None else most, 0)
+    needed = least.weight_bytes + reserve_bytes + min_kv_bytes
+    rest = (("a minimal KV cache", min_kv_bytes), *parts)
     raise BudgetTooSmall(
         f"a device budget of {budget / MiB:.0f} MiB is too small: this model needs at least "
-        f"{(needed + min_kv_bytes) / MiB:.0f} MiB"
+        f"{needed / MiB:.0f} MiB"
         + (f" with {most} layers on the device" if gpu_layers is not None else "")
-        + " (non-layer weights, streaming slots, a minimal KV cache and the reserve for"
-        " activations, libraries and the CUDA context)"
+        + f" (MiB: weights {_mib(least.weight_parts())}; {_mib(rest)})"
     )
 
 

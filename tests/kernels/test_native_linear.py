@@ -58,18 +58,23 @@ def test_native_path_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     assert native_path(1, k_quants) == "fused"
 
 
+def _stacked_product(m: int, seed: int) -> tuple[LinearWeight, torch.Tensor, torch.Tensor]:
+    """Stacked Q4_K | Q6_K | Q8_0 parts of 40, 24 and 16 rows (q|k|v-like) over K = 512, m
+    rows of f16 x, and x @ W.T in f64."""
+    k, types, rows = 512, (T.Q4_K, T.Q6_K, T.Q8_0), (40, 24, 16)
+    parts = [_part(t, n, k, seed + i) for i, (t, n) in enumerate(zip(types, rows, strict=True))]
+    weight = LinearWeight(types, rows, k, native=tuple(p for p, _ in parts))
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(torch.float16)
+    return weight, x, x.double() @ torch.cat([dense for _, dense in parts]).T
+
+
 @pytest.mark.parametrize("m", [33, 100])
 def test_linear_runs_the_path_it_names(m: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Stacked Q4_K | Q6_K | Q8_0 parts (q|k|v-like, each writing its own output columns): M rows
     take the fused kernel, one call a part and no dequantization; with MAX_FUSED_M below M, one
     scratch matrix of all parts and no fused call. Both give x @ W.T (f16 activations)."""
     seed = _seed()
-    k = 512
-    types, rows = (T.Q4_K, T.Q6_K, T.Q8_0), (40, 24, 16)
-    parts = [_part(t, n, k, seed + i) for i, (t, n) in enumerate(zip(types, rows, strict=True))]
-    weight = LinearWeight(types, rows, k, native=tuple(p for p, _ in parts))
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(torch.float16)
-    ref = x.double() @ torch.cat([dense for _, dense in parts]).T
+    weight, x, ref = _stacked_product(m, seed)
     calls: list[str] = []
     for name in ("quant_matmul", "dequantize_gpu"):
         real = getattr(kernels, name)
@@ -89,3 +94,28 @@ def test_linear_runs_the_path_it_names(m: int, monkeypatch: pytest.MonkeyPatch) 
         assert calls == expected, f"MAX_FUSED_M={max_fused}"
         err = ((out.double() - ref).norm() / ref.norm()).item()
         assert err < 1e-3, f"MAX_FUSED_M={max_fused} M={m}: error {err:.3g} (seed {seed})"
+
+
+def test_a_widen_limit_widens_slices_of_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a device budget the dequantize path widens at most `widen_limit` bytes at a time:
+    slices of each part's rows, every output column computed once, the same x @ W.T. Products
+    that widen less than the limit, or not at all, run as before."""
+    seed = _seed()
+    weight, x, ref = _stacked_product(40, seed)  # 40 rows, small matrices: the dequantize path
+    k = weight.in_features
+    widened: list[int] = []
+    real = kernels.dequantize_gpu
+
+    def counting(*args, out, **kwargs):
+        widened.append(out.shape[0])
+        return real(*args, out=out, **kwargs)
+
+    monkeypatch.setattr(kernels, "dequantize_gpu", counting)
+    limit = 16 * k * x.element_size()  # 16 rows of the scratch
+    out = linear(x, weight, widen_limit=limit)
+    assert widened == [16, 16, 8, 16, 8, 16]  # 40 = 16+16+8, 24 = 16+8, 16
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err < 1e-3, f"error {err:.3g} (seed {seed})"
+    widened.clear()
+    assert torch.equal(linear(x, weight, widen_limit=80 * k * 2), linear(x, weight))
+    assert widened == [40, 24, 16] * 2  # within the limit: one scratch, as without it

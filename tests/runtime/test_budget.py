@@ -36,24 +36,41 @@ def test_outside_share_is_device_use_less_torch_reserved(device: dict[str, int])
     assert device["started"] == 1  # measured after CUDA and cuBLAS started
 
 
-def test_overhead_adds_the_kernel_allowance_and_logs_the_split(
+def test_overhead_is_the_measured_share_and_the_kernel_allowance(
     device: dict[str, int], caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.INFO, logger="metallic"):
         overhead = budget.budget_overhead(CUDA, 2048 * MiB)
-    assert overhead == 500 * MiB + budget.KERNEL_MODULE_BYTES
-    left = 2048 - 500 - budget.KERNEL_MODULE_BYTES // MiB
+    assert overhead == (
+        ("CUDA context and libraries", 500 * MiB),
+        ("kernel modules", budget.KERNEL_MODULE_BYTES),
+    )
     assert (
         "device budget: 2048 MiB, of which the CUDA context and libraries hold 500 MiB"
         in caplog.text
     )
-    assert f"{left} MiB are left for weights, KV cache and activations" in caplog.text
 
 
 def test_nothing_is_measured_without_a_budget_or_on_the_cpu(device: dict[str, int]) -> None:
-    assert budget.budget_overhead(CUDA, None) == 0
-    assert budget.budget_overhead(torch.device("cpu"), 2048 * MiB) == 0
+    assert budget.budget_overhead(CUDA, None) == ()
+    assert budget.budget_overhead(torch.device("cpu"), 2048 * MiB) == ()
     assert device["started"] == 0
+
+
+def test_torch_is_capped_at_its_share_of_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cap is a fraction of the device's memory: torch's allocator may reserve no more."""
+    fractions = []
+
+    class Properties:
+        total_memory = TOTAL
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: Properties)
+    monkeypatch.setattr(
+        torch.cuda, "set_per_process_memory_fraction", lambda f, d: fractions.append((f, d))
+    )
+    budget.cap_torch(CUDA, 1267 * MiB)
+    budget.cap_torch(torch.device("cpu"), 1267 * MiB)  # no allocator to cap
+    assert fractions == [(1267 * MiB / TOTAL, CUDA)]
 
 
 @pytest.mark.parametrize("budget_mib", [100, 500, 500 + budget.KERNEL_MODULE_BYTES // MiB])
@@ -76,14 +93,16 @@ def test_engine_plans_within_what_the_overhead_leaves(
     assert roomy is not None
     calls = []
 
-    def overhead(device: torch.device, budget_bytes: int | None) -> int:
+    def overhead(device: torch.device, budget_bytes: int | None) -> tuple[tuple[str, int], ...]:
         calls.append(budget_bytes)
-        return 300 * MiB
+        return (("CUDA context and libraries", 300 * MiB),)
 
     monkeypatch.setattr(loader_module, "budget_overhead", overhead)
     plan = Engine(path, device="cpu", memory_budget=1 << 40).plan
     assert plan is not None and calls == [1 << 40]
     assert plan.reserve_bytes == roomy.reserve_bytes + 300 * MiB
+    assert plan.reserve[0] == ("CUDA context and libraries", 300 * MiB)
     too_small = roomy.weight_bytes + roomy.reserve_bytes + 200 * MiB
-    with pytest.raises(BudgetTooSmall, match="and the CUDA context"):
+    with pytest.raises(BudgetTooSmall, match="CUDA context and libraries 300,") as err:
         Engine(path, device="cpu", memory_budget=too_small)
+    assert "\n" not in str(err.value)

@@ -8,6 +8,7 @@ from metallic.errors import MetallicError
 from metallic.runtime.placement import (
     BudgetTooSmall,
     KVBudgetExceeded,
+    MiB,
     ResidencyPolicy,
     parse_bytes,
     plan_memory,
@@ -95,3 +96,33 @@ def test_residency_never_restores_past_the_plan_and_fails_clearly() -> None:
     with pytest.raises(KVBudgetExceeded, match="raise --gpu-memory or lower --ctx-size"):
         policy.make_room(kv_bytes=p.kv_bytes, extra=10_000)
     assert policy.host == set(p.host_layers)  # a refused request moves nothing
+
+
+def test_named_reserve_parts_are_the_split_that_describe_and_the_error_give() -> None:
+    """A reserve of named parts counts as their sum; `describe` (what -v logs) and the
+    minimum-budget error list every part, on one line. Non-layer weights kept in host memory
+    are outside the device's weights."""
+    reserve = (("CUDA context and libraries", 6 * MiB), ("activations", 3 * MiB))
+    layers, fixed, least = [10 * MiB] * 4, 4 * MiB, 1 * MiB
+
+    def budget_plan(budget: int):
+        return plan_memory(
+            layers, fixed, 8 * MiB, least, reserve, budget=budget, host_fixed_bytes=2 * MiB
+        )
+
+    p = budget_plan(60 * MiB)
+    assert p.reserve_bytes == 9 * MiB and p.weight_bytes == fixed + 40 * MiB  # all resident
+    assert p.weight_bytes + p.kv_bytes + p.reserve_bytes <= 60 * MiB
+    text = p.describe()
+    assert "the embedding (2 MiB) is read from host memory" in text
+    assert "weights 44 (non-layer 4, resident layers 40)" in text
+    assert "CUDA context and libraries 6, activations 3)" in text
+    minimum = fixed + 2 * 10 * MiB + least + 9 * MiB  # every layer streamed: two slots
+    assert budget_plan(minimum).host_layers == [0, 1, 2, 3]
+    with pytest.raises(BudgetTooSmall) as err:
+        budget_plan(minimum - 1)
+    assert str(err.value) == (
+        f"a device budget of {(minimum - 1) / MiB:.0f} MiB is too small: this model needs at "
+        "least 34 MiB (MiB: weights non-layer 4, streaming slots 20; a minimal KV cache 1, CUDA "
+        "context and libraries 6, activations 3)"
+    )
