@@ -84,8 +84,9 @@ def cap_torch(device: torch.device, n_bytes: int | None) -> None:
     error, which the engine reports as a one-line error."""
     if device.type != "cuda":
         return
-    total = torch.cuda.get_device_properties(device).total_memory
+    index = torch.cuda.current_device() if device.index is None else device.index
+    total = torch.cuda.get_device_properties(index).total_memory
     fraction = 1.0 if n_bytes is None else min(1.0, n_bytes / total)
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
     if n_bytes is not None:
         log.info("device budget: torch may reserve at most %.0f MiB", n_bytes / MiB)
