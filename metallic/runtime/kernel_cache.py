@@ -1,0 +1,210 @@
+"""Triton's cache of compiled kernels, as metallic's start-up sees it.
+
+Triton compiles a kernel the first time a process launches it with new argument types or
+specializations, and keeps the binary in its cache folder (`TRITON_CACHE_DIR`, by default
+~/.triton/cache), so later runs only load it. metallic's kernels take a few tens of seconds to
+compile, which a user would otherwise take for a hang: `CompileNotice` says so on stderr, with a
+count of the kernels compiled so far, when a run is about to compile them for the first time.
+
+"For the first time" is known from a marker in metallic's cache folder, one per metallic
+version, kernel sources, Triton version, GPU and Triton cache folder: it lists the cache files of
+the kernels a run's warm-up compiled or loaded, and is written when that warm-up ends. A run
+whose marker is missing, or names a cache file that is gone (the Triton cache was cleared), is a
+first run; every other run says nothing. Only CUDA compiles: the CPU path and the Triton
+interpreter never do, and stay silent.
+
+`prefetch_compiler_key` starts, on a thread, the one slow step of Triton's first cache lookup in
+a process: a hash of its own installation (~400 MB, read and hashed with the GIL released),
+which then overlaps loading instead of delaying the first kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from metallic import __version__
+from metallic.gguf.cache import cache_dir
+
+KERNEL_SOURCES = Path(__file__).resolve().parent.parent / "kernels"
+MARKER_FOLDER = "kernels"  # under metallic's cache folder
+
+
+def compiles_kernels(device: torch.device) -> bool:
+    """Whether running on `device` compiles Triton kernels (CUDA, not the interpreter)."""
+    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def triton_cache_dir() -> Path:
+    """Where Triton keeps compiled kernels (its knobs, else its documented defaults)."""
+    try:
+        import triton.knobs
+
+        return Path(triton.knobs.cache.dir)
+    except (ImportError, AttributeError):  # a Triton from before its knobs module
+        home = os.environ.get("TRITON_HOME") or Path.home()
+        return Path(os.environ.get("TRITON_CACHE_DIR") or Path(home) / ".triton" / "cache")
+
+
+def cache_identity(device: torch.device) -> dict[str, str]:
+    """What a compiled kernel depends on: metallic's kernel sources, Triton, the GPU, and the
+    folder the binaries are kept in."""
+    import triton
+
+    sources = hashlib.sha256()
+    for path in sorted(KERNEL_SOURCES.glob("*.py")):
+        sources.update(path.name.encode() + b"\0" + path.read_bytes())
+    major, minor = torch.cuda.get_device_capability(device)
+    return {
+        "metallic": __version__,
+        "kernel_sources": sources.hexdigest()[:16],
+        "triton": triton.__version__,
+        "device": f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})",
+        "triton_cache": str(triton_cache_dir()),
+    }
+
+
+def marker_path(identity: dict[str, str], folder: Path | None = None) -> Path:
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return (folder or cache_dir()) / MARKER_FOLDER / f"compiled-{digest}.json"
+
+
+def _is_warm(marker: Path) -> bool:
+    """Whether the marker exists and every cache file it lists is still there."""
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return isinstance(files, list) and all(isinstance(f, str) and Path(f).exists() for f in files)
+
+
+Listener = Callable[..., None]
+
+
+class CompileNotice:
+    """Tells a user on stderr that this run compiles the GPU kernels, and how far it is.
+
+    Built by `for_device` only when the marker says the kernels were never compiled here; it
+    hooks Triton's compilation listener to count kernels until `finish` (the end of the
+    warm-up), which writes the marker and prints the total.
+    """
+
+    def __init__(
+        self,
+        marker: Path,
+        identity: dict[str, str],
+        stream: TextIO,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.marker = marker
+        self.identity = identity
+        self.stream = stream
+        self.clock = clock
+        self.live = stream.isatty()  # a line rewritten in place; logs get a start and an end
+        self.compiled = 0
+        self.files: set[str] = set()
+        self.started = clock()
+        self._previous: Listener | None = None
+        self._knobs: Any = None
+        self.done = False
+
+    @classmethod
+    def for_device(
+        cls, device: torch.device, stream: TextIO | None = None, folder: Path | None = None
+    ) -> CompileNotice | None:
+        """A started notice when running on `device` compiles kernels for the first time, else
+        None (the CPU, the interpreter, or kernels already in Triton's cache)."""
+        if not compiles_kernels(device):
+            return None
+        identity = cache_identity(device)
+        marker = marker_path(identity, folder)
+        if _is_warm(marker):
+            return None
+        notice = cls(marker, identity, stream or sys.stderr)
+        notice.start()
+        return notice
+
+    @property
+    def headline(self) -> str:
+        return (
+            f"metallic: compiling GPU kernels (first run; cached in "
+            f"{self.identity['triton_cache']})..."
+        )
+
+    def start(self) -> None:
+        """Print the headline and count what Triton compiles from now on."""
+        print(self.headline, end="" if self.live else "\n", file=self.stream, flush=True)
+        with contextlib.suppress(ImportError, AttributeError):  # no listener: the line alone
+            import triton.knobs
+
+            self._knobs = triton.knobs.compilation
+            self._previous = self._knobs.listener
+            self._knobs.listener = self._listen
+
+    def _listen(self, **event: Any) -> None:
+        """Triton's compilation listener: one call per kernel compiled or found in its cache."""
+        group = event.get("metadata_group") or {}
+        self.files.update(path for name, path in group.items() if name.endswith(".json"))
+        if not event.get("cache_hit"):
+            self.compiled += 1
+            if self.live:
+                seconds = self.clock() - self.started
+                print(
+                    f"\r{self.headline} {self.compiled} kernels, {seconds:.0f} s",
+                    end="",
+                    file=self.stream,
+                    flush=True,
+                )
+        if self._previous is not None:
+            self._previous(**event)
+
+    def finish(self) -> None:
+        """The warm-up is over: stop counting, print the total, write the marker."""
+        if self.done:
+            return
+        self.done = True
+        if self._knobs is not None and self._knobs.listener == self._listen:
+            self._knobs.listener = self._previous
+        seconds = self.clock() - self.started
+        end = f"metallic: compiled {self.compiled} GPU kernels in {seconds:.1f} s"
+        print(f"\r\033[K{end}" if self.live else end, file=self.stream, flush=True)
+        record = {**self.identity, "files": sorted(self.files), "compiled": self.compiled}
+        with contextlib.suppress(OSError):  # an unwritable cache: the notice shows again
+            self.marker.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.marker.with_suffix(f".{os.getpid()}.tmp")
+            partial.write_text(json.dumps(record, indent=1) + "\n")
+            partial.replace(self.marker)
+
+
+def prefetch_compiler_key(device: torch.device) -> threading.Thread | None:
+    """Start hashing Triton's installation on a thread, where kernels will be compiled; join
+    the thread before the first kernel runs.
+
+    Triton keys its cache by a hash of its own files (`triton_key`, memoized), computed at the
+    first kernel a process compiles or loads: ~0.3-0.7 s, nearly all of it reading and hashing
+    with the GIL released, so on a thread it overlaps loading the model.
+    """
+    if not compiles_kernels(device):
+        return None
+    try:
+        from triton.runtime.cache import triton_key
+    except ImportError:  # no triton, or one that keys its cache otherwise
+        return None
+
+    def run() -> None:
+        with contextlib.suppress(Exception):  # Triton reports any problem itself, later
+            triton_key()
+
+    thread = threading.Thread(target=run, name="metallic-triton-key", daemon=True)
+    thread.start()
+    return thread
