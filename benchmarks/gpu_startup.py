@@ -10,12 +10,13 @@ One command; whole processes timed from outside, in the same call (medians of --
    stderr must not speak of compiling.
 4. llama.cpp, with --llama-bin: `llama-simple` on the same file and prompt, 32 tokens, all
    layers on the GPU (else `llama-bench -p 6 -n 32 -r 1`), as a whole process.
-5. phases: one child process with warm caches times import torch, CUDA init, import triton,
-   import metallic, `Engine(...)` and its parts (file, tokenizer, weights, KV cache, runner),
-   the first `generate` (prompt and decode, graph captures among them) and a second one;
-   Triton's kernels found in its cache or compiled, the time their first launches took (module
-   and launcher loads) and the hash of its installation that keys its cache (`triton_key`).
-   With --profile the child also writes its cProfile, by cumulative time.
+5. phases: a child process, with warm caches and again with empty ones, times import torch,
+   CUDA init, import triton, import metallic, `Engine(...)` and its parts (file, tokenizer,
+   weights, KV cache, runner), the first `generate` (prompt and decode, graph captures among
+   them) and a second one; Triton's kernels found in its cache or compiled (the slowest named),
+   the time their first launches took (module loads, and launcher builds when cold) and the hash
+   of its installation that keys its cache (`triton_key`). With --profile the warm child also
+   writes its cProfile, by cumulative time.
 6. load-8b: the synthetic Llama-3-8B Q4_K_M (written to --workdir if missing) is read once into
    the page cache, then loaded by two child processes; each times `Engine(...)` after its
    imports and CUDA init and generates 8 greedy tokens, which must agree. The second load is
@@ -105,21 +106,24 @@ def _wrap(owner: Any, name: str, times: dict[str, float], label: str) -> None:
     setattr(owner, name, wrapper)
 
 
-def _triton_counters(times: dict[str, float]) -> dict[str, float]:
-    """Count Triton's kernels found in its cache and compiled (with their compile time), and
-    time their first launches (module and launcher loads)."""
+def _triton_counters(times: dict[str, float]) -> dict[str, Any]:
+    """Count Triton's kernels found in its cache and compiled (each compile's kernel and
+    seconds), and time their first launches (module loads; launcher builds when cold)."""
     import triton.knobs
     from triton.compiler.compiler import CompiledKernel
 
-    counts = {"kernels cached": 0, "kernels compiled": 0, "compile seconds": 0.0}
+    counts: dict[str, Any] = {"kernels cached": 0, "kernels compiled": 0, "compile seconds": 0.0}
+    compiles: list[tuple[str, float]] = []
 
-    def listen(*, cache_hit: bool, times: Any, **_: Any) -> None:
+    def listen(*, cache_hit: bool, times: Any, metadata: dict[str, Any], **_: Any) -> None:
         counts["kernels cached" if cache_hit else "kernels compiled"] += 1
         if not cache_hit:
             counts["compile seconds"] += times.total / 1e6
+            compiles.append((str(metadata.get("name")), times.total / 1e6))
 
     triton.knobs.compilation.listener = listen
     _wrap(CompiledKernel, "_init_handles", times, "first launches (module, launcher)")
+    counts["compiles"] = compiles
     return counts
 
 
@@ -292,11 +296,14 @@ def measure(args: argparse.Namespace, scratch: Path) -> tuple[dict[str, Any], li
         print(f"llama.cpp {name}: {result['llama.cpp']:.2f} s", flush=True)
 
     phases = [sys.executable, __file__, "--child-phases", str(args.model)]
+    cold_env = child_env(scratch / "cold-triton", scratch / "cold-metallic")
+    result["in process, first run"] = child(phases, cold_env)
     if args.profile:
         phases += ["--profile-to", str(args.out / "startup-profile.txt")]
     result["in process"] = child(phases, env)
-    if result["in process"]["text"] != cold_text.removesuffix("\n"):
-        failures.append("the in-process generate wrote another text than `metallic run`")
+    for key in ("in process", "in process, first run"):
+        if result[key]["text"] != cold_text.removesuffix("\n"):
+            failures.append(f"{key}, generate wrote another text than `metallic run`")
 
     if not args.skip_8b:
         path = big_model(args.workdir)
@@ -330,16 +337,18 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"\n{'whole process':<52} {'seconds':>8} {'over bare':>10}")
     for label, seconds in rows:
         print(f"{label:<52} {seconds:>8.2f} {seconds - bare:>+10.2f}")
-    inside = result["in process"]
-    print("\nin one warm process (seconds):")
-    for label, seconds in inside["phases"].items():
-        print(f"  {label:<40} {seconds:>7.3f}")
-    print("  parts:")
-    for label, seconds in inside["parts"].items():
-        print(f"    {label:<38} {seconds:>7.3f}")
-    first = inside["first generate"]
-    print(f"  first generate: prompt {first['prompt']:.3f}, decode {first['decode']:.3f}")
-    print(f"  triton: {inside['triton']}")
+    for key, title in (("in process", "warm caches"), ("in process, first run", "empty caches")):
+        inside = result[key]
+        print(f"\nin one process, {title} (seconds):")
+        for label, seconds in [*inside["phases"].items(), *inside["parts"].items()]:
+            print(f"  {label:<40} {seconds:>7.3f}")
+        first = inside["first generate"]
+        print(f"  first generate: prompt {first['prompt']:.3f}, decode {first['decode']:.3f}")
+        triton = dict(inside["triton"])
+        slowest = sorted(triton.pop("compiles"), key=lambda c: -c[1])[:8]
+        print(f"  triton: {triton}")
+        if slowest:
+            print("  slowest compiles: " + ", ".join(f"{n} {s:.2f}" for n, s in slowest))
     checks = [
         ("warm <= bare + 2 s", result["warm"] <= bare + 2),
         ("first run <= bare + 15 s", result["cold"] <= bare + 15),
