@@ -1,5 +1,3 @@
-import sys
+from metallic.cli import entry
 
-from metallic.cli import main
-
-sys.exit(main())
+entry()
