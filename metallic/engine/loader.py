@@ -28,10 +28,10 @@ from metallic.models.weights import estimate_bytes, load_weights
 from metallic.ops.dispatch import use_kernels
 from metallic.runtime.budget import budget_overhead
 from metallic.runtime.device import choose_device, choose_dtype, choose_vocab_dtype
-from metallic.runtime.kernel_cache import prefetch_compiler_key
 from metallic.runtime.memory import MemoryPool
 from metallic.runtime.placement import MemoryPlan, parse_bytes, plan_memory
 from metallic.runtime.staging import StagingRing
+from metallic.runtime.warmup import start_gpu_warmup
 
 ARENA_BYTES = 32 << 20  # the memory pool's arena size (larger buffers get their own)
 # Device bytes beside weights, KV cache and a step's activations (RoPE tables: the pool's
@@ -122,7 +122,7 @@ def load_model(
     gguf = open_gguf(path)
     config = model_config(gguf)
     device = choose_device(device)
-    compiler_key = prefetch_compiler_key(device)  # overlaps the tokenizer and the weights
+    warmup = start_gpu_warmup(device)  # overlaps the tokenizer and the weights
     tokenizer = Tokenizer.from_metadata(gguf.metadata)
     dtype = choose_dtype(device, dtype)
     kernels = use_kernels(device)
@@ -173,8 +173,8 @@ def load_model(
     model = Transformer(config, weights, device, act_dtype)
     residency.install(model)
     model.reserve_positions(context_size, memory)
-    if compiler_key is not None:
-        compiler_key.join()
+    if warmup is not None:
+        warmup.join()
     return LoadedModel(
         path, gguf, config, tokenizer, device, dtype, act_dtype, plan, memory, staging,
         residency, model, context_size, layout, sizes, kv_start,

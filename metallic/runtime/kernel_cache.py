@@ -12,10 +12,6 @@ the kernels a run's warm-up compiled or loaded, and is written when that warm-up
 whose marker is missing, or names a cache file that is gone (the Triton cache was cleared), is a
 first run; every other run says nothing. Only CUDA compiles: the CPU path and the Triton
 interpreter never do, and stay silent.
-
-`prefetch_compiler_key` starts, on a thread, the one slow step of Triton's first cache lookup in
-a process: a hash of its own installation (~400 MB, read and hashed with the GIL released),
-which then overlaps loading instead of delaying the first kernel.
 """
 
 from __future__ import annotations
@@ -25,7 +21,6 @@ import hashlib
 import json
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -184,27 +179,3 @@ class CompileNotice:
             partial = self.marker.with_suffix(f".{os.getpid()}.tmp")
             partial.write_text(json.dumps(record, indent=1) + "\n")
             partial.replace(self.marker)
-
-
-def prefetch_compiler_key(device: torch.device) -> threading.Thread | None:
-    """Start hashing Triton's installation on a thread, where kernels will be compiled; join
-    the thread before the first kernel runs.
-
-    Triton keys its cache by a hash of its own files (`triton_key`, memoized), computed at the
-    first kernel a process compiles or loads: ~0.3-0.7 s, nearly all of it reading and hashing
-    with the GIL released, so on a thread it overlaps loading the model.
-    """
-    if not compiles_kernels(device):
-        return None
-    try:
-        from triton.runtime.cache import triton_key
-    except ImportError:  # no triton, or one that keys its cache otherwise
-        return None
-
-    def run() -> None:
-        with contextlib.suppress(Exception):  # Triton reports any problem itself, later
-            triton_key()
-
-    thread = threading.Thread(target=run, name="metallic-triton-key", daemon=True)
-    thread.start()
-    return thread
