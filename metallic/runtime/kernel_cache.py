@@ -121,7 +121,10 @@ class CompileNotice:
         None (the CPU, the interpreter, or kernels already in Triton's cache)."""
         if not compiles_kernels(device):
             return None
-        identity = cache_identity(device)
+        try:
+            identity = cache_identity(device)
+        except ImportError:  # no triton: loading the kernels says so
+            return None
         marker = marker_path(identity, folder)
         if _is_warm(marker):
             return None
@@ -147,10 +150,12 @@ class CompileNotice:
             self._knobs.listener = self._listen
 
     def _listen(self, **event: Any) -> None:
-        """Triton's compilation listener: one call per kernel compiled or found in its cache."""
+        """Triton's compilation listener: one call per kernel compiled or found in its cache
+        (after `finish`, only passed on: a later notice may have chained this one)."""
         group = event.get("metadata_group") or {}
-        self.files.update(path for name, path in group.items() if name.endswith(".json"))
-        if not event.get("cache_hit"):
+        if not self.done:
+            self.files.update(path for name, path in group.items() if name.endswith(".json"))
+        if not self.done and not event.get("cache_hit"):
             self.compiled += 1
             if self.live:
                 seconds = self.clock() - self.started

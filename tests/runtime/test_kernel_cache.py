@@ -152,3 +152,15 @@ def test_an_unwritable_cache_only_means_the_notice_shows_again(gpu, tmp_path: Pa
     assert notice is not None
     notice.finish()
     assert CompileNotice.for_device(gpu, io.StringIO(), folder=blocked) is not None
+
+
+def test_two_engines_chain_their_notices(gpu, tmp_path: Path):
+    first = CompileNotice.for_device(gpu, io.StringIO(), folder=tmp_path / "a")
+    second = CompileNotice.for_device(gpu, io.StringIO(), folder=tmp_path / "b")
+    assert first is not None and second is not None
+    compile_event(tmp_path / "gemv.json", cache_hit=False)
+    first.finish()  # not the listener installed last: it stays in the chain, silent
+    compile_event(tmp_path / "rope.json", cache_hit=False)
+    second.finish()
+    assert (first.compiled, second.compiled) == (1, 2)
+    assert triton.knobs.compilation.listener == first._listen  # second handed back its previous
