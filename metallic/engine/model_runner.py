@@ -93,8 +93,8 @@ class ModelRunner:
         self.graphs: StepGraphs | None = None
         self._graphs_key: object = None
         self.steps = 0
-        # Says on stderr when the kernels compile for the first time, until the first decode
-        # step has run (by then a run has compiled what it needs).
+        # Says on stderr when kernels compile (on a first run before they do), until the first
+        # decode step has run: by then a run has compiled what it needs.
         self.compile_notice = CompileNotice.for_device(self.device)
 
     def key_bound(self, n_keys: int) -> int:

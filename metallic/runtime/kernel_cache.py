@@ -10,8 +10,9 @@ count of the kernels compiled so far, when a run is about to compile them for th
 version, kernel sources, Triton version, GPU and Triton cache folder: it lists the cache files of
 the kernels a run's warm-up compiled or loaded, and is written when that warm-up ends. A run
 whose marker is missing, or names a cache file that is gone (the Triton cache was cleared), is a
-first run; every other run says nothing. Only CUDA compiles: the CPU path and the Triton
-interpreter never do, and stay silent.
+first run and says so before its first kernel. Any other run that compiles all the same (a model
+with other shapes) says so at its first compiled kernel; a run that compiles nothing says
+nothing. Only CUDA compiles: the CPU path and the Triton interpreter never do, and stay silent.
 """
 
 from __future__ import annotations
@@ -74,24 +75,27 @@ def marker_path(identity: dict[str, str], folder: Path | None = None) -> Path:
     return (folder or cache_dir()) / MARKER_FOLDER / f"compiled-{digest}.json"
 
 
-def _is_warm(marker: Path) -> bool:
-    """Whether the marker exists and every cache file it lists is still there."""
+def _marker_files(marker: Path) -> list[str] | None:
+    """The cache files a marker lists, or None where there is no readable marker."""
     try:
         files = json.loads(marker.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return isinstance(files, list) and all(isinstance(f, str) and Path(f).exists() for f in files)
+        return None
+    ok = isinstance(files, list) and all(isinstance(f, str) for f in files)
+    return files if ok else None
 
 
 Listener = Callable[..., None]
 
 
 class CompileNotice:
-    """Tells a user on stderr that this run compiles the GPU kernels, and how far it is.
+    """Tells a user on stderr that this run compiles GPU kernels, and how far it is.
 
-    Built by `for_device` only when the marker says the kernels were never compiled here; it
-    hooks Triton's compilation listener to count kernels until `finish` (the end of the
-    warm-up), which writes the marker and prints the total.
+    `for_device` starts one for every run that can compile: it hooks Triton's compilation
+    listener until `finish` (the end of the warm-up). Where the marker says the kernels were
+    never compiled here, it speaks at once ("first run"); otherwise only if Triton compiles
+    something after all (another model's shapes, say), at the first kernel compiled. `finish`
+    prints the total where it spoke, and records the kernels' cache files in the marker.
     """
 
     def __init__(
@@ -99,26 +103,31 @@ class CompileNotice:
         marker: Path,
         identity: dict[str, str],
         stream: TextIO,
+        known_files: list[str] | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
+        """`known_files`: the marker's list, if the kernels it names are all still cached;
+        None makes this a first run."""
         self.marker = marker
         self.identity = identity
         self.stream = stream
         self.clock = clock
+        self.first_run = known_files is None
         self.live = stream.isatty()  # a line rewritten in place; logs get a start and an end
         self.compiled = 0
-        self.files: set[str] = set()
+        self.files: set[str] = set(known_files or ())
         self.started = clock()
+        self.spoke = False
+        self.done = False
         self._previous: Listener | None = None
         self._knobs: Any = None
-        self.done = False
 
     @classmethod
     def for_device(
         cls, device: torch.device, stream: TextIO | None = None, folder: Path | None = None
     ) -> CompileNotice | None:
-        """A started notice when running on `device` compiles kernels for the first time, else
-        None (the CPU, the interpreter, or kernels already in Triton's cache)."""
+        """A started notice where running on `device` compiles kernels; None on the CPU, in
+        the interpreter, or without Triton."""
         if not compiles_kernels(device):
             return None
         try:
@@ -126,58 +135,68 @@ class CompileNotice:
         except ImportError:  # no triton: loading the kernels says so
             return None
         marker = marker_path(identity, folder)
-        if _is_warm(marker):
-            return None
-        notice = cls(marker, identity, stream or sys.stderr)
+        files = _marker_files(marker)
+        if files is not None and not all(Path(f).exists() for f in files):
+            files = None  # the Triton cache was cleared since
+        notice = cls(marker, identity, stream or sys.stderr, files)
         notice.start()
         return notice
 
     @property
     def headline(self) -> str:
-        return (
-            f"metallic: compiling GPU kernels (first run; cached in "
-            f"{self.identity['triton_cache']})..."
-        )
+        what = "GPU kernels (first run; " if self.first_run else "more GPU kernels ("
+        return f"metallic: compiling {what}cached in {self.identity['triton_cache']})..."
 
     def start(self) -> None:
-        """Print the headline and count what Triton compiles from now on."""
-        print(self.headline, end="" if self.live else "\n", file=self.stream, flush=True)
+        """Count what Triton compiles from now on; on a first run, say so at once."""
         with contextlib.suppress(ImportError, AttributeError):  # no listener: the line alone
             import triton.knobs
 
             self._knobs = triton.knobs.compilation
             self._previous = self._knobs.listener
             self._knobs.listener = self._listen
+        if self.first_run:
+            self._speak()
+
+    def _speak(self) -> None:
+        self.spoke = True
+        print(self.headline, end="" if self.live else "\n", file=self.stream, flush=True)
 
     def _listen(self, **event: Any) -> None:
         """Triton's compilation listener: one call per kernel compiled or found in its cache
         (after `finish`, only passed on: a later notice may have chained this one)."""
-        group = event.get("metadata_group") or {}
         if not self.done:
+            group = event.get("metadata_group") or {}
             self.files.update(path for name, path in group.items() if name.endswith(".json"))
-        if not self.done and not event.get("cache_hit"):
-            self.compiled += 1
-            if self.live:
-                seconds = self.clock() - self.started
-                print(
-                    f"\r{self.headline} {self.compiled} kernels, {seconds:.0f} s",
-                    end="",
-                    file=self.stream,
-                    flush=True,
-                )
+            if not event.get("cache_hit"):
+                self.compiled += 1
+                if not self.spoke:
+                    self._speak()
+                if self.live:
+                    seconds = self.clock() - self.started
+                    print(
+                        f"\r{self.headline} {self.compiled} kernels, {seconds:.0f} s",
+                        end="",
+                        file=self.stream,
+                        flush=True,
+                    )
         if self._previous is not None:
             self._previous(**event)
 
     def finish(self) -> None:
-        """The warm-up is over: stop counting, print the total, write the marker."""
+        """The warm-up is over: stop counting, print the total where the notice spoke, and
+        record the kernels in the marker where it changed."""
         if self.done:
             return
         self.done = True
         if self._knobs is not None and self._knobs.listener == self._listen:
             self._knobs.listener = self._previous
-        seconds = self.clock() - self.started
-        end = f"metallic: compiled {self.compiled} GPU kernels in {seconds:.1f} s"
-        print(f"\r\033[K{end}" if self.live else end, file=self.stream, flush=True)
+        if self.spoke:
+            seconds = self.clock() - self.started
+            end = f"metallic: compiled {self.compiled} GPU kernels in {seconds:.1f} s"
+            print(f"\r\033[K{end}" if self.live else end, file=self.stream, flush=True)
+        if not (self.first_run or self.compiled):
+            return
         record = {**self.identity, "files": sorted(self.files), "compiled": self.compiled}
         with contextlib.suppress(OSError):  # an unwritable cache: the notice shows again
             self.marker.parent.mkdir(parents=True, exist_ok=True)

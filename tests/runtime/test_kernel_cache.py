@@ -1,6 +1,7 @@
-"""The first-run compile notice: shown when the marker is missing or stale, silent otherwise,
-and never on the CPU. No kernel compiles here, so Triton's listener is called as Triton calls it
-(keyword arguments, one call per kernel compiled or found in its cache)."""
+"""The compile notice: at once when the marker is missing or stale, at the first compiled
+kernel on a later run that compiles after all, silent otherwise, and never on the CPU. No
+kernel compiles here, so Triton's listener is called as Triton calls it (keyword arguments, one
+call per kernel compiled or found in its cache)."""
 
 from __future__ import annotations
 
@@ -83,9 +84,32 @@ def test_first_run_announces_counts_and_writes_the_marker(gpu, tmp_path: Path):
     ]
     assert notice.marker.parent == tmp_path / kernel_cache.MARKER_FOLDER
 
+    written = notice.marker.read_text()
     again = io.StringIO()
-    assert CompileNotice.for_device(gpu, again, folder=tmp_path) is None
-    assert again.getvalue() == ""
+    quiet = CompileNotice.for_device(gpu, again, folder=tmp_path)
+    assert quiet is not None and not quiet.first_run
+    compile_event(tmp_path / "gemv.json", cache_hit=True)  # loaded from Triton's cache
+    quiet.finish()
+    assert again.getvalue() == ""  # nothing compiled, nothing said
+    assert notice.marker.read_text() == written
+
+
+def test_a_later_run_that_compiles_after_all_says_so_then(gpu, tmp_path: Path):
+    notice = CompileNotice.for_device(gpu, io.StringIO(), folder=tmp_path)
+    assert notice is not None
+    compile_event(tmp_path / "gemv.json", cache_hit=False)
+    notice.finish()
+    stream = io.StringIO()
+    later = CompileNotice.for_device(gpu, stream, folder=tmp_path)
+    assert later is not None and stream.getvalue() == ""
+    compile_event(tmp_path / "gemv.json", cache_hit=True)
+    compile_event(tmp_path / "other_shape.json", cache_hit=False)  # another model's kernel
+    later.finish()
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "metallic: compiling more GPU kernels (cached in /tmp/triton-cache)..."
+    assert lines[1].startswith("metallic: compiled 1 GPU kernels in ")
+    files = json.loads(later.marker.read_text())["files"]
+    assert sorted(Path(f).name for f in files) == ["gemv.json", "other_shape.json"]
 
 
 def test_a_cleared_triton_cache_is_a_first_run_again(gpu, tmp_path: Path):
@@ -93,11 +117,15 @@ def test_a_cleared_triton_cache_is_a_first_run_again(gpu, tmp_path: Path):
     assert notice is not None
     compile_event(tmp_path / "gemv.json", cache_hit=False)
     notice.finish()
-    assert CompileNotice.for_device(gpu, io.StringIO(), folder=tmp_path) is None
+    warm = CompileNotice.for_device(gpu, io.StringIO(), folder=tmp_path)
+    assert warm is not None and not warm.first_run
+    warm.finish()
     (tmp_path / "gemv.json").unlink()
     stream = io.StringIO()
-    assert CompileNotice.for_device(gpu, stream, folder=tmp_path) is not None
-    assert "compiling GPU kernels" in stream.getvalue()
+    cleared = CompileNotice.for_device(gpu, stream, folder=tmp_path)
+    assert cleared is not None and cleared.first_run
+    assert "compiling GPU kernels (first run;" in stream.getvalue()
+    cleared.finish()
 
 
 def test_another_identity_has_its_own_marker(gpu, tmp_path: Path, monkeypatch):
@@ -106,21 +134,25 @@ def test_another_identity_has_its_own_marker(gpu, tmp_path: Path, monkeypatch):
     notice.finish()
     upgraded = {**IDENTITY, "triton": "3.7.0"}
     monkeypatch.setattr(kernel_cache, "cache_identity", lambda device: dict(upgraded))
-    assert CompileNotice.for_device(gpu, io.StringIO(), folder=tmp_path) is not None
+    upgrade = CompileNotice.for_device(gpu, io.StringIO(), folder=tmp_path)
+    assert upgrade is not None and upgrade.first_run
+    upgrade.finish()
 
 
 def test_a_damaged_marker_means_compiling(gpu, tmp_path: Path):
     marker = kernel_cache.marker_path(IDENTITY, tmp_path)
     marker.parent.mkdir(parents=True)
     marker.write_text("not json")
-    assert CompileNotice.for_device(gpu, io.StringIO(), folder=tmp_path) is not None
+    notice = CompileNotice.for_device(gpu, io.StringIO(), folder=tmp_path)
+    assert notice is not None and notice.first_run
+    notice.finish()
 
 
 def test_progress_redraws_one_line_on_a_terminal(gpu, tmp_path: Path):
     ticks = iter([0.0, 4.2, 9.0])
     terminal = Terminal()
     notice = CompileNotice(
-        kernel_cache.marker_path(IDENTITY, tmp_path), IDENTITY, terminal, clock=lambda: next(ticks)
+        kernel_cache.marker_path(IDENTITY, tmp_path), IDENTITY, terminal, None, lambda: next(ticks)
     )
     notice.start()
     compile_event(tmp_path / "gemv.json", cache_hit=False)
@@ -151,7 +183,9 @@ def test_an_unwritable_cache_only_means_the_notice_shows_again(gpu, tmp_path: Pa
     notice = CompileNotice.for_device(gpu, io.StringIO(), folder=blocked)
     assert notice is not None
     notice.finish()
-    assert CompileNotice.for_device(gpu, io.StringIO(), folder=blocked) is not None
+    again = CompileNotice.for_device(gpu, io.StringIO(), folder=blocked)
+    assert again is not None and again.first_run
+    again.finish()
 
 
 def test_two_engines_chain_their_notices(gpu, tmp_path: Path):
