@@ -73,3 +73,31 @@ def test_the_compile_notice_ends_at_the_first_decode_step(tiny: Path):
     engine.generate([1, 5, 6, 7], max_tokens=4, temperature=0, ignore_eos=True)
     assert notice.finished_after_steps == 1  # the prompt step, then the first decode step
     assert engine.runner.compile_notice is None
+
+
+def test_the_command_exits_at_once_with_its_output_and_code(tmp_path: Path):
+    env = {k: v for k, v in os.environ.items() if k != "METALLIC_FORCE_KERNELS"}
+    env["METALLIC_CACHE"] = str(tmp_path / "cache")
+    command = [sys.executable, "-m", "metallic", "models", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert {m["name"] for m in json.loads(done.stdout)} >= {"gemma-3-270m"}
+    failed = subprocess.run(
+        [sys.executable, "-m", "metallic", "pull", "no-such-model"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert failed.returncode == 2 and failed.stderr.startswith("metallic: error:")
+
+
+def test_a_profiler_still_gets_its_results(tmp_path: Path):
+    """Profilers write their results as the interpreter exits: no early exit under one."""
+    env = {k: v for k, v in os.environ.items() if k != "METALLIC_FORCE_KERNELS"}
+    env["METALLIC_CACHE"] = str(tmp_path / "cache")
+    stats = tmp_path / "run.prof"
+    command = [sys.executable, "-m", "cProfile", "-o", str(stats), "-m", "metallic", "models"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert stats.stat().st_size > 0
