@@ -1,6 +1,4 @@
-import sys
-
-from metallic.cli import main
+from metallic.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -38,6 +38,7 @@ from metallic.runtime.placement import (
     plan_memory,
 )
 from metallic.runtime.staging import StagingRing
+from metallic.runtime.warmup import start_gpu_warmup
 
 ARENA_BYTES = 32 << 20  # the memory pool's arena size (larger buffers get their own)
 # Device bytes beside weights, KV cache and a step's activations (RoPE tables: the pool's
@@ -136,8 +137,9 @@ def load_model(
     path = resolve_model(path, DEFAULT_MODEL)
     gguf = open_gguf(path)
     config = model_config(gguf)
-    tokenizer = Tokenizer.from_metadata(gguf.metadata)
     device = choose_device(device)
+    warmup = start_gpu_warmup(device)  # overlaps the tokenizer and the weights
+    tokenizer = Tokenizer.from_metadata(gguf.metadata)
     dtype = choose_dtype(device, dtype)
     kernels = use_kernels(device)
     native = kernels if native is None else native
@@ -191,6 +193,8 @@ def load_model(
     model.widen_limit = WIDEN_LIMIT_BYTES if budget is not None else None
     residency.install(model)
     model.reserve_positions(context_size, memory)
+    if warmup is not None:
+        warmup.join()
     return LoadedModel(
         path, gguf, config, tokenizer, device, dtype, act_dtype, plan, memory, staging,
         residency, model, context_size, layout, sizes, kv_start, max_seqs,

@@ -10,8 +10,10 @@ device is filled in there from the previous step's tensor).
 On CUDA, steps replay as graphs: decode steps padded to a power-of-two number of sequences and
 captured per key-count bound, single prompt chunks padded to a bucket of tokens. Padding rows are
 a filler sequence that writes its keys into the scratch blocks. Mixed steps (several prompts, or
-prompts beside decodes) run eagerly. A graph is captured on first use with a log line, and again
-when anything it baked in moved (the KV pools were resized, layers moved, the pool compacted).
+prompts beside decodes) run eagerly. A graph is captured on first use with a log line (so a run
+captures only the shapes it runs: `metallic run` one prompt bucket and one decode graph), and
+again when anything it baked in moved (the KV pools were resized, layers moved, the pool
+compacted).
 
 Under a device budget prompt chunks run eagerly, still padded to their bucket (the same kernels,
 so the same numbers): a captured chunk would keep its activations in the graphs' memory pool,
@@ -37,6 +39,7 @@ from metallic.models.kv_store import KVStore
 from metallic.models.transformer import Transformer
 from metallic.runtime.batch import SequenceChunk, StepBatch
 from metallic.runtime.graphs import StepGraphs
+from metallic.runtime.kernel_cache import CompileNotice
 from metallic.runtime.transfer import PinnedRing
 
 MIN_KEY_BOUND = 256  # the smallest key-count bound of a step (see key_bound)
@@ -127,6 +130,9 @@ class ModelRunner:
         self.graphs: StepGraphs | None = None
         self._graphs_key: object = None
         self.steps = 0
+        # Says on stderr when kernels compile (on a first run before they do), until the first
+        # decode step has run: by then a run has compiled what it needs.
+        self.compile_notice = CompileNotice.for_device(self.device)
 
     def key_bound(self, n_keys: int) -> int:
         """The power of two from MIN_KEY_BOUND up (at most the context) that holds `n_keys`:
@@ -145,6 +151,9 @@ class ModelRunner:
         with _device_memory_errors():
             batch, graphed = self.prepare(step.chunks, previous)
             logits = self.execute(batch, graphed)
+            if self.compile_notice is not None and all(c.end - c.start == 1 for c in step.chunks):
+                self.compile_notice.finish()
+                self.compile_notice = None
             if len(rows) != logits.shape[0]:  # filler rows, or chunks that do not sample yet
                 logits = logits[self.uploads.upload(rows)]
             seq_ids = [seq.seq_id for seq, _ in sampled]

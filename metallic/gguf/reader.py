@@ -37,6 +37,7 @@ HEADER_BYTES = 24  # magic, version, tensor count, key/value count
 MIN_KV_BYTES = 8 + 1 + 4 + 1
 MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8
 MAX_NAME_IN_MESSAGE = 60  # characters of a key or tensor name quoted in an error message
+_U64 = struct.Struct("<Q")
 
 
 class _Corrupt(ValueError):
@@ -138,22 +139,33 @@ class _CheckedReader(GGUFReader):
         return end - orig_offs, [raw_itype, count, region], [2], [gtype, itype]
 
     def _read_strings(self, offset: int, count: int) -> tuple[list[str], int]:
+        """`count` length-prefixed strings from `offset`: the lengths are walked first (each
+        bounds-checked), then the strings are cut from one copy of their bytes, which slices
+        faster than the map (262k Gemma tokens: 0.09 -> 0.06 s)."""
         buf = memoryview(self.data)
         size = int(self.data.size)
+        unpack = _U64.unpack_from
+        start = offset
+        lengths = []
+        for _ in range(count):
+            if offset + 8 > size:
+                raise _OutOfFile(offset, 8, size)
+            (length,) = unpack(buf, offset)
+            offset += 8
+            if offset + length > size:
+                raise _OutOfFile(offset, length, size)
+            lengths.append(length)
+            offset += length
+        raw = bytes(buf[start:offset])
         strings = []
-        length = 0
+        at = 0
         try:  # one handler around the loop: a call per string would slow a vocabulary noticeably
-            for _ in range(count):
-                if offset + 8 > size:
-                    raise _OutOfFile(offset, 8, size)
-                (length,) = struct.unpack_from("<Q", buf, offset)
-                offset += 8
-                if offset + length > size:
-                    raise _OutOfFile(offset, length, size)
-                strings.append(str(buf[offset : offset + length], "utf-8"))
-                offset += length
+            for length in lengths:
+                at += 8
+                strings.append(str(raw[at : at + length], "utf-8"))
+                at += length
         except UnicodeDecodeError:
-            raise _not_utf8(buf[offset : offset + length], offset) from None
+            raise _not_utf8(raw[at : at + length], start + at) from None
         return strings, offset
 
     def _get_tensor_info_field(self, orig_offs: int) -> Any:

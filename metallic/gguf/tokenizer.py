@@ -625,8 +625,14 @@ def _spm_merges(
     powers = np.cumprod(np.full(longest, base, np.uint64))  # powers[m - 1] = base**m
 
     def token_with_hash(hashes: np.ndarray) -> np.ndarray:
-        at = np.minimum(np.searchsorted(sorted_hash, hashes), n - 1)
-        return np.where(sorted_hash[at] == hashes, by_hash[at], -1)
+        # Looking up sorted queries walks the table in order: several times faster than
+        # scattered lookups on a vocabulary this size, even counting the sort.
+        order = np.argsort(hashes)
+        ordered = hashes[order]
+        at = np.minimum(np.searchsorted(sorted_hash, ordered), n - 1)
+        found = np.empty(len(hashes), np.int64)
+        found[order] = np.where(sorted_hash[at] == ordered, by_hash[at], -1)
+        return found
 
     not_last = np.ones(len(codes), bool)
     not_last[ends - 1] = False
@@ -653,10 +659,8 @@ def _spm_merges(
         left_lengths[keep],
     )
     order = np.lexsort((left_lengths, cut_rows, -scores[cut_rows]))
-    return [
-        (tokens[a], tokens[b])
-        for a, b in zip(left[order].tolist(), right[order].tolist(), strict=True)
-    ]
+    texts = np.array(tokens, dtype=object)  # gathers the strings without a Python loop
+    return list(zip(texts[left[order]].tolist(), texts[right[order]].tolist(), strict=True))
 
 
 def _same_codes(codes: np.ndarray, a: np.ndarray, b: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -22,6 +22,7 @@ import metallic
 from metallic.ops.dispatch import kernels_forced
 from metallic.runtime import calibration
 from metallic.runtime.device import choose_device, choose_dtype
+from metallic.runtime.kernel_cache import triton_cache_dir
 
 TRITON_MIN_CAPABILITY = (7, 0)
 
@@ -91,14 +92,7 @@ def kernel_path(device: torch.device) -> tuple[str, str]:
 
 def triton_cache() -> dict[str, Any]:
     """Where Triton keeps compiled kernels, and the files and bytes there."""
-    folder: Path | None = None
-    try:
-        import triton.knobs
-
-        folder = Path(triton.knobs.cache.dir)
-    except (ImportError, AttributeError):  # no triton, or one from before its knobs module
-        home = os.environ.get("TRITON_HOME") or Path.home()
-        folder = Path(os.environ.get("TRITON_CACHE_DIR") or Path(home) / ".triton" / "cache")
+    folder = triton_cache_dir()
     files = [Path(root) / name for root, _, names in os.walk(folder) for name in names]
     size = 0
     for path in files:
