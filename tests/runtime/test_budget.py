@@ -68,9 +68,11 @@ def test_torch_is_capped_at_its_share_of_the_device(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(
         torch.cuda, "set_per_process_memory_fraction", lambda f, d: fractions.append((f, d))
     )
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     budget.cap_torch(CUDA, 1267 * MiB)
+    budget.cap_torch(torch.device("cuda"), 1267 * MiB)  # no index: the current device's
     budget.cap_torch(torch.device("cpu"), 1267 * MiB)  # no allocator to cap
-    assert fractions == [(1267 * MiB / TOTAL, CUDA)]
+    assert fractions == [(1267 * MiB / TOTAL, 0)] * 2
 
 
 @pytest.mark.parametrize("budget_mib", [100, 500, 500 + budget.KERNEL_MODULE_BYTES // MiB])
