@@ -13,6 +13,7 @@ import torch
 from metallic.engine.engine import Engine
 from metallic.runtime import calibration
 from metallic.testing.synthetic import write_synthetic_model
+from metallic.tools import bench as bench_tool
 from metallic.tools.bench import SCHEMA, EventTimer, HostTimer, Settings, run_tests, timer_for
 
 TYPES = {
@@ -210,3 +211,28 @@ def test_event_timer_reads_one_event_per_step_and_waits_once_a_run(model: Path) 
     # Submitted after one event; its first token comes back from the call after the one that
     # queued the prefill, whose event is the third: 2 ms.
     assert pp["samples_s"] == pytest.approx([0.002, 0.002])
+
+
+def test_warm_up_repeats_while_it_moves_what_graphs_bake_in(model: Path, monkeypatch) -> None:
+    """A warm-up whose KV cache grew leaves the memory pool to compact once idle, after which
+    the next run recaptures its graphs: warm-ups go on (at most MAX_WARM_UPS) until one moves
+    nothing, so no timed run pays for a capture."""
+    engine = Engine(model, device="cpu", dtype="f32", context_size=64)
+    moves = iter([1, 2])  # the first two warm-ups of the first test each move a tensor
+    seeds: list[int] = []
+    real_run_once = bench_tool.run_once
+
+    def run_once(engine, test, seed, timer=None):
+        seeds.append(seed)
+        engine.store.generation += next(moves, 0)
+        return real_run_once(engine, test, seed, timer)
+
+    monkeypatch.setattr(bench_tool, "run_once", run_once)
+    settings = Settings(prompt=[8], generate=[], batch=[], repetitions=2)
+    run_tests(engine, settings)
+    assert seeds == [-1, -2, -3, 1, 2]  # three warm-ups (the third moved nothing), two runs
+
+    moves = iter([1] * 10)  # never settles: warm-ups stop at MAX_WARM_UPS
+    seeds.clear()
+    run_tests(engine, settings)
+    assert seeds == [-1, -2, -3, 1, 2] and bench_tool.MAX_WARM_UPS == 3
