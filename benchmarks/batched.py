@@ -38,12 +38,12 @@ from common import (
     llama_bench,
     out_dir,
     row,
+    synthetic_model,
     write_record,
 )
 
 from metallic.engine.engine import Engine
 from metallic.engine.sampling import SamplingParams
-from metallic.testing.synthetic import write_synthetic_model
 
 PROMPT, GENERATED = 128, 128
 
@@ -221,10 +221,7 @@ def main() -> int:
     models = [("gemma", args.model)] if args.model else []
     args.workdir.mkdir(parents=True, exist_ok=True)
     for preset in args.synthetic:
-        path = args.workdir / f"{preset}-Q4_K_M.gguf"
-        if not path.exists():
-            write_synthetic_model(path, preset, "Q4_K_M", vocab=args.vocab)
-        models.append((preset, path))
+        models.append((preset, synthetic_model(args.workdir, preset, args.vocab)))
     sizes = [int(b) for b in args.batches.split(",")]
     results: dict[str, object] = {"device": name}
     records = []

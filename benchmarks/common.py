@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from metallic.testing.synthetic import write_synthetic_model
+
 HERE = Path(__file__).resolve().parent
 # Record names of the models the project benchmarks (by the label a script gives them).
 MODEL_NAMES = {"gemma": "gemma3-270m-q4_k_m", "llama3-8b": "llama3-8b-q4_k_m"}
@@ -29,6 +31,18 @@ def out_dir() -> Path:
     out = Path(os.environ.get("OUT") or HERE / "results")
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def synthetic_model(workdir: Path, preset: str, vocab: Path | None = None) -> Path:
+    """The preset's Q4_K_M file (`metallic.testing`) in `workdir`, written unless there. A file
+    with llama.cpp's vocabulary (`vocab`, which llama.cpp needs to load it) carries its name, so
+    scripts with and without one never take each other's file."""
+    suffix = f"-{vocab.stem}" if vocab else ""
+    path = workdir / f"{preset}-Q4_K_M{suffix}.gguf"
+    if not path.exists():
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_synthetic_model(path, preset, "Q4_K_M", vocab=vocab)
+    return path
 
 
 def device_name(device: torch.device) -> str:

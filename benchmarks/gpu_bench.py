@@ -47,7 +47,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import device_name, llama_batched_bench, llama_bench, out_dir, row, write_record
+from common import (
+    device_name,
+    llama_batched_bench,
+    llama_bench,
+    out_dir,
+    row,
+    synthetic_model,
+    write_record,
+)
 from gpu_profile import event_us
 from tables import render
 
@@ -61,7 +69,6 @@ from metallic.runtime import calibration
 from metallic.runtime.batch import StepBatch
 from metallic.runtime.device import choose_dtype
 from metallic.runtime.profiler import OFF, Hooks
-from metallic.testing.synthetic import write_synthetic_model
 from metallic.tools import bench
 from metallic.tools.profiling import ProfileSession, format_report
 
@@ -370,17 +377,6 @@ def records(label: str, r: dict[str, Any], copy_bandwidth: float) -> list[dict[s
     return rows
 
 
-def synthetic_model(preset: str, args: argparse.Namespace) -> Path:
-    """The preset's Q4_K_M file in the work folder, written unless there (with --vocab's
-    vocabulary, which its name carries)."""
-    suffix = f"-{args.vocab.stem}" if args.vocab else ""
-    path = args.workdir / f"{preset}-Q4_K_M{suffix}.gguf"
-    if not path.exists():
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        write_synthetic_model(path, preset, "Q4_K_M", vocab=args.vocab)
-    return path
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="the real Gemma 3 270M Q4_K_M GGUF")
@@ -399,7 +395,8 @@ def main() -> int:
     calibration.save(limits)
     print(f"limits: {vars(limits)}", flush=True)
     models = [("gemma3-270m-q4_k_m", args.model)] if args.model else []
-    models += [(f"{preset}-q4_k_m", synthetic_model(preset, args)) for preset in args.synthetic]
+    for preset in args.synthetic:
+        models.append((f"{preset}-q4_k_m", synthetic_model(args.workdir, preset, args.vocab)))
     results: dict[str, Any] = {"device": device_name(device), "limits": vars(limits)}
     rows = []
     for label, path in models:

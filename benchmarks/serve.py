@@ -45,11 +45,17 @@ from pathlib import Path
 import httpx2
 import torch
 from batched import burst as burst_in_process
-from common import device_name, llama_batched_bench, out_dir, row, write_record
+from common import (
+    device_name,
+    llama_batched_bench,
+    out_dir,
+    row,
+    synthetic_model,
+    write_record,
+)
 
 from metallic.engine.engine import Engine
 from metallic.gguf.reader import open_gguf
-from metallic.testing.synthetic import write_synthetic_model
 
 STREAM_PROMPT, STREAM_GENERATED = 128, 256
 CHECK_PROMPTS, CHECK_TOKENS = 4, 32
@@ -361,10 +367,7 @@ def main() -> int:
         args.sizes = Sizes((16, 64), (8, 24), 32, 16)
         args.synthetic = ["tiny-llama"]
     for preset in args.synthetic:
-        path = args.workdir / f"{preset}-Q4_K_M.gguf"
-        if not path.exists():
-            write_synthetic_model(path, preset, "Q4_K_M", vocab=args.vocab)
-        models.append((preset, path))
+        models.append((preset, synthetic_model(args.workdir, preset, args.vocab)))
     if not models:
         parser.error("give --model, --synthetic or --smoke")
     name = device_name(torch.device(args.device))
