@@ -119,9 +119,10 @@ class AsyncEngine:
         options: dict[str, Any] | None = None,
         *,
         progress_label: str | None = None,
-        log_level: int = logging.WARNING,
+        verbose: bool = False,
     ) -> None:
-        """`options` go to `Engine`; `progress_label` names the loading bar on stderr."""
+        """`options` go to `Engine`; `progress_label` names the loading bar on stderr;
+        `verbose` logs the engine's own messages."""
         self.error: Exception | None = None  # why the engine stopped for good
         self.stats: dict[str, Any] = {}  # the engine's latest `Engine.stats()`
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -135,7 +136,7 @@ class AsyncEngine:
         self._events, event_writer = context.Pipe(duplex=False)
         self._process = context.Process(
             target=engine_process.run,
-            args=(command_reader, event_writer, model, options or {}, progress_label, log_level),
+            args=(command_reader, event_writer, model, options or {}, progress_label, verbose),
             name="metallic-engine",
             daemon=True,
         )

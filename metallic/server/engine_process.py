@@ -24,6 +24,7 @@ import logging
 import pickle
 import queue
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -62,12 +63,12 @@ class EngineFault(Exception):
     """An engine error that could not cross to the front end as itself."""
 
 
-def portable(err: BaseException) -> Exception:
+def portable(err: Exception) -> Exception:
     """`err` if it survives pickling, else a plain `MetallicError` with its message (a user's
     error stays one) or an `EngineFault` with its type and message."""
     try:
-        if isinstance(err, Exception) and pickle.loads(pickle.dumps(err)) is not None:
-            return err
+        pickle.loads(pickle.dumps(err))
+        return err
     except Exception:
         pass
     if isinstance(err, MetallicError):
@@ -81,12 +82,12 @@ def run(
     model: Path | str,
     options: dict[str, Any],
     progress_label: str | None,
-    log_level: int,
+    verbose: bool,
 ) -> None:
     """The process's entry point: load the model, announce it, serve commands until "stop"."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _configure_logging(log_level)
+    configure_logging(verbose)
     from metallic.engine.engine import Engine
     from metallic.progress import terminal_bar
 
@@ -106,12 +107,14 @@ def run(
         outbox.close()
 
 
-def _configure_logging(level: int) -> None:
-    handler = logging.StreamHandler()
+def configure_logging(verbose: bool) -> None:
+    """metallic's messages on stderr, in both processes: warnings and errors, and with `verbose`
+    the engine's own (placement, residency, graph captures)."""
+    handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s metallic: %(message)s", "%H:%M:%S"))
     root = logging.getLogger("metallic")
     root.addHandler(handler)
-    root.setLevel(level)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 class _Outbox:

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import signal
 import socket
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import uvicorn
 
 from metallic.errors import MetallicError
+from metallic.server import engine_process
 from metallic.server.app import create_app
 from metallic.server.async_engine import AsyncEngine
 
@@ -82,13 +82,9 @@ def url(sock: socket.socket, host: str) -> str:
 
 
 def configure_logging(verbose: bool) -> None:
-    """Request lines always, on stderr; the engine's own messages (placement, residency, graph
-    captures) with `verbose`."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s metallic: %(message)s", "%H:%M:%S"))
-    root = logging.getLogger("metallic")
-    root.addHandler(handler)
-    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    """As the engine process logs (`engine_process.configure_logging`), and a line per request
+    always."""
+    engine_process.configure_logging(verbose)
     log.setLevel(logging.INFO)
 
 
@@ -110,7 +106,7 @@ def serve(
         model,
         engine_options,
         progress_label="loading",
-        log_level=logging.INFO if verbose else logging.WARNING,
+        verbose=verbose,
     )
     name = model_name or Path(engine.path).name.removesuffix(".gguf")
     app = create_app(engine, name, api_key)
