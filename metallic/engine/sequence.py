@@ -46,6 +46,9 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
+    # Characters of its output's text before this token's text: 0 for a step's one token; more
+    # once outputs merge (a lagging stream), so each token keeps its own place in the text.
+    text_offset: int = 0
 
 
 @dataclass

@@ -24,6 +24,7 @@ import multiprocessing
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,9 @@ def _merge(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
     """Two consecutive outputs of one request as one."""
     logprobs = None
     if earlier.logprobs is not None or later.logprobs is not None:
-        logprobs = (earlier.logprobs or []) + (later.logprobs or [])
+        shift = len(earlier.text)
+        moved = [replace(e, text_offset=e.text_offset + shift) for e in later.logprobs or []]
+        logprobs = (earlier.logprobs or []) + moved
     return RequestOutput(
         later.request_id,
         earlier.token_ids + later.token_ids,

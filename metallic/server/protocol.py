@@ -206,7 +206,7 @@ class Choice:
 
     def add(self, out: RequestOutput) -> None:
         entries = out.logprobs or []
-        self.offsets += [self.length] * len(entries)
+        self.offsets += [self.length + e.text_offset for e in entries]
         self.logprobs += entries
         self.tokens += len(out.token_ids)
         self.text.append(out.text)
@@ -291,7 +291,7 @@ class CompletionFormatter(Formatter):
         return {
             "index": index,
             "text": out.text,
-            "logprobs": self._logprobs(entries, [offset] * len(entries)),
+            "logprobs": self._logprobs(entries, [offset + e.text_offset for e in entries]),
             "finish_reason": out.finish_reason if out.finished else None,
         }
 

@@ -18,9 +18,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from metallic.cli import main
+from metallic.engine.sequence import RequestOutput, TokenLogprob
 from metallic.server.app import _event
-from metallic.server.async_engine import EngineUnavailable
+from metallic.server.async_engine import EngineUnavailable, _merge
 from metallic.server.launch import bind
+from metallic.server.protocol import Choice
 
 SAMPLED = {
     "model": "tiny",
@@ -153,6 +155,20 @@ def test_events_escape_what_line_splitters_take_for_line_ends() -> None:
     event = _event({"text": text})
     assert len(event.removesuffix("\n\n").splitlines()) == 1
     assert json.loads(event.removeprefix("data: "))["text"] == text
+
+
+def test_merged_outputs_keep_each_tokens_text_offset() -> None:
+    """A lagging stream gets several steps as one output; each token keeps where its text starts
+    (a token whose text is held back, as an incomplete character is, starts where the next does)."""
+    steps = [("Pa", 11), ("", 12), ("ris.", 13)]
+    outs = [RequestOutput("r", [t], text, [TokenLogprob(t, -0.5)]) for text, t in steps]
+    merged = _merge(_merge(outs[0], outs[1]), outs[2])
+    assert [e.text_offset for e in merged.logprobs or []] == [0, 2, 2]
+    choice = Choice(0)
+    choice.add(RequestOutput("r", [10], "The", [TokenLogprob(10, -0.1)]))
+    choice.add(merged)
+    assert choice.offsets == [0, 3, 5, 5]
+    assert "".join(choice.text) == "TheParis."
 
 
 def test_context_limits(start_tiny) -> None:
