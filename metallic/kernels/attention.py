@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from metallic.errors import MetallicError
+from metallic.kernels.pdl import pdl_launch, wait_for_inputs
 
 _LOG2E = 1.4426950408889634
 _MAX_HEAD_DIM = 256
@@ -158,7 +159,9 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     # Last query tiles first: under the causal mask they see the most keys, so they start early.
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1) // n_subgroups
@@ -255,7 +258,9 @@ def _decode_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SPLIT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     split = tl.program_id(0)
     kv_head = tl.program_id(1) // n_subgroups
     subgroup = tl.program_id(1) % n_subgroups
@@ -342,9 +347,11 @@ def _combine_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Merge the splits of one query row, all splits at once (weights 2^(lse_i - max lse)):
     a loop over splits would chain one memory latency per split."""
+    wait_for_inputs(PDL)
     row = tl.program_id(0)
     kv_head = tl.program_id(1) // n_subgroups
     subgroup = tl.program_id(1) % n_subgroups
@@ -515,6 +522,7 @@ def paged_attention_prefill(
         DOT_PRECISION=_dot_precision(k_pool.dtype),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **pdl_launch(q.device),
     )
     return out
 
@@ -632,6 +640,7 @@ def paged_attention_decode(
         SPLIT=split,
         num_warps=min(8, max(config.num_warps, block_m * block_d // 2048)),
         num_stages=config.num_stages,
+        **pdl_launch(q.device),
     )
     if split:
         combine_grid = (queries_per_seq * heads_per_tile, grid[1], n_seqs)
@@ -651,6 +660,7 @@ def paged_attention_decode(
             BLOCK_D=block_d,
             BLOCK_S=triton.next_power_of_2(num_splits),
             num_warps=4,
+            **pdl_launch(q.device),
         )
     return out
 
@@ -681,7 +691,9 @@ def _store_kv_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_HD: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     seq = tl.program_id(1)
     q_start = tl.load(cu_q_ptr + seq).to(tl.int32)
     q_len = tl.load(cu_q_ptr + seq + 1).to(tl.int32) - q_start
@@ -773,4 +785,5 @@ def store_kv(
         BLOCK_HD=block_hd,
         BLOCK_D=block_d,
         num_warps=4,
+        **pdl_launch(k.device),
     )

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from metallic.errors import MetallicError
+from metallic.kernels.pdl import pdl_launch, wait_for_inputs
 
 
 @triton.jit
@@ -31,7 +32,9 @@ def _rope_kernel(
     NEOX: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     pairs = tl.arange(0, BLOCK_HALF)
     pair_ok = pairs < half
     cos, sin, q_rows, is_q, k_rows, is_k = _token_heads(
@@ -151,6 +154,7 @@ def apply_rope(
         BLOCK_H=block_h,
         BLOCK_HALF=block_half,
         num_warps=4,
+        **pdl_launch(q.device),
     )
 
 
@@ -176,7 +180,9 @@ def _norm_rope_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     BLOCK_REST: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     pairs = tl.arange(0, BLOCK_HALF)
     pair_ok = pairs < half
     rest = 2 * half + tl.arange(0, BLOCK_REST)
@@ -265,4 +271,5 @@ def norm_rope(
         BLOCK_HALF=block_half,
         BLOCK_REST=block_rest,
         num_warps=4,
+        **pdl_launch(q.device),
     )
