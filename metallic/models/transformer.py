@@ -146,11 +146,12 @@ class Transformer:
         qk_norm = None
         if w.q_norm is not None and w.k_norm is not None:
             qk_norm = (w.q_norm, w.k_norm, c.rms_eps)
-        mark("rope", i)
-        q, k = apply_rope(q, k, rope, c.rope_dim, c.rope_neox, qk_norm)
+        mark("rope", i)  # and the KV-cache write, in the same launch on the GPU
+        store = cache.kv_write(i, v, batch)
+        q, k = apply_rope(q, k, rope, c.rope_dim, c.rope_neox, qk_norm, store)
         window = c.sliding_window if c.is_sliding(i) else 0
         mark("attention", i)
-        out = cache.attend(i, q, k, v, batch, c.softmax_scale, window)
+        out = cache.attend(i, q, batch, c.softmax_scale, window)
         mark("attn_out", i)
         a = self._linear(out.view(-1, c.q_size), w.o)
         mark("ffn_norm", i)
