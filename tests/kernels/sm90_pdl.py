@@ -73,20 +73,35 @@ def kernels() -> dict[str, tuple]:
     decode = {"HEAD_DIM": 256, "KV_BLOCK": 16, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_D": 256,
               "DOT_PRECISION": "tf32"}  # fmt: skip
     kv_bf16 = {"q_ptr": "*bf16", "out_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16",
-               "table_ptr": "*i32", "seq_lens_ptr": "*i32"}  # fmt: skip
+               "table_ptr": "*i32", "seq_lens_ptr": "*i32", "arrivals_ptr": "*i32"}  # fmt: skip
+    no_store = {"STORE": False, "BLOCK_S": 1, "BLOCK_D": 1}
+
+    def store(head_dim: int) -> dict:
+        return {"STORE": True, "BLOCK_S": 1, "BLOCK_D": head_dim}
+
+    rope_bf16 = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "k_pool_ptr", "v_pool_ptr")}
+    rope_bf16 |= {"pos_ptr": "*i32", "block_table_ptr": "*i32", "cu_q_ptr": "*i32"}
     return {
         "rms_norm": (norm._rms_norm_kernel, {"HAS_PRE": True, "HAS_RESIDUAL": True,
                                               "BLOCK_R": 1, "BLOCK_D": 1024}, {}, {}),
-        "rope": (rope._rope_kernel, {"NEOX": False, "BLOCK_H": 32, "BLOCK_HALF": 64},
-                 {"pos_ptr": "*i32"}, {}),
-        "norm_rope": (rope._norm_rope_kernel, {"BLOCK_H": 8, "BLOCK_HALF": 128, "BLOCK_REST": 1},
-                      {"pos_ptr": "*i32"}, {}),
+        "rope": (rope._rope_kernel, {"NEOX": False, "BLOCK_H": 32, "BLOCK_HALF": 64,
+                                     **no_store}, {"pos_ptr": "*i32"}, {}),
+        "rope_store_kv": (rope._rope_kernel, {"NEOX": False, "BLOCK_H": 32, "BLOCK_HALF": 64,
+                                              **store(128)}, rope_bf16, {}),
+        "norm_rope": (rope._norm_rope_kernel, {"BLOCK_H": 8, "BLOCK_HALF": 128, "BLOCK_REST": 1,
+                                               **no_store}, {"pos_ptr": "*i32"}, {}),
+        "norm_rope_store_kv": (rope._norm_rope_kernel, {"BLOCK_H": 8, "BLOCK_HALF": 128,
+                                                        "BLOCK_REST": 1, **store(256)},
+                               rope_bf16, {}),
         "gated": (activation._gated_kernel, {"KIND": 1, "BLOCK": 1024}, {}, {}),
         "store_kv": (attention._store_kv_kernel,
                      {"HEAD_DIM": 256, "BLOCK_T": 1, "BLOCK_HD": 256, "BLOCK_D": 256},
                      {"table_ptr": "*i32", "cu_q_ptr": "*i32", "pos_ptr": "*i32"}, {}),
-        "decode_attention": (attention._decode_kernel, {**decode, "SPLIT": True}, kv_bf16,
-                             {"num_warps": 4, "num_stages": 3}),
+        "decode_attention": (attention._decode_kernel, {**decode, "SPLIT": True, "MERGE": True},
+                             kv_bf16, {"num_warps": 4, "num_stages": 3}),
+        "decode_attention_unmerged": (attention._decode_kernel,
+                                      {**decode, "SPLIT": True, "MERGE": False}, kv_bf16,
+                                      {"num_warps": 4, "num_stages": 3}),
         "combine": (attention._combine_kernel, {"HEAD_DIM": 256, "BLOCK_M": 16, "BLOCK_D": 256,
                                                 "BLOCK_S": 4}, {}, {}),
         "prefill_attention": (attention._prefill_kernel, {**decode, "BLOCK_M": 64},
