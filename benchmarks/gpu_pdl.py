@@ -6,7 +6,9 @@ variable is read once per device, and every kernel compiles again with its own P
 
 1. Checks. Greedy tokens (graphs on, as `metallic bench` runs) after a fixed prompt; the logits
    of a few decode steps replayed from a captured CUDA graph, and the same steps run eagerly.
-   The parent asserts both settings give identical tokens and bitwise-equal logits.
+   The parent asserts both settings give identical tokens and bitwise-equal logits. For the
+   Gemma-shaped models, the replayed logits also against metallic's torch path on the CPU
+   (teacher-forced, same tokens): the decode kernels checked by a path that shares none.
 2. The Triton kernels one decode step launches (counted by wrapping Triton's launcher).
 3. Speed: one decode step's graph replayed, timed with CUDA events (median); then `metallic
    bench -p 16 -n 128` (tg128: 128 tokens after a 1-token prompt, graphs on), its JSON parsed.
@@ -104,6 +106,7 @@ def decode_logits(engine: Engine, prompt: list[int], steps: int, graphed: bool) 
             logits = runner.execute(batch, used_graph)[:1].clone()
             rows.append(logits)
         out: dict[str, Any] = {"logits": torch.cat(rows).cpu()}
+        out["inputs"] = seq.token_ids[len(prompt) :]
         # The last step once more (it rewrites the same KV rows with the same values).
         runner.cuda_graphs = False
         eager, _ = runner.prepare([Chunk(seq, end - 1, end)], None)
@@ -116,6 +119,19 @@ def decode_logits(engine: Engine, prompt: list[int], steps: int, graphed: bool) 
     finally:
         runner.cuda_graphs = graphs_on
         engine.blocks.release(seq)
+
+
+def against_cpu(
+    path: Path, prompt: list[int], inputs: list[int], logits: torch.Tensor
+) -> dict[str, float]:
+    """Decode-step logits from the GPU against the CPU torch path's, teacher-forced on the same
+    tokens: relative error and top-1 agreement."""
+    cpu = Engine(path, device="cpu", dtype="f32", context_size=512, prefix_cache=False)
+    ref = cpu.logits(prompt + inputs)[len(prompt) :]
+    return {
+        "cpu_rel_logit_err": float((logits - ref).norm() / ref.norm()),
+        "cpu_argmax_agreement": float((logits.argmax(-1) == ref.argmax(-1)).float().mean()),
+    }
 
 
 def bench_tg(path: Path, label: str, workdir: Path) -> dict[str, float]:
@@ -146,6 +162,8 @@ def worker(args: argparse.Namespace) -> int:
         graphed = decode_logits(engine, prompt, LOGIT_STEPS, graphed=True)
         tensors["graphed"] = graphed["logits"]
         result["replay_us"] = graphed["replay_us"]
+        if args.label.startswith("gemma"):
+            result |= against_cpu(args.path, prompt, graphed["inputs"], graphed["logits"])
         del engine
         torch.cuda.empty_cache()
         result |= bench_tg(args.path, args.label, args.result.parent)
@@ -174,6 +192,9 @@ def compare(label: str, off: dict[str, Any], on: dict[str, Any]) -> dict[str, An
         row[f"{kind}_logits_max_diff"] = float((logits - on["tensors"][kind]).abs().max())
     row["kernels_per_step"] = sum(on["kernels"].values())
     row["kernels"] = on["kernels"]
+    for key in ("cpu_rel_logit_err", "cpu_argmax_agreement"):
+        if key in on:
+            row[key] = max(off[key], on[key]) if "err" in key else min(off[key], on[key])
     for key in ("replay_us", "tg_ts"):
         if key in off:
             row[f"{key}_pdl0"], row[f"{key}_pdl1"] = off[key], on[key]
@@ -224,14 +245,23 @@ def main() -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     (out_dir() / "gpu_pdl.json").write_text(json.dumps({"device": device, "rows": rows}, indent=1))
     print(f"\n{device}")
-    print(f"{'model':<22} {'same':>5} {'kernels':>8} {'replay µs off/on':>18} {'tg128 off/on':>16}")
+    print(
+        f"{'model':<22} {'same':>5} {'kernels':>8} {'replay µs off/on':>18} "
+        f"{'tg128 off/on':>14} {'vs CPU err/top1':>16}"
+    )
     for r in rows:
         same = r["same_tokens"] and all(v for k, v in r.items() if k.endswith("_logits_equal"))
         replay = (
             f"{r['replay_us_pdl0']:.1f}/{r['replay_us_pdl1']:.1f}" if "replay_us_pdl0" in r else "-"
         )
         tg = f"{r['tg_ts_pdl0']:.0f}/{r['tg_ts_pdl1']:.0f}" if "tg_ts_pdl0" in r else "-"
-        print(f"{r['model']:<22} {same!s:>5} {r['kernels_per_step']:>8} {replay:>18} {tg:>16}")
+        cpu = "-"
+        if "cpu_rel_logit_err" in r:
+            cpu = f"{r['cpu_rel_logit_err']:.1e}/{r['cpu_argmax_agreement']:.2f}"
+        print(
+            f"{r['model']:<22} {same!s:>5} {r['kernels_per_step']:>8} {replay:>18} {tg:>14} "
+            f"{cpu:>16}"
+        )
     failed = [r["model"] for r in rows if not r["same_tokens"]]
     failed += [r["model"] for r in rows for k, v in r.items() if k.endswith("_equal") and not v]
     if failed:
