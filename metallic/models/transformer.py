@@ -95,7 +95,7 @@ class Transformer:
             rope = steps[self.layer_rope_base[i]]
             delta, delta_norm = self._block(i, layer, h, x, rope, batch, cache)
         profiler.mark("output_norm")
-        if not every_row:
+        if not every_row and not batch.decode:  # a decode step's rows are all last rows
             rows = batch.last_rows.long()
             x, delta = x[rows], None if delta is None else delta[rows]
         # f32 into the output matrix: its kernels accumulate in f32, and logits stored in bf16
