@@ -62,7 +62,7 @@ def compile_tile(qtype: GGMLQuantizationType, tile) -> tuple[bytes, int]:
     signature.update({f"p{i}": _POINTER[plane.dtype] for i, plane in enumerate(planes)})
     constants = {
         "FMT": fmt, "MODE": qm._MODE_DOT, "G": groups, "W": words, "SBS": sbs, "BN": rows,
-        "BM": tile.bm, "XKIND": 0, "EVEN": True, "PARTIAL": False, "PREC": "tf32",
+        "BM": tile.bm, "XKIND": 0, "EVEN": True, "PARTIAL": False, "PREC": "tf32", "PDL": False,
     }  # fmt: skip
     signature.update({name: "constexpr" for name in constants})
     aligned = ("x_ptr", "x64_ptr", "out_ptr", "p0", "p1", "p2", "p3", "K", "stride_xm")

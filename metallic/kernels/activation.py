@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from metallic.errors import MetallicError
+from metallic.kernels.pdl import pdl_launch, wait_for_inputs
 
 _KINDS = {"silu": 0, "gelu_tanh": 1}
 _BLOCK = 1024
@@ -33,7 +34,9 @@ def _gated_kernel(
     stride_up,
     KIND: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < width
@@ -80,6 +83,7 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor | None, kind: str) -> 
         KIND=_KINDS[kind],
         BLOCK=_BLOCK,
         num_warps=4,
+        **pdl_launch(out.device),
     )
     return out
 

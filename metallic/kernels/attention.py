@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from metallic.errors import MetallicError
+from metallic.kernels.pdl import pdl_launch, wait_for_inputs
 
 _LOG2E = 1.4426950408889634
 _MAX_HEAD_DIM = 256
@@ -33,6 +34,10 @@ _MAX_DECODE_ROWS = 64
 # a microsecond a tile: with one KV head (Gemma 3) 256-key splits cost 15 us a layer on an H200.
 _MIN_SPLIT_KEYS = 64
 _MAX_SPLITS = 64  # the merge holds every split of a row at once
+# Up to this many splits, the decode kernel's last split of a tile merges them itself (a loop
+# over the splits, in one program) instead of a second launch; more are merged by _combine_kernel,
+# which spreads the rows over programs.
+_MAX_MERGED_SPLITS = 16
 
 
 @dataclass(frozen=True)
@@ -158,7 +163,9 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     # Last query tiles first: under the causal mask they see the most keys, so they start early.
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1) // n_subgroups
@@ -226,6 +233,7 @@ def _decode_kernel(
     out_ptr,
     part_out_ptr,
     part_lse_ptr,
+    arrivals_ptr,
     k_ptr,
     v_ptr,
     table_ptr,
@@ -255,7 +263,10 @@ def _decode_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SPLIT: tl.constexpr,
+    MERGE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     split = tl.program_id(0)
     kv_head = tl.program_id(1) // n_subgroups
     subgroup = tl.program_id(1) % n_subgroups
@@ -310,20 +321,62 @@ def _decode_kernel(
     )
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
+    out_rows = q_index * stride_ot + head * stride_oh
     if SPLIT:
         # Partial results of this split: normalized output and its log2-sum-exp2.
-        part = (seq * tl.num_programs(1) + tl.program_id(1)) * num_splits + split
+        tile = seq * tl.num_programs(1) + tl.program_id(1)
+        part = tile * num_splits + split
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
         tl.store(part_lse_ptr + part * BLOCK_M + rows, lse)
         part_offs = (part * BLOCK_M + rows)[:, None] * BLOCK_D + offs_d[None, :]
         tl.store(part_out_ptr + part_offs, out)
+        if MERGE:
+            # The tile's last split to arrive merges them all. The barrier orders every
+            # thread's stores before the counter's release; the acquire of the last arrival
+            # makes the other splits' stores visible to it. It leaves the counter at zero.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_splits - 1:
+                tl.atomic_xchg(arrivals_ptr + tile, 0, sem="relaxed", scope="gpu")
+                merged = _merge_splits(part_out_ptr, part_lse_ptr, tile * num_splits, num_splits,
+                                       rows, row_ok, offs_d, BLOCK_M, BLOCK_D)  # fmt: skip
+                tl.store(
+                    out_ptr + out_rows[:, None] + offs_d[None, :],
+                    merged.to(out_ptr.dtype.element_ty),
+                    mask=q_mask,
+                )
     else:
-        out_rows = q_index * stride_ot + head * stride_oh
         tl.store(
             out_ptr + out_rows[:, None] + offs_d[None, :],
             out.to(out_ptr.dtype.element_ty),
             mask=q_mask,
         )
+
+
+@triton.jit
+def _merge_splits(part_out_ptr, part_lse_ptr, first_part, num_splits, rows, row_ok, offs_d,
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """The rows of one tile merged over its splits' partial results (weights 2^(lse_i - max)),
+    a split at a time. Loads bypass L1 (.cg): other programs wrote the partials."""
+    lse_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for split in range(num_splits):
+        lse = tl.load(part_lse_ptr + (first_part + split) * BLOCK_M + rows, cache_modifier=".cg")
+        lse_max = tl.maximum(lse_max, lse)
+    lse_ref = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for split in range(num_splits):
+        part_rows = (first_part + split) * BLOCK_M + rows
+        weight = tl.exp2(tl.load(part_lse_ptr + part_rows, cache_modifier=".cg") - lse_ref)
+        parts = tl.load(
+            part_out_ptr + part_rows[:, None] * BLOCK_D + offs_d[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        total += weight
+        acc += parts * weight[:, None]
+    return acc / tl.where(total == 0.0, 1.0, total)[:, None]
 
 
 @triton.jit
@@ -342,9 +395,11 @@ def _combine_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Merge the splits of one query row, all splits at once (weights 2^(lse_i - max lse)):
     a loop over splits would chain one memory latency per split."""
+    wait_for_inputs(PDL)
     row = tl.program_id(0)
     kv_head = tl.program_id(1) // n_subgroups
     subgroup = tl.program_id(1) % n_subgroups
@@ -515,8 +570,24 @@ def paged_attention_prefill(
         DOT_PRECISION=_dot_precision(k_pool.dtype),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **pdl_launch(q.device),
     )
     return out
+
+
+_ARRIVAL_SLOTS = 4096  # tiles (sequence x KV head x subgroup) of a decode launch that can merge
+_ARRIVALS: dict[torch.device, torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device) -> torch.Tensor | None:
+    """The device's split-arrival counters, zero between launches (the merging program resets
+    its tile's): allocated once, never freed, since captured graphs keep their address. None
+    while a graph is being captured before any eager launch allocated them."""
+    if device not in _ARRIVALS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _ARRIVALS[device] = torch.zeros(_ARRIVAL_SLOTS, dtype=torch.int32, device=device)
+    return _ARRIVALS[device]
 
 
 @functools.cache
@@ -552,9 +623,10 @@ def paged_attention_decode(
 
     q is [n_seqs * queries_per_seq, Hq, D], sequence-major; query i of sequence s sits at
     position `seq_lens[s] - queries_per_seq + i` (its key already stored). The attended keys are
-    split across `num_splits` programs per (sequence, KV head), whose partial softmax states a
-    second kernel merges. `max_seq_len` (default: the block table's capacity) bounds the key
-    count when choosing the split count; pass it from the host to avoid oversplitting.
+    split across `num_splits` programs per (sequence, KV head), whose partial softmax states the
+    last of them to finish merges (a second kernel does, past _MAX_MERGED_SPLITS splits).
+    `max_seq_len` (default: the block table's capacity) bounds the key count when choosing the
+    split count; pass it from the host to avoid oversplitting.
     """
     layout = _check_layout(q, k_pool, v_pool, block_table, seq_lens, out, "paged_attention_decode")
     kernel_window = _kernel_window(window)
@@ -590,6 +662,9 @@ def paged_attention_decode(
             f"paged_attention_decode: num_splits {num_splits} outside 1..{_MAX_SPLITS}"
         )
     split = num_splits > 1
+    arrivals = _arrival_counters(q.device) if split else None
+    merge = arrivals is not None and num_splits <= _MAX_MERGED_SPLITS
+    merge = merge and base_programs <= _ARRIVAL_SLOTS
     part_shape = (base_programs * num_splits, block_m)
     part_lse = torch.empty(part_shape if split else (1,), dtype=torch.float32, device=q.device)
     part_out = torch.empty(
@@ -601,6 +676,7 @@ def paged_attention_decode(
         out,
         part_out,
         part_lse,
+        arrivals if arrivals is not None else part_lse,
         k_pool,
         v_pool,
         block_table,
@@ -630,10 +706,12 @@ def paged_attention_decode(
         BLOCK_D=block_d,
         DOT_PRECISION=_dot_precision(k_pool.dtype),
         SPLIT=split,
+        MERGE=merge,
         num_warps=min(8, max(config.num_warps, block_m * block_d // 2048)),
         num_stages=config.num_stages,
+        **pdl_launch(q.device),
     )
-    if split:
+    if split and not merge:
         combine_grid = (queries_per_seq * heads_per_tile, grid[1], n_seqs)
         _combine_kernel[combine_grid](
             part_out,
@@ -651,6 +729,7 @@ def paged_attention_decode(
             BLOCK_D=block_d,
             BLOCK_S=triton.next_power_of_2(num_splits),
             num_warps=4,
+            **pdl_launch(q.device),
         )
     return out
 
@@ -681,7 +760,9 @@ def _store_kv_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_HD: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     seq = tl.program_id(1)
     q_start = tl.load(cu_q_ptr + seq).to(tl.int32)
     q_len = tl.load(cu_q_ptr + seq + 1).to(tl.int32) - q_start
@@ -773,4 +854,5 @@ def store_kv(
         BLOCK_HD=block_hd,
         BLOCK_D=block_d,
         num_warps=4,
+        **pdl_launch(k.device),
     )

@@ -14,11 +14,16 @@ import torch
 import triton
 import triton.language as tl
 
+from metallic.kernels.pdl import pdl_launch, wait_for_inputs
+
 BLOCK = 256  # words of a row per program
 
 
 @triton.jit
-def _gather_kernel(src_ptr, ids_ptr, out_ptr, row_words, src_stride, BLOCK: tl.constexpr):
+def _gather_kernel(
+    src_ptr, ids_ptr, out_ptr, row_words, src_stride, BLOCK: tl.constexpr, PDL: tl.constexpr
+):
+    wait_for_inputs(PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < row_words
@@ -41,5 +46,13 @@ def gather_host_rows(plane: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     out = torch.empty((ids.shape[0], source.shape[1]), dtype=word, device=ids.device)
     if ids.shape[0]:
         grid = (ids.shape[0], triton.cdiv(source.shape[1], BLOCK))
-        _gather_kernel[grid](source, ids, out, source.shape[1], source.stride(0), BLOCK=BLOCK)
+        _gather_kernel[grid](
+            source,
+            ids,
+            out,
+            source.shape[1],
+            source.stride(0),
+            BLOCK=BLOCK,
+            **pdl_launch(out.device),
+        )
     return out.view(torch.uint8).view(plane.dtype)

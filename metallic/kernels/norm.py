@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from metallic.errors import MetallicError
+from metallic.kernels.pdl import pdl_launch, wait_for_inputs
 
 _MAX_DIM = 16384  # one row lives in registers; wider rows are not a shape any supported model has
 
@@ -34,7 +35,9 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < n_rows
@@ -130,5 +133,6 @@ def rms_norm(
         BLOCK_R=block_r,
         BLOCK_D=block_d,
         num_warps=num_warps,
+        **pdl_launch(x.device),
     )
     return out

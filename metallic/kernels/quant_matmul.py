@@ -40,6 +40,7 @@ from gguf import GGMLQuantizationType
 
 from metallic.errors import MetallicError
 from metallic.kernels.packing import PackedWeight, check_shape, prepare_weight
+from metallic.kernels.pdl import pdl_launch, wait_for_inputs
 
 T = GGMLQuantizationType
 
@@ -679,7 +680,7 @@ def _quant_kernel(x_ptr, x64_ptr, out_ptr, p0, p1, p2, p3, M, N, K, stride_xm, s
                   n_steps, steps_per_split, one_bits, group_stride, FMT: tl.constexpr,
                   MODE: tl.constexpr, G: tl.constexpr, W: tl.constexpr, SBS: tl.constexpr,
                   BN: tl.constexpr, BM: tl.constexpr, XKIND: tl.constexpr, EVEN: tl.constexpr,
-                  PARTIAL: tl.constexpr, PREC: tl.constexpr):
+                  PARTIAL: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
     """Rows [BN*r, +BN) of out, over K steps [pid1*steps_per_split, +steps_per_split).
 
     DOT mode: program pid0 = r * m_tiles + t also takes rows [BM*t, +BM) of x (t varies
@@ -689,6 +690,7 @@ def _quant_kernel(x_ptr, x64_ptr, out_ptr, p0, p1, p2, p3, M, N, K, stride_xm, s
     along the groups, which would give them a layout other than the words' and a conversion
     of every value derived from them inside the loop.
     """
+    wait_for_inputs(PDL)
     pid_k = tl.program_id(1)
     row_block = tl.program_id(0)
     m_first = 0
@@ -749,8 +751,9 @@ def _quant_kernel(x_ptr, x64_ptr, out_ptr, p0, p1, p2, p3, M, N, K, stride_xm, s
 
 @triton.jit
 def _sum_splits_kernel(part_ptr, out_ptr, total, N, stride_om, SPLIT: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       BLOCK: tl.constexpr, PDL: tl.constexpr):
     """out[m, n] = sum over splits of part[split, m, n], in f32, stored in out's dtype."""
+    wait_for_inputs(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -831,7 +834,7 @@ def dequantize_gpu(
         FMT=fmt, MODE=_MODE_DEQUANT, G=groups, W=words, SBS=sbs, BN=rows, BM=1,
         XKIND=_X_SINGLE,
         EVEN=k % (sbs * STEP) == 0, PARTIAL=False, PREC="ieee",
-        num_warps=_DEQUANT_WARPS, enable_fp_fusion=False,
+        num_warps=_DEQUANT_WARPS, enable_fp_fusion=False, **pdl_launch(out.device),
     )  # fmt: skip
     return out
 
@@ -929,7 +932,7 @@ def quant_matmul(
         BM=tile.bm if tile else 1, XKIND=_X_SINGLE if x64 is x else _X_KINDS[x.dtype],
         EVEN=k % (sbs * STEP) == 0, PARTIAL=splits > 1,
         PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        enable_fp_fusion=True, **options,
+        enable_fp_fusion=True, **options, **pdl_launch(x.device),
     )  # fmt: skip
     if splits > 1:
         sum_splits(target, out)
@@ -942,5 +945,13 @@ def sum_splits(partials: torch.Tensor, out: torch.Tensor) -> None:
     total = m * n
     block = 1024
     _sum_splits_kernel[(triton.cdiv(total, block),)](
-        partials, out, total, n, out.stride(0), SPLIT=partials.shape[0], BLOCK=block, num_warps=4
+        partials,
+        out,
+        total,
+        n,
+        out.stride(0),
+        SPLIT=partials.shape[0],
+        BLOCK=block,
+        num_warps=4,
+        **pdl_launch(out.device),
     )

@@ -3,9 +3,9 @@
 Layers are grouped into pools by attention window (0: full attention; gemma3's sliding layers
 form a second pool): each layer of a pool keeps keys and values as tensors [n_blocks, block_size,
 kv_heads, head_dim] indexed by the pool's physical block ids. Which blocks a sequence holds is the
-engine's business (`engine/blocks.py`): a step's batch carries each sequence's table per pool, and
-`attend` stores the step's keys and values through it, then attends (Triton kernels on CUDA, torch
-elsewhere).
+engine's business (`engine/blocks.py`): a step's batch carries each sequence's table per pool.
+`kv_write` says where a layer's keys and values go (RoPE stores them, in its own launch on the
+GPU), and `attend` then attends through the table (Triton kernels on CUDA, torch elsewhere).
 
 Pools change size only between steps (`resize`, decided by the engine's planner), and read their
 blocks again after the memory pool compacts (`rebind`); both bump `generation`, so captured CUDA
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from metallic.gguf.config import ModelConfig
-from metallic.ops.attention import paged_attention, store_kv
+from metallic.ops.attention import KVWrite, paged_attention
 from metallic.runtime.batch import StepBatch
 from metallic.runtime.memory import Block, MemoryPool, OutOfBudget
 
@@ -140,20 +140,17 @@ class KVStore:
     def pool_bytes(self, pool: int) -> int:
         return self.n_blocks[pool] * self.layout.pool_block_bytes(pool)
 
+    def kv_write(self, layer: int, v: torch.Tensor, batch: StepBatch) -> KVWrite:
+        """Where `layer`'s keys and values `v` of this step go (for `apply_rope`'s `store`)."""
+        table = batch.block_tables[self.layout.layer_pool[layer]]
+        return KVWrite(v, self.k[layer], self.v[layer], batch, table)
+
     def attend(
-        self,
-        layer: int,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        batch: StepBatch,
-        scale: float,
-        window: int,
+        self, layer: int, q: torch.Tensor, batch: StepBatch, scale: float, window: int
     ) -> torch.Tensor:
-        """Store this step's keys and values of `layer`, then each sequence's queries over its
-        keys (this step's included)."""
+        """Each sequence's queries over its keys of `layer`, this step's included (stored
+        through `kv_write` before)."""
         table = batch.block_tables[self.layout.layer_pool[layer]]
         k_pool, v_pool = self.k[layer], self.v[layer]
-        store_kv(k, v, k_pool, v_pool, batch, table)
         bound = batch.max_keys or table.shape[1] * self.layout.block_size
         return paged_attention(q, k_pool, v_pool, batch, table, scale, window, max_seq_len=bound)

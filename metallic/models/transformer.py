@@ -95,7 +95,7 @@ class Transformer:
             rope = steps[self.layer_rope_base[i]]
             delta, delta_norm = self._block(i, layer, h, x, rope, batch, cache)
         profiler.mark("output_norm")
-        if not every_row:
+        if not every_row and not batch.decode:  # a decode step's rows are all last rows
             rows = batch.last_rows.long()
             x, delta = x[rows], None if delta is None else delta[rows]
         # f32 into the output matrix: its kernels accumulate in f32, and logits stored in bf16
@@ -146,11 +146,12 @@ class Transformer:
         qk_norm = None
         if w.q_norm is not None and w.k_norm is not None:
             qk_norm = (w.q_norm, w.k_norm, c.rms_eps)
-        mark("rope", i)
-        q, k = apply_rope(q, k, rope, c.rope_dim, c.rope_neox, qk_norm)
+        mark("rope", i)  # and the KV-cache write, in the same launch on the GPU
+        store = cache.kv_write(i, v, batch)
+        q, k = apply_rope(q, k, rope, c.rope_dim, c.rope_neox, qk_norm, store)
         window = c.sliding_window if c.is_sliding(i) else 0
         mark("attention", i)
-        out = cache.attend(i, q, k, v, batch, c.softmax_scale, window)
+        out = cache.attend(i, q, batch, c.softmax_scale, window)
         mark("attn_out", i)
         a = self._linear(out.view(-1, c.q_size), w.o)
         mark("ffn_norm", i)

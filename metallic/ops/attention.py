@@ -7,6 +7,8 @@ buffer of the last W positions (sliding-window layers) and pages gathered from a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -44,6 +46,18 @@ def attention(
     )
     out = out.view(n_kv, group, n_tokens, head_dim).permute(2, 0, 1, 3)
     return out.reshape(n_tokens, n_heads, head_dim).to(q.dtype)
+
+
+@dataclass(frozen=True)
+class KVWrite:
+    """Where a layer's step values `v` [T, Hkv, D] and its keys (once rotated) go: the layer's
+    pools, through `table` (one of the batch's block tables). `apply_rope` stores them."""
+
+    v: torch.Tensor
+    k_pool: torch.Tensor
+    v_pool: torch.Tensor
+    batch: StepBatch
+    table: torch.Tensor
 
 
 def store_kv(

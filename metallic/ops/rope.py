@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from metallic.ops.attention import KVWrite, store_kv
 from metallic.ops.dispatch import use_kernels
 from metallic.ops.norm import rms_norm
 
@@ -81,26 +82,38 @@ def apply_rope(
     rope_dim: int,
     neox: bool,
     qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    store: KVWrite | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [T, Hq, D] and k [T, Hkv, D] by their tokens' positions; dims past rope_dim
     pass unchanged. `qk_norm` = (q weight, k weight, eps) first RMS-normalizes every head (the
-    QK-norm of qwen3 and gemma3; one fused kernel with the rotation on the GPU). The kernels work
-    in place on q and k; the torch path returns new tensors."""
+    QK-norm of qwen3 and gemma3; one fused kernel with the rotation on the GPU). `store` then
+    writes the rotated keys and the step's values into the KV cache (on the GPU in the same
+    launch: a decode step is launch-bound). The kernels work in place on q and k; the torch
+    path returns new tensors."""
     if not step.gathered:
+        from metallic.kernels.rope import PagedWrite, norm_rope
         from metallic.kernels.rope import apply_rope as rope_kernel
-        from metallic.kernels.rope import norm_rope
 
+        write = None
+        if store is not None:
+            write = PagedWrite(
+                store.v, store.k_pool, store.v_pool, store.table, store.batch.cu_seqlens_q
+            )
         if qk_norm is not None and neox:
-            norm_rope(q, k, *qk_norm, step.positions, step.cos, step.sin)
+            norm_rope(q, k, *qk_norm, step.positions, step.cos, step.sin, write)
             return q, k
         if qk_norm is not None:
             q, k = _qk_norm(q, k, qk_norm)
-        rope_kernel(q, k, step.positions, step.cos, step.sin, neox)  # the table spans rope_dim
+        # the table spans rope_dim
+        rope_kernel(q, k, step.positions, step.cos, step.sin, neox, write)
         return q, k
     if qk_norm is not None:
         q, k = _qk_norm(q, k, qk_norm)
     cos, sin = step.cos, step.sin
-    return rotate(q, cos, sin, rope_dim, neox), rotate(k, cos, sin, rope_dim, neox)
+    q, k = rotate(q, cos, sin, rope_dim, neox), rotate(k, cos, sin, rope_dim, neox)
+    if store is not None:
+        store_kv(k, store.v, store.k_pool, store.v_pool, store.batch, store.table)
+    return q, k
 
 
 def _qk_norm(

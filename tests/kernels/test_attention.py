@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from metallic.errors import MetallicError
+from metallic.kernels import attention
 from metallic.kernels.attention import (
     TileConfig,
     paged_attention_decode,
@@ -183,6 +184,8 @@ def test_prefill_with_default_tiles_into_a_given_output() -> None:
         pytest.param(8, 1, 64, [16, 30], 16, 0, 2, torch.float16, id="16-queries-two-subgroups"),
         pytest.param(2, 2, 96, [33], 1, 0, 1, torch.float32, id="one-split-f32"),
         pytest.param(4, 2, 64, [50, 3], 2, 0, None, torch.float16, id="default-splits"),
+        # More splits than the decode kernel merges itself: _combine_kernel's; some empty.
+        pytest.param(4, 1, 64, [70, 9], 1, 0, 20, torch.float16, id="20-splits-combined"),
     ],
 )
 def test_decode_matches_reference(
@@ -217,6 +220,8 @@ def test_decode_matches_reference(
         q_pos = torch.arange(length - queries, length)
         ref = reference(q[rows], cache, seq, q_pos, scale, window)
         assert relative_error(out[rows], ref) < TOLERANCE[dtype], f"sequence {seq}"
+    if splits != 1:  # the merging programs leave every arrival counter at zero for the next
+        assert not attention._ARRIVALS[q.device].any()
 
 
 def test_attention_rejects_bad_shapes() -> None:

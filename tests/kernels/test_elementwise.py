@@ -7,8 +7,9 @@ import torch
 
 from metallic.errors import MetallicError
 from metallic.kernels.activation import gated_activation
+from metallic.kernels.attention import store_kv
 from metallic.kernels.norm import rms_norm
-from metallic.kernels.rope import apply_rope, norm_rope
+from metallic.kernels.rope import PagedWrite, apply_rope, norm_rope
 from metallic.ops import activation as ref_activation
 from metallic.ops import norm as ref_norm
 from metallic.ops import rope as ref_rope
@@ -114,6 +115,45 @@ def test_qk_norm_then_rope_in_one_kernel(head_dim: int, rope_dim: int) -> None:
     norm_rope(q, k, q_w, k_w, 1e-6, positions, table.cos, table.sin)
     assert relative_error(q, ref_q) < TOLERANCE[torch.float32]
     assert relative_error(k, ref_k) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize(
+    ("qk_norm", "neox", "head_dim", "rope_dim"),
+    [(False, False, 80, 32), (False, True, 64, 64), (True, True, 80, 32), (True, True, 64, 64)],
+)
+def test_rope_stores_the_keys_and_values_as_store_kv_does(
+    qk_norm: bool, neox: bool, head_dim: int, rope_dim: int
+) -> None:
+    """The fused KV write of a ragged step (three sequences, chunks in mid-sequence, f32 into
+    f16 pools) against rotating first and `store_kv` after:
+    the same q, k and every pool element bit for bit."""
+    lengths, starts, q_heads, k_heads, block_size = [3, 1, 4], [5, 0, 10], 4, 3, 4
+    n_tokens = sum(lengths)
+    table = ref_rope.RopeTable(rope_dim, 1e4)
+    table.ensure(64)
+    positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)])
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    block_table = torch.tensor([[7, 2, 0, 9], [4, 8, 1, 3], [6, 10, 11, 5]], dtype=torch.int32)
+    qkv = torch.randn(n_tokens, (q_heads + 2 * k_heads) * head_dim) * 3
+    weights = (torch.rand(head_dim) + 0.5, torch.rand(head_dim) + 0.5)
+
+    def run(fused: bool) -> tuple[torch.Tensor, ...]:
+        q, k, v = (t.view(n_tokens, -1, head_dim) for t in qkv.clone().split(
+            [q_heads * head_dim, k_heads * head_dim, k_heads * head_dim], dim=1))  # fmt: skip
+        pools = [torch.full((12, block_size, k_heads, head_dim), -7.0).half() for _ in "kv"]
+        write = PagedWrite(v, *pools, block_table, cu_seqlens) if fused else None
+        if qk_norm:
+            norm_rope(q, k, *weights, 1e-6, positions, table.cos, table.sin, write)
+        else:
+            apply_rope(q, k, positions, table.cos, table.sin, neox, write)
+        if not fused:
+            store_kv(k, v, *pools, block_table, cu_seqlens, positions)
+        return q, k, *pools
+
+    fused, separate = run(True), run(False)
+    for got, want in zip(fused, separate, strict=True):
+        assert torch.equal(got, want)
+    assert int((separate[2] != -7.0).all(dim=-1).sum()) == n_tokens * k_heads  # rows written
 
 
 def test_rope_half_precision_queries_only() -> None:
