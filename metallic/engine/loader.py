@@ -17,6 +17,7 @@ import torch
 from metallic.engine.arguments import cap_context, check_kv_fits
 from metallic.engine.model_runner import decode_graph_rows
 from metallic.engine.residency import Residency
+from metallic.gguf import tokenizer_cache
 from metallic.gguf.config import ModelConfig
 from metallic.gguf.default_model import DEFAULT_MODEL
 from metallic.gguf.reader import GGUFFile, open_gguf
@@ -139,7 +140,7 @@ def load_model(
     config = model_config(gguf)
     device = choose_device(device)
     warmup = start_gpu_warmup(device)  # overlaps the tokenizer and the weights
-    tokenizer = Tokenizer.from_metadata(gguf.metadata)
+    tokenizer = Tokenizer.from_metadata(gguf.metadata, tokenizer_cache.default_folder())
     dtype = choose_dtype(device, dtype)
     kernels = use_kernels(device)
     native = kernels if native is None else native

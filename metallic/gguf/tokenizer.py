@@ -21,17 +21,22 @@ detokenizer. Anything else (other models, other pre-tokenizers) is refused with 
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tokenizers
 from tokenizers import Regex, models, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
 from metallic.errors import TokenizerError
+from metallic.gguf import tokenizer_cache
+from metallic.gguf.tokenizer_cache import DerivedTables
 
 log = logging.getLogger("metallic")
 
@@ -230,7 +235,10 @@ class Tokenizer:
         add_eos: bool,
         add_space_prefix: bool,
         stop_ids: frozenset[int],
+        overlaps: tuple[bool, bool],
     ) -> None:
+        """``overlaps``: whether special-token texts overlap (`_overlapping`): among the
+        user-defined ones, among all that are cut out of a text."""
         self._kind = kind
         self._tokens = tokens
         self._attrs = attrs
@@ -243,17 +251,20 @@ class Tokenizer:
         self._add_space_prefix = add_space_prefix
         self._stop_ids = stop_ids
         self._prefix = SPACE_MARK if kind == "spm" and add_space_prefix else ""
-        split_out = [(tokens[i], i, attr) for i, attr in enumerate(attrs) if attr & _SPLIT_OUT]
-        with_control = _SpecialSplitter(split_out)
-        user_defined = [entry for entry in split_out if not entry[2] & _SPECIAL]
-        self._splitters = (
-            _SpecialSplitter(user_defined, may_overlap=with_control.overlapping),
-            with_control,
+        self._splitters = tuple(
+            _SpecialSplitter(entries, overlapping)
+            for entries, overlapping in zip(_split_out(tokens, attrs), overlaps, strict=True)
         )  # indexed by parse_special
 
     @classmethod
-    def from_metadata(cls, metadata: Mapping[str, Any]) -> Tokenizer:
+    def from_metadata(
+        cls, metadata: Mapping[str, Any], cache_folder: Path | None = None
+    ) -> Tokenizer:
         """Build the tokenizer a GGUF file describes (``open_gguf(path).metadata``).
+
+        With ``cache_folder`` the tables the build derives at length (its merges) are read from
+        there when an earlier build of the same metadata stored them, else derived and stored
+        (see `tokenizer_cache`).
 
         Raises `TokenizerError` for a tokenizer model other than ``llama``/``gpt2``, a ``gpt2``
         pre-tokenizer other than those listed in the module docstring (aliases llama.cpp treats
@@ -268,6 +279,8 @@ class Tokenizer:
         tokens = _tokens(metadata)
         n = len(tokens)
         index = _index(tokens)
+        key = tokenizer_cache.fingerprint(metadata, _derivation_code()) if cache_folder else None
+        cached = tokenizer_cache.load(cache_folder, key, n) if cache_folder and key else None
         spelling = _Spelling.of(tokens)
         types = metadata.get("tokenizer.ggml.token_type")
         if types is None:
@@ -278,13 +291,16 @@ class Tokenizer:
             raise TokenizerError(f"tokenizer.ggml.token_type is not a list of {n} token types")
         if model == "llama":
             kind = "spm"
-            backend = _spm_backend(tokens, index, spelling, _scores(metadata, n))
+            _check_byte_fallback(index)
+            merges = cached.merges if cached else _spm_merges(spelling, _scores(metadata, n))
+            backend = _spm_backend(tokens, index, spelling, merges)
             # llama.cpp's defaults for SentencePiece files that leave these keys out
             default_bos, default_eos, default_add_bos, default_space_prefix = 1, 2, True, True
         else:
             kind = "bpe"
             pre = _pre_tokenizer(metadata)
-            backend = _bpe_backend(index, _merges(metadata, index), pre)
+            merges = cached.merges if cached else _merges(metadata, index)
+            backend = _bpe_backend(tokens, index, merges, pre)
             default_bos, default_eos, default_add_bos, default_space_prefix = (
                 None,
                 None,
@@ -305,6 +321,15 @@ class Tokenizer:
                 "the vocabulary asks for an EOS token but names none (eos_token_id)"
             )
         stop_ids = _adjust_attrs(metadata, tokens, index, attrs, eos_id)
+        if cached:
+            overlaps = cached.overlaps
+        else:
+            user_defined, with_control = _split_out(tokens, attrs)
+            overlap_all = _overlapping([text for text, _, _ in with_control])
+            overlap_user = overlap_all and _overlapping([text for text, _, _ in user_defined])
+            overlaps = (overlap_user, overlap_all)
+            if cache_folder and key:
+                tokenizer_cache.store(cache_folder, key, DerivedTables(merges, overlaps))
         return cls(
             kind=kind,
             tokens=tokens,
@@ -317,6 +342,7 @@ class Tokenizer:
             add_eos=add_eos,
             add_space_prefix=add_space_prefix,
             stop_ids=stop_ids,
+            overlaps=overlaps,
         )
 
     # -- properties ------------------------------------------------------------------------------
@@ -453,13 +479,12 @@ class _SpecialSplitter:
     whitespace around them, the cuts are made token by token in llama.cpp's order.
     """
 
-    def __init__(self, entries: Sequence[tuple[str, int, int]], may_overlap: bool = True) -> None:
-        """``entries``: (text, id, attributes); ``may_overlap=False`` skips the overlap check."""
+    def __init__(self, entries: Sequence[tuple[str, int, int]], overlapping: bool) -> None:
+        """``entries``: (text, id, attributes); ``overlapping``: `_overlapping` of their texts."""
         ordered = sorted(entries, key=lambda entry: -len(entry[0]))
         texts = [text for text, _, _ in ordered]
-        self.overlapping = may_overlap and _overlapping(texts)
         strips = any(attr & (_LSTRIP | _RSTRIP) for _, _, attr in ordered)
-        self._ordered = ordered if strips or self.overlapping else []
+        self._ordered = ordered if strips or overlapping else []
         # the scan: a regex finds where a token may start (by its first two characters), then a
         # walk down a trie of the texts finds the longest token starting there
         self._trie: dict[str, Any] = {}
@@ -517,6 +542,15 @@ class _SpecialSplitter:
                         cut.append(part)
                 parts = cut
         return parts
+
+
+def _split_out(
+    tokens: list[str], attrs: list[int]
+) -> tuple[list[tuple[str, int, int]], list[tuple[str, int, int]]]:
+    """The (text, id, attributes) of the tokens cut out of a text before the BPE runs: without
+    parse_special (user-defined tokens), and with it (control and unknown tokens too)."""
+    with_control = [(tokens[i], i, attr) for i, attr in enumerate(attrs) if attr & _SPLIT_OUT]
+    return [entry for entry in with_control if not entry[2] & _SPECIAL], with_control
 
 
 def _cut(text: str, token_text: str, token_id: int, attr: int) -> list[str | int]:
@@ -578,33 +612,52 @@ class _Spelling:
         return cls(codes=codes, starts=np.cumsum(lengths) - lengths, lengths=lengths)
 
 
-def _spm_backend(
-    tokens: list[str], index: dict[str, int], spelling: _Spelling, scores: np.ndarray
-) -> _HFTokenizer:
-    """SentencePiece BPE as llama.cpp runs it, on HF's BPE model with merges derived from scores."""
+@functools.cache
+def _derivation_code() -> bytes:
+    """What the derived tables depend on besides the metadata: this module and HF's BPE."""
+    try:
+        source = Path(__file__).read_bytes()
+    except OSError:  # no source beside the module: its version must do
+        from metallic import __version__
+
+        source = __version__.encode()
+    return source + b"\0tokenizers " + tokenizers.__version__.encode()
+
+
+def _check_byte_fallback(index: dict[str, int]) -> None:
     missing = [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in index]
     if missing:
         raise TokenizerError(
             f"SentencePiece vocabulary lacks byte-fallback tokens ({missing[0]} and "
             f"{len(missing) - 1} more); metallic cannot encode text outside its vocabulary"
         )
-    merges = _spm_merges(tokens, spelling, scores)
-    backend = _HFTokenizer(models.BPE(index, merges, byte_fallback=True))
+
+
+def _merge_texts(tokens: list[str], merges: np.ndarray) -> list[tuple[str, str]]:
+    """The (left, right) texts of merges given as token-id pairs."""
+    texts = np.array(tokens, dtype=object)  # gathers the strings without a Python loop
+    return list(zip(texts[merges[:, 0]].tolist(), texts[merges[:, 1]].tolist(), strict=True))
+
+
+def _spm_backend(
+    tokens: list[str], index: dict[str, int], spelling: _Spelling, merges: np.ndarray
+) -> _HFTokenizer:
+    """SentencePiece BPE as llama.cpp runs it, on HF's BPE model with merges derived from scores
+    (`_spm_merges`); the vocabulary has every byte-fallback token (`_check_byte_fallback`)."""
+    backend = _HFTokenizer(models.BPE(index, _merge_texts(tokens, merges), byte_fallback=True))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(_word_start(spelling)), "merged_with_next")
     return backend
 
 
-def _spm_merges(
-    tokens: list[str], spelling: _Spelling, scores: np.ndarray
-) -> list[tuple[str, str]]:
-    """Every cut of a token into two tokens, ranked as llama.cpp merges them.
+def _spm_merges(spelling: _Spelling, scores: np.ndarray) -> np.ndarray:
+    """Every cut of a token into two tokens, ranked as llama.cpp merges them: int32 [m, 2] ids.
 
     llama.cpp joins the adjacent pair whose joined text is the token of highest score (leftmost
     on ties), whatever the pair. So each cut ``(a, b)`` of a token ``t`` with ``a`` and ``b`` in
     the vocabulary is a merge ranked by the score of ``t``. Cuts are found by 64-bit polynomial
     hashes of all prefixes and suffixes, then confirmed code point by code point.
     """
-    n = len(tokens)
+    n = len(spelling.lengths)
     codes = spelling.codes.astype(np.uint64) + 1
     starts, lengths = spelling.starts, spelling.lengths
     ends = starts + lengths
@@ -659,8 +712,7 @@ def _spm_merges(
         left_lengths[keep],
     )
     order = np.lexsort((left_lengths, cut_rows, -scores[cut_rows]))
-    texts = np.array(tokens, dtype=object)  # gathers the strings without a Python loop
-    return list(zip(texts[left[order]].tolist(), texts[right[order]].tolist(), strict=True))
+    return np.stack((left[order], right[order]), axis=1).astype(np.int32)
 
 
 def _same_codes(codes: np.ndarray, a: np.ndarray, b: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -689,7 +741,7 @@ def _word_start(spelling: _Spelling) -> str:
 
 
 def _bpe_backend(
-    index: dict[str, int], merges: list[tuple[str, str]], pre: _PreTokenizer
+    tokens: list[str], index: dict[str, int], merges: np.ndarray, pre: _PreTokenizer
 ) -> _HFTokenizer:
     """Byte-level BPE as llama.cpp runs it: pre-tokenizer regexes, byte mapping, ranked merges.
 
@@ -698,7 +750,8 @@ def _bpe_backend(
     its own. HF's BPE would silently join the neighbours, so the byte is cut out as a split.
     """
     missing = [char for char in _BYTE_CHARS if char not in index]
-    backend = _HFTokenizer(models.BPE(index, merges, ignore_merges=pre.ignore_merges))
+    pairs = _merge_texts(tokens, merges)
+    backend = _HFTokenizer(models.BPE(index, pairs, ignore_merges=pre.ignore_merges))
     steps = [pre_tokenizers.Split(Regex(regex), "isolated") for regex in pre.regexes]
     steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
     if missing:
@@ -815,12 +868,13 @@ def _scores(metadata: Mapping[str, Any], n: int) -> np.ndarray:
         raise TokenizerError("tokenizer.ggml.scores holds values that are not numbers") from None
 
 
-def _merges(metadata: Mapping[str, Any], index: dict[str, int]) -> list[tuple[str, str]]:
-    """The ranked merges of a byte-level vocabulary, ``"a b"`` each (``a`` never empty)."""
+def _merges(metadata: Mapping[str, Any], index: dict[str, int]) -> np.ndarray:
+    """The ranked merges of a byte-level vocabulary, ``"a b"`` each (``a`` never empty), as
+    int32 [m, 2] token ids."""
     lines = metadata.get("tokenizer.ggml.merges")
     if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):
         raise TokenizerError("tokenizer.ggml.merges is missing or not a list of strings")
-    merges: dict[tuple[str, str], None] = {}  # first rank wins, as in llama.cpp
+    merges: dict[tuple[int, int], None] = {}  # first rank wins, as in llama.cpp
     for line in lines:
         cut = line.find(" ", 1)
         if cut < 0:
@@ -831,14 +885,14 @@ def _merges(metadata: Mapping[str, Any], index: dict[str, int]) -> list[tuple[st
                 f"merge {line!r} in tokenizer.ggml.merges makes a token not in the vocabulary"
             )
         if left in index and right in index:
-            merges.setdefault((left, right))
+            merges.setdefault((index[left], index[right]))
         elif {left, right} & _BYTE_SET - index.keys():
             # a byte without a token is still a symbol to llama.cpp, so this merge could apply
             raise TokenizerError(
                 f"merge {line!r} in tokenizer.ggml.merges joins a byte that has no token"
             )
         # otherwise a part is neither a token nor a byte, so the pair never forms
-    return list(merges)
+    return np.array(list(merges), np.int32).reshape(-1, 2)
 
 
 def _pre_tokenizer(metadata: Mapping[str, Any]) -> _PreTokenizer:
