@@ -22,9 +22,11 @@ detokenizer. Anything else (other models, other pre-tokenizers) is refused with 
 from __future__ import annotations
 
 import functools
+import heapq
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,10 @@ _SPECIAL = _UNKNOWN | _CONTROL  # parsed only with parse_special, hidden by skip
 _SPLIT_OUT = _SPECIAL | _USER_DEFINED  # token texts cut out of the text before the BPE runs
 
 _ASCII_SPACE = " \t\n\v\f\r"  # C isspace(), which llama.cpp uses to strip around special tokens
+# SentencePiece texts up to this many characters are merged in Python (`_spm_encode`, ~1.5 ms per
+# 1000 characters) rather than by HF's BPE, whose build (0.4-0.5 s for Gemma 3's vocabulary, most
+# of a short run's tokenizer) is then left until a longer text needs it.
+SHORT_TEXT = 8192
 
 # Token texts llama.cpp promotes to control tokens and stop on (its end-of-generation set).
 _EOG_TEXTS = frozenset(
@@ -228,7 +234,8 @@ class Tokenizer:
         tokens: list[str],
         attrs: list[int],
         pieces: list[bytes],
-        backend: _HFTokenizer,
+        backend: Callable[[], _HFTokenizer],
+        scores: Sequence[float] | None,
         bos_id: int | None,
         eos_id: int | None,
         add_bos: bool,
@@ -237,13 +244,18 @@ class Tokenizer:
         stop_ids: frozenset[int],
         overlaps: tuple[bool, bool],
     ) -> None:
-        """``overlaps``: whether special-token texts overlap (`_overlapping`): among the
-        user-defined ones, among all that are cut out of a text."""
+        """``backend`` builds HF's tokenizer when first needed; ``scores`` (SentencePiece only) let
+        short texts be merged without it. ``overlaps``: whether special-token texts overlap
+        (`_overlapping`): among the user-defined ones, among all that are cut out of a text."""
         self._kind = kind
         self._tokens = tokens
         self._attrs = attrs
         self._pieces = pieces
-        self._backend = backend
+        self._make_backend = backend
+        self._backend: _HFTokenizer | None = None
+        self._backend_lock = threading.Lock()
+        self._scores = scores
+        self._index: dict[str, int] | None = None  # token ids by text, for `_spm_encode`
         self._bos_id = bos_id
         self._eos_id = eos_id
         self._add_bos = add_bos
@@ -292,15 +304,17 @@ class Tokenizer:
         if model == "llama":
             kind = "spm"
             _check_byte_fallback(index)
-            merges = cached.merges if cached else _spm_merges(spelling, _scores(metadata, n))
-            backend = _spm_backend(tokens, index, spelling, merges)
+            scores = _scores(metadata, n)
+            merges = cached.merges if cached else _spm_merges(spelling, scores)
+            backend = functools.partial(_spm_backend, tokens, index, spelling, merges)
             # llama.cpp's defaults for SentencePiece files that leave these keys out
             default_bos, default_eos, default_add_bos, default_space_prefix = 1, 2, True, True
         else:
             kind = "bpe"
             pre = _pre_tokenizer(metadata)
+            scores = None
             merges = cached.merges if cached else _merges(metadata, index)
-            backend = _bpe_backend(tokens, index, merges, pre)
+            backend = functools.partial(_bpe_backend, tokens, index, merges, pre)
             default_bos, default_eos, default_add_bos, default_space_prefix = (
                 None,
                 None,
@@ -330,12 +344,13 @@ class Tokenizer:
             overlaps = (overlap_user, overlap_all)
             if cache_folder and key:
                 tokenizer_cache.store(cache_folder, key, DerivedTables(merges, overlaps))
-        return cls(
+        tokenizer = cls(
             kind=kind,
             tokens=tokens,
             attrs=attrs,
             pieces=_pieces(kind, tokens, attrs, spelling),
             backend=backend,
+            scores=None if scores is None else scores.tolist(),
             bos_id=bos_id,
             eos_id=eos_id,
             add_bos=add_bos,
@@ -344,6 +359,11 @@ class Tokenizer:
             stop_ids=stop_ids,
             overlaps=overlaps,
         )
+        if scores is None:
+            tokenizer._hf()  # byte-level BPE always needs it
+        else:
+            tokenizer._index = index
+        return tokenizer
 
     # -- properties ------------------------------------------------------------------------------
 
@@ -404,18 +424,36 @@ class Tokenizer:
         runs = [part for part in parts if isinstance(part, str)]
         if self._kind == "spm":
             runs = [self._prefix + run.replace(" ", SPACE_MARK) for run in runs]
-        encoded = iter(
-            self._backend.encode_batch_fast(runs, add_special_tokens=False) if runs else ()
-        )
+        if not runs:
+            encoded = iter(())
+        elif (
+            self._index is not None
+            and self._scores is not None
+            and self._backend is None
+            and (sum(map(len, runs)) <= SHORT_TEXT)
+        ):
+            encoded = iter([_spm_encode(run, self._index, self._scores) for run in runs])
+        else:
+            encoded = iter(
+                encoding.ids
+                for encoding in self._hf().encode_batch_fast(runs, add_special_tokens=False)
+            )
         ids = [self._bos_id] if add_special and self._add_bos else []
         for part in parts:
             if isinstance(part, str):
-                ids += next(encoded).ids
+                ids += next(encoded)
             else:
                 ids.append(part)
         if add_special and self._add_eos:
             ids.append(self._eos_id)
         return ids
+
+    def _hf(self) -> _HFTokenizer:
+        """HF's tokenizer, built at the first call (by one thread; others wait for it)."""
+        with self._backend_lock:
+            if self._backend is None:
+                self._backend = self._make_backend()
+            return self._backend
 
     # -- decoding --------------------------------------------------------------------------------
 
@@ -647,6 +685,55 @@ def _spm_backend(
     backend = _HFTokenizer(models.BPE(index, _merge_texts(tokens, merges), byte_fallback=True))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(_word_start(spelling)), "merged_with_next")
     return backend
+
+
+def _spm_encode(text: str, index: dict[str, int], scores: Sequence[float]) -> list[int]:
+    """llama.cpp's SentencePiece merging, in Python: the adjacent pair whose joined text is the
+    token of highest score joins first (leftmost on ties) until no pair forms a token; a
+    character that is no token becomes its UTF-8 bytes' ``<0xNN>`` tokens.
+
+    Symbols are the texts at fixed start positions that only grow, so a queued pair is stale
+    exactly when its two symbols' lengths no longer add up to its joined text's.
+    """
+    symbols = list(text)
+    n = len(symbols)
+    following = list(range(1, n + 1))
+    preceding = list(range(-1, n - 1))
+    queue: list[tuple[float, int, str]] = []
+
+    def consider(left: int) -> None:
+        right = following[left]
+        if right < n:
+            joined = symbols[left] + symbols[right]
+            token_id = index.get(joined)
+            if token_id is not None:
+                heapq.heappush(queue, (-scores[token_id], left, joined))
+
+    for left in range(n - 1):
+        consider(left)
+    while queue:
+        _, left, joined = heapq.heappop(queue)
+        right = following[left]
+        stale = not symbols[left] or right >= n
+        if stale or len(symbols[left]) + len(symbols[right]) != len(joined):
+            continue
+        symbols[left], symbols[right] = joined, ""
+        following[left] = following[right]
+        if following[left] < n:
+            preceding[following[left]] = left
+        if preceding[left] >= 0:
+            consider(preceding[left])
+        consider(left)
+    ids = []
+    at = 0
+    while at < n:
+        token_id = index.get(symbols[at])
+        if token_id is None:
+            ids += [index[f"<0x{byte:02X}>"] for byte in symbols[at].encode()]
+        else:
+            ids.append(token_id)
+        at = following[at]
+    return ids
 
 
 def _spm_merges(spelling: _Spelling, scores: np.ndarray) -> np.ndarray:
