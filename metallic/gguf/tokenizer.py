@@ -587,7 +587,8 @@ def _split_out(
 ) -> tuple[list[tuple[str, int, int]], list[tuple[str, int, int]]]:
     """The (text, id, attributes) of the tokens cut out of a text before the BPE runs: without
     parse_special (user-defined tokens), and with it (control and unknown tokens too)."""
-    with_control = [(tokens[i], i, attr) for i, attr in enumerate(attrs) if attr & _SPLIT_OUT]
+    found = np.flatnonzero(np.asarray(attrs, np.int64) & _SPLIT_OUT).tolist()
+    with_control = [(tokens[i], i, attrs[i]) for i in found]
     return [entry for entry in with_control if not entry[2] & _SPECIAL], with_control
 
 
@@ -887,7 +888,10 @@ def _pieces(kind: str, tokens: list[str], attrs: list[int], spelling: _Spelling)
     ends = np.cumsum(np.add.reduceat(sizes, starts))
     begins = np.concatenate(([0], ends[:-1]))
     pieces = [data[a:b] for a, b in zip(begins.tolist(), ends.tolist(), strict=True)]
-    for token_id, attr in enumerate(attrs):
+    flags = np.asarray(attrs, np.int64)
+    plain = (flags & _NORMAL != 0) & (flags & _SPLIT_OUT == 0) & ~foreign  # done above
+    for token_id in np.flatnonzero(~plain).tolist():
+        attr = attrs[token_id]
         if attr & _SPLIT_OUT:
             pieces[token_id] = tokens[token_id].encode()
         elif attr & _NORMAL:
