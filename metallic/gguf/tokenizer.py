@@ -58,9 +58,9 @@ _SPECIAL = _UNKNOWN | _CONTROL  # parsed only with parse_special, hidden by skip
 _SPLIT_OUT = _SPECIAL | _USER_DEFINED  # token texts cut out of the text before the BPE runs
 
 _ASCII_SPACE = " \t\n\v\f\r"  # C isspace(), which llama.cpp uses to strip around special tokens
-# SentencePiece texts up to this many characters are merged in Python (`_spm_encode`, ~1.5 ms per
-# 1000 characters) rather than by HF's BPE, whose build (0.4-0.5 s for Gemma 3's vocabulary, most
-# of a short run's tokenizer) is then left until a longer text needs it.
+# Texts up to this many characters are merged in Python (`_merge_adjacent`, ~1.5 ms per 1000
+# characters) rather than by HF's BPE, whose build (0.4-0.5 s for Gemma 3's vocabulary, 0.2 s for
+# Llama 3's, most of a short run's tokenizer) is then left until a longer text needs it.
 SHORT_TEXT = 8192
 
 # Token texts llama.cpp promotes to control tokens and stop on (its end-of-generation set).
@@ -235,7 +235,7 @@ class Tokenizer:
         attrs: list[int],
         pieces: list[bytes],
         backend: Callable[[], _HFTokenizer],
-        scores: Sequence[float] | None,
+        short_encoder: Callable[[str], list[int]],
         bos_id: int | None,
         eos_id: int | None,
         add_bos: bool,
@@ -244,9 +244,10 @@ class Tokenizer:
         stop_ids: frozenset[int],
         overlaps: tuple[bool, bool],
     ) -> None:
-        """``backend`` builds HF's tokenizer when first needed; ``scores`` (SentencePiece only) let
-        short texts be merged without it. ``overlaps``: whether special-token texts overlap
-        (`_overlapping`): among the user-defined ones, among all that are cut out of a text."""
+        """``backend`` builds HF's tokenizer when first needed; ``short_encoder`` encodes a run
+        of text without it, fast enough for a short text. ``overlaps``: whether special-token
+        texts overlap (`_overlapping`): among the user-defined ones, among all that are cut out
+        of a text."""
         self._kind = kind
         self._tokens = tokens
         self._attrs = attrs
@@ -254,8 +255,7 @@ class Tokenizer:
         self._make_backend = backend
         self._backend: _HFTokenizer | None = None
         self._backend_lock = threading.Lock()
-        self._scores = scores
-        self._index: dict[str, int] | None = None  # token ids by text, for `_spm_encode`
+        self._short_encoder = short_encoder
         self._bos_id = bos_id
         self._eos_id = eos_id
         self._add_bos = add_bos
@@ -307,14 +307,15 @@ class Tokenizer:
             scores = _scores(metadata, n)
             merges = cached.merges if cached else _spm_merges(spelling, scores)
             backend = functools.partial(_spm_backend, tokens, index, spelling, merges)
+            short_encoder = functools.partial(_spm_encode, index=index, scores=scores.tolist())
             # llama.cpp's defaults for SentencePiece files that leave these keys out
             default_bos, default_eos, default_add_bos, default_space_prefix = 1, 2, True, True
         else:
             kind = "bpe"
             pre = _pre_tokenizer(metadata)
-            scores = None
             merges = cached.merges if cached else _merges(metadata, index)
             backend = functools.partial(_bpe_backend, tokens, index, merges, pre)
+            short_encoder = _BpeMerger(index, merges, _bpe_pre_tokenizer(index, pre), pre)
             default_bos, default_eos, default_add_bos, default_space_prefix = (
                 None,
                 None,
@@ -344,13 +345,13 @@ class Tokenizer:
             overlaps = (overlap_user, overlap_all)
             if cache_folder and key:
                 tokenizer_cache.store(cache_folder, key, DerivedTables(merges, overlaps))
-        tokenizer = cls(
+        return cls(
             kind=kind,
             tokens=tokens,
             attrs=attrs,
             pieces=_pieces(kind, tokens, attrs, spelling),
             backend=backend,
-            scores=None if scores is None else scores.tolist(),
+            short_encoder=short_encoder,
             bos_id=bos_id,
             eos_id=eos_id,
             add_bos=add_bos,
@@ -359,11 +360,6 @@ class Tokenizer:
             stop_ids=stop_ids,
             overlaps=overlaps,
         )
-        if scores is None:
-            tokenizer._hf()  # byte-level BPE always needs it
-        else:
-            tokenizer._index = index
-        return tokenizer
 
     # -- properties ------------------------------------------------------------------------------
 
@@ -426,13 +422,8 @@ class Tokenizer:
             runs = [self._prefix + run.replace(" ", SPACE_MARK) for run in runs]
         if not runs:
             encoded = iter(())
-        elif (
-            self._index is not None
-            and self._scores is not None
-            and self._backend is None
-            and (sum(map(len, runs)) <= SHORT_TEXT)
-        ):
-            encoded = iter([_spm_encode(run, self._index, self._scores) for run in runs])
+        elif self._backend is None and sum(map(len, runs)) <= SHORT_TEXT:
+            encoded = iter([self._short_encoder(run) for run in runs])
         else:
             encoded = iter(
                 encoding.ids
@@ -688,15 +679,17 @@ def _spm_backend(
     return backend
 
 
-def _spm_encode(text: str, index: dict[str, int], scores: Sequence[float]) -> list[int]:
-    """llama.cpp's SentencePiece merging, in Python: the adjacent pair whose joined text is the
-    token of highest score joins first (leftmost on ties) until no pair forms a token; a
-    character that is no token becomes its UTF-8 bytes' ``<0xNN>`` tokens.
+def _merge_adjacent(
+    symbols: list[str], rank: Callable[[str, str], float | None]
+) -> tuple[list[str], list[int]]:
+    """Join adjacent symbols, the pair of least ``rank`` first (leftmost on ties), until no pair
+    has a rank: how both of llama.cpp's BPE tokenizers merge, which differ only in the rank of a
+    pair. Returns the symbols (joined ones at their first position, "" behind them) and each
+    symbol's next position.
 
-    Symbols are the texts at fixed start positions that only grow, so a queued pair is stale
+    Symbols are texts at fixed start positions that only grow, so a queued pair is stale
     exactly when its two symbols' lengths no longer add up to its joined text's.
     """
-    symbols = list(text)
     n = len(symbols)
     following = list(range(1, n + 1))
     preceding = list(range(-1, n - 1))
@@ -705,10 +698,9 @@ def _spm_encode(text: str, index: dict[str, int], scores: Sequence[float]) -> li
     def consider(left: int) -> None:
         right = following[left]
         if right < n:
-            joined = symbols[left] + symbols[right]
-            token_id = index.get(joined)
-            if token_id is not None:
-                heapq.heappush(queue, (-scores[token_id], left, joined))
+            order = rank(symbols[left], symbols[right])
+            if order is not None:
+                heapq.heappush(queue, (order, left, symbols[left] + symbols[right]))
 
     for left in range(n - 1):
         consider(left)
@@ -725,9 +717,22 @@ def _spm_encode(text: str, index: dict[str, int], scores: Sequence[float]) -> li
         if preceding[left] >= 0:
             consider(preceding[left])
         consider(left)
+    return symbols, following
+
+
+def _spm_encode(text: str, index: dict[str, int], scores: Sequence[float]) -> list[int]:
+    """llama.cpp's SentencePiece tokenizer, in Python: the pair whose joined text is the token of
+    highest score joins first; a character that is no token becomes its UTF-8 bytes'
+    ``<0xNN>`` tokens."""
+
+    def rank(left: str, right: str) -> float | None:
+        token_id = index.get(left + right)
+        return None if token_id is None else -scores[token_id]
+
+    symbols, following = _merge_adjacent(list(text), rank)
     ids = []
     at = 0
-    while at < n:
+    while at < len(symbols):
         token_id = index.get(symbols[at])
         if token_id is None:
             ids += [index[f"<0x{byte:02X}>"] for byte in symbols[at].encode()]
@@ -735,6 +740,39 @@ def _spm_encode(text: str, index: dict[str, int], scores: Sequence[float]) -> li
             ids.append(token_id)
         at = following[at]
     return ids
+
+
+class _BpeMerger:
+    """llama.cpp's byte-level BPE tokenizer, in Python: the pre-tokenizer's pieces (HF's, as the
+    backend runs it), each merged by the ranks of the file's merges."""
+
+    def __init__(
+        self,
+        index: dict[str, int],
+        merges: np.ndarray,
+        pre_tokenizer: Any,
+        pre: _PreTokenizer,
+    ) -> None:
+        self._index = index
+        self._pre_tokenizer = pre_tokenizer
+        self._ignore_merges = pre.ignore_merges
+        self._n = len(index)
+        keys = merges[:, 0].astype(np.int64) * self._n + merges[:, 1]
+        self._ranks = dict(zip(keys.tolist(), range(len(keys)), strict=True))  # pairs are unique
+
+    def __call__(self, text: str) -> list[int]:
+        index, ids = self._index, []
+        for piece, _ in self._pre_tokenizer.pre_tokenize_str(text):
+            whole = index.get(piece) if self._ignore_merges else None
+            if whole is not None:
+                ids.append(whole)
+                continue
+            symbols, _ = _merge_adjacent(list(piece), self._rank)
+            ids += [index[symbol] for symbol in symbols if symbol]
+        return ids
+
+    def _rank(self, left: str, right: str) -> int | None:
+        return self._ranks.get(self._index[left] * self._n + self._index[right])
 
 
 def _spm_merges(spelling: _Spelling, scores: np.ndarray) -> np.ndarray:
@@ -837,16 +875,21 @@ def _bpe_backend(
     llama.cpp keeps it as a symbol that no merge joins, so the text either side of it merges on
     its own. HF's BPE would silently join the neighbours, so the byte is cut out as a split.
     """
-    missing = [char for char in _BYTE_CHARS if char not in index]
     pairs = _merge_texts(tokens, merges)
     backend = _HFTokenizer(models.BPE(index, pairs, ignore_merges=pre.ignore_merges))
+    backend.pre_tokenizer = _bpe_pre_tokenizer(index, pre)
+    return backend
+
+
+def _bpe_pre_tokenizer(index: dict[str, int], pre: _PreTokenizer) -> Any:
+    """The regexes, GPT-2's byte mapping, and the cutting out of bytes without a token."""
+    missing = [char for char in _BYTE_CHARS if char not in index]
     steps = [pre_tokenizers.Split(Regex(regex), "isolated") for regex in pre.regexes]
     steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
     if missing:
         gaps = "[" + "".join(f"\\x{{{ord(char):X}}}" for char in missing) + "]"
         steps.append(pre_tokenizers.Split(Regex(gaps), "removed"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(steps)
-    return backend
+    return pre_tokenizers.Sequence(steps)
 
 
 def _byte_chars() -> list[str]:

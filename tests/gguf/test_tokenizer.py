@@ -227,21 +227,27 @@ def test_gemma_chat_turn_uses_single_special_tokens(gemma: Tokenizer) -> None:
 
 
 @pytest.mark.parametrize("short_text", [0, 10**9], ids=["hf-bpe", "python"])
-def test_both_sentencepiece_encoders_match_llama_cpp(
+def test_both_encoders_match_llama_cpp(
     short_text: int,
     monkeypatch: pytest.MonkeyPatch,
     vocab_dir: Path,
     default_model_path: Path,
     gemma_reference: dict[str, Any],
+    chat_model_path: Path,
+    smollm2_reference: dict[str, Any],
 ) -> None:
-    """Short SentencePiece texts are merged in Python, longer ones by HF's BPE: each encoder
-    alone gives llama.cpp's ids for every reference text (fresh tokenizers: once built, HF's
-    BPE serves every text)."""
+    """Short texts are merged in Python, longer ones by HF's BPE: each encoder alone gives
+    llama.cpp's ids for every reference text (fresh tokenizers: once built, HF's BPE serves
+    every text)."""
     monkeypatch.setattr(tokenizer_module, "SHORT_TEXT", short_text)
-    gemma = Tokenizer.from_metadata(open_gguf(default_model_path).metadata)
-    assert_encodes_like_llama_cpp(gemma, gemma_reference)
-    assert (gemma._backend is None) == (short_text > 0)
-    for name in ("llama-spm", "phi-3"):
+    for path, reference in [
+        (default_model_path, gemma_reference),
+        (chat_model_path, smollm2_reference),
+    ]:
+        tokenizer = Tokenizer.from_metadata(open_gguf(path).metadata)
+        assert_encodes_like_llama_cpp(tokenizer, reference)
+        assert (tokenizer._backend is None) == (short_text > 0)
+    for name in VOCABS:
         tokenizer = Tokenizer.from_metadata(
             open_gguf(vocab_dir / f"ggml-vocab-{name}.gguf").metadata
         )
