@@ -12,11 +12,14 @@ GGUF files carry two kinds of vocabulary that metallic supports:
   ``default``). A byte-level vocabulary may lack some of the 256 byte tokens (SmolLM2 lacks 21,
   control bytes and bytes its training text never held); like llama.cpp, encoding drops them.
 
-The merging itself runs in the HF ``tokenizers`` library (Rust), which is what makes encoding fast.
-Everything llama.cpp does around the merging is reproduced here: the token attributes it derives
-from token types and names, the splitting of text at special tokens (user-defined tokens always,
-control tokens only with ``parse_special``), BOS/EOS, its end-of-generation set and its
-detokenizer. Anything else (other models, other pre-tokenizers) is refused with `TokenizerError`.
+The merging of long texts runs in the HF ``tokenizers`` library (Rust), which is what makes
+encoding them fast; short texts (a prompt) are merged in Python as llama.cpp merges them, which
+spares a run the build of HF's model (see SHORT_TEXT), and the tables derived from the metadata
+are cached on disk (see `tokenizer_cache`). Everything llama.cpp does around the merging is
+reproduced here: the token attributes it derives from token types and names, the splitting of
+text at special tokens (user-defined tokens always, control tokens only with ``parse_special``),
+BOS/EOS, its end-of-generation set and its detokenizer. Anything else (other models, other
+pre-tokenizers) is refused with `TokenizerError`.
 """
 
 from __future__ import annotations
