@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,8 +86,8 @@ def load(folder: Path, key: str, vocab_size: int) -> DerivedTables | None:
             stored_key = bytes(entry["key"]).decode()
             merges = entry["merges"]
             overlaps = entry["overlaps"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UnicodeDecodeError):
-        return None  # missing, truncated, or no entry at all (zip's CRC check included)
+    except Exception:  # numpy's header parser alone raises half a dozen kinds
+        return None  # missing, damaged (zip's CRC check included), or no entry at all
     sound = (
         stored_key == key
         and merges.dtype == np.int32

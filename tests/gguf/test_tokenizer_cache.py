@@ -4,6 +4,7 @@ rebuilt silently."""
 
 from __future__ import annotations
 
+import random
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -177,3 +178,29 @@ def test_an_entry_is_a_plain_zip_of_arrays(vocab_dir: Path, tmp_path: Path) -> N
         assert sorted(archive.namelist()) == ["key.npy", "merges.npy", "overlaps.npy"]
     with np.load(entry, allow_pickle=False) as arrays:
         assert arrays["merges"].dtype == np.int32
+
+
+def test_no_damage_to_an_entry_raises_or_passes_for_its_tables(tmp_path: Path) -> None:
+    """Random byte flips, cuts and insertions: `load` gives the stored tables or None."""
+    tables = tokenizer_cache.DerivedTables(
+        np.arange(2000, dtype=np.int32).reshape(-1, 2) % 50, (False, True)
+    )
+    tokenizer_cache.store(tmp_path, "key", tables)
+    path = tokenizer_cache.entry_path(tmp_path, "key")
+    sound = path.read_bytes()
+    rng = random.Random(0)
+    for trial in range(3000):
+        data = bytearray(sound)
+        if trial % 3 == 0:
+            for _ in range(rng.randint(1, 4)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        elif trial % 3 == 1:
+            del data[rng.randrange(len(data)) :]
+        else:
+            at = rng.randrange(len(data))
+            data[at:at] = rng.randbytes(rng.randint(1, 9))
+        path.write_bytes(bytes(data))
+        loaded = tokenizer_cache.load(tmp_path, "key", 50)
+        if loaded is not None:  # the damage missed what is read (a timestamp, say)
+            assert np.array_equal(loaded.merges, tables.merges)
+            assert loaded.overlaps == tables.overlaps
