@@ -12,12 +12,14 @@ One command; whole processes timed from outside, in the same call (medians of --
 4. llama.cpp, with --llama-bin: `llama-simple` on the same file and prompt, 32 tokens, all
    layers on the GPU (else `llama-bench -p 6 -n 32 -r 1`), as a whole process.
 5. phases: a child process, with warm caches and again with empty ones, times import torch,
-   CUDA init, import triton, import metallic, `Engine(...)` and its parts (file, tokenizer,
-   weights, KV cache, runner), the first `generate` (prompt and decode, graph captures among
-   them) and a second one; Triton's kernels found in its cache or compiled (the slowest named),
-   the time their first launches took (module loads, and launcher builds when cold) and the hash
-   of its installation that keys its cache (`triton_key`). With --profile the warm child also
-   writes its cProfile, by cumulative time.
+   CUDA init, import triton, import metallic, `Engine(...)` and its parts (file, tokenizer, built
+   on a thread beside the weights, and whether its tables came from metallic's cache, weights,
+   KV cache, runner), the first `generate` (prompt and decode, graph captures and the parallel
+   compiles ahead of a first run's steps among them) and a second one; Triton's kernels found
+   in its cache or compiled (the slowest named; how many compiled on the compile-ahead threads
+   and how many on the main thread, which a first run should not need), the time their first
+   launches took (module loads) and the hash of its installation that keys its cache
+   (`triton_key`). With --profile the warm child also writes its cProfile, by cumulative time.
 6. load-8b: the synthetic Llama-3-8B Q4_K_M (written to --workdir if missing) is read once into
    the page cache, then loaded by two child processes; each times `Engine(...)` after its
    imports and CUDA init and generates 8 greedy tokens, which must agree. The second load is
@@ -41,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -138,7 +141,9 @@ def _triton_counters(times: dict[str, float]) -> dict[str, Any]:
         "kernels cached": 0,
         "cache lookup seconds": 0.0,  # keying, reading the cached files, making the kernel
         "kernels compiled": 0,
-        "compile seconds": 0.0,
+        "compile seconds": 0.0,  # summed over threads: more than the wall time when parallel
+        "compiled ahead (pool threads)": 0,
+        "compiled on the main thread": 0,
     }
     compiles: list[tuple[str, float]] = []
 
@@ -151,6 +156,8 @@ def _triton_counters(times: dict[str, float]) -> dict[str, Any]:
             counts["kernels compiled"] += 1
             counts["compile seconds"] += seconds
             compiles.append((str(metadata.get("name")), seconds))
+            ahead = threading.current_thread().name.startswith("metallic-compile")
+            counts["compiled ahead (pool threads)" if ahead else "compiled on the main thread"] += 1
 
     triton.knobs.compilation.listener = listen
     _wrap(CompiledKernel, "_init_handles", times, "first launches (module, launcher)")
@@ -228,18 +235,28 @@ def child_phases(model: Path, profile: Path | None) -> dict[str, Any]:
 
 def load_parts(parts: dict[str, float]) -> None:
     """Time the parts of `Engine(...)` into `parts`, by label."""
-    from metallic.engine import engine, loader
+    from metallic.engine import engine, loader, model_runner
+    from metallic.gguf import tokenizer_cache
     from metallic.gguf.tokenizer import Tokenizer
 
     for owner, name, label in [
         (loader, "open_gguf", "open file"),
-        (Tokenizer, "from_metadata", "tokenizer"),
+        (Tokenizer, "from_metadata", "tokenizer (a thread beside the weights)"),
         (loader, "load_weights", "weights"),
         (loader, "Transformer", "model"),
         (engine, "KVStore", "KV cache"),
         (engine, "ModelRunner", "runner (compile marker)"),
+        (model_runner, "compile_ahead", "compile ahead (first run, in generate)"),
     ]:
         _wrap(owner, name, parts, label)
+    load_entry = tokenizer_cache.load
+
+    def load_and_count(*args: Any) -> Any:
+        tables = load_entry(*args)
+        parts["tokenizer cache hit (1) or miss (0)"] = float(tables is not None)
+        return tables
+
+    tokenizer_cache.load = load_and_count
 
 
 def child_load(model: Path) -> dict[str, Any]:

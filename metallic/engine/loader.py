@@ -2,13 +2,15 @@
 
 Loading streams each layer from the memory-mapped file to where the plan puts it (the device,
 through the pinned staging ring, into one memory-pool block per layer; or pinned host memory, to
-be streamed), so at most one layer exists twice at a time.
+be streamed), so at most one layer exists twice at a time. The tokenizer is built on a thread
+meanwhile: the weights' copies release the GIL, so most of its build hides behind them.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import torch
 from metallic.engine.arguments import cap_context, check_kv_fits
 from metallic.engine.model_runner import decode_graph_rows
 from metallic.engine.residency import Residency
+from metallic.gguf import tokenizer_cache
 from metallic.gguf.config import ModelConfig
 from metallic.gguf.default_model import DEFAULT_MODEL
 from metallic.gguf.reader import GGUFFile, open_gguf
@@ -139,7 +142,11 @@ def load_model(
     config = model_config(gguf)
     device = choose_device(device)
     warmup = start_gpu_warmup(device)  # overlaps the tokenizer and the weights
-    tokenizer = Tokenizer.from_metadata(gguf.metadata)
+    tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="metallic-tokenizer")
+    building = tokenizer_thread.submit(
+        Tokenizer.from_metadata, gguf.metadata, tokenizer_cache.default_folder()
+    )
+    tokenizer_thread.shutdown(wait=False)  # the thread ends with the build
     dtype = choose_dtype(device, dtype)
     kernels = use_kernels(device)
     native = kernels if native is None else native
@@ -193,6 +200,7 @@ def load_model(
     model.widen_limit = WIDEN_LIMIT_BYTES if budget is not None else None
     residency.install(model)
     model.reserve_positions(context_size, memory)
+    tokenizer = building.result()  # raises its TokenizerError, if any
     if warmup is not None:
         warmup.join()
     return LoadedModel(

@@ -39,7 +39,7 @@ from metallic.models.kv_store import KVStore
 from metallic.models.transformer import Transformer
 from metallic.runtime.batch import SequenceChunk, StepBatch
 from metallic.runtime.graphs import StepGraphs
-from metallic.runtime.kernel_cache import CompileNotice
+from metallic.runtime.kernel_cache import CompileNotice, compile_ahead
 from metallic.runtime.transfer import PinnedRing
 
 MIN_KEY_BOUND = 256  # the smallest key-count bound of a step (see key_bound)
@@ -246,6 +246,12 @@ class ModelRunner:
 
     def execute(self, batch: StepBatch, graphed: bool) -> torch.Tensor:
         """Logits [sequences (filler included), vocab] of each sequence's last token."""
+        notice = self.compile_notice
+        streams = self.budgeted or self.model.streamer is not None
+        if notice is not None and notice.first_run and not streams:
+            # The kernels of this step, compiled in parallel before the step meets them one by
+            # one (not where layers stream from the host: not worth moving them twice for this).
+            compile_ahead(lambda: self.model.forward(batch, self.store))
         if not graphed:
             return self.model.forward(batch, self.store)
         # A profiler's timing events are part of the graphs captured while it is attached.

@@ -12,26 +12,36 @@ GGUF files carry two kinds of vocabulary that metallic supports:
   ``default``). A byte-level vocabulary may lack some of the 256 byte tokens (SmolLM2 lacks 21,
   control bytes and bytes its training text never held); like llama.cpp, encoding drops them.
 
-The merging itself runs in the HF ``tokenizers`` library (Rust), which is what makes encoding fast.
-Everything llama.cpp does around the merging is reproduced here: the token attributes it derives
-from token types and names, the splitting of text at special tokens (user-defined tokens always,
-control tokens only with ``parse_special``), BOS/EOS, its end-of-generation set and its
-detokenizer. Anything else (other models, other pre-tokenizers) is refused with `TokenizerError`.
+The merging of long texts runs in the HF ``tokenizers`` library (Rust), which is what makes
+encoding them fast; short texts (a prompt) are merged in Python as llama.cpp merges them, which
+spares a run the build of HF's model (see SHORT_TEXT), and the tables derived from the metadata
+are cached on disk (see `tokenizer_cache`). Everything llama.cpp does around the merging is
+reproduced here: the token attributes it derives from token types and names, the splitting of
+text at special tokens (user-defined tokens always, control tokens only with ``parse_special``),
+BOS/EOS, its end-of-generation set and its detokenizer. Anything else (other models, other
+pre-tokenizers) is refused with `TokenizerError`.
 """
 
 from __future__ import annotations
 
+import functools
+import heapq
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tokenizers
 from tokenizers import Regex, models, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
 from metallic.errors import TokenizerError
+from metallic.gguf import tokenizer_cache
+from metallic.gguf.tokenizer_cache import DerivedTables
 
 log = logging.getLogger("metallic")
 
@@ -51,6 +61,10 @@ _SPECIAL = _UNKNOWN | _CONTROL  # parsed only with parse_special, hidden by skip
 _SPLIT_OUT = _SPECIAL | _USER_DEFINED  # token texts cut out of the text before the BPE runs
 
 _ASCII_SPACE = " \t\n\v\f\r"  # C isspace(), which llama.cpp uses to strip around special tokens
+# Texts up to this many characters are merged in Python (`_merge_adjacent`, ~1.5 ms per 1000
+# characters) rather than by HF's BPE, whose build (0.4-0.5 s for Gemma 3's vocabulary, 0.2 s for
+# Llama 3's, most of a short run's tokenizer) is then left until a longer text needs it.
+SHORT_TEXT = 8192
 
 # Token texts llama.cpp promotes to control tokens and stop on (its end-of-generation set).
 _EOG_TEXTS = frozenset(
@@ -223,19 +237,28 @@ class Tokenizer:
         tokens: list[str],
         attrs: list[int],
         pieces: list[bytes],
-        backend: _HFTokenizer,
+        backend: Callable[[], _HFTokenizer],
+        short_encoder: Callable[[str], list[int]],
         bos_id: int | None,
         eos_id: int | None,
         add_bos: bool,
         add_eos: bool,
         add_space_prefix: bool,
         stop_ids: frozenset[int],
+        overlaps: tuple[bool, bool],
     ) -> None:
+        """``backend`` builds HF's tokenizer when first needed; ``short_encoder`` encodes a run
+        of text without it, fast enough for a short text. ``overlaps``: whether special-token
+        texts overlap (`_overlapping`): among the user-defined ones, among all that are cut out
+        of a text."""
         self._kind = kind
         self._tokens = tokens
         self._attrs = attrs
         self._pieces = pieces
-        self._backend = backend
+        self._make_backend = backend
+        self._backend: _HFTokenizer | None = None
+        self._backend_lock = threading.Lock()
+        self._short_encoder = short_encoder
         self._bos_id = bos_id
         self._eos_id = eos_id
         self._add_bos = add_bos
@@ -243,17 +266,20 @@ class Tokenizer:
         self._add_space_prefix = add_space_prefix
         self._stop_ids = stop_ids
         self._prefix = SPACE_MARK if kind == "spm" and add_space_prefix else ""
-        split_out = [(tokens[i], i, attr) for i, attr in enumerate(attrs) if attr & _SPLIT_OUT]
-        with_control = _SpecialSplitter(split_out)
-        user_defined = [entry for entry in split_out if not entry[2] & _SPECIAL]
-        self._splitters = (
-            _SpecialSplitter(user_defined, may_overlap=with_control.overlapping),
-            with_control,
+        self._splitters = tuple(
+            _SpecialSplitter(entries, overlapping)
+            for entries, overlapping in zip(_split_out(tokens, attrs), overlaps, strict=True)
         )  # indexed by parse_special
 
     @classmethod
-    def from_metadata(cls, metadata: Mapping[str, Any]) -> Tokenizer:
+    def from_metadata(
+        cls, metadata: Mapping[str, Any], cache_folder: Path | None = None
+    ) -> Tokenizer:
         """Build the tokenizer a GGUF file describes (``open_gguf(path).metadata``).
+
+        With ``cache_folder`` the tables the build derives at length (its merges) are read from
+        there when an earlier build of the same metadata stored them, else derived and stored
+        (see `tokenizer_cache`).
 
         Raises `TokenizerError` for a tokenizer model other than ``llama``/``gpt2``, a ``gpt2``
         pre-tokenizer other than those listed in the module docstring (aliases llama.cpp treats
@@ -268,6 +294,8 @@ class Tokenizer:
         tokens = _tokens(metadata)
         n = len(tokens)
         index = _index(tokens)
+        key = tokenizer_cache.fingerprint(metadata, _derivation_code()) if cache_folder else None
+        cached = tokenizer_cache.load(cache_folder, key, n) if cache_folder and key else None
         spelling = _Spelling.of(tokens)
         types = metadata.get("tokenizer.ggml.token_type")
         if types is None:
@@ -278,13 +306,19 @@ class Tokenizer:
             raise TokenizerError(f"tokenizer.ggml.token_type is not a list of {n} token types")
         if model == "llama":
             kind = "spm"
-            backend = _spm_backend(tokens, index, spelling, _scores(metadata, n))
+            _check_byte_fallback(index)
+            scores = _scores(metadata, n)
+            merges = cached.merges if cached else _spm_merges(spelling, scores)
+            backend = functools.partial(_spm_backend, tokens, index, spelling, merges)
+            short_encoder = functools.partial(_spm_encode, index=index, scores=scores.tolist())
             # llama.cpp's defaults for SentencePiece files that leave these keys out
             default_bos, default_eos, default_add_bos, default_space_prefix = 1, 2, True, True
         else:
             kind = "bpe"
             pre = _pre_tokenizer(metadata)
-            backend = _bpe_backend(index, _merges(metadata, index), pre)
+            merges = cached.merges if cached else _merges(metadata, index)
+            backend = functools.partial(_bpe_backend, tokens, index, merges, pre)
+            short_encoder = _BpeMerger(index, merges, _bpe_pre_tokenizer(index, pre), pre)
             default_bos, default_eos, default_add_bos, default_space_prefix = (
                 None,
                 None,
@@ -305,18 +339,29 @@ class Tokenizer:
                 "the vocabulary asks for an EOS token but names none (eos_token_id)"
             )
         stop_ids = _adjust_attrs(metadata, tokens, index, attrs, eos_id)
+        if cached:
+            overlaps = cached.overlaps
+        else:
+            user_defined, with_control = _split_out(tokens, attrs)
+            overlap_all = _overlapping([text for text, _, _ in with_control])
+            overlap_user = overlap_all and _overlapping([text for text, _, _ in user_defined])
+            overlaps = (overlap_user, overlap_all)
+            if cache_folder and key:
+                tokenizer_cache.store(cache_folder, key, DerivedTables(merges, overlaps))
         return cls(
             kind=kind,
             tokens=tokens,
             attrs=attrs,
             pieces=_pieces(kind, tokens, attrs, spelling),
             backend=backend,
+            short_encoder=short_encoder,
             bos_id=bos_id,
             eos_id=eos_id,
             add_bos=add_bos,
             add_eos=add_eos,
             add_space_prefix=add_space_prefix,
             stop_ids=stop_ids,
+            overlaps=overlaps,
         )
 
     # -- properties ------------------------------------------------------------------------------
@@ -378,18 +423,31 @@ class Tokenizer:
         runs = [part for part in parts if isinstance(part, str)]
         if self._kind == "spm":
             runs = [self._prefix + run.replace(" ", SPACE_MARK) for run in runs]
-        encoded = iter(
-            self._backend.encode_batch_fast(runs, add_special_tokens=False) if runs else ()
-        )
+        if not runs:
+            encoded = iter(())
+        elif self._backend is None and sum(map(len, runs)) <= SHORT_TEXT:
+            encoded = iter([self._short_encoder(run) for run in runs])
+        else:
+            encoded = iter(
+                encoding.ids
+                for encoding in self._hf().encode_batch_fast(runs, add_special_tokens=False)
+            )
         ids = [self._bos_id] if add_special and self._add_bos else []
         for part in parts:
             if isinstance(part, str):
-                ids += next(encoded).ids
+                ids += next(encoded)
             else:
                 ids.append(part)
         if add_special and self._add_eos:
             ids.append(self._eos_id)
         return ids
+
+    def _hf(self) -> _HFTokenizer:
+        """HF's tokenizer, built at the first call (by one thread; others wait for it)."""
+        with self._backend_lock:
+            if self._backend is None:
+                self._backend = self._make_backend()
+            return self._backend
 
     # -- decoding --------------------------------------------------------------------------------
 
@@ -453,13 +511,12 @@ class _SpecialSplitter:
     whitespace around them, the cuts are made token by token in llama.cpp's order.
     """
 
-    def __init__(self, entries: Sequence[tuple[str, int, int]], may_overlap: bool = True) -> None:
-        """``entries``: (text, id, attributes); ``may_overlap=False`` skips the overlap check."""
+    def __init__(self, entries: Sequence[tuple[str, int, int]], overlapping: bool) -> None:
+        """``entries``: (text, id, attributes); ``overlapping``: `_overlapping` of their texts."""
         ordered = sorted(entries, key=lambda entry: -len(entry[0]))
         texts = [text for text, _, _ in ordered]
-        self.overlapping = may_overlap and _overlapping(texts)
         strips = any(attr & (_LSTRIP | _RSTRIP) for _, _, attr in ordered)
-        self._ordered = ordered if strips or self.overlapping else []
+        self._ordered = ordered if strips or overlapping else []
         # the scan: a regex finds where a token may start (by its first two characters), then a
         # walk down a trie of the texts finds the longest token starting there
         self._trie: dict[str, Any] = {}
@@ -517,6 +574,16 @@ class _SpecialSplitter:
                         cut.append(part)
                 parts = cut
         return parts
+
+
+def _split_out(
+    tokens: list[str], attrs: list[int]
+) -> tuple[list[tuple[str, int, int]], list[tuple[str, int, int]]]:
+    """The (text, id, attributes) of the tokens cut out of a text before the BPE runs: without
+    parse_special (user-defined tokens), and with it (control and unknown tokens too)."""
+    found = np.flatnonzero(np.asarray(attrs, np.int64) & _SPLIT_OUT).tolist()
+    with_control = [(tokens[i], i, attrs[i]) for i in found]
+    return [entry for entry in with_control if not entry[2] & _SPECIAL], with_control
 
 
 def _cut(text: str, token_text: str, token_id: int, attr: int) -> list[str | int]:
@@ -578,33 +645,148 @@ class _Spelling:
         return cls(codes=codes, starts=np.cumsum(lengths) - lengths, lengths=lengths)
 
 
-def _spm_backend(
-    tokens: list[str], index: dict[str, int], spelling: _Spelling, scores: np.ndarray
-) -> _HFTokenizer:
-    """SentencePiece BPE as llama.cpp runs it, on HF's BPE model with merges derived from scores."""
+@functools.cache
+def _derivation_code() -> bytes:
+    """What the derived tables depend on besides the metadata: this module and HF's BPE."""
+    try:
+        source = Path(__file__).read_bytes()
+    except OSError:  # no source beside the module: its version must do
+        from metallic import __version__
+
+        source = __version__.encode()
+    return source + b"\0tokenizers " + tokenizers.__version__.encode()
+
+
+def _check_byte_fallback(index: dict[str, int]) -> None:
     missing = [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in index]
     if missing:
         raise TokenizerError(
             f"SentencePiece vocabulary lacks byte-fallback tokens ({missing[0]} and "
             f"{len(missing) - 1} more); metallic cannot encode text outside its vocabulary"
         )
-    merges = _spm_merges(tokens, spelling, scores)
-    backend = _HFTokenizer(models.BPE(index, merges, byte_fallback=True))
+
+
+def _merge_texts(tokens: list[str], merges: np.ndarray) -> list[tuple[str, str]]:
+    """The (left, right) texts of merges given as token-id pairs."""
+    texts = np.array(tokens, dtype=object)  # gathers the strings without a Python loop
+    return list(zip(texts[merges[:, 0]].tolist(), texts[merges[:, 1]].tolist(), strict=True))
+
+
+def _spm_backend(
+    tokens: list[str], index: dict[str, int], spelling: _Spelling, merges: np.ndarray
+) -> _HFTokenizer:
+    """SentencePiece BPE as llama.cpp runs it, on HF's BPE model with merges derived from scores
+    (`_spm_merges`); the vocabulary has every byte-fallback token (`_check_byte_fallback`)."""
+    backend = _HFTokenizer(models.BPE(index, _merge_texts(tokens, merges), byte_fallback=True))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(_word_start(spelling)), "merged_with_next")
     return backend
 
 
-def _spm_merges(
-    tokens: list[str], spelling: _Spelling, scores: np.ndarray
-) -> list[tuple[str, str]]:
-    """Every cut of a token into two tokens, ranked as llama.cpp merges them.
+def _merge_adjacent(
+    symbols: list[str], rank: Callable[[str, str], float | None]
+) -> tuple[list[str], list[int]]:
+    """Join adjacent symbols, the pair of least ``rank`` first (leftmost on ties), until no pair
+    has a rank: how both of llama.cpp's BPE tokenizers merge, which differ only in the rank of a
+    pair. Returns the symbols (joined ones at their first position, "" behind them) and each
+    symbol's next position.
+
+    Symbols are texts at fixed start positions that only grow, so a queued pair is stale
+    exactly when its two symbols' lengths no longer add up to its joined text's.
+    """
+    n = len(symbols)
+    following = list(range(1, n + 1))
+    preceding = list(range(-1, n - 1))
+    queue: list[tuple[float, int, str]] = []
+
+    def consider(left: int) -> None:
+        right = following[left]
+        if right < n:
+            order = rank(symbols[left], symbols[right])
+            if order is not None:
+                heapq.heappush(queue, (order, left, symbols[left] + symbols[right]))
+
+    for left in range(n - 1):
+        consider(left)
+    while queue:
+        _, left, joined = heapq.heappop(queue)
+        right = following[left]
+        stale = not symbols[left] or right >= n
+        if stale or len(symbols[left]) + len(symbols[right]) != len(joined):
+            continue
+        symbols[left], symbols[right] = joined, ""
+        following[left] = following[right]
+        if following[left] < n:
+            preceding[following[left]] = left
+        if preceding[left] >= 0:
+            consider(preceding[left])
+        consider(left)
+    return symbols, following
+
+
+def _spm_encode(text: str, index: dict[str, int], scores: Sequence[float]) -> list[int]:
+    """llama.cpp's SentencePiece tokenizer, in Python: the pair whose joined text is the token of
+    highest score joins first; a character that is no token becomes its UTF-8 bytes'
+    ``<0xNN>`` tokens."""
+
+    def rank(left: str, right: str) -> float | None:
+        token_id = index.get(left + right)
+        return None if token_id is None else -scores[token_id]
+
+    symbols, following = _merge_adjacent(list(text), rank)
+    ids = []
+    at = 0
+    while at < len(symbols):
+        token_id = index.get(symbols[at])
+        if token_id is None:
+            ids += [index[f"<0x{byte:02X}>"] for byte in symbols[at].encode()]
+        else:
+            ids.append(token_id)
+        at = following[at]
+    return ids
+
+
+class _BpeMerger:
+    """llama.cpp's byte-level BPE tokenizer, in Python: the pre-tokenizer's pieces (HF's, as the
+    backend runs it), each merged by the ranks of the file's merges."""
+
+    def __init__(
+        self,
+        index: dict[str, int],
+        merges: np.ndarray,
+        pre_tokenizer: Any,
+        pre: _PreTokenizer,
+    ) -> None:
+        self._index = index
+        self._pre_tokenizer = pre_tokenizer
+        self._ignore_merges = pre.ignore_merges
+        self._n = len(index)
+        keys = merges[:, 0].astype(np.int64) * self._n + merges[:, 1]
+        self._ranks = dict(zip(keys.tolist(), range(len(keys)), strict=True))  # pairs are unique
+
+    def __call__(self, text: str) -> list[int]:
+        index, ids = self._index, []
+        for piece, _ in self._pre_tokenizer.pre_tokenize_str(text):
+            whole = index.get(piece) if self._ignore_merges else None
+            if whole is not None:
+                ids.append(whole)
+                continue
+            symbols, _ = _merge_adjacent(list(piece), self._rank)
+            ids += [index[symbol] for symbol in symbols if symbol]
+        return ids
+
+    def _rank(self, left: str, right: str) -> int | None:
+        return self._ranks.get(self._index[left] * self._n + self._index[right])
+
+
+def _spm_merges(spelling: _Spelling, scores: np.ndarray) -> np.ndarray:
+    """Every cut of a token into two tokens, ranked as llama.cpp merges them: int32 [m, 2] ids.
 
     llama.cpp joins the adjacent pair whose joined text is the token of highest score (leftmost
     on ties), whatever the pair. So each cut ``(a, b)`` of a token ``t`` with ``a`` and ``b`` in
     the vocabulary is a merge ranked by the score of ``t``. Cuts are found by 64-bit polynomial
     hashes of all prefixes and suffixes, then confirmed code point by code point.
     """
-    n = len(tokens)
+    n = len(spelling.lengths)
     codes = spelling.codes.astype(np.uint64) + 1
     starts, lengths = spelling.starts, spelling.lengths
     ends = starts + lengths
@@ -659,8 +841,7 @@ def _spm_merges(
         left_lengths[keep],
     )
     order = np.lexsort((left_lengths, cut_rows, -scores[cut_rows]))
-    texts = np.array(tokens, dtype=object)  # gathers the strings without a Python loop
-    return list(zip(texts[left[order]].tolist(), texts[right[order]].tolist(), strict=True))
+    return np.stack((left[order], right[order]), axis=1).astype(np.int32)
 
 
 def _same_codes(codes: np.ndarray, a: np.ndarray, b: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -689,7 +870,7 @@ def _word_start(spelling: _Spelling) -> str:
 
 
 def _bpe_backend(
-    index: dict[str, int], merges: list[tuple[str, str]], pre: _PreTokenizer
+    tokens: list[str], index: dict[str, int], merges: np.ndarray, pre: _PreTokenizer
 ) -> _HFTokenizer:
     """Byte-level BPE as llama.cpp runs it: pre-tokenizer regexes, byte mapping, ranked merges.
 
@@ -697,15 +878,21 @@ def _bpe_backend(
     llama.cpp keeps it as a symbol that no merge joins, so the text either side of it merges on
     its own. HF's BPE would silently join the neighbours, so the byte is cut out as a split.
     """
+    pairs = _merge_texts(tokens, merges)
+    backend = _HFTokenizer(models.BPE(index, pairs, ignore_merges=pre.ignore_merges))
+    backend.pre_tokenizer = _bpe_pre_tokenizer(index, pre)
+    return backend
+
+
+def _bpe_pre_tokenizer(index: dict[str, int], pre: _PreTokenizer) -> Any:
+    """The regexes, GPT-2's byte mapping, and the cutting out of bytes without a token."""
     missing = [char for char in _BYTE_CHARS if char not in index]
-    backend = _HFTokenizer(models.BPE(index, merges, ignore_merges=pre.ignore_merges))
     steps = [pre_tokenizers.Split(Regex(regex), "isolated") for regex in pre.regexes]
     steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
     if missing:
         gaps = "[" + "".join(f"\\x{{{ord(char):X}}}" for char in missing) + "]"
         steps.append(pre_tokenizers.Split(Regex(gaps), "removed"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(steps)
-    return backend
+    return pre_tokenizers.Sequence(steps)
 
 
 def _byte_chars() -> list[str]:
@@ -747,7 +934,10 @@ def _pieces(kind: str, tokens: list[str], attrs: list[int], spelling: _Spelling)
     ends = np.cumsum(np.add.reduceat(sizes, starts))
     begins = np.concatenate(([0], ends[:-1]))
     pieces = [data[a:b] for a, b in zip(begins.tolist(), ends.tolist(), strict=True)]
-    for token_id, attr in enumerate(attrs):
+    flags = np.asarray(attrs, np.int64)
+    plain = (flags & _NORMAL != 0) & (flags & _SPLIT_OUT == 0) & ~foreign  # done above
+    for token_id in np.flatnonzero(~plain).tolist():
+        attr = attrs[token_id]
         if attr & _SPLIT_OUT:
             pieces[token_id] = tokens[token_id].encode()
         elif attr & _NORMAL:
@@ -815,12 +1005,13 @@ def _scores(metadata: Mapping[str, Any], n: int) -> np.ndarray:
         raise TokenizerError("tokenizer.ggml.scores holds values that are not numbers") from None
 
 
-def _merges(metadata: Mapping[str, Any], index: dict[str, int]) -> list[tuple[str, str]]:
-    """The ranked merges of a byte-level vocabulary, ``"a b"`` each (``a`` never empty)."""
+def _merges(metadata: Mapping[str, Any], index: dict[str, int]) -> np.ndarray:
+    """The ranked merges of a byte-level vocabulary, ``"a b"`` each (``a`` never empty), as
+    int32 [m, 2] token ids."""
     lines = metadata.get("tokenizer.ggml.merges")
     if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):
         raise TokenizerError("tokenizer.ggml.merges is missing or not a list of strings")
-    merges: dict[tuple[str, str], None] = {}  # first rank wins, as in llama.cpp
+    merges: dict[tuple[int, int], None] = {}  # first rank wins, as in llama.cpp
     for line in lines:
         cut = line.find(" ", 1)
         if cut < 0:
@@ -831,14 +1022,14 @@ def _merges(metadata: Mapping[str, Any], index: dict[str, int]) -> list[tuple[st
                 f"merge {line!r} in tokenizer.ggml.merges makes a token not in the vocabulary"
             )
         if left in index and right in index:
-            merges.setdefault((left, right))
+            merges.setdefault((index[left], index[right]))
         elif {left, right} & _BYTE_SET - index.keys():
             # a byte without a token is still a symbol to llama.cpp, so this merge could apply
             raise TokenizerError(
                 f"merge {line!r} in tokenizer.ggml.merges joins a byte that has no token"
             )
         # otherwise a part is neither a token nor a byte, so the pair never forms
-    return list(merges)
+    return np.array(list(merges), np.int32).reshape(-1, 2)
 
 
 def _pre_tokenizer(metadata: Mapping[str, Any]) -> _PreTokenizer:

@@ -56,7 +56,8 @@ def test_a_cpu_run_loads_neither_server_nor_plot_nor_triton(tiny: Path):
 class Notice:
     """Stands in for CompileNotice: records when the runner ends the warm-up."""
 
-    def __init__(self) -> None:
+    def __init__(self, first_run: bool = False) -> None:
+        self.first_run = first_run
         self.finished_after_steps: int | None = None
         self.runner = None
 
@@ -73,6 +74,29 @@ def test_the_compile_notice_ends_at_the_first_decode_step(tiny: Path):
     engine.generate([1, 5, 6, 7], max_tokens=4, temperature=0, ignore_eos=True)
     assert notice.finished_after_steps == 1  # the prompt step, then the first decode step
     assert engine.runner.compile_notice is None
+
+
+@pytest.mark.parametrize("first_run", [True, False])
+def test_a_first_run_compiles_each_warm_up_step_ahead(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch, first_run: bool
+):
+    from metallic.engine import model_runner
+
+    engine = Engine(tiny, device="cpu")
+    ahead: list[int] = []
+
+    def compile_ahead(forward) -> None:
+        ahead.append(engine.runner.steps)
+        forward()  # what a pass without Triton launches does here: runs the torch ops
+
+    monkeypatch.setattr(model_runner, "compile_ahead", compile_ahead)
+    notice = Notice(first_run)
+    notice.runner = engine.runner
+    engine.runner.compile_notice = notice
+    expected = engine.generate([1, 5, 6, 7], max_tokens=4, temperature=0, ignore_eos=True)
+    assert ahead == ([0, 1] if first_run else [])  # the prompt step, the first decode step
+    engine.runner.compile_notice = None
+    assert engine.generate([1, 5, 6, 7], max_tokens=4, temperature=0, ignore_eos=True) == expected
 
 
 def test_the_command_exits_at_once_with_its_output_and_code(tmp_path: Path):

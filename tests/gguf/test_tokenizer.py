@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from metallic.errors import MetallicError, TokenizerError
+from metallic.gguf import tokenizer as tokenizer_module
 from metallic.gguf.reader import open_gguf
 from metallic.gguf.tokenizer import Tokenizer
 
@@ -223,6 +224,47 @@ def test_gemma_chat_turn_uses_single_special_tokens(gemma: Tokenizer) -> None:
     assert ids[0] == gemma.bos_id and ids[1] == start[0] and end[0] in ids
     assert end[0] in gemma.stop_ids and gemma.eos_id in gemma.stop_ids
     assert len(gemma.encode(turn, add_special=True, parse_special=False)) > len(ids)
+
+
+@pytest.mark.parametrize("short_text", [0, 10**9], ids=["hf-bpe", "python"])
+def test_both_encoders_match_llama_cpp(
+    short_text: int,
+    monkeypatch: pytest.MonkeyPatch,
+    vocab_dir: Path,
+    default_model_path: Path,
+    gemma_reference: dict[str, Any],
+    chat_model_path: Path,
+    smollm2_reference: dict[str, Any],
+) -> None:
+    """Short texts are merged in Python, longer ones by HF's BPE: each encoder alone gives
+    llama.cpp's ids for every reference text (fresh tokenizers: once built, HF's BPE serves
+    every text)."""
+    monkeypatch.setattr(tokenizer_module, "SHORT_TEXT", short_text)
+    for path, reference in [
+        (default_model_path, gemma_reference),
+        (chat_model_path, smollm2_reference),
+    ]:
+        tokenizer = Tokenizer.from_metadata(open_gguf(path).metadata)
+        assert_encodes_like_llama_cpp(tokenizer, reference)
+        assert (tokenizer._backend is None) == (short_text > 0)
+    for name in VOCABS:
+        tokenizer = Tokenizer.from_metadata(
+            open_gguf(vocab_dir / f"ggml-vocab-{name}.gguf").metadata
+        )
+        for text, expected in read_vocab_tests(vocab_dir, name):
+            assert tokenizer.encode(text, add_special=False) == expected, (name, text)
+
+
+def test_a_long_text_builds_the_backend_and_encodes_alike(default_model_path: Path) -> None:
+    metadata = open_gguf(default_model_path).metadata
+    short, long = Tokenizer.from_metadata(metadata), Tokenizer.from_metadata(metadata)
+    text = "The capital of France is Paris; déjà vu 🦙 " * 50
+    assert len(text) < tokenizer_module.SHORT_TEXT < len(text * 8)
+    expected = short.encode(text)
+    assert short._backend is None
+    long.encode(text * 8)
+    assert long._backend is not None
+    assert long.encode(text) == expected
 
 
 # -- (3) round trips, bytes and errors ------------------------------------------------------------

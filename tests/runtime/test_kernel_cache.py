@@ -198,3 +198,68 @@ def test_two_engines_chain_their_notices(gpu, tmp_path: Path):
     second.finish()
     assert (first.compiled, second.compiled) == (1, 2)
     assert triton.knobs.compilation.listener == first._listen  # second handed back its previous
+
+
+class RecordingRun:
+    """Stands in for `JITFunction.run`: records each call's warm-up flag and, like Triton's in
+    AsyncCompileMode, submits a warm-up's compile to the mode's pool."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bool]] = []
+        self.compiled_on: list[str] = []
+
+    def __call__(self, kernel: str, *args: object, grid: object, warmup: bool, **kw: object):
+        import threading
+
+        from triton.runtime import _async_compile
+
+        self.calls.append((kernel, warmup))
+        mode = _async_compile.active_mode.get()
+        if warmup and mode is not None:
+
+            def compile_kernel() -> str:
+                self.compiled_on.append(threading.current_thread().name)
+                return kernel
+
+            return mode.submit(kernel, compile_kernel, lambda _: None, lambda _: None)
+        return None
+
+
+@pytest.fixture
+def recording_run(monkeypatch: pytest.MonkeyPatch) -> RecordingRun:
+    from triton.runtime.jit import JITFunction
+
+    recorder = RecordingRun()
+    monkeypatch.setattr(JITFunction, "run", recorder)
+    return recorder
+
+
+def test_compiling_ahead_turns_launches_into_pooled_compiles(recording_run: RecordingRun):
+    from triton.runtime.jit import JITFunction
+
+    def forward() -> None:
+        for kernel in ("norm", "gemv", "norm"):
+            JITFunction.run(kernel, grid=(1,), warmup=False)  # what kernel[grid](...) calls
+
+    kernel_cache.compile_ahead(forward)
+    assert recording_run.calls == [("norm", True), ("gemv", True), ("norm", True)]
+    assert len(recording_run.compiled_on) == 2  # one compile per kernel, however often launched
+    assert all(name.startswith("metallic-compile") for name in recording_run.compiled_on)
+    JITFunction.run("norm", grid=(1,), warmup=False)  # afterwards launches launch again
+    assert recording_run.calls[-1] == ("norm", False)
+
+
+def test_a_forward_that_fails_while_compiling_ahead_costs_only_the_head_start(
+    recording_run: RecordingRun,
+):
+    from triton.runtime import _async_compile
+    from triton.runtime.jit import JITFunction
+
+    def forward() -> None:
+        JITFunction.run("gemv", grid=(1,), warmup=False)
+        raise RuntimeError("a value no kernel wrote")
+
+    kernel_cache.compile_ahead(forward)  # no error
+    assert recording_run.compiled_on and _async_compile.active_mode.get() is None
+    JITFunction.run("gemv", grid=(1,), warmup=False)
+    assert recording_run.calls[-1] == ("gemv", False)
