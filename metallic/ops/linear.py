@@ -110,15 +110,20 @@ def native_path(m: int, parts: Sequence[PackedWeight], dtype: torch.dtype = torc
     - ``"fused"``: a few rows, or up to MAX_FUSED_M rows against a large matrix
       (`kernels.fuses`): each part's fused kernel (quant_matmul) reads its blocks once per tile
       of rows and writes its own output columns;
+    - ``"gemm"``: prompt chunks against Q4_K/Q6_K parts only (`quant_gemm.uses_gemm`): each
+      part's tensor-core GEMM dequantizes its tiles in registers and writes its own columns;
     - ``"dequantize"``: otherwise every part is widened into one scratch matrix, then a single
       dense product (one cuBLAS call for q|k|v whatever their formats).
     """
     from metallic.kernels import fuses
+    from metallic.kernels.quant_gemm import uses_gemm
     from metallic.kernels.quant_gemv import uses_dp4a
 
     if m == 1 and uses_dp4a(parts):
         return "dp4a"
-    return "fused" if fuses(m, sum(p.nbytes for p in parts), dtype) else "dequantize"
+    if fuses(m, sum(p.nbytes for p in parts), dtype):
+        return "fused"
+    return "gemm" if uses_gemm(m, parts, dtype) else "dequantize"
 
 
 def _native_linear(
@@ -128,6 +133,7 @@ def _native_linear(
     widen more than `widen_limit` bytes, it widens slices of rows of at most that size in turn
     (a device budget bounds the scratch: the 8B's output matrix in f32 is 2 GiB)."""
     from metallic.kernels import dequantize_gpu, quant_matmul
+    from metallic.kernels.quant_gemm import quant_gemm
     from metallic.kernels.quant_gemv import gemv, quantize_x
 
     n_total = sum(p.n for p in parts)
@@ -150,6 +156,8 @@ def _native_linear(
         cols = out[:, first : first + p.n]
         if x8 is not None:
             gemv(x8, p, cols)
+        elif path == "gemm":
+            quant_gemm(rows, p, out=cols)
         else:
             quant_matmul(rows, p, p.ggml_type, p.n, p.k, out=cols)
         first += p.n

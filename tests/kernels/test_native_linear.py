@@ -26,6 +26,7 @@ def _seed() -> int:
 
 # The module (the package exports its function of the same name).
 quant_matmul_module = importlib.import_module("metallic.kernels.quant_matmul")
+quant_gemm_module = importlib.import_module("metallic.kernels.quant_gemm")
 
 
 def _part(qtype: GGMLQuantizationType, n: int, k: int, seed: int):
@@ -36,8 +37,9 @@ def _part(qtype: GGMLQuantizationType, n: int, k: int, seed: int):
 
 def test_native_path_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     """One row against large K-quants: dp4a; otherwise the fused kernel up to 16 rows, and up
-    to MAX_FUSED_M rows against large matrices (batched decode); dequantize + one dense product
-    beyond (prefill chunks, and small matrices from 17 rows)."""
+    to MAX_FUSED_M rows against large matrices (batched decode); beyond, the tensor-core GEMM
+    for prompt chunks against Q4_K/Q6_K only, else dequantize + one dense product (also for
+    small matrices from 17 rows)."""
     monkeypatch.setattr(quant_gemv, "DP4A_MIN_BYTES", 0)
     k_quants = tuple(_part(t, 8, 256, _seed())[0] for t in (T.Q4_K, T.Q6_K))
     mixed = (*k_quants, _part(T.Q8_0, 8, 256, _seed())[0])
@@ -52,7 +54,8 @@ def test_native_path_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
         assert native_path(m, k_quants) == native_path(m, mixed) == "fused", m
     assert native_path(64, k_quants, torch.float32) == "dequantize"  # f32 rows: up to 16
     assert native_path(16, k_quants, torch.float32) == "fused"
-    assert native_path(MAX_FUSED_M + 1, k_quants) == "dequantize"
+    assert native_path(MAX_FUSED_M + 1, k_quants) == "gemm"  # prompt chunks of K-quants
+    assert native_path(4 * MAX_FUSED_M, k_quants, torch.float32) == "dequantize"
     assert native_path(4 * MAX_FUSED_M, mixed) == "dequantize"
     monkeypatch.setattr(quant_gemv, "DP4A_MIN_BYTES", 1 << 40)
     assert native_path(1, k_quants) == "fused"
@@ -119,3 +122,27 @@ def test_a_widen_limit_widens_slices_of_rows(monkeypatch: pytest.MonkeyPatch) ->
     widened.clear()
     assert torch.equal(linear(x, weight, widen_limit=80 * k * 2), linear(x, weight))
     assert widened == [40, 24, 16] * 2  # within the limit: one scratch, as without it
+
+
+def test_prompt_chunks_of_k_quants_take_the_gemm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stacked Q4_K | Q6_K parts (the formats of a Q4_K_M model) from MIN_GEMM_M rows: one
+    quant_gemm call a part, each writing its own output columns, no dequantization; x @ W.T."""
+    seed = _seed()
+    k, m = 512, 24
+    parts = [_part(t, n, k, seed + i) for i, (t, n) in enumerate(((T.Q4_K, 40), (T.Q6_K, 24)))]
+    weight = LinearWeight((T.Q4_K, T.Q6_K), (40, 24), k, native=tuple(p for p, _ in parts))
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+    ref = x.double() @ torch.cat([dense for _, dense in parts]).T
+    calls: list[str] = []
+    real_gemm = quant_gemm_module.quant_gemm
+    monkeypatch.setattr(quant_gemm_module, "MIN_GEMM_M", m)  # small shapes for the interpreter
+    monkeypatch.setattr(
+        quant_gemm_module,
+        "quant_gemm",
+        lambda *a, **kw: calls.append("quant_gemm") or real_gemm(*a, **kw),
+    )
+    monkeypatch.setattr(kernels, "dequantize_gpu", lambda *a, **kw: calls.append("dequantize"))
+    out = linear(x, weight)
+    assert calls == ["quant_gemm"] * 2
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err < 1e-2, f"error {err:.3g} (seed {seed})"

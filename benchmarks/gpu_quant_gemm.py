@@ -1,0 +1,243 @@
+"""The prefill GEMM (kernels/quant_gemm.py) against today's prompt path, at Llama-3-8B shapes.
+
+For each Q4_K / Q6_K matrix of the 8B (and Gemma 3 270M's ffn_down, its one K-quant shape with K a
+multiple of 256): random valid blocks are checked first (quant_gemm at M = 512 against the f64
+product of the dequantized matrix, and against today's path), then timed at M = 128, 512, 2048,
+each call alone from a CUDA graph (median of 20 replays):
+
+- ``gemm``: quant_gemm with each candidate tile (a sweep at M = 512, the best few at other M);
+- ``today``: dequantize_gpu into a bf16 scratch + torch.matmul (ops.linear's path before it);
+- ``cublas``: torch.matmul on the pre-dequantized bf16 matrix (what dequantizing in the tiles
+  can at best approach).
+
+Prints TFLOPS per shape and M, the best tile per format, and writes JSON to $OUT (or
+benchmarks/results). GPU only, never in CI:
+
+    python benchmarks/gpu_quant_gemm.py            # the full run (about 3 minutes on an H200)
+    python benchmarks/gpu_quant_gemm.py --quick    # default tiles only, no sweep
+    TRITON_INTERPRET=1 python benchmarks/gpu_quant_gemm.py --smoke   # tiny shapes, CPU, no timing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import triton
+from gguf import GGMLQuantizationType
+from gpu_quant_matmul import graph_us, output_dir, random_blocks, relative_error
+
+from metallic.errors import MetallicError
+from metallic.kernels import dequantize_gpu, prepare_weight
+from metallic.kernels.quant_gemm import DEFAULT_TILES, GemmTile, quant_gemm
+
+T = GGMLQuantizationType
+# (format, N, K): the 8B's attn_q/attn_output, attn_k/v, ffn_gate/up, ffn_down; the output head
+# is Q6_K [128256, 4096] but runs on one row at a time in prefill. Gemma 3 270M: ffn_down.
+SHAPES = (
+    (T.Q4_K, 4096, 4096),
+    (T.Q4_K, 1024, 4096),
+    (T.Q4_K, 14336, 4096),
+    (T.Q4_K, 28672, 4096),
+    (T.Q4_K, 4096, 14336),
+    (T.Q6_K, 1024, 4096),
+    (T.Q6_K, 4096, 14336),
+    (T.Q4_K, 640, 2048),
+    (T.Q6_K, 640, 2048),
+)
+SWEEP_M = 512
+OTHER_M = (128, 2048)
+TOP_TILES = 4  # tiles from the M = 512 sweep also timed at the other M
+# Candidates: every one fits an H200's shared memory; registers decide between them.
+CANDIDATES = tuple(
+    GemmTile(bm, bn, bk, warps, stages)
+    for bm, bn, bk, warps, stages in (
+        (128, 128, 64, 8, 3),
+        (128, 128, 64, 8, 4),
+        (128, 128, 128, 8, 2),
+        (128, 128, 128, 8, 3),
+        (128, 128, 256, 8, 2),
+        (256, 128, 64, 8, 3),
+        (256, 128, 128, 8, 2),
+        (128, 256, 64, 8, 3),
+        (128, 256, 128, 8, 2),
+        (64, 128, 128, 4, 3),
+        (128, 64, 128, 4, 3),
+        (128, 64, 64, 4, 4),
+        (64, 64, 128, 4, 3),
+        (64, 256, 64, 8, 3),
+    )
+)
+TOLERANCE = 1e-2  # bf16 output (and weight) rounding is ~3e-3 of the product's norm
+
+
+def tile_name(tile: GemmTile) -> str:
+    return f"{tile.bm}x{tile.bn}x{tile.bk}/w{tile.warps}/s{tile.stages}"
+
+
+def flops(m: int, n: int, k: int) -> float:
+    return 2.0 * m * n * k
+
+
+def check_shape(
+    qtype: GGMLQuantizationType,
+    n: int,
+    k: int,
+    m: int,
+    gen: torch.Generator,
+    tiles: tuple[GemmTile, ...],
+    failures: list[str],
+) -> None:
+    """quant_gemm with every tile against the f64 product and against today's path."""
+    device = gen.device
+    packed = prepare_weight(random_blocks(qtype, n, k, gen), qtype, n, k)
+    dense = dequantize_gpu(packed, qtype, n, k)  # f32, bit-exact against the reference
+    x = torch.randn(m, k, device=device, generator=gen).to(torch.bfloat16)
+    ref = x.double() @ dense.double().T
+    today = relative_error(x @ dense.to(torch.bfloat16).T, ref)
+    for tile in tiles:
+        try:
+            err = relative_error(quant_gemm(x, packed, tile=tile), ref)
+        except (MetallicError, triton.runtime.errors.OutOfResources) as exc:
+            print(f"  {qtype.name} [{n}, {k}] {tile_name(tile)}: {exc}", flush=True)
+            continue
+        if not (err <= TOLERANCE and err <= 2 * today):
+            failures.append(
+                f"{qtype.name} [{n}, {k}] M={m} {tile_name(tile)}: error {err:.3g} "
+                f"(today's path {today:.3g})"
+            )
+
+
+def time_shape(
+    qtype: GGMLQuantizationType,
+    n: int,
+    k: int,
+    gen: torch.Generator,
+    sweep: tuple[GemmTile, ...],
+) -> dict[str, object]:
+    """Microseconds of every path at every M; the gemm at M = SWEEP_M with every tile."""
+    packed = prepare_weight(random_blocks(qtype, n, k, gen), qtype, n, k)
+    dense = dequantize_gpu(packed, qtype, n, k, torch.bfloat16)
+    scratch = torch.empty_like(dense)
+    row: dict[str, object] = {"format": qtype.name, "n": n, "k": k, "by_m": {}}
+    tiles_at_m = {SWEEP_M: sweep}
+    for m in (SWEEP_M, *OTHER_M):
+        x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
+        out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        entry: dict[str, object] = {
+            "cublas_us": graph_us([lambda x=x: torch.matmul(x, dense.T)]),
+            "today_us": graph_us(
+                [lambda x=x: torch.matmul(x, dequantize_gpu(packed, qtype, n, k, out=scratch).T)]
+            ),
+        }
+        tiles = tiles_at_m.get(m)
+        if tiles is None:  # the best few of the sweep, and the default
+            ranked = sorted(row["by_m"][SWEEP_M]["gemm_us"].items(), key=lambda kv: kv[1])
+            names = [name for name, _ in ranked[:TOP_TILES]]
+            tiles = tuple(t for t in sweep if tile_name(t) in names)
+            if DEFAULT_TILES[qtype] not in tiles:
+                tiles += (DEFAULT_TILES[qtype],)
+        gemm: dict[str, float] = {}
+        for tile in tiles:
+            try:
+                gemm[tile_name(tile)] = graph_us(
+                    [lambda x=x, t=tile, o=out: quant_gemm(x, packed, tile=t, out=o)]
+                )
+            except (MetallicError, triton.runtime.errors.OutOfResources) as exc:
+                print(f"  {tile_name(tile)}: {type(exc).__name__}", flush=True)
+        entry["gemm_us"] = gemm
+        best = min(gemm, key=gemm.get)
+        entry["best_tile"], entry["best_us"] = best, gemm[best]
+        entry["default_us"] = gemm.get(tile_name(DEFAULT_TILES[qtype]))
+        for key in ("cublas_us", "today_us", "best_us", "default_us"):
+            if entry.get(key):
+                entry[key.replace("_us", "_tflops")] = flops(m, n, k) / entry[key] / 1e6
+        row["by_m"][m] = entry
+    return row
+
+
+def print_table(rows: list[dict[str, object]]) -> None:
+    print(f"\n{'format':<6}{'N':>7}{'K':>7}{'M':>6}{'gemm us':>9}{'TFLOPS':>8}{'today us':>10}"
+          f"{'TFLOPS':>8}{'cuBLAS us':>10}{'TFLOPS':>8}{'x today':>8}  best tile")  # fmt: skip
+    for r in rows:
+        for m, e in sorted(r["by_m"].items()):
+            print(
+                f"{r['format']:<6}{r['n']:>7}{r['k']:>7}{m:>6}{e['best_us']:>9.1f}"
+                f"{e['best_tflops']:>8.0f}{e['today_us']:>10.1f}{e['today_tflops']:>8.0f}"
+                f"{e['cublas_us']:>10.1f}{e['cublas_tflops']:>8.0f}"
+                f"{e['today_us'] / e['best_us']:>8.2f}  {e['best_tile']}"
+            )
+
+
+def best_tiles(rows: list[dict[str, object]]) -> dict[str, dict[str, float]]:
+    """Per format: the total M = SWEEP_M time of the 8B's shapes for each tile, best first."""
+    totals: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if r["k"] < 4096:
+            continue
+        for name, us in r["by_m"][SWEEP_M]["gemm_us"].items():
+            fmt = totals.setdefault(r["format"], {})
+            fmt[name] = fmt.get(name, 0.0) + us
+    return {f: dict(sorted(t.items(), key=lambda kv: kv[1])) for f, t in totals.items()}
+
+
+def smoke() -> int:
+    """Tiny shapes on the CPU under TRITON_INTERPRET=1: correctness of small tiles only."""
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    failures: list[str] = []
+    tiles = (GemmTile(16, 32, 64, 4, 2), GemmTile(32, 16, 256, 4, 2))
+    for qtype in (T.Q4_K, T.Q6_K):
+        check_shape(qtype, 48, 512, 24, gen, tiles, failures)
+    print("\n".join(failures) or "smoke: all correct")
+    return 1 if failures else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU shapes, no timing")
+    parser.add_argument("--quick", action="store_true", help="default tiles only")
+    args = parser.parse_args()
+    if args.smoke:
+        return smoke()
+    if not torch.cuda.is_available():
+        print("this benchmark needs a CUDA GPU (or --smoke under TRITON_INTERPRET=1)")
+        return 2
+    started = time.time()
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    failures: list[str] = []
+    rows = []
+    for qtype, n, k in SHAPES:
+        sweep = (DEFAULT_TILES[qtype],) if args.quick else CANDIDATES
+        if DEFAULT_TILES[qtype] not in sweep:
+            sweep = (DEFAULT_TILES[qtype], *sweep)
+        check_shape(qtype, n, k, SWEEP_M, gen, sweep, failures)
+        rows.append(time_shape(qtype, n, k, gen, sweep))
+        print(f"{qtype.name} [{n}, {k}] done ({time.time() - started:.0f} s)", flush=True)
+        torch.cuda.empty_cache()
+    print_table(rows)
+    ranking = best_tiles(rows)
+    for fmt, totals in ranking.items():
+        top = ", ".join(f"{name} {us:.0f} us" for name, us in list(totals.items())[:5])
+        print(f"{fmt} best tiles over the 8B's shapes at M={SWEEP_M}: {top}")
+    print("\n".join(failures) or "all correct")
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "rows": rows,
+        "tile_ranking": ranking,
+        "failures": failures,
+        "seconds": time.time() - started,
+    }
+    path = output_dir() / "gpu_quant_gemm.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

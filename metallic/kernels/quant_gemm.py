@@ -1,0 +1,244 @@
+"""Prefill products against Q4_K and Q6_K weights on the tensor cores, dequantizing in the tiles.
+
+A prompt chunk (hundreds of rows of x) against a K-quant matrix is bound by compute, not by the
+weight bytes: the cost to beat is a dense bf16 GEMM. Each program computes a tile of out^T,
+``W[BN rows, K] @ x^T[K, BM]``, walking K in steps of BK elements of one super-block. Per step it
+loads the quants of its BN rows, turns them into bf16 weights in registers (the A operand, which
+Hopper's wgmma takes from registers) and multiplies them with x^T tiles (the B operand, which
+Triton stages through shared memory), accumulating in f32.
+
+Both formats come apart into runs of 32 consecutive elements of K that need no shuffling:
+
+- Q4_K: the 32 quant bytes of a 64-element chunk hold elements 0..31 in their low nibbles and
+  32..63 in their high nibbles; each half is one sub-block (one scale and min per row).
+- Q6_K: a 32-element quarter of a 128-element half takes one nibble of 32 ``ql`` bytes and two
+  bits of 32 ``qh`` bytes; a scale covers 16 elements, so two per run.
+
+A run's 8 words per row give four planes, byte k of each word (quant_matmul's ``_assemble``
+joins them into the run's order, element 4u + k for word u), so each run is one ``tl.dot`` with
+K = 32 against the matching 32 rows of x^T. The weights take the same f32 arithmetic as
+quant_matmul (a quant becomes ``1 + q / 2**bits`` by bit operations, then one FMA with
+per-sub-block coefficients) and are rounded to bf16 for the tensor cores: the same rounding as
+dequantizing to a bf16 matrix first, the path this replaces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from gguf import GGMLQuantizationType
+
+from metallic.errors import MetallicError
+from metallic.kernels.packing import PackedWeight
+from metallic.kernels.quant_matmul import (
+    _ONE_BITS,
+    _assemble,
+    _check_device,
+    _q4_plane,
+    _q6_plane,
+    interpreting,
+)
+
+T = GGMLQuantizationType
+
+GEMM_TYPES = (T.Q4_K, T.Q6_K)
+# Rows of x from which ops.linear takes this kernel for Q4_K/Q6_K parts (prefill chunks).
+MIN_GEMM_M = 129
+_X_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def uses_gemm(m: int, parts: Sequence[PackedWeight], dtype: torch.dtype) -> bool:
+    """Whether m rows of x in `dtype` against the stacked parts take quant_gemm: prompt chunks
+    of 16-bit rows against Q4_K/Q6_K parts only."""
+    return m >= MIN_GEMM_M and dtype in _X_DTYPES and all(p.ggml_type in GEMM_TYPES for p in parts)
+
+
+@dataclass(frozen=True)
+class GemmTile:
+    """The geometry of a launch: out^T tiles of bn rows of W by bm rows of x, K steps of bk."""
+
+    bm: int
+    bn: int
+    bk: int  # elements of K per loop step (one tl.dot): 64, 128 or 256
+    warps: int
+    stages: int  # Triton's software pipelining depth (num_stages)
+
+    def __post_init__(self) -> None:
+        for name in ("bm", "bn", "warps"):
+            value = getattr(self, name)
+            least = 1 if name == "warps" else 16
+            if value < least or value & (value - 1):
+                raise MetallicError(f"GemmTile.{name} must be a power of two >= {least}: {value}")
+        if self.bk not in (64, 128, 256) or self.stages < 1:
+            raise MetallicError(f"GemmTile bk must be 64, 128 or 256 and stages >= 1: {self}")
+
+
+# Chosen before measurement (benchmarks/gpu_quant_gemm.py sweeps the alternatives on a GPU).
+DEFAULT_TILES = {
+    T.Q4_K: GemmTile(bm=128, bn=128, bk=256, warps=8, stages=3),
+    T.Q6_K: GemmTile(bm=128, bn=128, bk=128, warps=8, stages=3),
+}
+
+
+# Triton code below keeps long argument lists on few lines.
+# fmt: off
+@triton.jit
+def _mma(w, x_at, acc, F32_DOT: tl.constexpr):
+    """acc + w @ x^T with w rounded to x's 16-bit type (the tensor cores' A operand).
+
+    F32_DOT (bf16 under the interpreter, whose tl.dot multiplies bf16 tensors as their raw
+    16-bit integers and whose conversion to bf16 truncates) rounds w to the nearest bf16 (ties
+    to even) by its bits and multiplies the same values in f32."""
+    xt = tl.load(x_at)
+    if F32_DOT:
+        bits = w.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        w = bits.to(tl.float32, bitcast=True)
+        return tl.dot(w, xt.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(w.to(xt.dtype), xt, acc)
+
+
+@triton.jit
+def _q4_k_coefficients(w_ptr, h_ptr, base, j):
+    """(a, b) [BN, R, 1] of sub-blocks j [1, R, 1] (0..7) of the super-blocks at words ``base``
+    [BN, 1, 1], for w = a*f - b with f = 1 + q/16: a = 16*d*sc, b = 16*d*sc + dmin*m.
+
+    The 12 scale bytes (words 1..3) hold 6-bit scales sc and mins m: for j < 4 sc = s[j] & 63,
+    m = s[j+4] & 63; for j >= 4 the low 4 bits are the nibbles of s[j+4] and the top 2 bits the
+    top bits of s[j-4] (sc) and s[j] (m).
+    """
+    w1 = tl.load(w_ptr + base + 1)
+    w2 = tl.load(w_ptr + base + 2)
+    w3 = tl.load(w_ptr + base + 3)
+    d = tl.load(h_ptr + 2 * base).to(tl.float32)
+    dmin = tl.load(h_ptr + 2 * base + 1).to(tl.float32)
+    shift = 8 * (j % 4)
+    upper = j >= 4
+    sc = tl.where(upper, ((w3 >> shift) & 15) | ((w1 >> (shift + 2)) & 0x30), (w1 >> shift) & 63)
+    m = tl.where(upper, ((w3 >> (shift + 4)) & 15) | ((w2 >> (shift + 2)) & 0x30),
+                 (w2 >> shift) & 63)
+    a = d * sc.to(tl.float32) * 16
+    return a, a + dmin * m.to(tl.float32)
+
+
+@triton.jit
+def _q4_k_tile(w_ptr, h_ptr, rows, nb, k0, one, BN: tl.constexpr, BK: tl.constexpr):
+    """Weights [BN, BK] f32 of elements k0.. of every row, in K order (k0 % BK == 0, BK | 256).
+
+    Run r (32 elements, sub-block j) is one nibble of the 8 words of its 64-element chunk:
+    loading the words once per run and shifting by 4*(j % 2) puts element 4u + k of the run in
+    byte k of word u."""
+    r = tl.arange(0, BK // 32)[None, :, None]
+    u = tl.arange(0, 8)[None, None, :]
+    j = (k0 % 256) // 32 + r
+    base = rows * (nb * 36) + (k0 // 256) * 36
+    words = tl.load(w_ptr + base + 4 + 8 * (j // 2) + u) >> (4 * (j % 2))  # [BN, R, 8]
+    a, b = _q4_k_coefficients(w_ptr, h_ptr, base, j)
+    return _assemble(_q4_plane(words, 0, 0, one) * a - b, _q4_plane(words, 1, 0, one) * a - b,
+                     _q4_plane(words, 2, 0, one) * a - b, _q4_plane(words, 3, 0, one) * a - b,
+                     BN)
+
+
+@triton.jit
+def _q6_k_tile(ql_ptr, qh_ptr, sc_ptr, d_ptr, rows, nb, k0, one, BN: tl.constexpr,
+               BK: tl.constexpr):
+    """Weights [BN, BK] f32 of elements k0.. of every row, in K order (k0 % BK == 0, BK | 256).
+
+    Run r (32 elements from e = 32r within the super-block; half h = e // 128, quarter
+    i = e % 128 // 32) takes nibble i // 2 of ql words 16h + 8*(i % 2).. and bits 2i of qh words
+    8h..: shifted, element 4u + k of the run is in byte k of word u. Scales cover 16 elements:
+    words 0..3 of a run take scale e // 16, words 4..7 the next."""
+    r = tl.arange(0, BK // 32)[None, :, None]
+    u = tl.arange(0, 8)[None, None, :]
+    e = (k0 % 256) + 32 * r
+    i = (e % 128) // 32
+    sb = k0 // 256
+    ql = tl.load(ql_ptr + rows * (nb * 32) + sb * 32 + 16 * (e // 128) + 8 * (i % 2) + u)
+    qh = tl.load(qh_ptr + rows * (nb * 16) + sb * 16 + 8 * (e // 128) + u)
+    ql = ql >> (4 * (i // 2))
+    qh = qh >> (2 * i)
+    d = tl.load(d_ptr + rows * nb + sb).to(tl.float32)
+    sc_at = sc_ptr + rows * (nb * 16) + sb * 16 + e // 16
+    s0 = d * tl.load(sc_at).to(tl.float32)
+    s1 = d * tl.load(sc_at + 1).to(tl.float32)
+    a = tl.where(u < 4, s0 * 64, s1 * 64)
+    b = tl.where(u < 4, s0 * 96, s1 * 96)
+    return _assemble(_q6_plane(ql, qh, 0, 0, one) * a - b, _q6_plane(ql, qh, 1, 0, one) * a - b,
+                     _q6_plane(ql, qh, 2, 0, one) * a - b, _q6_plane(ql, qh, 3, 0, one) * a - b,
+                     BN)
+
+
+@triton.jit
+def _gemm_kernel(w0, w1, w2, w3, x_ptr, out_ptr, M, N, K, stride_xm, stride_om, one_bits,
+                 FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 F32_DOT: tl.constexpr):
+    """out[m, n] for rows [BN*r, +BN) of W and [BM*t, +BM) of x, program r * m_tiles + t (t
+    varies fastest: the programs that read one weight tile run together and share it in L2).
+    FMT 0: Q4_K (w0 the block words, w1 the same bytes as f16); 1: Q6_K (ql, qh, scales, d)."""
+    pid = tl.program_id(0)
+    m_tiles = tl.cdiv(M, BM)
+    m_first = (pid % m_tiles) * BM
+    row_ids = (pid // m_tiles) * BN + tl.arange(0, BN)
+    # Rows past N read row N-1 (valid memory, no masks in the loop); only stores are masked.
+    rows = tl.minimum(row_ids, N - 1).to(tl.int64)[:, None, None]
+    m = m_first + tl.arange(0, BM)[None, :]
+    # x^T tiles [BK, BM]: rows past M read row M-1, and their columns of out are not stored.
+    x_rows = x_ptr + tl.minimum(m, M - 1).to(tl.int64) * stride_xm + tl.arange(0, BK)[:, None]
+    one = one_bits
+    nb = K // 256
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        if FMT == 0:
+            w = _q4_k_tile(w0, w1, rows, nb, k0, one, BN, BK)
+        else:
+            w = _q6_k_tile(w0, w1, w2, w3, rows, nb, k0, one, BN, BK)
+        acc = _mma(w, x_rows + k0, acc, F32_DOT)
+    out_at = out_ptr + m.to(tl.int64) * stride_om + row_ids[:, None]
+    tl.store(out_at, acc.to(out_ptr.dtype.element_ty), mask=(row_ids < N)[:, None] & (m < M))
+# fmt: on
+
+
+def quant_gemm(
+    x: torch.Tensor,
+    weight: PackedWeight,
+    *,
+    tile: GemmTile | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ W.T`` for x [M, k] (bf16 or f16) and a Q4_K or Q6_K PackedWeight W [n, k]: [M, n]
+    in x's dtype, accumulated in f32. ``out`` (an [M, n] tensor of x's dtype with contiguous
+    rows, such as a column slice of a wider output) receives the result in place."""
+    if weight.ggml_type not in GEMM_TYPES:
+        raise MetallicError(f"quant_gemm reads Q4_K and Q6_K, not {weight.ggml_type.name}")
+    n, k = weight.n, weight.k
+    if x.dim() != 2 or x.shape[1] != k or x.dtype not in _X_DTYPES:
+        raise MetallicError(f"x must be bf16 or f16 [M, {k}], got {x.dtype} {list(x.shape)}")
+    _check_device(x)
+    if x.device != weight.device:
+        raise MetallicError(f"x is on {x.device} but the weight is on {weight.device}")
+    m = x.shape[0]
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    elif out.shape != (m, n) or out.dtype != x.dtype or out.stride(1) != 1:
+        raise MetallicError(
+            f"out must be [{m}, {n}] {x.dtype} with contiguous rows, got {list(out.shape)} "
+            f"{out.dtype} strides {out.stride()}"
+        )
+    if m == 0:
+        return out
+    tile = tile or DEFAULT_TILES[weight.ggml_type]
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    planes = list(weight.planes) + [weight.planes[0]] * (4 - len(weight.planes))
+    grid = (triton.cdiv(m, tile.bm) * triton.cdiv(n, tile.bn),)
+    _gemm_kernel[grid](
+        *planes, x, out, m, n, k, x.stride(0), out.stride(0), _ONE_BITS,
+        FMT=0 if weight.ggml_type == T.Q4_K else 1, BM=tile.bm, BN=tile.bn, BK=tile.bk,
+        F32_DOT=interpreting() and x.dtype == torch.bfloat16,
+        num_warps=tile.warps, num_stages=tile.stages,
+    )  # fmt: skip
+    return out
