@@ -51,24 +51,25 @@ SHAPES = (
 SWEEP_M = 512
 OTHER_M = (128, 2048)
 TOP_TILES = 4  # tiles from the M = 512 sweep also timed at the other M
-# Candidates: every one fits an H200's shared memory; registers decide between them.
+# Candidates: none spills registers or passes an H200's shared memory for either format (sm_90
+# code compiled on the CPU); those marked * get ptxas's C7515 warning (wgmma serialized).
 CANDIDATES = tuple(
     GemmTile(bm, bn, bk, warps, stages)
     for bm, bn, bk, warps, stages in (
-        (128, 128, 64, 8, 3),
-        (128, 128, 64, 8, 4),
-        (128, 128, 128, 8, 2),
         (128, 128, 128, 8, 3),
+        (128, 128, 128, 8, 2),
         (128, 128, 256, 8, 2),
-        (256, 128, 64, 8, 3),
-        (256, 128, 128, 8, 2),
         (128, 256, 64, 8, 3),
-        (128, 256, 128, 8, 2),
-        (64, 128, 128, 4, 3),
-        (128, 64, 128, 4, 3),
-        (128, 64, 64, 4, 4),
-        (64, 64, 128, 4, 3),
+        (128, 256, 64, 8, 4),
         (64, 256, 64, 8, 3),
+        (64, 128, 128, 8, 3),
+        (128, 64, 128, 8, 3),
+        (64, 64, 128, 8, 3),
+        (128, 128, 64, 8, 3),  # *
+        (128, 128, 64, 8, 4),  # *
+        (256, 128, 64, 8, 3),  # *
+        (256, 64, 128, 8, 3),  # *
+        (64, 64, 128, 4, 3),  # *
     )
 )
 TOLERANCE = 1e-2  # bf16 output (and weight) rounding is ~3e-3 of the product's norm

@@ -35,12 +35,15 @@ from gguf import GGMLQuantizationType
 from metallic.errors import MetallicError
 from metallic.kernels.packing import PackedWeight
 from metallic.kernels.quant_matmul import (
+    _MAX_SCRATCH_BYTES,
     _ONE_BITS,
     _assemble,
     _check_device,
     _q4_plane,
     _q6_plane,
     interpreting,
+    sm_count,
+    sum_splits,
 )
 
 T = GGMLQuantizationType
@@ -77,9 +80,12 @@ class GemmTile:
             raise MetallicError(f"GemmTile bk must be 64, 128 or 256 and stages >= 1: {self}")
 
 
-# Chosen before measurement (benchmarks/gpu_quant_gemm.py sweeps the alternatives on a GPU).
+# Chosen before measurement from the sm_90 code (benchmarks/gpu_quant_gemm.py sweeps the
+# alternatives on a GPU): 128 x 128 tiles by 8 warps with K steps of 128 use 235 (Q4_K) and 254
+# (Q6_K) registers, spill none, keep one wgmma group in flight across K steps (no C7515
+# serialization, which steps of 64 get) and take 147-168 KB of shared memory in 3 stages.
 DEFAULT_TILES = {
-    T.Q4_K: GemmTile(bm=128, bn=128, bk=256, warps=8, stages=3),
+    T.Q4_K: GemmTile(bm=128, bn=128, bk=128, warps=8, stages=3),
     T.Q6_K: GemmTile(bm=128, bn=128, bk=128, warps=8, stages=3),
 }
 
@@ -174,10 +180,12 @@ def _q6_k_tile(ql_ptr, qh_ptr, sc_ptr, d_ptr, rows, nb, k0, one, BN: tl.constexp
 
 @triton.jit
 def _gemm_kernel(w0, w1, w2, w3, x_ptr, out_ptr, M, N, K, stride_xm, stride_om, one_bits,
-                 FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 F32_DOT: tl.constexpr):
+                 split_k, FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 BK: tl.constexpr, PARTIAL: tl.constexpr, F32_DOT: tl.constexpr):
     """out[m, n] for rows [BN*r, +BN) of W and [BM*t, +BM) of x, program r * m_tiles + t (t
-    varies fastest: the programs that read one weight tile run together and share it in L2).
+    varies fastest: the programs that read one weight tile run together and share it in L2),
+    over elements [pid1 * split_k, +split_k) of K; PARTIAL: f32 partial sums into
+    out[pid1] ([splits, M, N], stride_om = N).
     FMT 0: Q4_K (w0 the block words, w1 the same bytes as f16); 1: Q6_K (ql, qh, scales, d)."""
     pid = tl.program_id(0)
     m_tiles = tl.cdiv(M, BM)
@@ -190,14 +198,17 @@ def _gemm_kernel(w0, w1, w2, w3, x_ptr, out_ptr, M, N, K, stride_xm, stride_om, 
     x_rows = x_ptr + tl.minimum(m, M - 1).to(tl.int64) * stride_xm + tl.arange(0, BK)[:, None]
     one = one_bits
     nb = K // 256
+    first = tl.program_id(1) * split_k
     acc = tl.zeros((BN, BM), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in range(first, tl.minimum(first + split_k, K), BK):
         if FMT == 0:
             w = _q4_k_tile(w0, w1, rows, nb, k0, one, BN, BK)
         else:
             w = _q6_k_tile(w0, w1, w2, w3, rows, nb, k0, one, BN, BK)
         acc = _mma(w, x_rows + k0, acc, F32_DOT)
     out_at = out_ptr + m.to(tl.int64) * stride_om + row_ids[:, None]
+    if PARTIAL:
+        out_at += tl.program_id(1).to(tl.int64) * M * N
     tl.store(out_at, acc.to(out_ptr.dtype.element_ty), mask=(row_ids < N)[:, None] & (m < M))
 # fmt: on
 
@@ -234,11 +245,29 @@ def quant_gemm(
     if x.stride(1) != 1:
         x = x.contiguous()
     planes = list(weight.planes) + [weight.planes[0]] * (4 - len(weight.planes))
-    grid = (triton.cdiv(m, tile.bm) * triton.cdiv(n, tile.bn),)
-    _gemm_kernel[grid](
-        *planes, x, out, m, n, k, x.stride(0), out.stride(0), _ONE_BITS,
+    programs = triton.cdiv(m, tile.bm) * triton.cdiv(n, tile.bn)
+    split_k = tile.bk * _steps_per_split(programs, k // tile.bk, 4 * m * n, x.device)
+    splits = triton.cdiv(k, split_k)
+    target = out
+    if splits > 1:
+        target = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+    _gemm_kernel[(programs, splits)](
+        *planes, x, target, m, n, k, x.stride(0), n if splits > 1 else out.stride(0),
+        _ONE_BITS, split_k,
         FMT=0 if weight.ggml_type == T.Q4_K else 1, BM=tile.bm, BN=tile.bn, BK=tile.bk,
-        F32_DOT=interpreting() and x.dtype == torch.bfloat16,
+        PARTIAL=splits > 1, F32_DOT=interpreting() and x.dtype == torch.bfloat16,
         num_warps=tile.warps, num_stages=tile.stages,
     )  # fmt: skip
+    if splits > 1:
+        sum_splits(target, out)
     return out
+
+
+def _steps_per_split(programs: int, n_steps: int, split_bytes: int, device: torch.device) -> int:
+    """K steps per program: all of K, unless the tiles leave multiprocessors idle (the 8B's
+    k|v at 512 rows: 32 tiles of 128 x 128 on 132 SMs); then K is split until the grid about
+    fills them, as far as f32 partial sums of ``split_bytes`` a split stay within
+    _MAX_SCRATCH_BYTES (they are read back by the merge right away, from the L2)."""
+    splits = min(n_steps, max(1, sm_count(device) // programs))
+    splits = max(1, min(splits, _MAX_SCRATCH_BYTES // split_bytes))
+    return triton.cdiv(n_steps, splits)

@@ -3,6 +3,7 @@ dequantizer's weights, in the interpreter at small shapes and tiles."""
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import numpy as np
@@ -17,6 +18,7 @@ from metallic.quant.quantize import quantize
 from metallic.quant.reference import dequantize
 
 T = GGMLQuantizationType
+quant_gemm_module = importlib.import_module("metallic.kernels.quant_gemm")
 SMALL = GemmTile(bm=16, bn=32, bk=128, warps=4, stages=2)
 
 
@@ -73,6 +75,28 @@ def test_product_matches_float64(qtype: GGMLQuantizationType) -> None:
     today = x @ dense.to(torch.bfloat16).T
     today_err = ((today.double() - ref).norm() / ref.norm()).item()
     assert err < 1e-2 and err < 2 * today_err, f"{err:.3g} vs {today_err:.3g} (seed {seed})"
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_a_grid_of_few_tiles_splits_k(
+    qtype: GGMLQuantizationType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One tile of out (fewer programs than the interpreter's two multiprocessors): K is split
+    in two, the f32 partial sums added by a second kernel; the same product."""
+    seed = _seed()
+    n, k, m = 24, 512, 12
+    weight, dense = _weight(qtype, n, k, seed)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(torch.float16)
+    merges: list[int] = []
+    real = quant_gemm_module.sum_splits
+    monkeypatch.setattr(
+        quant_gemm_module, "sum_splits", lambda p, o: merges.append(len(p)) or real(p, o)
+    )
+    out = quant_gemm(x, weight, tile=GemmTile(bm=16, bn=32, bk=64, warps=4, stages=2))
+    assert merges == [2]
+    ref = x.double() @ dense.double().T
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err < 2e-3, f"error {err:.3g} (seed {seed})"
 
 
 def test_bad_input_is_a_clear_error() -> None:
