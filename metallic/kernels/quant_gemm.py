@@ -109,7 +109,7 @@ def _mma(w, x_at, acc, F32_DOT: tl.constexpr):
 
 
 @triton.jit
-def _q4_k_coefficients(w_ptr, h_ptr, base, j):
+def _q4_k_coefficients(w_ptr, base, j):
     """(a, b) [BN, R, 1] of sub-blocks j [1, R, 1] (0..7) of the super-blocks at words ``base``
     [BN, 1, 1], for w = a*f - b with f = 1 + q/16: a = 16*d*sc, b = 16*d*sc + dmin*m.
 
@@ -117,11 +117,12 @@ def _q4_k_coefficients(w_ptr, h_ptr, base, j):
     m = s[j+4] & 63; for j >= 4 the low 4 bits are the nibbles of s[j+4] and the top 2 bits the
     top bits of s[j-4] (sc) and s[j] (m).
     """
+    w0 = tl.load(w_ptr + base)  # d | dmin as one word: 4-byte loads are pipelined (cp.async)
     w1 = tl.load(w_ptr + base + 1)
     w2 = tl.load(w_ptr + base + 2)
     w3 = tl.load(w_ptr + base + 3)
-    d = tl.load(h_ptr + 2 * base).to(tl.float32)
-    dmin = tl.load(h_ptr + 2 * base + 1).to(tl.float32)
+    d = w0.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    dmin = (w0 >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     shift = 8 * (j % 4)
     upper = j >= 4
     sc = tl.where(upper, ((w3 >> shift) & 15) | ((w1 >> (shift + 2)) & 0x30), (w1 >> shift) & 63)
@@ -132,7 +133,7 @@ def _q4_k_coefficients(w_ptr, h_ptr, base, j):
 
 
 @triton.jit
-def _q4_k_tile(w_ptr, h_ptr, rows, nb, k0, one, BN: tl.constexpr, BK: tl.constexpr):
+def _q4_k_tile(w_ptr, rows, nb, k0, one, BN: tl.constexpr, BK: tl.constexpr):
     """Weights [BN, BK] f32 of elements k0.. of every row, in K order (k0 % BK == 0, BK | 256).
 
     Run r (32 elements, sub-block j) is one nibble of the 8 words of its 64-element chunk:
@@ -143,7 +144,7 @@ def _q4_k_tile(w_ptr, h_ptr, rows, nb, k0, one, BN: tl.constexpr, BK: tl.constex
     j = (k0 % 256) // 32 + r
     base = rows * (nb * 36) + (k0 // 256) * 36
     words = tl.load(w_ptr + base + 4 + 8 * (j // 2) + u) >> (4 * (j % 2))  # [BN, R, 8]
-    a, b = _q4_k_coefficients(w_ptr, h_ptr, base, j)
+    a, b = _q4_k_coefficients(w_ptr, base, j)
     return _assemble(_q4_plane(words, 0, 0, one) * a - b, _q4_plane(words, 1, 0, one) * a - b,
                      _q4_plane(words, 2, 0, one) * a - b, _q4_plane(words, 3, 0, one) * a - b,
                      BN)
@@ -157,7 +158,8 @@ def _q6_k_tile(ql_ptr, qh_ptr, sc_ptr, d_ptr, rows, nb, k0, one, BN: tl.constexp
     Run r (32 elements from e = 32r within the super-block; half h = e // 128, quarter
     i = e % 128 // 32) takes nibble i // 2 of ql words 16h + 8*(i % 2).. and bits 2i of qh words
     8h..: shifted, element 4u + k of the run is in byte k of word u. Scales cover 16 elements:
-    words 0..3 of a run take scale e // 16, words 4..7 the next."""
+    words 0..3 of a run take scale e // 16, words 4..7 the next. ``sc_ptr``: the scales plane
+    read as int32."""
     r = tl.arange(0, BK // 32)[None, :, None]
     u = tl.arange(0, 8)[None, None, :]
     e = (k0 % 256) + 32 * r
@@ -168,9 +170,12 @@ def _q6_k_tile(ql_ptr, qh_ptr, sc_ptr, d_ptr, rows, nb, k0, one, BN: tl.constexp
     ql = ql >> (4 * (i // 2))
     qh = qh >> (2 * i)
     d = tl.load(d_ptr + rows * nb + sb).to(tl.float32)
-    sc_at = sc_ptr + rows * (nb * 16) + sb * 16 + e // 16
-    s0 = d * tl.load(sc_at).to(tl.float32)
-    s1 = d * tl.load(sc_at + 1).to(tl.float32)
+    # The run's two scales are bytes e // 16 % 4 and the next of a word of the plane (4-byte
+    # loads are pipelined): shifted to the top, then back with the sign.
+    scales = tl.load(sc_ptr + rows * (nb * 4) + sb * 4 + e // 64)
+    at = 8 * (e // 16 % 4)
+    s0 = d * ((scales << (24 - at)) >> 24).to(tl.float32)
+    s1 = d * ((scales << (16 - at)) >> 24).to(tl.float32)
     a = tl.where(u < 4, s0 * 64, s1 * 64)
     b = tl.where(u < 4, s0 * 96, s1 * 96)
     return _assemble(_q6_plane(ql, qh, 0, 0, one) * a - b, _q6_plane(ql, qh, 1, 0, one) * a - b,
@@ -186,7 +191,7 @@ def _gemm_kernel(w0, w1, w2, w3, x_ptr, out_ptr, M, N, K, stride_xm, stride_om, 
     varies fastest: the programs that read one weight tile run together and share it in L2),
     over elements [pid1 * split_k, +split_k) of K; PARTIAL: f32 partial sums into
     out[pid1] ([splits, M, N], stride_om = N).
-    FMT 0: Q4_K (w0 the block words, w1 the same bytes as f16); 1: Q6_K (ql, qh, scales, d)."""
+    FMT 0: Q4_K (w0 the block words); 1: Q6_K (ql, qh, scales as int32, d)."""
     pid = tl.program_id(0)
     m_tiles = tl.cdiv(M, BM)
     m_first = (pid % m_tiles) * BM
@@ -198,11 +203,11 @@ def _gemm_kernel(w0, w1, w2, w3, x_ptr, out_ptr, M, N, K, stride_xm, stride_om, 
     x_rows = x_ptr + tl.minimum(m, M - 1).to(tl.int64) * stride_xm + tl.arange(0, BK)[:, None]
     one = one_bits
     nb = K // 256
-    first = tl.program_id(1) * split_k
+    first = tl.multiple_of(tl.program_id(1) * split_k, BK)
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     for k0 in range(first, tl.minimum(first + split_k, K), BK):
         if FMT == 0:
-            w = _q4_k_tile(w0, w1, rows, nb, k0, one, BN, BK)
+            w = _q4_k_tile(w0, rows, nb, k0, one, BN, BK)
         else:
             w = _q6_k_tile(w0, w1, w2, w3, rows, nb, k0, one, BN, BK)
         acc = _mma(w, x_rows + k0, acc, F32_DOT)
@@ -244,7 +249,11 @@ def quant_gemm(
     tile = tile or DEFAULT_TILES[weight.ggml_type]
     if x.stride(1) != 1:
         x = x.contiguous()
-    planes = list(weight.planes) + [weight.planes[0]] * (4 - len(weight.planes))
+    if weight.ggml_type == T.Q4_K:
+        planes = [weight.planes[0]] * 4
+    else:
+        ql, qh, scales, d = weight.planes
+        planes = [ql, qh, scales.view(torch.int32), d]
     programs = triton.cdiv(m, tile.bm) * triton.cdiv(n, tile.bn)
     split_k = tile.bk * _steps_per_split(programs, k // tile.bk, 4 * m * n, x.device)
     splits = triton.cdiv(k, split_k)
