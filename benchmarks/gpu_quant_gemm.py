@@ -1,14 +1,15 @@
 """The prefill GEMM (kernels/quant_gemm.py) against today's prompt path, at Llama-3-8B shapes.
 
-For each Q4_K / Q6_K matrix of the 8B (and Gemma 3 270M's ffn_down, its one K-quant shape with K a
-multiple of 256): random valid blocks are checked first (quant_gemm at M = 512 against the f64
-product of the dequantized matrix, and against today's path), then timed at M = 128, 512, 2048,
-each call alone from a CUDA graph (median of 20 replays):
+For each Q4_K / Q6_K matrix of the 8B (and Gemma 3 270M's ffn_down; see SHAPES): random valid
+blocks are checked first (quant_gemm at M = 512 against the f64 product of the dequantized matrix,
+and against today's path), then timed at M = 64, 128, 512, 2048, each call alone from a CUDA
+graph (median of 20 replays):
 
 - ``gemm``: quant_gemm with each candidate tile (a sweep at M = 512, the best few at other M);
 - ``today``: dequantize_gpu into a bf16 scratch + torch.matmul (ops.linear's path before it);
 - ``cublas``: torch.matmul on the pre-dequantized bf16 matrix (what dequantizing in the tiles
-  can at best approach).
+  can at best approach);
+- ``fused`` (M <= MAX_FUSED_M): quant_matmul, today's path there for large matrices.
 
 Prints TFLOPS per shape and M, the best tile per format, and writes JSON to $OUT (or
 benchmarks/results). GPU only, never in CI:
@@ -31,16 +32,19 @@ from gguf import GGMLQuantizationType
 from gpu_quant_matmul import graph_us, output_dir, random_blocks, relative_error
 
 from metallic.errors import MetallicError
-from metallic.kernels import dequantize_gpu, prepare_weight
+from metallic.kernels import MAX_FUSED_M, dequantize_gpu, prepare_weight, quant_matmul
 from metallic.kernels.quant_gemm import DEFAULT_TILES, GemmTile, quant_gemm
 
 T = GGMLQuantizationType
-# (format, N, K): the 8B's attn_q/attn_output, attn_k/v, ffn_gate/up, ffn_down; the output head
-# is Q6_K [128256, 4096] but runs on one row at a time in prefill. Gemma 3 270M: ffn_down.
+# (format, N, K): the 8B's parts as ops.linear runs them (q|k|v stacked per run of one format:
+# q|k|v all Q4_K, or q|k Q4_K and v Q6_K; attn_output; gate|up; ffn_down either format), and
+# q and k|v alone; its output head (Q6_K [128256, 4096]) runs one row at a time in prefill.
+# Gemma 3 270M: ffn_down, its one K-quant shape with K a multiple of 256.
 SHAPES = (
+    (T.Q4_K, 6144, 4096),
+    (T.Q4_K, 5120, 4096),
     (T.Q4_K, 4096, 4096),
     (T.Q4_K, 1024, 4096),
-    (T.Q4_K, 14336, 4096),
     (T.Q4_K, 28672, 4096),
     (T.Q4_K, 4096, 14336),
     (T.Q6_K, 1024, 4096),
@@ -49,7 +53,7 @@ SHAPES = (
     (T.Q6_K, 640, 2048),
 )
 SWEEP_M = 512
-OTHER_M = (128, 2048)
+OTHER_M = (64, 128, 2048)
 TOP_TILES = 4  # tiles from the M = 512 sweep also timed at the other M
 # Candidates: none spills registers or passes an H200's shared memory for either format (sm_90
 # code compiled on the CPU); those marked * get ptxas's C7515 warning (wgmma serialized).
@@ -128,14 +132,18 @@ def time_shape(
     row: dict[str, object] = {"format": qtype.name, "n": n, "k": k, "by_m": {}}
     tiles_at_m = {SWEEP_M: sweep}
     for m in (SWEEP_M, *OTHER_M):
-        x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
-        out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(m, k, device=gen.device, generator=gen).to(torch.bfloat16)
+        out = torch.empty(m, n, device=gen.device, dtype=torch.bfloat16)
         entry: dict[str, object] = {
             "cublas_us": graph_us([lambda x=x: torch.matmul(x, dense.T)]),
             "today_us": graph_us(
                 [lambda x=x: torch.matmul(x, dequantize_gpu(packed, qtype, n, k, out=scratch).T)]
             ),
         }
+        if m <= MAX_FUSED_M:  # the fused kernel's range today (quant_matmul's DOT mode)
+            entry["fused_us"] = graph_us(
+                [lambda x=x, o=out: quant_matmul(x, packed, qtype, n, k, out=o)]
+            )
         tiles = tiles_at_m.get(m)
         if tiles is None:  # the best few of the sweep, and the default
             ranked = sorted(row["by_m"][SWEEP_M]["gemm_us"].items(), key=lambda kv: kv[1])
@@ -155,7 +163,7 @@ def time_shape(
         best = min(gemm, key=gemm.get)
         entry["best_tile"], entry["best_us"] = best, gemm[best]
         entry["default_us"] = gemm.get(tile_name(DEFAULT_TILES[qtype]))
-        for key in ("cublas_us", "today_us", "best_us", "default_us"):
+        for key in ("cublas_us", "today_us", "fused_us", "best_us", "default_us"):
             if entry.get(key):
                 entry[key.replace("_us", "_tflops")] = flops(m, n, k) / entry[key] / 1e6
         row["by_m"][m] = entry
@@ -164,14 +172,16 @@ def time_shape(
 
 def print_table(rows: list[dict[str, object]]) -> None:
     print(f"\n{'format':<6}{'N':>7}{'K':>7}{'M':>6}{'gemm us':>9}{'TFLOPS':>8}{'today us':>10}"
-          f"{'TFLOPS':>8}{'cuBLAS us':>10}{'TFLOPS':>8}{'x today':>8}  best tile")  # fmt: skip
+          f"{'TFLOPS':>8}{'cuBLAS us':>10}{'TFLOPS':>8}{'x today':>8}{'fused us':>9}"
+          "  best tile")  # fmt: skip
     for r in rows:
         for m, e in sorted(r["by_m"].items()):
             print(
                 f"{r['format']:<6}{r['n']:>7}{r['k']:>7}{m:>6}{e['best_us']:>9.1f}"
                 f"{e['best_tflops']:>8.0f}{e['today_us']:>10.1f}{e['today_tflops']:>8.0f}"
                 f"{e['cublas_us']:>10.1f}{e['cublas_tflops']:>8.0f}"
-                f"{e['today_us'] / e['best_us']:>8.2f}  {e['best_tile']}"
+                f"{e['today_us'] / e['best_us']:>8.2f}{e.get('fused_us', float('nan')):>9.1f}"
+                f"  {e['best_tile']}"
             )
 
 
