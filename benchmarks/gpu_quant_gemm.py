@@ -31,7 +31,6 @@ import triton
 from gguf import GGMLQuantizationType
 from gpu_quant_matmul import graph_us, output_dir, random_blocks, relative_error
 
-from metallic.errors import MetallicError
 from metallic.kernels import MAX_FUSED_M, dequantize_gpu, prepare_weight, quant_matmul
 from metallic.kernels.quant_gemm import DEFAULT_TILES, GemmTile, quant_gemm
 
@@ -108,8 +107,9 @@ def check_shape(
     for tile in tiles:
         try:
             err = relative_error(quant_gemm(x, packed, tile=tile), ref)
-        except (MetallicError, triton.runtime.errors.OutOfResources) as exc:
-            print(f"  {qtype.name} [{n}, {k}] {tile_name(tile)}: {exc}", flush=True)
+        except Exception as exc:  # a tile that fails to build or launch is skipped
+            name = f"{qtype.name} [{n}, {k}] {tile_name(tile)}"
+            print(f"  {name}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
             continue
         if not (err <= TOLERANCE and err <= 2 * today):
             failures.append(
@@ -157,7 +157,7 @@ def time_shape(
                 gemm[tile_name(tile)] = graph_us(
                     [lambda x=x, t=tile, o=out: quant_gemm(x, packed, tile=t, out=o)]
                 )
-            except (MetallicError, triton.runtime.errors.OutOfResources) as exc:
+            except Exception as exc:  # skipped, as in check_shape
                 print(f"  {tile_name(tile)}: {type(exc).__name__}", flush=True)
         entry["gemm_us"] = gemm
         best = min(gemm, key=gemm.get)
