@@ -147,6 +147,7 @@ def time_shape(
         tiles = tiles_at_m.get(m)
         if tiles is None:  # the best few of the sweep, and the default
             ranked = sorted(row["by_m"][SWEEP_M]["gemm_us"].items(), key=lambda kv: kv[1])
+            ranked = ranked or [(tile_name(DEFAULT_TILES[qtype]), 0.0)]
             names = [name for name, _ in ranked[:TOP_TILES]]
             tiles = tuple(t for t in sweep if tile_name(t) in names)
             if DEFAULT_TILES[qtype] not in tiles:
@@ -160,8 +161,8 @@ def time_shape(
             except Exception as exc:  # skipped, as in check_shape
                 print(f"  {tile_name(tile)}: {type(exc).__name__}", flush=True)
         entry["gemm_us"] = gemm
-        best = min(gemm, key=gemm.get)
-        entry["best_tile"], entry["best_us"] = best, gemm[best]
+        best = min(gemm, key=gemm.get) if gemm else None
+        entry["best_tile"], entry["best_us"] = best, gemm.get(best)
         entry["default_us"] = gemm.get(tile_name(DEFAULT_TILES[qtype]))
         for key in ("cublas_us", "today_us", "fused_us", "best_us", "default_us"):
             if entry.get(key):
@@ -176,6 +177,9 @@ def print_table(rows: list[dict[str, object]]) -> None:
           "  best tile")  # fmt: skip
     for r in rows:
         for m, e in sorted(r["by_m"].items()):
+            if e["best_us"] is None:
+                print(f"{r['format']:<6}{r['n']:>7}{r['k']:>7}{m:>6}  no tile ran")
+                continue
             print(
                 f"{r['format']:<6}{r['n']:>7}{r['k']:>7}{m:>6}{e['best_us']:>9.1f}"
                 f"{e['best_tflops']:>8.0f}{e['today_us']:>10.1f}{e['today_tflops']:>8.0f}"
