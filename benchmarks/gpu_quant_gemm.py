@@ -145,11 +145,11 @@ def time_shape(
                 [lambda x=x, o=out: quant_matmul(x, packed, qtype, n, k, out=o)]
             )
         tiles = tiles_at_m.get(m)
-        if tiles is None:  # the best few of the sweep, tiles narrower than m, and the default
+        if tiles is None:  # the sweep's best few, the default (to 128 rows, 64-row tiles too)
             ranked = sorted(row["by_m"][SWEEP_M]["gemm_us"].items(), key=lambda kv: kv[1])
             ranked = ranked or [(tile_name(DEFAULT_TILES[qtype]), 0.0)]
             names = [name for name, _ in ranked[:TOP_TILES]]
-            tiles = tuple(t for t in sweep if tile_name(t) in names or t.bm < min(m, 128))
+            tiles = tuple(t for t in sweep if tile_name(t) in names or t.bm < 128 >= m)
             if DEFAULT_TILES[qtype] not in tiles:
                 tiles += (DEFAULT_TILES[qtype],)
         gemm: dict[str, float] = {}
