@@ -55,33 +55,35 @@ SWEEP_M = 512
 OTHER_M = (64, 128, 2048)
 TOP_TILES = 4  # tiles from the M = 512 sweep also timed at the other M
 # Candidates: none spills registers or passes an H200's shared memory for either format (sm_90
-# code compiled on the CPU); those marked * get ptxas's C7515 warning (wgmma serialized).
+# code compiled on the CPU; Q4_K only: 256x64x128/s3). W as the A operand (out^T tiles): those
+# marked * get ptxas's C7515 warning (wgmma serialized); W as the B operand (w_as_b): none does.
 CANDIDATES = tuple(
-    GemmTile(bm, bn, bk, warps, stages)
-    for bm, bn, bk, warps, stages in (
-        (128, 128, 128, 8, 3),
-        (128, 128, 128, 8, 2),
-        (128, 128, 256, 8, 2),
-        (128, 256, 64, 8, 3),
-        (128, 256, 64, 8, 4),
-        (64, 256, 64, 8, 3),
-        (64, 128, 128, 8, 3),
-        (128, 64, 128, 8, 3),
-        (64, 64, 128, 8, 3),
-        (128, 128, 64, 8, 3),  # *
-        (128, 128, 64, 8, 4),  # *
-        (256, 128, 64, 8, 3),  # *
-        (256, 64, 128, 8, 3),  # * (Q6_K: 1 KB more shared memory than an H200 has)
-        (256, 64, 128, 8, 2),
-        (256, 64, 64, 8, 4),  # *
-        (64, 64, 128, 4, 3),  # *
+    GemmTile(bm, bn, bk, warps, stages, w_as_b)
+    for bm, bn, bk, warps, stages, w_as_b in (
+        (256, 128, 64, 8, 3, True),
+        (256, 128, 64, 8, 4, True),
+        (256, 128, 128, 8, 2, True),
+        (128, 128, 128, 8, 3, True),
+        (128, 128, 64, 8, 3, True),
+        (128, 256, 64, 8, 3, True),
+        (128, 64, 128, 8, 3, True),
+        (64, 128, 128, 8, 3, True),
+        (128, 128, 128, 8, 3, False),
+        (128, 256, 64, 8, 3, False),
+        (64, 128, 128, 8, 3, False),
+        (64, 64, 128, 8, 3, False),
+        (128, 128, 64, 8, 3, False),  # *
+        (128, 64, 128, 8, 3, False),  # *
+        (256, 128, 64, 8, 3, False),  # *
+        (256, 64, 128, 8, 2, False),
     )
 )
 TOLERANCE = 1e-2  # bf16 output (and weight) rounding is ~3e-3 of the product's norm
 
 
 def tile_name(tile: GemmTile) -> str:
-    return f"{tile.bm}x{tile.bn}x{tile.bk}/w{tile.warps}/s{tile.stages}"
+    operands = "/wB" if tile.w_as_b else ""
+    return f"{tile.bm}x{tile.bn}x{tile.bk}/w{tile.warps}/s{tile.stages}{operands}"
 
 
 def flops(m: int, n: int, k: int) -> float:

@@ -1,25 +1,29 @@
 """Prefill products against Q4_K and Q6_K weights on the tensor cores, dequantizing in the tiles.
 
 A prompt chunk (hundreds of rows of x) against a K-quant matrix is bound by compute, not by the
-weight bytes: the cost to beat is a dense bf16 GEMM. Each program computes a tile of out^T,
-``W[BN rows, K] @ x^T[K, BM]``, walking K in steps of BK elements of one super-block. Per step it
-loads the quants of its BN rows, turns them into bf16 weights in registers (the A operand, which
-Hopper's wgmma takes from registers) and multiplies them with x^T tiles (the B operand, which
-Triton stages through shared memory), accumulating in f32.
+weight bytes: the cost to beat is a dense bf16 GEMM. Each program walks K in steps of BK elements
+(within one super-block) for BN rows of W and BM rows of x: per step it loads the quants of its
+rows, turns them into a [BN, BK] tile of weights in registers and makes one ``tl.dot`` of it, in
+bf16 with f32 accumulation. Two arrangements (``GemmTile.w_as_b``):
 
-Both formats come apart into runs of 32 consecutive elements of K that need no shuffling:
+- out^T tiles, ``W @ x^T``: the weights are the A operand, which Hopper's wgmma takes from
+  registers (Triton still passes them through shared memory to reach the operand's layout);
+- out tiles, ``x @ W^T``: the weights are the B operand, stored to shared memory once a step,
+  where wgmma reads them with x's tile.
+
+Both formats come apart into runs of 32 consecutive elements of K that need no shuffling, so x
+is read in K order (16-byte cp.async copies, pipelined by Triton with the quant words):
 
 - Q4_K: the 32 quant bytes of a 64-element chunk hold elements 0..31 in their low nibbles and
   32..63 in their high nibbles; each half is one sub-block (one scale and min per row).
 - Q6_K: a 32-element quarter of a 128-element half takes one nibble of 32 ``ql`` bytes and two
   bits of 32 ``qh`` bytes; a scale covers 16 elements, so two per run.
 
-A run's 8 words per row give four planes, byte k of each word (quant_matmul's ``_assemble``
-joins them into the run's order, element 4u + k for word u), so each run is one ``tl.dot`` with
-K = 32 against the matching 32 rows of x^T. The weights take the same f32 arithmetic as
-quant_matmul (a quant becomes ``1 + q / 2**bits`` by bit operations, then one FMA with
-per-sub-block coefficients) and are rounded to bf16 for the tensor cores: the same rounding as
-dequantizing to a bf16 matrix first, the path this replaces.
+A run's 8 words per row, shifted to its nibble, give four planes, byte k of each word
+(quant_matmul's ``_assemble`` joins them: element 4u + k for word u). The weights take the same
+f32 arithmetic as quant_matmul (a quant becomes ``1 + q / 2**bits`` by bit operations, then one
+FMA with per-sub-block coefficients) and are rounded to bf16 for the tensor cores: the rounding
+of dequantizing to a bf16 matrix first, the path this replaces.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ class GemmTile:
     bk: int  # elements of K per loop step (one tl.dot): 64, 128 or 256
     warps: int
     stages: int  # Triton's software pipelining depth (num_stages)
+    w_as_b: bool = False  # tiles of out = x W^T, W through shared memory (else out^T = W x^T)
 
     def __post_init__(self) -> None:
         for name in ("bm", "bn", "warps"):
@@ -81,20 +86,22 @@ class GemmTile:
 
 
 # Chosen before measurement from the sm_90 code (benchmarks/gpu_quant_gemm.py sweeps the
-# alternatives on a GPU): 128 x 128 tiles by 8 warps with K steps of 128 use 235 (Q4_K) and 254
-# (Q6_K) registers, spill none, keep one wgmma group in flight across K steps (no C7515
-# serialization, which steps of 64 get) and take 147-168 KB of shared memory in 3 stages.
+# alternatives on a GPU). With W as the B operand (through shared memory) a 256-row tile of x by
+# 128 rows of W by 64 of K takes 221 (Q4_K) and 244 (Q6_K) registers, spills none, keeps one
+# wgmma group in flight across K steps (W as the A operand, from registers, gets ptxas's C7515
+# serialization at K steps of 64 and needs more registers) and issues 327 instructions a step
+# for Q4_K: about 650 cycles of 8 warps on 4 schedulers against 1024 of tensor-core work.
 DEFAULT_TILES = {
-    T.Q4_K: GemmTile(bm=128, bn=128, bk=128, warps=8, stages=3),
-    T.Q6_K: GemmTile(bm=128, bn=128, bk=128, warps=8, stages=3),
+    T.Q4_K: GemmTile(bm=256, bn=128, bk=64, warps=8, stages=3, w_as_b=True),
+    T.Q6_K: GemmTile(bm=256, bn=128, bk=64, warps=8, stages=3, w_as_b=True),
 }
 
 
 # Triton code below keeps long argument lists on few lines.
 # fmt: off
 @triton.jit
-def _mma(w, x_at, acc, F32_DOT: tl.constexpr):
-    """acc + w @ x^T with w rounded to x's 16-bit type (the tensor cores' A operand).
+def _mma(w, x_at, acc, W_AS_B: tl.constexpr, F32_DOT: tl.constexpr):
+    """acc + w @ x^T (or, W_AS_B, acc + x @ w^T) with w rounded to x's 16-bit type.
 
     F32_DOT (bf16 under the interpreter, whose tl.dot multiplies bf16 tensors as their raw
     16-bit integers and whose conversion to bf16 truncates) rounds w to the nearest bf16 (ties
@@ -104,8 +111,14 @@ def _mma(w, x_at, acc, F32_DOT: tl.constexpr):
         bits = w.to(tl.int32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
         w = bits.to(tl.float32, bitcast=True)
-        return tl.dot(w, xt.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(w.to(xt.dtype), xt, acc)
+        xt = xt.to(tl.float32)
+    else:
+        w = w.to(xt.dtype)
+    if W_AS_B:
+        acc = tl.dot(xt, tl.trans(w), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(w, xt, acc, input_precision="ieee")
+    return acc
 
 
 @triton.jit
@@ -186,11 +199,13 @@ def _q6_k_tile(ql_ptr, qh_ptr, sc_ptr, d_ptr, rows, nb, k0, one, BN: tl.constexp
 @triton.jit
 def _gemm_kernel(w0, w1, w2, w3, x_ptr, out_ptr, M, N, K, stride_xm, stride_om, one_bits,
                  split_k, FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr, PARTIAL: tl.constexpr, F32_DOT: tl.constexpr):
+                 BK: tl.constexpr, W_AS_B: tl.constexpr, PARTIAL: tl.constexpr,
+                 F32_DOT: tl.constexpr):
     """out[m, n] for rows [BN*r, +BN) of W and [BM*t, +BM) of x, program r * m_tiles + t (t
     varies fastest: the programs that read one weight tile run together and share it in L2),
     over elements [pid1 * split_k, +split_k) of K; PARTIAL: f32 partial sums into
-    out[pid1] ([splits, M, N], stride_om = N).
+    out[pid1] ([splits, M, N], stride_om = N). Tiles of out^T = W x^T (W the A operand, from
+    registers), or with W_AS_B tiles of out = x W^T (W the B operand, through shared memory).
     FMT 0: Q4_K (w0 the block words); 1: Q6_K (ql, qh, scales as int32, d)."""
     pid = tl.program_id(0)
     m_tiles = tl.cdiv(M, BM)
@@ -198,23 +213,34 @@ def _gemm_kernel(w0, w1, w2, w3, x_ptr, out_ptr, M, N, K, stride_xm, stride_om, 
     row_ids = (pid // m_tiles) * BN + tl.arange(0, BN)
     # Rows past N read row N-1 (valid memory, no masks in the loop); only stores are masked.
     rows = tl.minimum(row_ids, N - 1).to(tl.int64)[:, None, None]
-    m = m_first + tl.arange(0, BM)[None, :]
-    # x^T tiles [BK, BM]: rows past M read row M-1, and their columns of out are not stored.
-    x_rows = x_ptr + tl.minimum(m, M - 1).to(tl.int64) * stride_xm + tl.arange(0, BK)[:, None]
+    # Tiles of x: rows past M read row M-1, and their columns of out are not stored.
+    m_ids = m_first + tl.arange(0, BM)
+    x_row_at = x_ptr + tl.minimum(m_ids, M - 1).to(tl.int64) * stride_xm
+    if W_AS_B:
+        x_at = x_row_at[:, None] + tl.arange(0, BK)[None, :]  # [BM, BK]
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    else:
+        x_at = x_row_at[None, :] + tl.arange(0, BK)[:, None]  # x^T [BK, BM]
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
     one = one_bits
     nb = K // 256
     first = tl.multiple_of(tl.program_id(1) * split_k, BK)
-    acc = tl.zeros((BN, BM), dtype=tl.float32)
     for k0 in range(first, tl.minimum(first + split_k, K), BK):
         if FMT == 0:
             w = _q4_k_tile(w0, rows, nb, k0, one, BN, BK)
         else:
             w = _q6_k_tile(w0, w1, w2, w3, rows, nb, k0, one, BN, BK)
-        acc = _mma(w, x_rows + k0, acc, F32_DOT)
-    out_at = out_ptr + m.to(tl.int64) * stride_om + row_ids[:, None]
+        acc = _mma(w, x_at + k0, acc, W_AS_B, F32_DOT)
+    if W_AS_B:
+        m = m_ids[:, None]
+        n = row_ids[None, :]
+    else:
+        m = m_ids[None, :]
+        n = row_ids[:, None]
+    out_at = out_ptr + m.to(tl.int64) * stride_om + n
     if PARTIAL:
         out_at += tl.program_id(1).to(tl.int64) * M * N
-    tl.store(out_at, acc.to(out_ptr.dtype.element_ty), mask=(row_ids < N)[:, None] & (m < M))
+    tl.store(out_at, acc.to(out_ptr.dtype.element_ty), mask=(n < N) & (m < M))
 # fmt: on
 
 
@@ -264,7 +290,8 @@ def quant_gemm(
         *planes, x, target, m, n, k, x.stride(0), n if splits > 1 else out.stride(0),
         _ONE_BITS, split_k,
         FMT=0 if weight.ggml_type == T.Q4_K else 1, BM=tile.bm, BN=tile.bn, BK=tile.bk,
-        PARTIAL=splits > 1, F32_DOT=interpreting() and x.dtype == torch.bfloat16,
+        W_AS_B=tile.w_as_b, PARTIAL=splits > 1,
+        F32_DOT=interpreting() and x.dtype == torch.bfloat16,
         num_warps=tile.warps, num_stages=tile.stages,
     )  # fmt: skip
     if splits > 1:

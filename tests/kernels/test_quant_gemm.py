@@ -3,6 +3,7 @@ dequantizer's weights, in the interpreter at small shapes and tiles."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 
@@ -49,8 +50,8 @@ def test_weights_are_the_reference_rounded(qtype: GGMLQuantizationType, dtype: t
     weight, dense = _weight(qtype, 24, k, _seed())
     x = torch.eye(k, dtype=dtype)
     expected = dense.to(dtype)
-    for bk in (64, 128, 256):
-        tile = GemmTile(bm=64, bn=16, bk=bk, warps=4, stages=2)
+    for bk, w_as_b in ((64, False), (128, True), (256, False)):
+        tile = GemmTile(bm=64, bn=16, bk=bk, warps=4, stages=2, w_as_b=w_as_b)
         got = quant_gemm(x, weight, tile=tile).T
         apart = _ulps_apart(got, expected)
         assert apart.max() <= 1 and (apart == 0).float().mean() > 0.99, (qtype.name, bk)
@@ -60,7 +61,8 @@ def test_weights_are_the_reference_rounded(qtype: GGMLQuantizationType, dtype: t
 def test_product_matches_float64(qtype: GGMLQuantizationType) -> None:
     """Ragged M and N (tiles past both ends), three super-blocks of K, written into a column
     slice of a wider output: x @ W.T within bf16 rounding of the float64 product, and no
-    worse than dequantizing to bf16 and multiplying (the path the kernel replaces)."""
+    worse than dequantizing to bf16 and multiplying (the path the kernel replaces); W as
+    either operand gives the same result."""
     seed = _seed()
     n, k, m = 40, 768, 20
     weight, dense = _weight(qtype, n, k, seed)
@@ -71,10 +73,12 @@ def test_product_matches_float64(qtype: GGMLQuantizationType) -> None:
     assert out.data_ptr() == wide[:, 4:].data_ptr()
     assert torch.equal(wide[:, :4], torch.zeros(m, 4, dtype=torch.bfloat16))
     assert torch.equal(wide[:, 4 + n :], torch.zeros(m, 4, dtype=torch.bfloat16))
-    err = ((out.double() - ref).norm() / ref.norm()).item()
     today = x @ dense.to(torch.bfloat16).T
     today_err = ((today.double() - ref).norm() / ref.norm()).item()
-    assert err < 1e-2 and err < 2 * today_err, f"{err:.3g} vs {today_err:.3g} (seed {seed})"
+    w_as_b = quant_gemm(x, weight, tile=dataclasses.replace(SMALL, w_as_b=True))
+    for got in (out, w_as_b):
+        err = ((got.double() - ref).norm() / ref.norm()).item()
+        assert err < 1e-2 and err < 2 * today_err, f"{err:.3g} vs {today_err:.3g} (seed {seed})"
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
