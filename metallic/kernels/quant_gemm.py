@@ -122,13 +122,15 @@ def _mma(w, x_at, acc, W_AS_B: tl.constexpr, F32_DOT: tl.constexpr):
 
 
 @triton.jit
-def _q4_k_coefficients(w_ptr, base, j):
-    """(a, b) [BN, R, 1] of sub-blocks j [1, R, 1] (0..7) of the super-blocks at words ``base``
-    [BN, 1, 1], for w = a*f - b with f = 1 + q/16: a = 16*d*sc, b = 16*d*sc + dmin*m.
+def _q4_k_coefficients(w_ptr, base, j0, r):
+    """(a, b) [BN, R, 1] of sub-blocks j = j0 + r (0..7; j0 a multiple of R, r [1, R, 1]) of the
+    super-blocks at words ``base`` [BN, 1, 1], for w = a*f - b with f = 1 + q/16:
+    a = 16*d*sc, b = 16*d*sc + dmin*m.
 
     The 12 scale bytes (words 1..3) hold 6-bit scales sc and mins m: for j < 4 sc = s[j] & 63,
     m = s[j+4] & 63; for j >= 4 the low 4 bits are the nibbles of s[j+4] and the top 2 bits the
-    top bits of s[j-4] (sc) and s[j] (m).
+    top bits of s[j-4] (sc) and s[j] (m). j % 4 and j >= 4 are written as a scalar part and a
+    constant part (which they are, j0 being a multiple of R), so no index math runs per element.
     """
     w0 = tl.load(w_ptr + base)  # d | dmin as one word: 4-byte loads are pipelined (cp.async)
     w1 = tl.load(w_ptr + base + 1)
@@ -136,8 +138,8 @@ def _q4_k_coefficients(w_ptr, base, j):
     w3 = tl.load(w_ptr + base + 3)
     d = w0.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     dmin = (w0 >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    shift = 8 * (j % 4)
-    upper = j >= 4
+    shift = 8 * (j0 % 4) + 8 * (r % 4)
+    upper = (j0 >= 4) | (r >= 4)
     sc = tl.where(upper, ((w3 >> shift) & 15) | ((w1 >> (shift + 2)) & 0x30), (w1 >> shift) & 63)
     m = tl.where(upper, ((w3 >> (shift + 4)) & 15) | ((w2 >> (shift + 2)) & 0x30),
                  (w2 >> shift) & 63)
@@ -149,15 +151,15 @@ def _q4_k_coefficients(w_ptr, base, j):
 def _q4_k_tile(w_ptr, rows, nb, k0, one, BN: tl.constexpr, BK: tl.constexpr):
     """Weights [BN, BK] f32 of elements k0.. of every row, in K order (k0 % BK == 0, BK | 256).
 
-    Run r (32 elements, sub-block j) is one nibble of the 8 words of its 64-element chunk:
-    loading the words once per run and shifting by 4*(j % 2) puts element 4u + k of the run in
-    byte k of word u."""
+    Run r (32 elements, sub-block j = j0 + r) is one nibble of the 8 words of its 64-element
+    chunk: loading the words once per run and shifting by 4*(j % 2) puts element 4u + k of the
+    run in byte k of word u. j0 is even, so j // 2 = j0 // 2 + r // 2 and j % 2 = r % 2."""
     r = tl.arange(0, BK // 32)[None, :, None]
     u = tl.arange(0, 8)[None, None, :]
-    j = (k0 % 256) // 32 + r
+    j0 = (k0 % 256) // 32
     base = rows * (nb * 36) + (k0 // 256) * 36
-    words = tl.load(w_ptr + base + 4 + 8 * (j // 2) + u) >> (4 * (j % 2))  # [BN, R, 8]
-    a, b = _q4_k_coefficients(w_ptr, base, j)
+    words = tl.load(w_ptr + base + 4 + 4 * j0 + 8 * (r // 2) + u) >> (4 * (r % 2))  # [BN, R, 8]
+    a, b = _q4_k_coefficients(w_ptr, base, j0, r)
     return _assemble(_q4_plane(words, 0, 0, one) * a - b, _q4_plane(words, 1, 0, one) * a - b,
                      _q4_plane(words, 2, 0, one) * a - b, _q4_plane(words, 3, 0, one) * a - b,
                      BN)
@@ -168,25 +170,27 @@ def _q6_k_tile(ql_ptr, qh_ptr, sc_ptr, d_ptr, rows, nb, k0, one, BN: tl.constexp
                BK: tl.constexpr):
     """Weights [BN, BK] f32 of elements k0.. of every row, in K order (k0 % BK == 0, BK | 256).
 
-    Run r (32 elements from e = 32r within the super-block; half h = e // 128, quarter
+    Run r (32 elements from e = e0 + 32r within the super-block; half h = e // 128, quarter
     i = e % 128 // 32) takes nibble i // 2 of ql words 16h + 8*(i % 2).. and bits 2i of qh words
     8h..: shifted, element 4u + k of the run is in byte k of word u. Scales cover 16 elements:
     words 0..3 of a run take scale e // 16, words 4..7 the next. ``sc_ptr``: the scales plane
-    read as int32."""
+    read as int32. e0 is a multiple of BK, so h = e0 // 128 + r // 4, i = i0 + r % 4 with
+    i0 = e0 % 128 // 32 even, and e // 16 % 4 = 2 * (r % 2): scalars and constants."""
     r = tl.arange(0, BK // 32)[None, :, None]
     u = tl.arange(0, 8)[None, None, :]
-    e = (k0 % 256) + 32 * r
-    i = (e % 128) // 32
+    e0 = k0 % 256
+    h = e0 // 128 + r // 4
+    i = (e0 % 128) // 32 + r % 4
     sb = k0 // 256
-    ql = tl.load(ql_ptr + rows * (nb * 32) + sb * 32 + 16 * (e // 128) + 8 * (i % 2) + u)
-    qh = tl.load(qh_ptr + rows * (nb * 16) + sb * 16 + 8 * (e // 128) + u)
+    ql = tl.load(ql_ptr + rows * (nb * 32) + sb * 32 + 16 * h + 8 * (r % 2) + u)
+    qh = tl.load(qh_ptr + rows * (nb * 16) + sb * 16 + 8 * h + u)
     ql = ql >> (4 * (i // 2))
     qh = qh >> (2 * i)
     d = tl.load(d_ptr + rows * nb + sb).to(tl.float32)
     # The run's two scales are bytes e // 16 % 4 and the next of a word of the plane (4-byte
     # loads are pipelined): shifted to the top, then back with the sign.
-    scales = tl.load(sc_ptr + rows * (nb * 4) + sb * 4 + e // 64)
-    at = 8 * (e // 16 % 4)
+    scales = tl.load(sc_ptr + rows * (nb * 4) + sb * 4 + e0 // 64 + r // 2)
+    at = 16 * (r % 2)
     s0 = d * ((scales << (24 - at)) >> 24).to(tl.float32)
     s1 = d * ((scales << (16 - at)) >> 24).to(tl.float32)
     a = tl.where(u < 4, s0 * 64, s1 * 64)
