@@ -53,15 +53,25 @@ from metallic.kernels.quant_matmul import (
 T = GGMLQuantizationType
 
 GEMM_TYPES = (T.Q4_K, T.Q6_K)
-# Rows of x from which ops.linear takes this kernel for Q4_K/Q6_K parts (prefill chunks).
-MIN_GEMM_M = 129
+# Rows of x (inclusive) for which ops.linear multiplies a part of each format with quant_gemm,
+# from benchmarks/gpu_quant_gemm.py on an H200 (13:36 UTC run, before W as the B operand): Q4_K
+# took 0.53-0.88x the time of dequantize + cuBLAS on the 8B's matrices at 512 rows, but 1.6x at
+# 2048 rows (where cuBLAS's ~790 TFLOPS outweighs the widening); Q6_K took 1.5-1.75x at 512.
+# Up to MAX_FUSED_M rows quant_matmul's fused kernel keeps large matrices.
+GEMM_ROWS = {T.Q4_K: (129, 1024)}
 _X_DTYPES = (torch.bfloat16, torch.float16)
 
 
+def gemm_takes(m: int, ggml_type: GGMLQuantizationType, dtype: torch.dtype) -> bool:
+    """Whether m rows of x in `dtype` against a part of `ggml_type` take quant_gemm."""
+    low, high = GEMM_ROWS.get(ggml_type, (1, 0))
+    return low <= m <= high and dtype in _X_DTYPES
+
+
 def uses_gemm(m: int, parts: Sequence[PackedWeight], dtype: torch.dtype) -> bool:
-    """Whether m rows of x in `dtype` against the stacked parts take quant_gemm: prompt chunks
-    of 16-bit rows against Q4_K/Q6_K parts only."""
-    return m >= MIN_GEMM_M and dtype in _X_DTYPES and all(p.ggml_type in GEMM_TYPES for p in parts)
+    """Whether m rows of x in `dtype` against the stacked parts take ops.linear's "gemm" path:
+    some part's format takes quant_gemm at m rows (the others are widened one by one)."""
+    return any(gemm_takes(m, p.ggml_type, dtype) for p in parts)
 
 
 @dataclass(frozen=True)

@@ -110,8 +110,9 @@ def native_path(m: int, parts: Sequence[PackedWeight], dtype: torch.dtype = torc
     - ``"fused"``: a few rows, or up to MAX_FUSED_M rows against a large matrix
       (`kernels.fuses`): each part's fused kernel (quant_matmul) reads its blocks once per tile
       of rows and writes its own output columns;
-    - ``"gemm"``: prompt chunks against Q4_K/Q6_K parts only (`quant_gemm.uses_gemm`): each
-      part's tensor-core GEMM dequantizes its tiles in registers and writes its own columns;
+    - ``"gemm"``: prompt chunks where some part's format has the tensor-core GEMM
+      (`quant_gemm.uses_gemm`): those parts run quant_gemm, which dequantizes its tiles in
+      registers, each writing its own columns; the other parts are widened one at a time;
     - ``"dequantize"``: otherwise every part is widened into one scratch matrix, then a single
       dense product (one cuBLAS call for q|k|v whatever their formats).
     """
@@ -131,9 +132,9 @@ def _native_linear(
 ) -> torch.Tensor:
     """rows [M, in] times the stacked parts, by native_path. Where the dequantize path would
     widen more than `widen_limit` bytes, it widens slices of rows of at most that size in turn
-    (a device budget bounds the scratch: the 8B's output matrix in f32 is 2 GiB)."""
+    (a device budget bounds the scratch: the 8B's output matrix in f32 is 2 GiB), as the gemm
+    path does for the parts it widens."""
     from metallic.kernels import dequantize_gpu, quant_matmul
-    from metallic.kernels.quant_gemm import quant_gemm
     from metallic.kernels.quant_gemv import gemv, quantize_x
 
     n_total = sum(p.n for p in parts)
@@ -146,9 +147,9 @@ def _native_linear(
             dequantize_gpu(p, p.ggml_type, p.n, p.k, out=dense[first : first + p.n])
             first += p.n
         return rows @ dense.T
-    if path == "dequantize":
-        assert widen_limit is not None
-        return _sliced_linear(rows, parts, max(1, widen_limit // row_bytes))
+    if path in ("dequantize", "gemm"):
+        step = max(p.n for p in parts) if widen_limit is None else widen_limit // row_bytes
+        return _sliced_linear(rows, parts, max(1, step), gemm=path == "gemm")
     out = torch.empty(rows.shape[0], n_total, dtype=rows.dtype, device=rows.device)
     x8 = quantize_x(rows[0]) if path == "dp4a" else None
     first = 0
@@ -156,26 +157,37 @@ def _native_linear(
         cols = out[:, first : first + p.n]
         if x8 is not None:
             gemv(x8, p, cols)
-        elif path == "gemm":
-            quant_gemm(rows, p, out=cols)
         else:
             quant_matmul(rows, p, p.ggml_type, p.n, p.k, out=cols)
         first += p.n
     return out
 
 
-def _sliced_linear(rows: torch.Tensor, parts: tuple[PackedWeight, ...], step: int) -> torch.Tensor:
+def _sliced_linear(
+    rows: torch.Tensor, parts: tuple[PackedWeight, ...], step: int, gemm: bool = False
+) -> torch.Tensor:
     """rows [M, in] times the stacked parts, widening at most `step` rows of a part at a time
-    into one reused scratch matrix."""
+    into one reused scratch matrix; with `gemm`, the parts whose format takes quant_gemm at M
+    rows (`quant_gemm.gemm_takes`) run it instead, widening nothing."""
     from metallic.kernels import dequantize_gpu
     from metallic.kernels.packing import row_slice
+    from metallic.kernels.quant_gemm import gemm_takes, quant_gemm
 
-    out = torch.empty(rows.shape[0], sum(p.n for p in parts), dtype=rows.dtype, device=rows.device)
-    scratch = torch.empty(
-        min(step, max(p.n for p in parts)), rows.shape[1], dtype=rows.dtype, device=rows.device
-    )
+    m = rows.shape[0]
+    out = torch.empty(m, sum(p.n for p in parts), dtype=rows.dtype, device=rows.device)
+    fused = [gemm and gemm_takes(m, p.ggml_type, rows.dtype) for p in parts]
+    widened = [p.n for p, f in zip(parts, fused, strict=True) if not f]
+    scratch = None
+    if widened:
+        scratch = torch.empty(min(step, max(widened)), rows.shape[1], dtype=rows.dtype,
+                              device=rows.device)  # fmt: skip
     first = 0
-    for p in parts:
+    for p, f in zip(parts, fused, strict=True):
+        if f:
+            quant_gemm(rows, p, out=out[:, first : first + p.n])
+            first += p.n
+            continue
+        assert scratch is not None
         for start in range(0, p.n, step):
             end = min(p.n, start + step)
             dense = scratch[: end - start]

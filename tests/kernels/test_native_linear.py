@@ -38,8 +38,8 @@ def _part(qtype: GGMLQuantizationType, n: int, k: int, seed: int):
 def test_native_path_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     """One row against large K-quants: dp4a; otherwise the fused kernel up to 16 rows, and up
     to MAX_FUSED_M rows against large matrices (batched decode); beyond, the tensor-core GEMM
-    for prompt chunks against Q4_K/Q6_K only, else dequantize + one dense product (also for
-    small matrices from 17 rows)."""
+    for prompt chunks where some part's format takes it (quant_gemm.GEMM_ROWS), else dequantize
+    + one dense product (also for small matrices from 17 rows)."""
     monkeypatch.setattr(quant_gemv, "DP4A_MIN_BYTES", 0)
     k_quants = tuple(_part(t, 8, 256, _seed())[0] for t in (T.Q4_K, T.Q6_K))
     mixed = (*k_quants, _part(T.Q8_0, 8, 256, _seed())[0])
@@ -47,16 +47,19 @@ def test_native_path_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     assert native_path(1, mixed) == "fused"
     for m in (2, 16):
         assert native_path(m, k_quants) == native_path(m, mixed) == "fused", m
-    for m in (17, 64, MAX_FUSED_M, 512):
+    for m in (17, 64, MAX_FUSED_M):
         assert native_path(m, mixed) == "dequantize", m  # a small matrix
     monkeypatch.setattr(quant_matmul_module, "FUSED_MIN_BYTES", 0)  # every matrix large
     for m in (17, 32, 33, 64, MAX_FUSED_M):
         assert native_path(m, k_quants) == native_path(m, mixed) == "fused", m
     assert native_path(64, k_quants, torch.float32) == "dequantize"  # f32 rows: up to 16
     assert native_path(16, k_quants, torch.float32) == "fused"
-    assert native_path(MAX_FUSED_M + 1, k_quants) == "gemm"  # prompt chunks of K-quants
+    assert native_path(MAX_FUSED_M + 1, k_quants) == "gemm"  # prompt chunks, Q4_K among them
     assert native_path(4 * MAX_FUSED_M, k_quants, torch.float32) == "dequantize"
-    assert native_path(4 * MAX_FUSED_M, mixed) == "dequantize"
+    assert native_path(4 * MAX_FUSED_M, k_quants[1:]) == "dequantize"  # Q6_K alone
+    assert native_path(16 * MAX_FUSED_M, k_quants) == "dequantize"  # beyond GEMM_ROWS
+    assert native_path(4 * MAX_FUSED_M, mixed) == "gemm"  # Q4_K's part; the others widened
+    assert native_path(4 * MAX_FUSED_M, mixed[2:]) == "dequantize"
     monkeypatch.setattr(quant_gemv, "DP4A_MIN_BYTES", 1 << 40)
     assert native_path(1, k_quants) == "fused"
 
@@ -124,9 +127,14 @@ def test_a_widen_limit_widens_slices_of_rows(monkeypatch: pytest.MonkeyPatch) ->
     assert widened == [40, 24, 16] * 2  # within the limit: one scratch, as without it
 
 
-def test_prompt_chunks_of_k_quants_take_the_gemm(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Stacked Q4_K | Q6_K parts (the formats of a Q4_K_M model) from MIN_GEMM_M rows: one
-    quant_gemm call a part, each writing its own output columns, no dequantization; x @ W.T."""
+@pytest.mark.parametrize("gemm_formats", [(T.Q4_K,), (T.Q4_K, T.Q6_K)])
+def test_prompt_chunks_of_k_quants_take_the_gemm(
+    gemm_formats: tuple[GGMLQuantizationType, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stacked Q4_K | Q6_K parts (the formats of a Q4_K_M model) at prompt-chunk rows: one
+    quant_gemm call a part whose format takes it (GEMM_ROWS), each writing its own output
+    columns; the other part widened alone and multiplied (under a widen_limit, a slice of rows
+    at a time); together x @ W.T."""
     seed = _seed()
     k, m = 512, 24
     parts = [_part(t, n, k, seed + i) for i, (t, n) in enumerate(((T.Q4_K, 40), (T.Q6_K, 24)))]
@@ -134,15 +142,21 @@ def test_prompt_chunks_of_k_quants_take_the_gemm(monkeypatch: pytest.MonkeyPatch
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
     ref = x.double() @ torch.cat([dense for _, dense in parts]).T
     calls: list[str] = []
-    real_gemm = quant_gemm_module.quant_gemm
-    monkeypatch.setattr(quant_gemm_module, "MIN_GEMM_M", m)  # small shapes for the interpreter
-    monkeypatch.setattr(
-        quant_gemm_module,
-        "quant_gemm",
-        lambda *a, **kw: calls.append("quant_gemm") or real_gemm(*a, **kw),
-    )
-    monkeypatch.setattr(kernels, "dequantize_gpu", lambda *a, **kw: calls.append("dequantize"))
+    for module, name in ((quant_gemm_module, "quant_gemm"), (kernels, "dequantize_gpu")):
+        real = getattr(module, name)
+        monkeypatch.setattr(
+            module,
+            name,
+            lambda *a, real=real, name=name, **kw: calls.append(name) or real(*a, **kw),
+        )
+    # small shapes for the interpreter: these formats take the GEMM from m rows
+    monkeypatch.setattr(quant_gemm_module, "GEMM_ROWS", dict.fromkeys(gemm_formats, (m, m)))
+    expected = ["quant_gemm" if t in gemm_formats else "dequantize_gpu" for t in weight.ggml_types]
     out = linear(x, weight)
-    assert calls == ["quant_gemm"] * 2
-    err = ((out.double() - ref).norm() / ref.norm()).item()
-    assert err < 1e-2, f"error {err:.3g} (seed {seed})"
+    assert calls == expected
+    calls.clear()
+    sliced = linear(x, weight, widen_limit=16 * k * x.element_size())  # 16 rows at a time
+    assert calls == expected + ["dequantize_gpu"] * (len(gemm_formats) == 1)  # Q6_K: 16 + 8
+    for got in (out, sliced):
+        err = ((got.double() - ref).norm() / ref.norm()).item()
+        assert err < 1e-2, f"error {err:.3g} (seed {seed})"

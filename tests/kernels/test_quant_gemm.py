@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType
 
 from metallic.errors import MetallicError
 from metallic.kernels import prepare_weight
-from metallic.kernels.quant_gemm import GemmTile, quant_gemm, uses_gemm
+from metallic.kernels.quant_gemm import GEMM_ROWS, GemmTile, gemm_takes, quant_gemm, uses_gemm
 from metallic.quant.quantize import quantize
 from metallic.quant.reference import dequantize
 
@@ -121,10 +121,14 @@ def test_bad_input_is_a_clear_error() -> None:
         GemmTile(bm=16, bn=48, bk=64, warps=4, stages=2)
 
 
-def test_uses_gemm_for_prompt_chunks_of_k_quants() -> None:
-    parts = tuple(_weight(t, 8, 256, _seed())[0] for t in (T.Q4_K, T.Q6_K))
-    q8 = _weight(T.Q8_0, 8, 256, _seed())[0]
-    assert uses_gemm(512, parts, torch.bfloat16) and uses_gemm(129, parts, torch.float16)
-    assert not uses_gemm(128, parts, torch.bfloat16)
-    assert not uses_gemm(512, parts, torch.float32)
-    assert not uses_gemm(512, (*parts, q8), torch.bfloat16)
+def test_uses_gemm_where_a_part_takes_it() -> None:
+    """Prompt chunks of 16-bit rows within GEMM_ROWS of some part's format (Q4_K's today)."""
+    q4, q6, q8 = (_weight(t, 8, 256, _seed())[0] for t in (T.Q4_K, T.Q6_K, T.Q8_0))
+    low, high = GEMM_ROWS[T.Q4_K]
+    assert uses_gemm(low, (q4,), torch.bfloat16) and uses_gemm(high, (q4, q6), torch.float16)
+    assert uses_gemm(512, (q8, q4), torch.bfloat16)
+    assert not uses_gemm(low - 1, (q4,), torch.bfloat16)
+    assert not uses_gemm(high + 1, (q4,), torch.bfloat16)
+    assert not uses_gemm(512, (q4,), torch.float32)
+    assert not uses_gemm(512, (q8,), torch.bfloat16)
+    assert gemm_takes(low, T.Q4_K, torch.float16) and not gemm_takes(low, T.Q8_0, torch.float16)
