@@ -54,10 +54,11 @@ T = GGMLQuantizationType
 
 GEMM_TYPES = (T.Q4_K, T.Q6_K)
 # Rows of x (inclusive) for which ops.linear multiplies a part of each format with quant_gemm,
-# from benchmarks/gpu_quant_gemm.py on an H200 (13:36 UTC run, before W as the B operand): Q4_K
-# took 0.53-0.88x the time of dequantize + cuBLAS on the 8B's matrices at 512 rows, but 1.6x at
-# 2048 rows (where cuBLAS's ~790 TFLOPS outweighs the widening); Q6_K took 1.5-1.75x at 512.
-# Up to MAX_FUSED_M rows quant_matmul's fused kernel keeps large matrices.
+# from benchmarks/gpu_quant_gemm.py on an H200 (run 1, before W as the B operand): against
+# dequantize + cuBLAS, Q4_K took 0.78-0.88x the time on the 8B's large matrices at 512 rows
+# (1.2x on k|v's 1024 rows alone, which ops.linear stacks with q) and 1.6x at 2048, where
+# cuBLAS's ~790 TFLOPS outweighs the widening; Q6_K took 1.5-1.75x at 512. Up to MAX_FUSED_M
+# rows quant_matmul's fused kernel keeps large matrices.
 GEMM_ROWS = {T.Q4_K: (129, 1024)}
 _X_DTYPES = (torch.bfloat16, torch.float16)
 
