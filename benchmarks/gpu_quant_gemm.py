@@ -58,8 +58,8 @@ TOP_TILES = 4  # tiles from the M = 512 sweep also timed at the other M
 # H200's shared memory (Q6_K's 256x64x128/s3 excepted, skipped). W as the B operand (w_as_b):
 # Triton waits for each wgmma before the next step's weights overwrite its shared-memory tile,
 # so dequantizing and multiplying overlap only across CTAs: the tiles of <= 128 registers a
-# thread (8 warps) or 4 warps run 2 CTAs per SM. W as the A operand: ptxas's C7515 (wgmma
-# serialized) for several, marked *.
+# thread (8 warps) or 4 warps run 2 CTAs per SM. W as the A operand: wgmma groups stay in
+# flight across steps (pendings = 7), unless ptxas serializes them (C7515, marked *).
 CANDIDATES = tuple(
     GemmTile(bm, bn, bk, warps, stages, w_as_b)
     for bm, bn, bk, warps, stages, w_as_b in (
@@ -78,6 +78,7 @@ CANDIDATES = tuple(
         (128, 256, 64, 8, 3, True),
         (256, 64, 128, 8, 3, False),  # run 1's best for Q4_K
         (256, 64, 128, 8, 2, False),
+        (128, 64, 128, 8, 2, False),
         (256, 128, 64, 8, 3, False),  # *
         (128, 128, 128, 8, 3, False),  # *
         (64, 64, 128, 8, 3, False),
