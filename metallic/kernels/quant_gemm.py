@@ -198,9 +198,14 @@ def _q6_k_tile(ql_ptr, qh_ptr, sc_ptr, d_ptr, rows, nb, k0, one, BN: tl.constexp
     ql = ql >> (4 * (i // 2))
     qh = qh >> (2 * i)
     d = tl.load(d_ptr + rows * nb + sb).to(tl.float32)
-    # The run's two scales are bytes e // 16 % 4 and the next of a word of the plane (4-byte
-    # loads are pipelined): shifted to the top, then back with the sign.
-    scales = tl.load(sc_ptr + rows * (nb * 4) + sb * 4 + e0 // 64 + r // 2)
+    # The run's two scales are bytes e // 16 % 4 and the next of word e // 64 of the plane
+    # (4-byte loads are pipelined): shifted to the top, then back with the sign. The words are
+    # loaded per row ([BN, 1, 1], as Q4_K's): a [BN, R, 1] load gets a layout that Triton 3.6
+    # spreads to the whole tile, whose shared-memory stores then take 2 bytes each.
+    sc_row = sc_ptr + rows * (nb * 4) + sb * 4 + e0 // 64
+    scales = tl.load(sc_row)
+    for q in tl.static_range(1, BK // 64):
+        scales = tl.where(r // 2 == q, tl.load(sc_row + q), scales)
     at = 16 * (r % 2)
     s0 = d * ((scales << (24 - at)) >> 24).to(tl.float32)
     s1 = d * ((scales << (16 - at)) >> 24).to(tl.float32)
