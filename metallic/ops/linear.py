@@ -107,12 +107,13 @@ def native_path(m: int, parts: Sequence[PackedWeight], dtype: torch.dtype = torc
     """How `_native_linear` multiplies m rows of x (in `dtype`) by the stacked parts:
 
     - ``"dp4a"``: one row against large K-quants: x rounded to int8 once, the dp4a kernels;
+    - ``"gemm"``: rows where some part's format takes the tensor-core GEMM
+      (`quant_gemm.uses_gemm`, prompt chunks): those parts run quant_gemm, which dequantizes
+      its tiles in registers, each writing its own columns; the other parts are widened one at
+      a time;
     - ``"fused"``: a few rows, or up to MAX_FUSED_M rows against a large matrix
       (`kernels.fuses`): each part's fused kernel (quant_matmul) reads its blocks once per tile
       of rows and writes its own output columns;
-    - ``"gemm"``: prompt chunks where some part's format has the tensor-core GEMM
-      (`quant_gemm.uses_gemm`): those parts run quant_gemm, which dequantizes its tiles in
-      registers, each writing its own columns; the other parts are widened one at a time;
     - ``"dequantize"``: otherwise every part is widened into one scratch matrix, then a single
       dense product (one cuBLAS call for q|k|v whatever their formats).
     """
@@ -122,9 +123,9 @@ def native_path(m: int, parts: Sequence[PackedWeight], dtype: torch.dtype = torc
 
     if m == 1 and uses_dp4a(parts):
         return "dp4a"
-    if fuses(m, sum(p.nbytes for p in parts), dtype):
-        return "fused"
-    return "gemm" if uses_gemm(m, parts, dtype) else "dequantize"
+    if uses_gemm(m, parts, dtype):
+        return "gemm"
+    return "fused" if fuses(m, sum(p.nbytes for p in parts), dtype) else "dequantize"
 
 
 def _native_linear(

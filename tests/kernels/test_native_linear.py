@@ -58,6 +58,9 @@ def test_native_path_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     assert native_path(4 * MAX_FUSED_M, k_quants, torch.float32) == "dequantize"
     assert native_path(4 * MAX_FUSED_M, k_quants[1:]) == "dequantize"  # Q6_K alone
     assert native_path(16 * MAX_FUSED_M, k_quants) == "dequantize"  # beyond GEMM_ROWS
+    monkeypatch.setattr(quant_gemm_module, "GEMM_ROWS", {T.Q4_K: (64, 1024)})
+    assert native_path(64, k_quants) == "gemm"  # before the fused kernel where it takes them
+    assert native_path(63, k_quants) == "fused"
     assert native_path(4 * MAX_FUSED_M, mixed) == "gemm"  # Q4_K's part; the others widened
     assert native_path(4 * MAX_FUSED_M, mixed[2:]) == "dequantize"
     monkeypatch.setattr(quant_gemv, "DP4A_MIN_BYTES", 1 << 40)
