@@ -32,7 +32,7 @@ from gguf import GGMLQuantizationType
 from gpu_quant_matmul import graph_us, output_dir, random_blocks, relative_error
 
 from metallic.kernels import MAX_FUSED_M, dequantize_gpu, prepare_weight, quant_matmul
-from metallic.kernels.quant_gemm import DEFAULT_TILES, GemmTile, quant_gemm
+from metallic.kernels.quant_gemm import GemmTile, default_tile, quant_gemm
 
 T = GGMLQuantizationType
 # (format, N, K): the 8B's parts as ops.linear runs them (q|k|v stacked per run of one format:
@@ -155,11 +155,11 @@ def time_shape(
         tiles = tiles_at_m.get(m)
         if tiles is None:  # the sweep's best few, the default (to 128 rows, 64-row tiles too)
             ranked = sorted(row["by_m"][SWEEP_M]["gemm_us"].items(), key=lambda kv: kv[1])
-            ranked = ranked or [(tile_name(DEFAULT_TILES[qtype]), 0.0)]
+            ranked = ranked or [(tile_name(default_tile(m)), 0.0)]
             names = [name for name, _ in ranked[:TOP_TILES]]
             tiles = tuple(t for t in sweep if tile_name(t) in names or t.bm < 128 >= m)
-            if DEFAULT_TILES[qtype] not in tiles:
-                tiles += (DEFAULT_TILES[qtype],)
+            if default_tile(m) not in tiles:
+                tiles += (default_tile(m),)
         gemm: dict[str, float] = {}
         for tile in tiles:
             try:
@@ -171,7 +171,7 @@ def time_shape(
         entry["gemm_us"] = gemm
         best = min(gemm, key=gemm.get) if gemm else None
         entry["best_tile"], entry["best_us"] = best, gemm.get(best)
-        entry["default_us"] = gemm.get(tile_name(DEFAULT_TILES[qtype]))
+        entry["default_us"] = gemm.get(tile_name(default_tile(m)))
         for key in ("cublas_us", "today_us", "fused_us", "best_us", "default_us"):
             if entry.get(key):
                 entry[key.replace("_us", "_tflops")] = flops(m, n, k) / entry[key] / 1e6
@@ -236,9 +236,10 @@ def main() -> int:
     failures: list[str] = []
     rows = []
     for qtype, n, k in SHAPES:
-        sweep = (DEFAULT_TILES[qtype],) if args.quick else CANDIDATES
-        if DEFAULT_TILES[qtype] not in sweep:
-            sweep = (DEFAULT_TILES[qtype], *sweep)
+        defaults = tuple(dict.fromkeys(default_tile(m) for m in (SWEEP_M, *OTHER_M)))
+        sweep = (
+            defaults if args.quick else (*defaults, *(t for t in CANDIDATES if t not in defaults))
+        )
         check_shape(qtype, n, k, SWEEP_M, gen, sweep, failures)
         rows.append(time_shape(qtype, n, k, gen, sweep))
         print(f"{qtype.name} [{n}, {k}] done ({time.time() - started:.0f} s)", flush=True)

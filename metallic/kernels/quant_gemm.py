@@ -53,26 +53,32 @@ from metallic.kernels.quant_matmul import (
 T = GGMLQuantizationType
 
 GEMM_TYPES = (T.Q4_K, T.Q6_K)
-# Rows of x (inclusive) for which ops.linear multiplies a part of each format with quant_gemm,
-# from benchmarks/gpu_quant_gemm.py on an H200 (run 1, before W as the B operand): against
-# dequantize + cuBLAS, Q4_K took 0.78-0.88x the time on the 8B's large matrices at 512 rows
-# (1.2x on k|v's 1024 rows alone, which ops.linear stacks with q) and 1.6x at 2048, where
-# cuBLAS's ~790 TFLOPS outweighs the widening; Q6_K took 1.5-1.75x at 512. Up to MAX_FUSED_M
-# rows quant_matmul's fused kernel keeps large matrices.
-GEMM_ROWS = {T.Q4_K: (129, 1024)}
+# Where ops.linear multiplies a part with quant_gemm, from benchmarks/gpu_quant_gemm.py on an
+# H200 (run 2, Triton 3.6): Q4_K parts of at least GEMM_MIN_WEIGHTS weights, from 64 to 768 rows
+# of x. Time against today's paths (quant_matmul's fused kernel up to 128 rows for large
+# matrices, else dequantize + cuBLAS), on the 8B's Q4_K parts: at 64 and 128 rows 0.69-0.90x,
+# but 1.05x on q|k|v (6144 rows) at 64 and 1.06x on attn_output at 128; at 512 rows 0.74-0.91x
+# on q|k|v, attn_output, gate|up and ffn_down, 1.08x on q|k (5120 rows: 80 tiles leave 52 of
+# 132 SMs idle); at 2048 rows 1.5x (cuBLAS's ~790 TFLOPS outweighs the widening; the GEMM
+# reaches 300-335). Smaller matrices lose (Gemma 3 270M's 640 x 2048 at 512 rows: 1.11x, k|v's
+# 1024 x 4096: 1.15x). Q6_K took 1.36-1.42x at 512 rows, 1.08-1.18x the fused kernel's on
+# ffn_down at 64-128 rows: not routed.
+GEMM_ROWS = {T.Q4_K: (64, 768)}
+GEMM_MIN_WEIGHTS = 8 << 20
 _X_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def gemm_takes(m: int, ggml_type: GGMLQuantizationType, dtype: torch.dtype) -> bool:
-    """Whether m rows of x in `dtype` against a part of `ggml_type` take quant_gemm."""
-    low, high = GEMM_ROWS.get(ggml_type, (1, 0))
-    return low <= m <= high and dtype in _X_DTYPES
+def gemm_takes(m: int, weight: PackedWeight, dtype: torch.dtype) -> bool:
+    """Whether m rows of x in `dtype` against the part `weight` take quant_gemm (see above)."""
+    low, high = GEMM_ROWS.get(weight.ggml_type, (1, 0))
+    large = weight.n * weight.k >= GEMM_MIN_WEIGHTS
+    return low <= m <= high and large and dtype in _X_DTYPES
 
 
 def uses_gemm(m: int, parts: Sequence[PackedWeight], dtype: torch.dtype) -> bool:
     """Whether m rows of x in `dtype` against the stacked parts take ops.linear's "gemm" path:
-    some part's format takes quant_gemm at m rows (the others are widened one by one)."""
-    return any(gemm_takes(m, p.ggml_type, dtype) for p in parts)
+    some part takes quant_gemm at m rows (the others are widened one by one)."""
+    return any(gemm_takes(m, p, dtype) for p in parts)
 
 
 @dataclass(frozen=True)
@@ -96,16 +102,18 @@ class GemmTile:
             raise MetallicError(f"GemmTile bk must be 64, 128 or 256 and stages >= 1: {self}")
 
 
-# Chosen before measurement from the sm_90 code (benchmarks/gpu_quant_gemm.py sweeps the
-# alternatives on a GPU). With W as the B operand (through shared memory) a 256-row tile of x by
-# 128 rows of W by 64 of K takes 221 (Q4_K) and 244 (Q6_K) registers, spills none, keeps one
-# wgmma group in flight across K steps (W as the A operand, from registers, gets ptxas's C7515
-# serialization at K steps of 64 and needs more registers) and issues 327 instructions a step
-# for Q4_K: about 650 cycles of 8 warps on 4 schedulers against 1024 of tensor-core work.
-DEFAULT_TILES = {
-    T.Q4_K: GemmTile(bm=256, bn=128, bk=64, warps=8, stages=3, w_as_b=True),
-    T.Q6_K: GemmTile(bm=256, bn=128, bk=64, warps=8, stages=3, w_as_b=True),
-}
+# Measured best on an H200 (benchmarks/gpu_quant_gemm.py run 2, Triton 3.6), both formats: above
+# 128 rows, 256 rows of x by 128 of W by K steps of 64 with W as the B operand (the least total
+# time over the 8B's shapes at 512 rows: Q4_K 950 us, Q6_K 277 us; 221-244 registers, no spills,
+# no C7515); up to 128 rows, 64 rows of x by 128 of W by steps of 128 (best on most shapes at 64
+# and 128 rows).
+_WIDE_TILE = GemmTile(bm=256, bn=128, bk=64, warps=8, stages=3, w_as_b=True)
+_NARROW_TILE = GemmTile(bm=64, bn=128, bk=128, warps=8, stages=3, w_as_b=True)
+
+
+def default_tile(m: int) -> GemmTile:
+    """The measured tile for m rows of x (either format)."""
+    return _NARROW_TILE if m <= 128 else _WIDE_TILE
 
 
 # Triton code below keeps long argument lists on few lines.
@@ -292,7 +300,7 @@ def quant_gemm(
         )
     if m == 0:
         return out
-    tile = tile or DEFAULT_TILES[weight.ggml_type]
+    tile = tile or default_tile(m)
     if x.stride(1) != 1:
         x = x.contiguous()
     if weight.ggml_type == T.Q4_K:

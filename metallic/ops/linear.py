@@ -107,10 +107,10 @@ def native_path(m: int, parts: Sequence[PackedWeight], dtype: torch.dtype = torc
     """How `_native_linear` multiplies m rows of x (in `dtype`) by the stacked parts:
 
     - ``"dp4a"``: one row against large K-quants: x rounded to int8 once, the dp4a kernels;
-    - ``"gemm"``: rows where some part's format takes the tensor-core GEMM
-      (`quant_gemm.uses_gemm`, prompt chunks): those parts run quant_gemm, which dequantizes
-      its tiles in registers, each writing its own columns; the other parts are widened one at
-      a time;
+    - ``"gemm"``: rows where some part takes the tensor-core GEMM (`quant_gemm.uses_gemm`:
+      large Q4_K parts, prompt chunks and batches from 64 rows): those parts run quant_gemm,
+      which dequantizes its tiles in registers, each writing its own columns; the other parts
+      are widened one at a time;
     - ``"fused"``: a few rows, or up to MAX_FUSED_M rows against a large matrix
       (`kernels.fuses`): each part's fused kernel (quant_matmul) reads its blocks once per tile
       of rows and writes its own output columns;
@@ -168,15 +168,15 @@ def _sliced_linear(
     rows: torch.Tensor, parts: tuple[PackedWeight, ...], step: int, gemm: bool = False
 ) -> torch.Tensor:
     """rows [M, in] times the stacked parts, widening at most `step` rows of a part at a time
-    into one reused scratch matrix; with `gemm`, the parts whose format takes quant_gemm at M
-    rows (`quant_gemm.gemm_takes`) run it instead, widening nothing."""
+    into one reused scratch matrix; with `gemm`, the parts that take quant_gemm at M rows
+    (`quant_gemm.gemm_takes`) run it instead, widening nothing."""
     from metallic.kernels import dequantize_gpu
     from metallic.kernels.packing import row_slice
     from metallic.kernels.quant_gemm import gemm_takes, quant_gemm
 
     m = rows.shape[0]
     out = torch.empty(m, sum(p.n for p in parts), dtype=rows.dtype, device=rows.device)
-    fused = [gemm and gemm_takes(m, p.ggml_type, rows.dtype) for p in parts]
+    fused = [gemm and gemm_takes(m, p, rows.dtype) for p in parts]
     widened = [p.n for p, f in zip(parts, fused, strict=True) if not f]
     scratch = None
     if widened:

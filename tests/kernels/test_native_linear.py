@@ -37,9 +37,9 @@ def _part(qtype: GGMLQuantizationType, n: int, k: int, seed: int):
 
 def test_native_path_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     """One row against large K-quants: dp4a; otherwise the fused kernel up to 16 rows, and up
-    to MAX_FUSED_M rows against large matrices (batched decode); beyond, the tensor-core GEMM
-    for prompt chunks where some part's format takes it (quant_gemm.GEMM_ROWS), else dequantize
-    + one dense product (also for small matrices from 17 rows)."""
+    to MAX_FUSED_M rows against large matrices (batched decode); the tensor-core GEMM where some
+    large part's format takes it (quant_gemm.GEMM_ROWS, first among the multi-row paths); else
+    dequantize + one dense product (also for small matrices from 17 rows)."""
     monkeypatch.setattr(quant_gemv, "DP4A_MIN_BYTES", 0)
     k_quants = tuple(_part(t, 8, 256, _seed())[0] for t in (T.Q4_K, T.Q6_K))
     mixed = (*k_quants, _part(T.Q8_0, 8, 256, _seed())[0])
@@ -54,13 +54,15 @@ def test_native_path_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
         assert native_path(m, k_quants) == native_path(m, mixed) == "fused", m
     assert native_path(64, k_quants, torch.float32) == "dequantize"  # f32 rows: up to 16
     assert native_path(16, k_quants, torch.float32) == "fused"
+    assert native_path(MAX_FUSED_M + 1, k_quants) == "dequantize"  # small matrices
+    monkeypatch.setattr(quant_gemm_module, "GEMM_MIN_WEIGHTS", 0)  # every matrix large
     assert native_path(MAX_FUSED_M + 1, k_quants) == "gemm"  # prompt chunks, Q4_K among them
     assert native_path(4 * MAX_FUSED_M, k_quants, torch.float32) == "dequantize"
     assert native_path(4 * MAX_FUSED_M, k_quants[1:]) == "dequantize"  # Q6_K alone
     assert native_path(16 * MAX_FUSED_M, k_quants) == "dequantize"  # beyond GEMM_ROWS
-    monkeypatch.setattr(quant_gemm_module, "GEMM_ROWS", {T.Q4_K: (64, 1024)})
-    assert native_path(64, k_quants) == "gemm"  # before the fused kernel where it takes them
-    assert native_path(63, k_quants) == "fused"
+    low = quant_gemm_module.GEMM_ROWS[T.Q4_K][0]
+    assert native_path(low, k_quants) == "gemm"  # before the fused kernel where it takes them
+    assert native_path(low - 1, k_quants) == "fused"
     assert native_path(4 * MAX_FUSED_M, mixed) == "gemm"  # Q4_K's part; the others widened
     assert native_path(4 * MAX_FUSED_M, mixed[2:]) == "dequantize"
     monkeypatch.setattr(quant_gemv, "DP4A_MIN_BYTES", 1 << 40)
@@ -154,6 +156,7 @@ def test_prompt_chunks_of_k_quants_take_the_gemm(
         )
     # small shapes for the interpreter: these formats take the GEMM from m rows
     monkeypatch.setattr(quant_gemm_module, "GEMM_ROWS", dict.fromkeys(gemm_formats, (m, m)))
+    monkeypatch.setattr(quant_gemm_module, "GEMM_MIN_WEIGHTS", 0)
     expected = ["quant_gemm" if t in gemm_formats else "dequantize_gpu" for t in weight.ggml_types]
     out = linear(x, weight)
     assert calls == expected

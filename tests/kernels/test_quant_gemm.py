@@ -121,14 +121,17 @@ def test_bad_input_is_a_clear_error() -> None:
         GemmTile(bm=16, bn=48, bk=64, warps=4, stages=2)
 
 
-def test_uses_gemm_where_a_part_takes_it() -> None:
-    """Prompt chunks of 16-bit rows within GEMM_ROWS of some part's format (Q4_K's today)."""
+def test_uses_gemm_where_a_part_takes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """16-bit rows within GEMM_ROWS of some part's format (Q4_K's today), against a part of at
+    least GEMM_MIN_WEIGHTS weights."""
     q4, q6, q8 = (_weight(t, 8, 256, _seed())[0] for t in (T.Q4_K, T.Q6_K, T.Q8_0))
     low, high = GEMM_ROWS[T.Q4_K]
+    assert not uses_gemm(low, (q4,), torch.bfloat16)  # 2048 weights: a small matrix
+    monkeypatch.setattr(quant_gemm_module, "GEMM_MIN_WEIGHTS", 8 * 256)
     assert uses_gemm(low, (q4,), torch.bfloat16) and uses_gemm(high, (q4, q6), torch.float16)
     assert uses_gemm(512, (q8, q4), torch.bfloat16)
     assert not uses_gemm(low - 1, (q4,), torch.bfloat16)
     assert not uses_gemm(high + 1, (q4,), torch.bfloat16)
     assert not uses_gemm(512, (q4,), torch.float32)
     assert not uses_gemm(512, (q8,), torch.bfloat16)
-    assert gemm_takes(low, T.Q4_K, torch.float16) and not gemm_takes(low, T.Q8_0, torch.float16)
+    assert gemm_takes(low, q4, torch.float16) and not gemm_takes(low, q8, torch.float16)
