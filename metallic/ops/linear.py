@@ -107,6 +107,10 @@ def native_path(m: int, parts: Sequence[PackedWeight], dtype: torch.dtype = torc
     """How `_native_linear` multiplies m rows of x (in `dtype`) by the stacked parts:
 
     - ``"dp4a"``: one row against large K-quants: x rounded to int8 once, the dp4a kernels;
+    - ``"gemm"``: rows where some part takes the tensor-core GEMM (`quant_gemm.uses_gemm`:
+      large Q4_K parts, prompt chunks and batches from 64 rows): those parts run quant_gemm,
+      which dequantizes its tiles in registers, each writing its own columns; the other parts
+      are widened one at a time;
     - ``"fused"``: a few rows, or up to MAX_FUSED_M rows against a large matrix
       (`kernels.fuses`): each part's fused kernel (quant_matmul) reads its blocks once per tile
       of rows and writes its own output columns;
@@ -114,10 +118,13 @@ def native_path(m: int, parts: Sequence[PackedWeight], dtype: torch.dtype = torc
       dense product (one cuBLAS call for q|k|v whatever their formats).
     """
     from metallic.kernels import fuses
+    from metallic.kernels.quant_gemm import uses_gemm
     from metallic.kernels.quant_gemv import uses_dp4a
 
     if m == 1 and uses_dp4a(parts):
         return "dp4a"
+    if uses_gemm(m, parts, dtype):
+        return "gemm"
     return "fused" if fuses(m, sum(p.nbytes for p in parts), dtype) else "dequantize"
 
 
@@ -126,7 +133,8 @@ def _native_linear(
 ) -> torch.Tensor:
     """rows [M, in] times the stacked parts, by native_path. Where the dequantize path would
     widen more than `widen_limit` bytes, it widens slices of rows of at most that size in turn
-    (a device budget bounds the scratch: the 8B's output matrix in f32 is 2 GiB)."""
+    (a device budget bounds the scratch: the 8B's output matrix in f32 is 2 GiB), as the gemm
+    path does for the parts it widens."""
     from metallic.kernels import dequantize_gpu, quant_matmul
     from metallic.kernels.quant_gemv import gemv, quantize_x
 
@@ -140,9 +148,9 @@ def _native_linear(
             dequantize_gpu(p, p.ggml_type, p.n, p.k, out=dense[first : first + p.n])
             first += p.n
         return rows @ dense.T
-    if path == "dequantize":
-        assert widen_limit is not None
-        return _sliced_linear(rows, parts, max(1, widen_limit // row_bytes))
+    if path in ("dequantize", "gemm"):
+        step = max(p.n for p in parts) if widen_limit is None else widen_limit // row_bytes
+        return _sliced_linear(rows, parts, max(1, step), gemm=path == "gemm")
     out = torch.empty(rows.shape[0], n_total, dtype=rows.dtype, device=rows.device)
     x8 = quantize_x(rows[0]) if path == "dp4a" else None
     first = 0
@@ -156,18 +164,31 @@ def _native_linear(
     return out
 
 
-def _sliced_linear(rows: torch.Tensor, parts: tuple[PackedWeight, ...], step: int) -> torch.Tensor:
+def _sliced_linear(
+    rows: torch.Tensor, parts: tuple[PackedWeight, ...], step: int, gemm: bool = False
+) -> torch.Tensor:
     """rows [M, in] times the stacked parts, widening at most `step` rows of a part at a time
-    into one reused scratch matrix."""
+    into one reused scratch matrix; with `gemm`, the parts that take quant_gemm at M rows
+    (`quant_gemm.gemm_takes`) run it instead, widening nothing."""
     from metallic.kernels import dequantize_gpu
     from metallic.kernels.packing import row_slice
+    from metallic.kernels.quant_gemm import gemm_takes, quant_gemm
 
-    out = torch.empty(rows.shape[0], sum(p.n for p in parts), dtype=rows.dtype, device=rows.device)
-    scratch = torch.empty(
-        min(step, max(p.n for p in parts)), rows.shape[1], dtype=rows.dtype, device=rows.device
-    )
+    m = rows.shape[0]
+    out = torch.empty(m, sum(p.n for p in parts), dtype=rows.dtype, device=rows.device)
+    fused = [gemm and gemm_takes(m, p, rows.dtype) for p in parts]
+    widened = [p.n for p, f in zip(parts, fused, strict=True) if not f]
+    scratch = None
+    if widened:
+        scratch = torch.empty(min(step, max(widened)), rows.shape[1], dtype=rows.dtype,
+                              device=rows.device)  # fmt: skip
     first = 0
-    for p in parts:
+    for p, f in zip(parts, fused, strict=True):
+        if f:
+            quant_gemm(rows, p, out=out[:, first : first + p.n])
+            first += p.n
+            continue
+        assert scratch is not None
         for start in range(0, p.n, step):
             end = min(p.n, start + step)
             dense = scratch[: end - start]

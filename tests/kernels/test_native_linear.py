@@ -26,6 +26,7 @@ def _seed() -> int:
 
 # The module (the package exports its function of the same name).
 quant_matmul_module = importlib.import_module("metallic.kernels.quant_matmul")
+quant_gemm_module = importlib.import_module("metallic.kernels.quant_gemm")
 
 
 def _part(qtype: GGMLQuantizationType, n: int, k: int, seed: int):
@@ -36,8 +37,9 @@ def _part(qtype: GGMLQuantizationType, n: int, k: int, seed: int):
 
 def test_native_path_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     """One row against large K-quants: dp4a; otherwise the fused kernel up to 16 rows, and up
-    to MAX_FUSED_M rows against large matrices (batched decode); dequantize + one dense product
-    beyond (prefill chunks, and small matrices from 17 rows)."""
+    to MAX_FUSED_M rows against large matrices (batched decode); the tensor-core GEMM where some
+    large part's format takes it (quant_gemm.GEMM_ROWS, first among the multi-row paths); else
+    dequantize + one dense product (also for small matrices from 17 rows)."""
     monkeypatch.setattr(quant_gemv, "DP4A_MIN_BYTES", 0)
     k_quants = tuple(_part(t, 8, 256, _seed())[0] for t in (T.Q4_K, T.Q6_K))
     mixed = (*k_quants, _part(T.Q8_0, 8, 256, _seed())[0])
@@ -45,15 +47,24 @@ def test_native_path_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     assert native_path(1, mixed) == "fused"
     for m in (2, 16):
         assert native_path(m, k_quants) == native_path(m, mixed) == "fused", m
-    for m in (17, 64, MAX_FUSED_M, 512):
+    for m in (17, 64, MAX_FUSED_M):
         assert native_path(m, mixed) == "dequantize", m  # a small matrix
     monkeypatch.setattr(quant_matmul_module, "FUSED_MIN_BYTES", 0)  # every matrix large
     for m in (17, 32, 33, 64, MAX_FUSED_M):
         assert native_path(m, k_quants) == native_path(m, mixed) == "fused", m
     assert native_path(64, k_quants, torch.float32) == "dequantize"  # f32 rows: up to 16
     assert native_path(16, k_quants, torch.float32) == "fused"
-    assert native_path(MAX_FUSED_M + 1, k_quants) == "dequantize"
-    assert native_path(4 * MAX_FUSED_M, mixed) == "dequantize"
+    assert native_path(MAX_FUSED_M + 1, k_quants) == "dequantize"  # small matrices
+    monkeypatch.setattr(quant_gemm_module, "GEMM_MIN_WEIGHTS", 0)  # every matrix large
+    assert native_path(MAX_FUSED_M + 1, k_quants) == "gemm"  # prompt chunks, Q4_K among them
+    assert native_path(4 * MAX_FUSED_M, k_quants, torch.float32) == "dequantize"
+    assert native_path(4 * MAX_FUSED_M, k_quants[1:]) == "dequantize"  # Q6_K alone
+    assert native_path(16 * MAX_FUSED_M, k_quants) == "dequantize"  # beyond GEMM_ROWS
+    low = quant_gemm_module.GEMM_ROWS[T.Q4_K][0]
+    assert native_path(low, k_quants) == "gemm"  # before the fused kernel where it takes them
+    assert native_path(low - 1, k_quants) == "fused"
+    assert native_path(4 * MAX_FUSED_M, mixed) == "gemm"  # Q4_K's part; the others widened
+    assert native_path(4 * MAX_FUSED_M, mixed[2:]) == "dequantize"
     monkeypatch.setattr(quant_gemv, "DP4A_MIN_BYTES", 1 << 40)
     assert native_path(1, k_quants) == "fused"
 
@@ -119,3 +130,39 @@ def test_a_widen_limit_widens_slices_of_rows(monkeypatch: pytest.MonkeyPatch) ->
     widened.clear()
     assert torch.equal(linear(x, weight, widen_limit=80 * k * 2), linear(x, weight))
     assert widened == [40, 24, 16] * 2  # within the limit: one scratch, as without it
+
+
+@pytest.mark.parametrize("gemm_formats", [(T.Q4_K,), (T.Q4_K, T.Q6_K)])
+def test_prompt_chunks_of_k_quants_take_the_gemm(
+    gemm_formats: tuple[GGMLQuantizationType, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stacked Q4_K | Q6_K parts (the formats of a Q4_K_M model) at prompt-chunk rows: one
+    quant_gemm call a part whose format takes it (GEMM_ROWS), each writing its own output
+    columns; the other part widened alone and multiplied (under a widen_limit, a slice of rows
+    at a time); together x @ W.T."""
+    seed = _seed()
+    k, m = 512, 24
+    parts = [_part(t, n, k, seed + i) for i, (t, n) in enumerate(((T.Q4_K, 40), (T.Q6_K, 24)))]
+    weight = LinearWeight((T.Q4_K, T.Q6_K), (40, 24), k, native=tuple(p for p, _ in parts))
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+    ref = x.double() @ torch.cat([dense for _, dense in parts]).T
+    calls: list[str] = []
+    for module, name in ((quant_gemm_module, "quant_gemm"), (kernels, "dequantize_gpu")):
+        real = getattr(module, name)
+        monkeypatch.setattr(
+            module,
+            name,
+            lambda *a, real=real, name=name, **kw: calls.append(name) or real(*a, **kw),
+        )
+    # small shapes for the interpreter: these formats take the GEMM from m rows
+    monkeypatch.setattr(quant_gemm_module, "GEMM_ROWS", dict.fromkeys(gemm_formats, (m, m)))
+    monkeypatch.setattr(quant_gemm_module, "GEMM_MIN_WEIGHTS", 0)
+    expected = ["quant_gemm" if t in gemm_formats else "dequantize_gpu" for t in weight.ggml_types]
+    out = linear(x, weight)
+    assert calls == expected
+    calls.clear()
+    sliced = linear(x, weight, widen_limit=16 * k * x.element_size())  # 16 rows at a time
+    assert calls == expected + ["dequantize_gpu"] * (len(gemm_formats) == 1)  # Q6_K: 16 + 8
+    for got in (out, sliced):
+        err = ((got.double() - ref).norm() / ref.norm()).item()
+        assert err < 1e-2, f"error {err:.3g} (seed {seed})"
