@@ -126,7 +126,7 @@ class Transformer:
         (returned second, else None)."""
         eps = self.config.rms_eps
         out_dtype = out_dtype or self.act_dtype
-        rounded = None if consumer is None else rounding_buffers(x, consumer)
+        rounded = None if consumer is None else rounding_buffers(x.shape[0], consumer)
         if delta is None:
             return rms_norm(x, weight, eps, out_dtype=out_dtype, rounded=rounded), rounded
         normed = rms_norm(
@@ -176,9 +176,10 @@ class Transformer:
         mark("gate_up", i)
         gate_up = self._linear(h, w.gate_up, h8)
         mark("activation", i)
-        act = gated_activation(gate_up, None, c.activation)
+        act8 = rounding_buffers(gate_up.shape[0], w.down)
+        act = gated_activation(gate_up, None, c.activation, rounded=act8)
         mark("down", i)
-        return self._linear(act, w.down), w.post_ffn_norm
+        return self._linear(act, w.down, act8), w.post_ffn_norm
 
 
 def _pooled(memory: MemoryPool, t: torch.Tensor, name: str) -> torch.Tensor:

@@ -127,17 +127,15 @@ def native_path(m: int, parts: Sequence[PackedWeight], dtype: torch.dtype = torc
     return "fused" if fuses(m, sum(p.nbytes for p in parts), dtype) else "dequantize"
 
 
-def rounding_buffers(x: torch.Tensor, weight: LinearWeight) -> tuple[torch.Tensor, ...] | None:
-    """Buffers for x [1, in] rounded to int8 where `linear(x, weight)` would round it for the
-    dp4a kernels (one row against native weights), so the op that makes x can round it in the same
-    launch; None where the product takes another path."""
-    if weight.native is None or x.numel() != x.shape[-1]:
-        return None
-    if native_path(1, weight.native, x.dtype) != "dp4a":
+def rounding_buffers(n_rows: int, weight: LinearWeight) -> tuple[torch.Tensor, ...] | None:
+    """Buffers for x rounded to int8 where `linear(x, weight)` with `n_rows` rows of x would
+    round it for the dp4a kernels (one row against native weights), so the op that makes x can
+    round it in the same launch; None where the product takes another path."""
+    if weight.native is None or n_rows != 1 or native_path(1, weight.native) != "dp4a":
         return None
     from metallic.kernels.quant_gemv import empty_quantized_x
 
-    return empty_quantized_x(x.shape[-1], x.device)
+    return empty_quantized_x(weight.in_features, weight.native[0].device)
 
 
 def _native_linear(

@@ -90,6 +90,19 @@ def test_rms_norm_rounds_a_decode_row_as_quantize_x_does(dim: int, fused: bool) 
     assert rounded[0].abs().max() == 127
 
 
+@pytest.mark.parametrize("kind", ["silu", "gelu_tanh"])
+def test_gated_activation_rounds_a_decode_row_as_quantize_x_does(kind: str) -> None:
+    """Over more than one program's columns (1024), so blocks are placed by program."""
+    gate_up = torch.randn(1, 2 * 1120).half() * 4
+    plain = gated_activation(gate_up, None, kind)
+    rounded = empty_quantized_x(1120, gate_up.device)
+    assert torch.equal(gated_activation(gate_up, None, kind, rounded), plain)
+    for got, want in zip(rounded, quantize_x(plain[0]), strict=True):
+        assert torch.equal(got, want)
+    with pytest.raises(MetallicError, match="one row"):
+        gated_activation(torch.cat([gate_up, gate_up]), None, kind, rounded)
+
+
 def test_rms_norm_rounds_one_row_only() -> None:
     with pytest.raises(MetallicError, match="one row"):
         rms_norm(torch.randn(2, 64), torch.ones(64), 1e-6, rounded=empty_quantized_x(64, "cpu"))
