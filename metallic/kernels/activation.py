@@ -12,6 +12,7 @@ import triton.language as tl
 
 from metallic.errors import MetallicError
 from metallic.kernels.pdl import pdl_launch, wait_for_inputs
+from metallic.kernels.quant_gemv import store_rounded_blocks
 
 _KINDS = {"silu": 0, "gelu_tanh": 1}
 _BLOCK = 1024
@@ -29,10 +30,14 @@ def _gated_kernel(
     gate_ptr,
     up_ptr,
     out_ptr,
+    xq_ptr,
+    dx_ptr,
+    xs_ptr,
     width,
     stride_gate,
     stride_up,
     KIND: tl.constexpr,
+    ROUND: tl.constexpr,
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -47,13 +52,25 @@ def _gated_kernel(
     else:
         # 0.5 * (1 + tanh(y)) == sigmoid(2y): the tanh-GELU without a tanh or its cancellation.
         act = g * _sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
-    tl.store(out_ptr + row * width + cols, (act * u).to(out_ptr.dtype.element_ty), mask=mask)
+    y = (act * u).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * width + cols, y, mask=mask)
+    if ROUND:  # one row, width a multiple of 32: its int8 blocks for the dp4a product after
+        b = tl.program_id(1) * (BLOCK // 32) + tl.arange(0, BLOCK // 32)
+        blocks = tl.reshape(y.to(tl.float32), (BLOCK // 32, 32))
+        store_rounded_blocks(blocks, b, b < width // 32, xq_ptr, dx_ptr, xs_ptr)
 
 
-def gated_activation(gate: torch.Tensor, up: torch.Tensor | None, kind: str) -> torch.Tensor:
+def gated_activation(
+    gate: torch.Tensor,
+    up: torch.Tensor | None,
+    kind: str,
+    rounded: tuple[torch.Tensor, ...] | None = None,
+) -> torch.Tensor:
     """`act(gate) * up` for gate, up [..., F]; with `up=None`, gate is [..., 2F] = [gate | up].
 
-    Returns a new [..., F] tensor of gate's dtype. kind is "silu" or "gelu_tanh".
+    Returns a new [..., F] tensor of gate's dtype. kind is "silu" or "gelu_tanh". With `rounded`
+    (buffers from `quant_gemv.empty_quantized_x`; one row, F a multiple of 32), the result is
+    also rounded into them as `quant_gemv.quantize_x` would, for the dp4a product that reads it.
     """
     if kind not in _KINDS:
         raise MetallicError(f"unknown activation {kind!r} (expected one of {sorted(_KINDS)})")
@@ -72,15 +89,21 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor | None, kind: str) -> 
     n_rows = out.numel() // width if width else 0
     if n_rows == 0:
         return out
+    if rounded is not None and (n_rows != 1 or width % 32):
+        raise MetallicError(
+            f"gated_activation: only one row of a multiple of 32 rounds, got {n_rows}x{width}"
+        )
     gate_2d, up_2d = _rows(gate, n_rows), _rows(up, n_rows)
     _gated_kernel[(n_rows, triton.cdiv(width, _BLOCK))](
         gate_2d,
         up_2d,
         out,
+        *(rounded if rounded is not None else (out, out, out)),
         width,
         gate_2d.stride(0),
         up_2d.stride(0),
         KIND=_KINDS[kind],
+        ROUND=rounded is not None,
         BLOCK=_BLOCK,
         num_warps=4,
         **pdl_launch(out.device),

@@ -12,6 +12,7 @@ import triton.language as tl
 
 from metallic.errors import MetallicError
 from metallic.kernels.pdl import pdl_launch, wait_for_inputs
+from metallic.kernels.quant_gemv import store_rounded_blocks
 
 _MAX_DIM = 16384  # one row lives in registers; wider rows are not a shape any supported model has
 
@@ -23,6 +24,9 @@ def _rms_norm_kernel(
     out_ptr,
     w_ptr,
     pre_ptr,
+    xq_ptr,
+    dx_ptr,
+    xs_ptr,
     n_rows,
     n_heads,
     dim,
@@ -33,6 +37,7 @@ def _rms_norm_kernel(
     eps,
     HAS_PRE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    ROUND: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PDL: tl.constexpr,
@@ -61,7 +66,12 @@ def _rms_norm_kernel(
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     y = x * inv_rms[:, None] * w[None, :]
     out_offs = rows[:, None] * dim + cols[None, :]
-    tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    stored_y = y.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + out_offs, stored_y, mask=mask)
+    if ROUND:  # one row (BLOCK_R 1), dim a multiple of 32: its int8 blocks for a dp4a product
+        blocks = tl.reshape(stored_y.to(tl.float32), (BLOCK_D // 32, 32))
+        b = tl.arange(0, BLOCK_D // 32)
+        store_rounded_blocks(blocks, b, b < dim // 32, xq_ptr, dx_ptr, xs_ptr)
 
 
 def _row_strides(t: torch.Tensor, name: str) -> tuple[int, int]:
@@ -81,6 +91,7 @@ def rms_norm(
     residual: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     pre_weight: torch.Tensor | None = None,
+    rounded: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     """`norm(x) * weight` over the last dim of x [T, D] or [T, H, D]; returns a new tensor.
 
@@ -89,6 +100,9 @@ def rms_norm(
     of a pre-norm block in one pass over memory. `out_dtype` overrides the result's dtype.
     With `pre_weight`, x is first replaced by `norm(x) * pre_weight` (in f32, unrounded): a
     post-norm, the residual add and the next pre-norm in one kernel.
+    With `rounded` (buffers from `empty_quantized_x`; x one row of D, a multiple of 32), the
+    result is also rounded into them as `quant_gemv.quantize_x` would: a decode step's norm then
+    feeds the dp4a products without a rounding launch of their own.
     """
     dim = x.shape[-1]
     if weight.shape != (dim,) or (pre_weight is not None and pre_weight.shape != (dim,)):
@@ -113,6 +127,12 @@ def rms_norm(
         return out
     block_d = triton.next_power_of_2(dim)
     block_r = max(1, min(16, 2048 // block_d))
+    if rounded is not None:
+        if n_rows != 1 or dim % 32:
+            raise MetallicError(
+                f"rms_norm: only one row of a multiple of 32 rounds, got {n_rows}x{dim}"
+            )
+        block_r = 1
     num_warps = 4 if block_d * block_r <= 4096 else 8
     _rms_norm_kernel[(triton.cdiv(n_rows, block_r),)](
         x,
@@ -120,6 +140,7 @@ def rms_norm(
         out,
         weight,
         pre_weight if pre_weight is not None else weight,
+        *(rounded if rounded is not None else (out, out, out)),
         n_rows,
         n_heads,
         dim,
@@ -130,6 +151,7 @@ def rms_norm(
         eps,
         HAS_PRE=pre_weight is not None,
         HAS_RESIDUAL=residual is not None,
+        ROUND=rounded is not None,
         BLOCK_R=block_r,
         BLOCK_D=block_d,
         num_warps=num_warps,

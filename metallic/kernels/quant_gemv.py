@@ -58,14 +58,22 @@ def _quantize_x_kernel(x_ptr, xq_ptr, dx_ptr, xs_ptr, n_blocks, BLOCKS: tl.const
     ok = b < n_blocks
     e = tl.arange(0, 32)
     x = tl.load(x_ptr + b[:, None] * 32 + e[None, :], mask=ok[:, None], other=0.0)
-    x = x.to(tl.float32)
+    store_rounded_blocks(x.to(tl.float32), b, ok, xq_ptr, dx_ptr, xs_ptr)
+
+
+@triton.jit
+def store_rounded_blocks(x, b, ok, xq_ptr, dx_ptr, xs_ptr):
+    """Rows of x [B, 32] (f32), blocks b of x that exist where ok: their int8 quants, f32 scale
+    and each half's sum of quants, as quantize_x lays them out (the norm kernel stores a decode
+    row's blocks this way too, so its product needs no rounding launch)."""
     amax = tl.max(tl.abs(x), axis=1)
     inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
     v = x * inv[:, None]
     q = tl.where(v < 0, -tl.floor(0.5 - v), tl.floor(v + 0.5))
+    e = tl.arange(0, 32)
     tl.store(xq_ptr + b[:, None] * 32 + e[None, :], q.to(tl.int8), mask=ok[:, None])
     tl.store(dx_ptr + b, amax / 127.0, mask=ok)
-    halves = tl.sum(tl.reshape(q, (BLOCKS, 2, 16)), axis=2)
+    halves = tl.sum(tl.reshape(q, (x.shape[0], 2, 16)), axis=2)
     h = tl.arange(0, 2)
     tl.store(xs_ptr + 2 * b[:, None] + h[None, :], halves, mask=ok[:, None])
 
@@ -186,14 +194,21 @@ def quantize_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     if x.dim() != 1 or x.shape[0] % _X_BLOCK:
         raise ValueError(f"quantize_x: x must be [K] with K a multiple of 32, got {list(x.shape)}")
     x = x.contiguous()
-    k = x.shape[-1]
-    n_blocks = k // _X_BLOCK
-    xq = torch.empty(k, dtype=torch.int8, device=x.device)
-    dx = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
-    xs = torch.empty(2 * n_blocks, dtype=torch.float32, device=x.device)
+    n_blocks = x.shape[-1] // _X_BLOCK
+    xq, dx, xs = empty_quantized_x(x.shape[-1], x.device)
     grid = (triton.cdiv(n_blocks, _QUANTIZE_BLOCKS),)
     _quantize_x_kernel[grid](x, xq, dx, xs, n_blocks, BLOCKS=_QUANTIZE_BLOCKS, num_warps=4)
     return xq, dx, xs
+
+
+def empty_quantized_x(k: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Buffers for x [K] rounded as quantize_x returns it: quants, scales, half-block sums."""
+    n_blocks = k // _X_BLOCK
+    return (
+        torch.empty(k, dtype=torch.int8, device=device),
+        torch.empty(n_blocks, dtype=torch.float32, device=device),
+        torch.empty(2 * n_blocks, dtype=torch.float32, device=device),
+    )
 
 
 def _largest_divisor(n: int, limit: int) -> int:

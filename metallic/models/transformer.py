@@ -16,7 +16,7 @@ from metallic.gguf.config import ModelConfig
 from metallic.models.kv_store import KVStore
 from metallic.models.weights import LayerWeights, ModelWeights
 from metallic.ops import RopeTable, apply_rope, embed, gated_activation, linear, rms_norm
-from metallic.ops.linear import LinearWeight
+from metallic.ops.linear import LinearWeight, rounding_buffers
 from metallic.ops.rope import RopeStep
 from metallic.runtime.batch import StepBatch
 from metallic.runtime.memory import MemoryPool
@@ -89,25 +89,27 @@ class Transformer:
                 profiler.mark("stream", i)
                 streamer.before_layer(i)
             profiler.mark("attn_norm", i)
-            h = self._norm(delta, delta_norm, x, layer.attn_norm)
+            h, h8 = self._norm(delta, delta_norm, x, layer.attn_norm, consumer=layer.qkv)
             if streamer is not None and i:
                 streamer.after_layer(i - 1)  # its post-norm weight was read just now
             rope = steps[self.layer_rope_base[i]]
-            delta, delta_norm = self._block(i, layer, h, x, rope, batch, cache)
+            delta, delta_norm = self._block(i, layer, (h, h8), x, rope, batch, cache)
         profiler.mark("output_norm")
         if not every_row and not batch.decode:  # a decode step's rows are all last rows
             rows = batch.last_rows.long()
             x, delta = x[rows], None if delta is None else delta[rows]
         # f32 into the output matrix: its kernels accumulate in f32, and logits stored in bf16
         # (8 bits of mantissa) would turn near-ties into exact ties that greedy breaks blindly.
-        h = self._norm(delta, delta_norm, x, self.weights.output_norm, torch.float32)
+        h, _ = self._norm(delta, delta_norm, x, self.weights.output_norm, torch.float32)
         profiler.mark("output")
         logits = self._linear(h, self.weights.output).float()
         profiler.end(logits)
         return logits
 
-    def _linear(self, x: torch.Tensor, weight: LinearWeight) -> torch.Tensor:
-        return linear(x, weight, self.widen_limit)
+    def _linear(
+        self, x: torch.Tensor, weight: LinearWeight, rounded: tuple[torch.Tensor, ...] | None = None
+    ) -> torch.Tensor:
+        return linear(x, weight, self.widen_limit, rounded)
 
     def _norm(
         self,
@@ -116,30 +118,45 @@ class Transformer:
         x: torch.Tensor,
         weight: torch.Tensor,
         out_dtype: torch.dtype | None = None,
-    ) -> torch.Tensor:
+        consumer: LinearWeight | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """norm(x + post_norm(delta)) in the activation dtype, leaving the sum in x: one kernel
-        for a block's post-norm, the residual add and the next block's pre-norm."""
+        for a block's post-norm, the residual add and the next block's pre-norm. Where the
+        `consumer` product rounds its one row of input to int8, the same kernel rounds it too
+        (returned second, else None)."""
         eps = self.config.rms_eps
         out_dtype = out_dtype or self.act_dtype
+        rounded = None if consumer is None else rounding_buffers(x.shape[0], consumer)
         if delta is None:
-            return rms_norm(x, weight, eps, out_dtype=out_dtype)
-        return rms_norm(delta, weight, eps, residual=x, out_dtype=out_dtype, pre_weight=delta_norm)
+            return rms_norm(x, weight, eps, out_dtype=out_dtype, rounded=rounded), rounded
+        normed = rms_norm(
+            delta,
+            weight,
+            eps,
+            residual=x,
+            out_dtype=out_dtype,
+            pre_weight=delta_norm,
+            rounded=rounded,
+        )
+        return normed, rounded
 
     def _block(
         self,
         i: int,
         w: LayerWeights,
-        h: torch.Tensor,
+        normed: tuple[torch.Tensor, tuple[torch.Tensor, ...] | None],
         x: torch.Tensor,
         rope: RopeStep,
         batch: StepBatch,
         cache: KVStore,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Layer i on its normed input h; adds the attention half into x and returns the MLP
-        half's output with its post-norm weight (both applied by the next norm)."""
+        """Layer i on its normed input (h, and h rounded for dp4a products or None); adds the
+        attention half into x and returns the MLP half's output with its post-norm weight (both
+        applied by the next norm)."""
         c, mark = self.config, self.profiler.mark
         mark("qkv", i)
-        q, k, v = self._linear(h, w.qkv).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        h, h8 = normed
+        q, k, v = self._linear(h, w.qkv, h8).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
         q = q.view(-1, c.n_heads, c.head_dim)
         k = k.view(-1, c.n_kv_heads, c.head_dim)
         v = v.view(-1, c.n_kv_heads, c.head_dim)
@@ -155,13 +172,14 @@ class Transformer:
         mark("attn_out", i)
         a = self._linear(out.view(-1, c.q_size), w.o)
         mark("ffn_norm", i)
-        h = self._norm(a, w.post_attn_norm, x, w.ffn_norm)
+        h, h8 = self._norm(a, w.post_attn_norm, x, w.ffn_norm, consumer=w.gate_up)
         mark("gate_up", i)
-        gate_up = self._linear(h, w.gate_up)
+        gate_up = self._linear(h, w.gate_up, h8)
         mark("activation", i)
-        act = gated_activation(gate_up, None, c.activation)
+        act8 = rounding_buffers(gate_up.shape[0], w.down)
+        act = gated_activation(gate_up, None, c.activation, rounded=act8)
         mark("down", i)
-        return self._linear(act, w.down), w.post_ffn_norm
+        return self._linear(act, w.down, act8), w.post_ffn_norm
 
 
 def _pooled(memory: MemoryPool, t: torch.Tensor, name: str) -> torch.Tensor:

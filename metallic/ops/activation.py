@@ -8,13 +8,19 @@ import torch.nn.functional as F
 from metallic.ops.dispatch import use_kernels
 
 
-def gated_activation(gate: torch.Tensor, up: torch.Tensor | None, kind: str) -> torch.Tensor:
+def gated_activation(
+    gate: torch.Tensor,
+    up: torch.Tensor | None,
+    kind: str,
+    rounded: tuple[torch.Tensor, ...] | None = None,
+) -> torch.Tensor:
     """`act(gate) * up`; with `up=None`, gate is the fused [..., 2F] = [gate | up] output of one
-    stacked matmul, and the kernel reads both halves in place."""
+    stacked matmul, and the kernel reads both halves in place. `rounded` (kernels only, see
+    `ops.linear.rounding_buffers`): also round the one row into it for the dp4a product."""
     if use_kernels(gate):
         from metallic.kernels.activation import gated_activation as kernel
 
-        return kernel(gate, up, kind)
+        return kernel(gate, up, kind, rounded)
     if up is None:
         gate, up = gate.chunk(2, dim=-1)
     if kind == "silu":

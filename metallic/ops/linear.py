@@ -65,9 +65,15 @@ def stack(parts: Sequence[LinearWeight]) -> LinearWeight:
     )
 
 
-def linear(x: torch.Tensor, weight: LinearWeight, widen_limit: int | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor,
+    weight: LinearWeight,
+    widen_limit: int | None = None,
+    rounded: tuple[torch.Tensor, ...] | None = None,
+) -> torch.Tensor:
     """`x @ W.T + b` with x [..., in]; the result keeps x's dtype. `widen_limit`: the most
-    bytes a native matrix may be widened into at once (see `_native_linear`)."""
+    bytes a native matrix may be widened into at once (see `_native_linear`). `rounded`: x
+    already rounded for the dp4a kernels (`rounding_buffers`, filled by the norm before)."""
     if weight.dense is not None:
         w = weight.dense
         rows = x.numel() // x.shape[-1]
@@ -77,7 +83,7 @@ def linear(x: torch.Tensor, weight: LinearWeight, widen_limit: int | None = None
             out = F.linear(x.to(w.dtype), w)
     else:
         rows = x.reshape(-1, weight.in_features)
-        out = _native_linear(rows, weight.native or (), widen_limit)
+        out = _native_linear(rows, weight.native or (), widen_limit, rounded)
         out = out.view(*x.shape[:-1], weight.out_features)
     if weight.bias is not None:
         out = out + weight.bias.to(out.dtype)
@@ -128,8 +134,22 @@ def native_path(m: int, parts: Sequence[PackedWeight], dtype: torch.dtype = torc
     return "fused" if fuses(m, sum(p.nbytes for p in parts), dtype) else "dequantize"
 
 
+def rounding_buffers(n_rows: int, weight: LinearWeight) -> tuple[torch.Tensor, ...] | None:
+    """Buffers for x rounded to int8 where `linear(x, weight)` with `n_rows` rows of x would
+    round it for the dp4a kernels (one row against native weights), so the op that makes x can
+    round it in the same launch; None where the product takes another path."""
+    if weight.native is None or n_rows != 1 or native_path(1, weight.native) != "dp4a":
+        return None
+    from metallic.kernels.quant_gemv import empty_quantized_x
+
+    return empty_quantized_x(weight.in_features, weight.native[0].device)
+
+
 def _native_linear(
-    rows: torch.Tensor, parts: tuple[PackedWeight, ...], widen_limit: int | None = None
+    rows: torch.Tensor,
+    parts: tuple[PackedWeight, ...],
+    widen_limit: int | None = None,
+    rounded: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     """rows [M, in] times the stacked parts, by native_path. Where the dequantize path would
     widen more than `widen_limit` bytes, it widens slices of rows of at most that size in turn
@@ -152,7 +172,9 @@ def _native_linear(
         step = max(p.n for p in parts) if widen_limit is None else widen_limit // row_bytes
         return _sliced_linear(rows, parts, max(1, step), gemm=path == "gemm")
     out = torch.empty(rows.shape[0], n_total, dtype=rows.dtype, device=rows.device)
-    x8 = quantize_x(rows[0]) if path == "dp4a" else None
+    x8 = None
+    if path == "dp4a":
+        x8 = rounded if rounded is not None else quantize_x(rows[0])
     first = 0
     for p in parts:
         cols = out[:, first : first + p.n]

@@ -9,6 +9,7 @@ from metallic.errors import MetallicError
 from metallic.kernels.activation import gated_activation
 from metallic.kernels.attention import store_kv
 from metallic.kernels.norm import rms_norm
+from metallic.kernels.quant_gemv import empty_quantized_x, quantize_x
 from metallic.kernels.rope import PagedWrite, apply_rope, norm_rope
 from metallic.ops import activation as ref_activation
 from metallic.ops import norm as ref_norm
@@ -68,6 +69,43 @@ def test_rms_norm_post_norm_residual_and_pre_norm_in_one() -> None:
     assert out.dtype == torch.float16
     assert relative_error(residual, summed) < TOLERANCE[torch.float32]
     assert relative_error(out, ref) < TOLERANCE[torch.float16]
+
+
+@pytest.mark.parametrize("dim", [96, 640])
+@pytest.mark.parametrize("fused", [False, True])
+def test_rms_norm_rounds_a_decode_row_as_quantize_x_does(dim: int, fused: bool) -> None:
+    """One row normed and rounded to int8 blocks in the norm's launch: the same quants, scales
+    and half sums as quantize_x of the stored norm (96: blocks past D in the padded tile)."""
+    x = torch.randn(1, dim).half() * 30
+    residual = torch.randn(1, dim) * 3
+    weight, post = torch.rand(dim) + 0.5, torch.rand(dim) + 0.5
+    extra = {"residual": residual.clone(), "pre_weight": post} if fused else {}
+    plain = rms_norm(x, weight, 1e-6, out_dtype=torch.bfloat16, **extra)
+    rounded = empty_quantized_x(dim, x.device)
+    extra = {"residual": residual.clone(), "pre_weight": post} if fused else {}
+    out = rms_norm(x, weight, 1e-6, out_dtype=torch.bfloat16, rounded=rounded, **extra)
+    assert torch.equal(out, plain)
+    for got, want in zip(rounded, quantize_x(plain[0]), strict=True):
+        assert torch.equal(got, want)
+    assert rounded[0].abs().max() == 127
+
+
+@pytest.mark.parametrize("kind", ["silu", "gelu_tanh"])
+def test_gated_activation_rounds_a_decode_row_as_quantize_x_does(kind: str) -> None:
+    """Over more than one program's columns (1024), so blocks are placed by program."""
+    gate_up = torch.randn(1, 2 * 1120).half() * 4
+    plain = gated_activation(gate_up, None, kind)
+    rounded = empty_quantized_x(1120, gate_up.device)
+    assert torch.equal(gated_activation(gate_up, None, kind, rounded), plain)
+    for got, want in zip(rounded, quantize_x(plain[0]), strict=True):
+        assert torch.equal(got, want)
+    with pytest.raises(MetallicError, match="one row"):
+        gated_activation(torch.cat([gate_up, gate_up]), None, kind, rounded)
+
+
+def test_rms_norm_rounds_one_row_only() -> None:
+    with pytest.raises(MetallicError, match="one row"):
+        rms_norm(torch.randn(2, 64), torch.ones(64), 1e-6, rounded=empty_quantized_x(64, "cpu"))
 
 
 def test_rms_norm_rejects_a_wrong_weight() -> None:

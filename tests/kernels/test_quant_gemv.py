@@ -80,7 +80,7 @@ def test_linear_takes_the_dp4a_kernels_for_one_row_of_large_k_quants(
     """Stacked Q4_K | Q6_K parts (q|k|v-like) with the measured default geometry; x rounded
     once for both. The size threshold is lowered so the interpreter's small shapes qualify."""
     from metallic.kernels import quant_gemv
-    from metallic.ops.linear import LinearWeight, linear
+    from metallic.ops.linear import LinearWeight, linear, rounding_buffers
 
     seed = _seed()
     k = 512
@@ -103,7 +103,15 @@ def test_linear_takes_the_dp4a_kernels_for_one_row_of_large_k_quants(
     ref = x_rounded @ torch.cat(denses).T
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err < 1e-3, f"{err:.3g} (seed {seed})"  # f16 output
+    rounded = rounding_buffers(1, weight)
+    assert rounded is not None
+    for buffer, value in zip(rounded, quantize_x(x[0]), strict=True):
+        buffer.copy_(value)  # what the norm before the product fills in
+    monkeypatch.setattr(quant_gemv, "quantize_x", None)  # a rounding launch would fail
+    assert torch.equal(linear(x, weight, rounded=rounded), out)
+    assert rounding_buffers(2, weight) is None, "two rows take another path"
     monkeypatch.setattr(quant_gemv, "DP4A_MIN_BYTES", 1 << 40)
     calls.clear()
     linear(x, weight)
     assert not calls, "below the threshold the float kernel runs"
+    assert rounding_buffers(1, weight) is None
