@@ -12,8 +12,8 @@ One command; whole processes timed from outside, in the same call (medians of --
 4. llama.cpp, with --llama-bin: `llama-simple` on the same file and prompt, 32 tokens, all
    layers on the GPU (else `llama-bench -p 6 -n 32 -r 1`), as a whole process.
 5. phases: a child process, with warm caches and again with empty ones, times import torch,
-   CUDA init, import triton, import metallic, `Engine(...)` and its parts (file, tokenizer, built
-   on a thread beside the weights, and whether its tables came from metallic's cache, weights,
+   CUDA init, import triton, import metallic, `Engine(...)` and its parts (file, tokenizer and
+   whether its tables came from metallic's cache, weights,
    KV cache, runner), the first `generate` (prompt and decode, graph captures and the parallel
    compiles ahead of a first run's steps among them) and a second one; Triton's kernels found
    in its cache or compiled (the slowest named; how many compiled on the compile-ahead threads
@@ -241,7 +241,7 @@ def load_parts(parts: dict[str, float]) -> None:
 
     for owner, name, label in [
         (loader, "open_gguf", "open file"),
-        (Tokenizer, "from_metadata", "tokenizer (a thread beside the weights)"),
+        (Tokenizer, "from_metadata", "tokenizer"),
         (loader, "load_weights", "weights"),
         (loader, "Transformer", "model"),
         (engine, "KVStore", "KV cache"),
