@@ -5,12 +5,20 @@ its cost is the instructions that turn a weight's bits into that multiply-add. T
 (quant_matmul's FMA mode) unpacks, converts and multiplies every weight in f32; here x is
 rounded once per product to signed 8-bit integers with one f32 scale per 32 elements (as
 llama.cpp's GPU backend does with its q8_1 blocks), the weights' quants stay integers, and
-``dp4a`` multiplies four quant bytes by four x bytes and adds them in one instruction: a 32-bit
-word of Q4_K quants (eight weights) takes two masks, a shift and two dp4a. Compiled for sm_90
-with addressing, scales and reductions, the kernel runs about 2.6 instructions per weight. The
-float scales are applied once per 16 or 32-element sub-block:
+``dp4a`` multiplies four quant bytes by four x bytes and adds them in one instruction. The float
+scales are applied once per 16 or 32-element sub-block:
 
     sum_l (d*sc*q_l - dmin*m) * dx*xq_l = dx * (d*sc * sum_l q_l*xq_l - dmin*m * sum_l xq_l)
+
+Two kernel families (benchmarks/sass.py counts their sm_90 instructions per weight):
+
+- "owner": each thread owns whole (row, super-block) pairs, so a block's bytes arrive in 16-byte
+  loads, its scales are decoded once per 256 weights and the thread's x words serve all its
+  rows. A 32-bit word of Q4_K quants (eight weights) takes two masks and two dp4a (the high
+  nibbles multiplied in place, 16 times their value): about 1.0 instruction per weight in all,
+  1.6 for Q6_K. The default.
+- "tile": threads share a super-block's words in [rows, super-blocks, words] tiles and decode
+  its scales per element; about 2.6 instructions per weight. Kept to measure against.
 
 Under TRITON_INTERPRET=1 (no PTX) ``dp4a`` is emulated with shifts and multiplies; integer
 arithmetic is exact, so the emulation and the instruction give identical sums.
@@ -21,6 +29,7 @@ Layouts are metallic.kernels.packing's: Q4_K in place (36 words a block), Q6_K i
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -28,6 +37,7 @@ import triton.language as tl
 from gguf import GGMLQuantizationType
 
 from metallic.kernels.packing import PackedWeight
+from metallic.kernels.pdl import pdl_launch, wait_for_inputs
 from metallic.kernels.quant_matmul import interpreting, sm_count, sum_splits
 
 T = GGMLQuantizationType
@@ -36,24 +46,29 @@ GEMV_TYPES = (T.Q4_K, T.Q6_K)
 DP4A_MIN_BYTES = 8 << 20  # below this a one-row product keeps the float kernel (uses_dp4a)
 _X_BLOCK = 32  # elements of x per f32 scale
 _QUANTIZE_BLOCKS = 32  # x blocks per program of the rounding kernel
+_HIGH_NIBBLES = tl.constexpr(-0x0F0F0F10)  # 0xF0F0F0F0 as a signed 32-bit word
 
 
 # fmt: off
 @triton.jit
-def _dp4a(a, b, c, ASM: tl.constexpr):
-    """c + the dot product of a's and b's four signed bytes."""
+def _dp4a(a, b, c, ASM: tl.constexpr, A_UNSIGNED: tl.constexpr = False):
+    """c + the dot product of a's and b's four signed bytes (a's unsigned with A_UNSIGNED)."""
     if ASM:
-        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+        op: tl.constexpr = "dp4a.u32.s32" if A_UNSIGNED else "dp4a.s32.s32"
+        return tl.inline_asm_elementwise(op + " $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
                                          dtype=tl.int32, is_pure=True, pack=1)
     else:
         for k in tl.static_range(4):
-            c += ((a << (24 - 8 * k)) >> 24) * ((b << (24 - 8 * k)) >> 24)
+            a_k = (a >> (8 * k)) & 0xFF if A_UNSIGNED else (a << (24 - 8 * k)) >> 24
+            c += a_k * ((b << (24 - 8 * k)) >> 24)
         return c
 
 
 @triton.jit
-def _quantize_x_kernel(x_ptr, xq_ptr, dx_ptr, xs_ptr, n_blocks, BLOCKS: tl.constexpr):
+def _quantize_x_kernel(x_ptr, xq_ptr, dx_ptr, xs_ptr, n_blocks, BLOCKS: tl.constexpr,
+                       PDL: tl.constexpr):
     """Blocks of 32 elements of x: int8 quants, their f32 scale and each half's sum of quants."""
+    wait_for_inputs(PDL)
     b = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
     ok = b < n_blocks
     e = tl.arange(0, 32)
@@ -88,13 +103,14 @@ def _store(out_ptr, acc, ids, N, PARTIAL: tl.constexpr):
 @triton.jit
 def _gemv_q4_k_kernel(w_ptr, h_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N, row_words, sb_per_split,
                       BN: tl.constexpr, S: tl.constexpr, PARTIAL: tl.constexpr,
-                      ASM: tl.constexpr, STAGES: tl.constexpr):
+                      ASM: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
     """out[rows] over super-blocks [pid1 * sb_per_split, +sb_per_split), S at a time.
 
     Tiles are [BN rows, S super-blocks, 4 chunks j, 8 words w]: byte b of quant word w of chunk
     j holds elements 64j + 4w + b (low nibble, sub-block 2j) and 64j + 32 + 4w + b (high
     nibble, sub-block 2j + 1); x's int8 word 16j + w (+ 8) holds the same elements of x.
     """
+    wait_for_inputs(PDL)
     ids, rows = _rows(BN, N)
     r = rows[:, None, None, None]
     j = tl.arange(0, 4)[None, None, :, None]
@@ -136,9 +152,91 @@ def _gemv_q4_k_kernel(w_ptr, h_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N, row_word
 
 
 @triton.jit
+def _words(t, BN: tl.constexpr, S: tl.constexpr):
+    """The four words of the last axis of t [BN, S, 4], each [BN, S] (held by one thread)."""
+    even, odd = tl.split(tl.reshape(t, (BN, S, 2, 2)))
+    w0, w2 = tl.split(even)
+    w1, w3 = tl.split(odd)
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _owner_start(N, sb_per_split, BN: tl.constexpr, S: tl.constexpr, PDL: tl.constexpr):
+    """An owner kernel's start: its inputs ready, its rows (see _rows), a zero [BN, S]
+    accumulator and its first super-block."""
+    wait_for_inputs(PDL)
+    ids, rows = _rows(BN, N)
+    return ids, rows, tl.zeros((BN, S), dtype=tl.float32), tl.program_id(1) * sb_per_split
+
+
+@triton.jit
+def _byte(word, k: tl.constexpr):
+    """Byte k of word, unsigned."""
+    return (word >> (8 * k)) & 0xFF if k < 3 else (word >> 24) & 0xFF
+
+
+@triton.jit
+def _gemv_q4_k_owner_kernel(w_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N, n_sb, sb_per_split,
+                            BN: tl.constexpr, S: tl.constexpr, PARTIAL: tl.constexpr,
+                            ASM: tl.constexpr, PDL: tl.constexpr):
+    """out[rows] over super-blocks [pid1 * sb_per_split, +sb_per_split), S at a time.
+
+    Each thread owns whole (row, super-block) pairs of a [BN, S] tile: its 144 bytes arrive in
+    nine 16-byte loads, the scales are decoded once for 256 weights, and the thread's x words
+    (the same super-blocks for all its rows) stay in registers across rows. Byte b of quant
+    word 8j + w holds elements 64j + 4w + b (low nibble, sub-block 2j) and 64j + 32 + 4w + b
+    (high nibble, sub-block 2j + 1): high nibbles are multiplied in place (16 times their value)
+    and the 16 is divided out of x's scale.
+    """
+    ids, rows, acc, first = _owner_start(N, sb_per_split, BN, S, PDL)
+    quad = tl.arange(0, 4)[None, None, :]
+    for s in tl.range(first, first + sb_per_split, S):
+        sb = s + tl.arange(0, S)[None, :]
+        blk = (w_ptr + (rows[:, None] * n_sb + sb) * 36)[:, :, None]
+        head, sc_lo, m_lo, packed_hi = _words(tl.load(blk + quad), BN, S)
+        d = (head & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        dmin = (head >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        # Sub-blocks 0-3 keep 6 bits a byte; 4-7 a nibble plus the top two bits of 0-3's bytes.
+        sc_hi = (packed_hi & 0x0F0F0F0F) | ((sc_lo >> 2) & 0x30303030)
+        m_hi = ((packed_hi >> 4) & 0x0F0F0F0F) | ((m_lo >> 2) & 0x30303030)
+        sc_lo &= 0x3F3F3F3F
+        m_lo &= 0x3F3F3F3F
+        scaled = tl.zeros((BN, S), dtype=tl.float32)  # sum over sub-blocks of dx * sc * dot
+        mins = tl.zeros((BN, S), dtype=tl.float32)  # sum over sub-blocks of dx * m * sum(x)
+        for j in tl.static_range(4):
+            dot_lo = tl.zeros((BN, S), dtype=tl.int32)
+            dot_hi = tl.zeros((BN, S), dtype=tl.int32)
+            for half in tl.static_range(2):
+                q0, q1, q2, q3 = _words(tl.load(blk + 4 + 8 * j + 4 * half + quad), BN, S)
+                xw = xq_ptr + sb[:, :, None] * 64 + 16 * j + 4 * half + quad
+                x0, x1, x2, x3 = _words(tl.load(xw), 1, S)
+                y0, y1, y2, y3 = _words(tl.load(xw + 8), 1, S)
+                dot_lo = _dp4a(q0 & 0x0F0F0F0F, x0, dot_lo, ASM)
+                dot_lo = _dp4a(q1 & 0x0F0F0F0F, x1, dot_lo, ASM)
+                dot_lo = _dp4a(q2 & 0x0F0F0F0F, x2, dot_lo, ASM)
+                dot_lo = _dp4a(q3 & 0x0F0F0F0F, x3, dot_lo, ASM)
+                dot_hi = _dp4a(q0 & _HIGH_NIBBLES, y0, dot_hi, ASM, True)
+                dot_hi = _dp4a(q1 & _HIGH_NIBBLES, y1, dot_hi, ASM, True)
+                dot_hi = _dp4a(q2 & _HIGH_NIBBLES, y2, dot_hi, ASM, True)
+                dot_hi = _dp4a(q3 & _HIGH_NIBBLES, y3, dot_hi, ASM, True)
+            scs = sc_lo if j < 2 else sc_hi
+            ms = m_lo if j < 2 else m_hi
+            for par in tl.static_range(2):
+                sub = 2 * j + par
+                dx = tl.load(dx_ptr + sb * 8 + sub)
+                xsum = tl.load(xs_ptr + sb * 16 + 2 * sub) + tl.load(xs_ptr + sb * 16 + 2 * sub + 1)
+                dot = dot_lo if par == 0 else dot_hi
+                dxs = dx if par == 0 else dx * 0.0625
+                scaled += dxs * (dot * _byte(scs, (2 * j + par) % 4)).to(tl.float32)
+                mins += (dx * xsum) * _byte(ms, (2 * j + par) % 4).to(tl.float32)
+        acc += d * scaled - dmin * mins
+    _store(out_ptr, tl.sum(acc, axis=1), ids, N, PARTIAL)
+
+
+@triton.jit
 def _gemv_q6_k_kernel(ql_ptr, qh_ptr, sc_ptr, d_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N, n_sb,
                       sb_per_split, BN: tl.constexpr, S: tl.constexpr, PARTIAL: tl.constexpr,
-                      ASM: tl.constexpr, STAGES: tl.constexpr):
+                      ASM: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
     """out[rows] over super-blocks [pid1 * sb_per_split, +sb_per_split), S at a time.
 
     Tiles are [BN rows, S super-blocks, 2 halves h, 2 sixteens i, 4 words t]; a = 4i + t. Byte b
@@ -147,6 +245,7 @@ def _gemv_q6_k_kernel(ql_ptr, qh_ptr, sc_ptr, d_ptr, xq_ptr, dx_ptr, xs_ptr, out
     128h + 32 + 4a + b and 128h + 96 + 4a + b (high bits 2-3 and 6-7). Element group c (of
     32, 128h + 32c..) takes scale 8h + 2c + i; the stored quant is q + 32.
     """
+    wait_for_inputs(PDL)
     ids, rows = _rows(BN, N)
     r = rows[:, None, None, None, None]
     h = tl.arange(0, 2)[None, None, :, None, None]
@@ -177,6 +276,95 @@ def _gemv_q6_k_kernel(ql_ptr, qh_ptr, sc_ptr, d_ptr, xq_ptr, dx_ptr, xs_ptr, out
             dx = tl.load(dx_ptr + xb4)
             acc += (d * sc.to(tl.float32)) * (dx * (dot.to(tl.float32) - 32.0 * xsum))
     _store(out_ptr, tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1), ids, N, PARTIAL)
+
+@triton.jit
+def _sbyte(word, k: tl.constexpr):
+    """Byte k of word, signed."""
+    return (word << (24 - 8 * k)) >> 24
+
+
+@triton.jit
+def _dot4(q, x, c, BN: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr):
+    """c + the dot products of the signed bytes of q [BN, S, 4] and x [1, S, 4], per [BN, S]."""
+    q0, q1, q2, q3 = _words(q, BN, S)
+    x0, x1, x2, x3 = _words(x, 1, S)
+    return _dp4a(q3, x3, _dp4a(q2, x2, _dp4a(q1, x1, _dp4a(q0, x0, c, ASM), ASM), ASM), ASM)
+
+
+@triton.jit
+def _pick(w0, w1, w2, w3, i: tl.constexpr):
+    """w_i, for a compile-time i (Triton's tuples take no computed index)."""
+    if i == 0:  # noqa: SIM116 (a jit function has no dict)
+        return w0
+    elif i == 1:
+        return w1
+    elif i == 2:
+        return w2
+    else:
+        return w3
+
+
+@triton.jit
+def _gemv_q6_k_owner_kernel(ql_ptr, qh_ptr, sc_ptr, d_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N,
+                            n_sb, sb_per_split, BN: tl.constexpr, S: tl.constexpr,
+                            PARTIAL: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+    """out[rows] over super-blocks [pid1 * sb_per_split, +sb_per_split), S at a time.
+
+    As the Q4_K kernel, each thread owns whole (row, super-block) pairs. For half h and words
+    a = 4p + t (p, t < 4), low words 16h + a and 16h + 8 + a and high word 8h + a hold the
+    elements 128h + 32c + 4a + b of groups c = 0..3 (low nibbles of the first low word with
+    high bits 0-1, of the second with bits 2-3, high nibbles with bits 4-5 and 6-7): words t of
+    sub-block 8h + 2c + p. Each quant byte is one bit-select of a nibble and a masked, shifted
+    high word. The stored quant is q + 32: a sub-block's dot starts at -32 * (its sum of x), an
+    exact integer.
+    """
+    ids, rows, acc, first = _owner_start(N, sb_per_split, BN, S, PDL)
+    quad = tl.arange(0, 4)[None, None, :]
+    for s in tl.range(first, first + sb_per_split, S):
+        sb = s + tl.arange(0, S)[None, :]
+        at = rows[:, None] * n_sb + sb
+        d = tl.load(d_ptr + at).to(tl.float32)
+        sc0, sc1, sc2, sc3 = _words(tl.load(sc_ptr + at[:, :, None] * 4 + quad), BN, S)
+        x_at = xq_ptr + sb[:, :, None] * 64 + quad
+        scaled = tl.zeros((BN, S), dtype=tl.float32)  # sum over groups of dx * sum(sc * dot)
+        for h in tl.static_range(2):
+            t0 = tl.zeros((BN, S), dtype=tl.int32)
+            t1 = tl.zeros((BN, S), dtype=tl.int32)
+            t2 = tl.zeros((BN, S), dtype=tl.int32)
+            t3 = tl.zeros((BN, S), dtype=tl.int32)
+            for p in tl.static_range(2):
+                low = ql_ptr + at[:, :, None] * 32 + 16 * h + 4 * p + quad
+                low_a = tl.load(low)
+                low_b = tl.load(low + 8)
+                high = tl.load(qh_ptr + at[:, :, None] * 16 + 8 * h + 4 * p + quad)
+                high_even = high & 0x33333333  # bits 0-1 and 4-5 of each byte
+                high_odd = (high & -0x33333334).to(tl.uint32, bitcast=True)  # 0xCCCCCCCC
+                odd_down = (high_odd >> 2).to(tl.int32, bitcast=True)
+                odd_up = (high_odd << 2).to(tl.int32, bitcast=True)
+                groups = ((low_a & 0x0F0F0F0F) | ((high_even << 4) & _HIGH_NIBBLES),
+                          (low_b & 0x0F0F0F0F) | (odd_up & _HIGH_NIBBLES),
+                          ((low_a >> 4) & 0x0F0F0F0F) | (high_even & _HIGH_NIBBLES),
+                          ((low_b >> 4) & 0x0F0F0F0F) | (odd_down & _HIGH_NIBBLES))
+                for c in tl.static_range(4):
+                    sub = 8 * h + 2 * c + p
+                    start = (-32.0 * tl.load(xs_ptr + sb * 16 + sub)).to(tl.int32)
+                    dot = _dot4(groups[c], tl.load(x_at + 32 * h + 8 * c + 4 * p), start, BN, S,
+                                ASM)
+                    sc = _sbyte(_pick(sc0, sc1, sc2, sc3, sub // 4), sub % 4)
+                    if c == 0:
+                        t0 += dot * sc
+                    elif c == 1:
+                        t1 += dot * sc
+                    elif c == 2:
+                        t2 += dot * sc
+                    else:
+                        t3 += dot * sc
+            for c in tl.static_range(4):
+                t = _pick(t0, t1, t2, t3, c).to(tl.float32)
+                scaled += tl.load(dx_ptr + sb * 8 + 4 * h + c) * t
+        acc += d * scaled
+    _store(out_ptr, tl.sum(acc, axis=1), ids, N, PARTIAL)
+
 # fmt: on
 
 
@@ -192,7 +380,9 @@ def quantize_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     dx = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
     xs = torch.empty(2 * n_blocks, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n_blocks, _QUANTIZE_BLOCKS),)
-    _quantize_x_kernel[grid](x, xq, dx, xs, n_blocks, BLOCKS=_QUANTIZE_BLOCKS, num_warps=4)
+    _quantize_x_kernel[grid](
+        x, xq, dx, xs, n_blocks, BLOCKS=_QUANTIZE_BLOCKS, num_warps=4, **pdl_launch(x.device)
+    )
     return xq, dx, xs
 
 
@@ -214,69 +404,73 @@ def uses_dp4a(parts: Sequence[PackedWeight]) -> bool:
     )
 
 
-def _geometry(weight: PackedWeight, sms: int) -> tuple[int, int, int, int]:
-    """(rows per program, super-blocks per step, K splits, warps): the winners of
-    benchmarks/gpu_gemv.py's sweep on an H100 at Llama-3-8B shapes (other choices measured up
-    to 1.3x slower, and untried large tiles can be far worse). K of 4096: 8 rows with the whole
-    row (16 super-blocks) in flight, 4 warps; the tall output head and wide K: 8 super-blocks a
-    step, 16 or 32 rows, 8 warps, Q4_K's wide K split in two. Rows halve while the grid has
-    fewer programs than multiprocessors."""
-    wide = weight.k > 16 * 256
-    tall = weight.n >= 32768
-    sbs = 8 if wide or tall else 16
-    rows = 8
-    if wide:
-        rows = 32 if weight.ggml_type == T.Q4_K else 16
-    elif tall:
-        rows = 16
-    splits = 2 if wide and weight.ggml_type == T.Q4_K else 1
-    while rows > 4 and triton.cdiv(weight.n, rows) * splits < sms:
-        rows //= 2
-    return rows, sbs, splits, 8 if wide or tall else 4
+@dataclass(frozen=True)
+class Geometry:
+    """How a product is cut up: `rows` per program, `sbs` super-blocks per loop step, `splits`
+    programs along K (partial sums in an f32 scratch, added by one more kernel), `warps` per
+    program; `kernel` is "owner" (each thread owns whole super-blocks of its rows) or "tile"
+    (the earlier kernels: threads share a super-block's words; `stages` pipelines them)."""
+
+    rows: int
+    sbs: int
+    splits: int = 1
+    warps: int = 4
+    kernel: str = "owner"
+    stages: int = 1
+
+
+def _geometry(weight: PackedWeight, sms: int) -> Geometry:
+    """The default geometry of the owner kernels: 16 super-blocks a step (fewer where K has
+    fewer or 16 does not divide them), 16 rows (more where the step is short: no idle threads),
+    4 warps; K split while the grid has fewer programs than two per multiprocessor."""
+    n_sb = weight.k // 256
+    splits = 1
+    while triton.cdiv(weight.n, 16) * splits < 2 * sms and n_sb % (2 * splits) == 0:
+        splits *= 2
+    sbs = _largest_divisor(n_sb // splits, 16)
+    return Geometry(max(16, 128 // sbs), sbs, splits)
 
 
 def gemv(
     xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     weight: PackedWeight,
     out: torch.Tensor,
-    *,
-    rows: int | None = None,
-    sbs: int = 16,
-    splits: int = 1,
-    num_warps: int = 4,
-    stages: int = 1,
+    geometry: Geometry | None = None,
 ) -> torch.Tensor:
-    """out [1, N] (contiguous along N) = x W^T for x given by quantize_x.
-
-    `rows` per program, `sbs` super-blocks per loop step, `splits` programs along K (partial sums
-    in an f32 scratch, added by one more kernel), `num_warps` and pipeline `stages`; without
-    `rows`, all come from measured defaults."""
+    """out [1, N] (contiguous along N) = x W^T for x given by quantize_x, cut up by `geometry`
+    (by default `_geometry`'s)."""
     q, dx, xs = xq
     n, k = weight.n, weight.k
-    if rows is None:
-        rows, sbs, splits, num_warps = _geometry(weight, sm_count(q.device))
+    g = geometry or _geometry(weight, sm_count(q.device))
     n_sb = k // 256
-    splits = max(1, min(splits, n_sb))
+    splits = max(1, min(g.splits, n_sb))
     while n_sb % splits:
         splits -= 1
     per_split = n_sb // splits
-    sbs = _largest_divisor(per_split, sbs)
+    sbs = _largest_divisor(per_split, g.sbs)
     target = out if splits == 1 else torch.empty(splits, n, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(n, rows), splits)
+    grid = (triton.cdiv(n, g.rows), splits)
     words = q.view(torch.int32)
-    asm = not interpreting()
+    common = dict(BN=g.rows, S=sbs, PARTIAL=splits > 1, ASM=not interpreting(), num_warps=g.warps)
+    common |= pdl_launch(q.device)
+    if g.kernel == "tile":
+        common["STAGES"] = g.stages
     if weight.ggml_type == T.Q4_K:
         blocks, halves = weight.planes
-        _gemv_q4_k_kernel[grid](
-            blocks, halves, words, dx, xs, target, n, n_sb * 36, per_split,
-            BN=rows, S=sbs, PARTIAL=splits > 1, ASM=asm, STAGES=stages, num_warps=num_warps,
-        )  # fmt: skip
+        if g.kernel == "tile":
+            _gemv_q4_k_kernel[grid](
+                blocks, halves, words, dx, xs, target, n, n_sb * 36, per_split, **common
+            )
+        else:
+            _gemv_q4_k_owner_kernel[grid](
+                blocks, words, dx, xs, target, n, n_sb, per_split, **common
+            )
     elif weight.ggml_type == T.Q6_K:
         ql, qh, scales, d = weight.planes
-        _gemv_q6_k_kernel[grid](
-            ql, qh, scales, d, words, dx, xs, target, n, n_sb, per_split,
-            BN=rows, S=sbs, PARTIAL=splits > 1, ASM=asm, STAGES=stages, num_warps=num_warps,
-        )  # fmt: skip
+        kernel = _gemv_q6_k_kernel if g.kernel == "tile" else _gemv_q6_k_owner_kernel
+        if g.kernel != "tile":
+            scales = scales.view(torch.int32)
+        kernel[grid](ql, qh, scales, d, words, dx, xs, target, n, n_sb, per_split, **common)
     else:
         raise ValueError(f"no dp4a kernel for {weight.ggml_type.name}")
     if splits > 1:

@@ -15,7 +15,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from metallic.kernels import prepare_weight
-from metallic.kernels.quant_gemv import gemv, quantize_x
+from metallic.kernels.quant_gemv import Geometry, gemv, quantize_x
 from metallic.quant.quantize import quantize
 from metallic.quant.reference import dequantize
 
@@ -50,18 +50,24 @@ def test_quantize_x_rounds_each_block_to_int8_with_its_scale() -> None:
 
 @pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K])
 @pytest.mark.parametrize(
-    ("n", "k", "rows", "sbs", "splits"),
-    [(24, 512, 8, 2, 1), (21, 1024, 16, 4, 2), (5, 768, 4, 1, 3)],
+    ("n", "k", "geometry"),
+    [
+        (24, 512, Geometry(8, 2)),
+        (21, 1024, Geometry(16, 4, splits=2)),
+        (5, 768, Geometry(4, 1, splits=3)),
+        (24, 512, Geometry(8, 2, kernel="tile")),
+        (21, 1024, Geometry(16, 4, splits=2, kernel="tile")),
+    ],
 )
 def test_gemv_matches_the_reference(
-    qtype: GGMLQuantizationType, n: int, k: int, rows: int, sbs: int, splits: int
+    qtype: GGMLQuantizationType, n: int, k: int, geometry: Geometry
 ) -> None:
     seed = _seed()
     raw, dense = _matrix(qtype, n, k, seed)
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(seed + 1)).to(torch.float16)
     xq = quantize_x(x[0])
     out = torch.empty(1, n, dtype=torch.float16)
-    gemv(xq, prepare_weight(raw, qtype, n, k), out, rows=rows, sbs=sbs, splits=splits)
+    gemv(xq, prepare_weight(raw, qtype, n, k), out, geometry)
     assert not out.isnan().any(), f"an output was never written (seed {seed})"
     x_rounded = (xq[0].view(-1, 32).double() * xq[1][:, None].double()).view(1, k)
     exact = x_rounded @ dense.T

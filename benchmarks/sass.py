@@ -1,0 +1,140 @@
+"""Instructions per weight of the dp4a decode kernels, read from their sm_90 SASS without a GPU.
+
+At one row of x a decode product must stream its weights at the memory's rate: on an H200 that
+leaves about four issue slots per weight (integer units at half rate), so every instruction in
+the inner loop counts. Triton's wheel ships ptxas and cuobjdump, so each kernel variant is
+compiled here for sm_90 and its machine code read: the instructions of its main loop divided by
+the weights one thread handles per iteration, the 16-byte loads, spills and registers.
+
+    python benchmarks/sass.py            (any machine; no GPU needed)
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from metallic.kernels import quant_gemv as g
+
+CUOBJDUMP = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One kernel at one geometry; `weights` is what a program reads per loop iteration."""
+
+    name: str
+    fn: object
+    signature: dict[str, str]
+    constexprs: dict[str, object]
+    num_warps: int
+    weights: int
+
+
+_POINTER_TYPES = {"h_ptr": "*fp16", "d_ptr": "*fp16", "dx_ptr": "*fp32", "xs_ptr": "*fp32",
+                  "out_ptr": "*fp32"}  # fmt: skip
+_Q4_K_TILE = ("w_ptr", "h_ptr", "xq_ptr", "dx_ptr", "xs_ptr", "out_ptr", "N", "row_words")
+_Q4_K_OWNER = ("w_ptr", "xq_ptr", "dx_ptr", "xs_ptr", "out_ptr", "N", "n_sb")
+_Q6_K = (
+    "ql_ptr",
+    "qh_ptr",
+    "sc_ptr",
+    "d_ptr",
+    "xq_ptr",
+    "dx_ptr",
+    "xs_ptr",
+    "out_ptr",
+    "N",
+    "n_sb",
+)
+
+
+def _variant(name: str, fn, args: tuple[str, ...], rows: int, sbs: int, warps: int,
+             **extra) -> Variant:  # fmt: skip
+    """`fn` at rows x super-blocks a step with `warps`: all pointers 16-byte aligned."""
+    signature = {a: _POINTER_TYPES.get(a, "*i32") if a.endswith("_ptr") else "i32" for a in args}
+    signature["sb_per_split"] = "i32"
+    constexprs = {"BN": rows, "S": sbs, "PARTIAL": False, "ASM": True, "PDL": True, **extra}
+    signature |= {c: "constexpr" for c in constexprs}
+    return Variant(f"{name} {rows}x{sbs} w{warps}", fn, signature, constexprs, warps,
+                   rows * sbs * 256)  # fmt: skip
+
+
+def variants() -> list[Variant]:
+    """The tile kernels at their former K = 4096 default, the owner kernels at a few
+    geometries."""
+    out = [
+        _variant("q4_k tile", g._gemv_q4_k_kernel, _Q4_K_TILE, 8, 16, 4, STAGES=1),
+        _variant("q6_k tile", g._gemv_q6_k_kernel, _Q6_K, 8, 16, 4, STAGES=1),
+    ]
+    for rows, sbs, warps in ((16, 16, 4), (32, 16, 4), (16, 8, 4), (32, 8, 8)):
+        out.append(_variant("q4_k owner", g._gemv_q4_k_owner_kernel, _Q4_K_OWNER, rows, sbs, warps))
+        out.append(_variant("q6_k owner", g._gemv_q6_k_owner_kernel, _Q6_K, rows, sbs, warps))
+    return out
+
+
+def sass(variant: Variant) -> str:
+    """The variant's SASS for sm_90, specialized as Triton does at Llama-3-8B's K = 4096:
+    every pointer and integer argument divisible by 16."""
+    src = ASTSource(
+        fn=variant.fn,
+        signature=variant.signature,
+        constexprs=variant.constexprs,
+        attrs={(i,): [["tt.divisibility", 16]] for i, t in enumerate(variant.signature.values())
+               if t != "constexpr"},
+    )  # fmt: skip
+    kernel = triton.compile(
+        src, target=GPUTarget("cuda", 90, 32), options={"num_warps": variant.num_warps}
+    )
+    path = Path("/tmp") / f"metallic_sass_{abs(hash(variant.name))}.cubin"
+    path.write_bytes(kernel.asm["cubin"])
+    return subprocess.run(
+        [CUOBJDUMP, "-sass", path], capture_output=True, text=True, check=True
+    ).stdout
+
+
+def count(text: str) -> dict[str, int]:
+    """Instruction counts of a SASS listing: all, the largest loop's body, its 16-byte loads,
+    spills (local loads and stores)."""
+    lines = [(int(m[1], 16), m[3], m[4]) for m in _LINE.finditer(text)]
+    index = {addr: i for i, (addr, _, _) in enumerate(lines)}
+    body = (0, 0)
+    for i, (addr, op, args) in enumerate(lines):
+        target = re.search(r"0x([0-9a-f]+)", args)
+        if op.startswith("BRA") and target and int(target[1], 16) < addr:
+            start = index.get(int(target[1], 16), i)
+            body = max(body, (i - start + 1, start), key=lambda t: t[0])
+    loop = lines[body[1] : body[1] + body[0]]
+    return {
+        "total": len([op for _, op, _ in lines if op != "NOP"]),
+        "loop": len([op for _, op, _ in loop if op != "NOP"]),
+        "loop_ldg128": len([op for _, op, _ in loop if op.startswith("LDG") and ".128" in op]),
+        "loop_ldg": len([op for _, op, _ in loop if op.startswith("LDG")]),
+        "loop_dp4a": len([op for _, op, _ in loop if op.startswith("IDP")]),
+        "spills": len([op for _, op, _ in lines if op.startswith(("LDL", "STL"))]),
+    }
+
+
+def main() -> int:
+    print("| kernel | SASS | loop | weights/thread/iter | instr/weight | LDG.128 | LDG | spills |")
+    print("|---|---|---|---|---|---|---|---|")
+    for v in variants():
+        c = count(sass(v))
+        per_thread = v.weights / (32 * v.num_warps)
+        print(
+            f"| {v.name} | {c['total']} | {c['loop']} | {per_thread:.0f} | "
+            f"{c['loop'] / per_thread:.2f} | {c['loop_ldg128']} | {c['loop_ldg']} | {c['spills']} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
