@@ -70,9 +70,9 @@ def old_geometry(n: int, k: int, qtype: GGMLQuantizationType, sms: int) -> Geome
     return Geometry(rows, 8 if wide or tall else 16, splits, 8 if wide or tall else 4, "tile")
 
 
-def sweep_geometries(n: int, k: int) -> list[Geometry]:
+def sweep_geometries(qtype: GGMLQuantizationType, n: int, k: int) -> list[Geometry]:
     """The owner kernels' distinct candidates for an [n, k] matrix (a step is cut down to what
-    divides a split, as gemv does)."""
+    divides a split, as gemv does), and for Q4_K the staged ones that do not spill."""
     n_sb = k // 256
     out: list[Geometry] = []
     for rows, sbs, warps, splits in itertools.product(ROWS, SBS, WARPS, SPLITS):
@@ -81,6 +81,10 @@ def sweep_geometries(n: int, k: int) -> list[Geometry]:
         g = Geometry(rows, _largest_divisor(n_sb // splits, sbs), splits, warps)
         if g.rows * g.sbs >= 32 * warps and g not in out:  # no idle threads
             out.append(g)
+    if qtype == T.Q4_K:
+        out += [
+            dataclasses.replace(g, kernel="staged") for g in out if g.rows * g.sbs <= 64 * g.warps
+        ]
     return out
 
 
@@ -141,7 +145,7 @@ def smoke() -> int:
         xq = quantize_x(x)
         exact = (xq[0].view(-1, 32).double() * xq[1][:, None].double()).view(1, k) @ dense.T
         geometries = [old_geometry(n, k, qtype, 2), _geometry(prepare_weight(raw, qtype, n, k), 2)]
-        geometries += [Geometry(8, 2, 2, 1), Geometry(16, 1, 3, 2)]
+        geometries += [Geometry(8, 2, 2, 1), Geometry(16, 1, 3, 2), Geometry(8, 2, 2, 1, "staged")]
         label = f"{qtype.name} [{n}, {k}]"
         good = check_all(label, xq, prepare_weight(raw, qtype, n, k), exact, geometries, failures)
         print(f"{label}: {len(good)}/{len(geometries)} geometries match", flush=True)
@@ -169,7 +173,7 @@ def bench_shape(
     del dense
     label = f"{qtype.name} [{n}, {k}]"
     old, new = old_geometry(n, k, qtype, sms), _geometry(copies[0], sms)
-    candidates = [old, new] + [g for g in sweep_geometries(n, k) if g != new]
+    candidates = [old, new] + [g for g in sweep_geometries(qtype, n, k) if g != new]
     good = check_all(label, xq, copies[0], exact, candidates, failures)
     out = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
     gemv(xq, copies[0], out)

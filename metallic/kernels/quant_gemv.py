@@ -161,6 +161,27 @@ def _words(t, BN: tl.constexpr, S: tl.constexpr):
 
 
 @triton.jit
+def _halves(t, W: tl.constexpr):
+    """t [BN, S, W] as its first and second halves along the last axis."""
+    BN: tl.constexpr = t.shape[0]
+    S: tl.constexpr = t.shape[1]
+    return tl.split(tl.permute(tl.reshape(t, (BN, S, 2, W // 2)), (0, 1, 3, 2)))
+
+
+@triton.jit
+def _pick(w0, w1, w2, w3, i: tl.constexpr):
+    """w_i, for a compile-time i (Triton's tuples take no computed index)."""
+    if i == 0:  # noqa: SIM116 (a jit function has no dict)
+        return w0
+    elif i == 1:
+        return w1
+    elif i == 2:
+        return w2
+    else:
+        return w3
+
+
+@triton.jit
 def _owner_start(N, sb_per_split, BN: tl.constexpr, S: tl.constexpr, PDL: tl.constexpr):
     """An owner kernel's start: its inputs ready, its rows (see _rows), a zero [BN, S]
     accumulator and its first super-block."""
@@ -178,7 +199,7 @@ def _byte(word, k: tl.constexpr):
 @triton.jit
 def _gemv_q4_k_owner_kernel(w_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N, n_sb, sb_per_split,
                             BN: tl.constexpr, S: tl.constexpr, PARTIAL: tl.constexpr,
-                            ASM: tl.constexpr, PDL: tl.constexpr):
+                            ASM: tl.constexpr, PDL: tl.constexpr, STAGED: tl.constexpr = False):
     """out[rows] over super-blocks [pid1 * sb_per_split, +sb_per_split), S at a time.
 
     Each thread owns whole (row, super-block) pairs of a [BN, S] tile: its 144 bytes arrive in
@@ -186,7 +207,8 @@ def _gemv_q4_k_owner_kernel(w_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N, n_sb, sb_
     (the same super-blocks for all its rows) stay in registers across rows. Byte b of quant
     word 8j + w holds elements 64j + 4w + b (low nibble, sub-block 2j) and 64j + 32 + 4w + b
     (high nibble, sub-block 2j + 1): high nibbles are multiplied in place (16 times their value)
-    and the 16 is divided out of x's scale.
+    and the 16 is divided out of x's scale. With STAGED the 128 bytes of quants are loaded by
+    eight neighbouring threads, contiguous, and handed to their owner through shared memory.
     """
     ids, rows, acc, first = _owner_start(N, sb_per_split, BN, S, PDL)
     quad = tl.arange(0, 4)[None, None, :]
@@ -201,13 +223,22 @@ def _gemv_q4_k_owner_kernel(w_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N, n_sb, sb_
         m_hi = ((packed_hi >> 4) & 0x0F0F0F0F) | ((m_lo >> 2) & 0x30303030)
         sc_lo &= 0x3F3F3F3F
         m_lo &= 0x3F3F3F3F
+        if STAGED:
+            quants = tl.load(blk + 4 + tl.arange(0, 32)[None, None, :])
+            first_half, second_half = _halves(quants, 32)
+            chunk0, chunk1 = _halves(first_half, 16)
+            chunk2, chunk3 = _halves(second_half, 16)
         scaled = tl.zeros((BN, S), dtype=tl.float32)  # sum over sub-blocks of dx * sc * dot
         mins = tl.zeros((BN, S), dtype=tl.float32)  # sum over sub-blocks of dx * m * sum(x)
         for j in tl.static_range(4):
             dot_lo = tl.zeros((BN, S), dtype=tl.int32)
             dot_hi = tl.zeros((BN, S), dtype=tl.int32)
             for half in tl.static_range(2):
-                q0, q1, q2, q3 = _words(tl.load(blk + 4 + 8 * j + 4 * half + quad), BN, S)
+                if STAGED:
+                    quads = _halves(_pick(chunk0, chunk1, chunk2, chunk3, j), 8)
+                    q0, q1, q2, q3 = _words(quads[half], BN, S)
+                else:
+                    q0, q1, q2, q3 = _words(tl.load(blk + 4 + 8 * j + 4 * half + quad), BN, S)
                 xw = xq_ptr + sb[:, :, None] * 64 + 16 * j + 4 * half + quad
                 x0, x1, x2, x3 = _words(tl.load(xw), 1, S)
                 y0, y1, y2, y3 = _words(tl.load(xw + 8), 1, S)
@@ -289,19 +320,6 @@ def _dot4(q, x, c, BN: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr):
     q0, q1, q2, q3 = _words(q, BN, S)
     x0, x1, x2, x3 = _words(x, 1, S)
     return _dp4a(q3, x3, _dp4a(q2, x2, _dp4a(q1, x1, _dp4a(q0, x0, c, ASM), ASM), ASM), ASM)
-
-
-@triton.jit
-def _pick(w0, w1, w2, w3, i: tl.constexpr):
-    """w_i, for a compile-time i (Triton's tuples take no computed index)."""
-    if i == 0:  # noqa: SIM116 (a jit function has no dict)
-        return w0
-    elif i == 1:
-        return w1
-    elif i == 2:
-        return w2
-    else:
-        return w3
 
 
 @triton.jit
@@ -408,8 +426,10 @@ def uses_dp4a(parts: Sequence[PackedWeight]) -> bool:
 class Geometry:
     """How a product is cut up: `rows` per program, `sbs` super-blocks per loop step, `splits`
     programs along K (partial sums in an f32 scratch, added by one more kernel), `warps` per
-    program; `kernel` is "owner" (each thread owns whole super-blocks of its rows) or "tile"
-    (the earlier kernels: threads share a super-block's words; `stages` pipelines them)."""
+    program; `kernel` is "owner" (each thread owns whole super-blocks of its rows), "staged"
+    (Q4_K: the same, its quants loaded contiguously and passed on through shared memory; Q6_K
+    takes "owner") or "tile" (the earlier kernels: threads share a super-block's words;
+    `stages` pipelines them)."""
 
     rows: int
     sbs: int
@@ -463,8 +483,9 @@ def gemv(
             )
         else:
             _gemv_q4_k_owner_kernel[grid](
-                blocks, words, dx, xs, target, n, n_sb, per_split, **common
-            )
+                blocks, words, dx, xs, target, n, n_sb, per_split, STAGED=g.kernel == "staged",
+                **common,
+            )  # fmt: skip
     elif weight.ggml_type == T.Q6_K:
         ql, qh, scales, d = weight.planes
         kernel = _gemv_q6_k_kernel if g.kernel == "tile" else _gemv_q6_k_owner_kernel

@@ -55,6 +55,7 @@ def test_quantize_x_rounds_each_block_to_int8_with_its_scale() -> None:
         (24, 512, Geometry(8, 2)),
         (21, 1024, Geometry(16, 4, splits=2)),
         (5, 768, Geometry(4, 1, splits=3)),
+        (21, 1024, Geometry(8, 2, splits=2, kernel="staged")),
         (24, 512, Geometry(8, 2, kernel="tile")),
         (21, 1024, Geometry(16, 4, splits=2, kernel="tile")),
     ],
