@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,9 +88,9 @@ def variants() -> list[Variant]:
     return out
 
 
-def sass(variant: Variant) -> str:
-    """The variant's SASS for sm_90, specialized as Triton does at Llama-3-8B's K = 4096:
-    every pointer and integer argument divisible by 16."""
+def sass(variant: Variant) -> tuple[str, int]:
+    """The variant's SASS for sm_90 and its registers per thread, specialized as Triton does at
+    Llama-3-8B's K = 4096: every pointer and integer argument divisible by 16."""
     src = ASTSource(
         fn=variant.fn,
         signature=variant.signature,
@@ -100,11 +101,14 @@ def sass(variant: Variant) -> str:
     kernel = triton.compile(
         src, target=GPUTarget("cuda", 90, 32), options={"num_warps": variant.num_warps}
     )
-    path = Path("/tmp") / f"metallic_sass_{abs(hash(variant.name))}.cubin"
-    path.write_bytes(kernel.asm["cubin"])
-    return subprocess.run(
-        [CUOBJDUMP, "-sass", path], capture_output=True, text=True, check=True
-    ).stdout
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(kernel.asm["cubin"])
+        text, usage = (
+            subprocess.run([CUOBJDUMP, flag, path], capture_output=True, text=True, check=True)
+            .stdout for flag in ("-sass", "-res-usage")
+        )  # fmt: skip
+    return text, int(re.search(r"REG:(\d+)", usage)[1])
 
 
 def count(text: str) -> dict[str, int]:
@@ -130,15 +134,18 @@ def count(text: str) -> dict[str, int]:
 
 
 def main() -> int:
-    print("| kernel | SASS | loop | weights/thread/iter | instr/weight | LDG.128 | LDG | spills |")
-    print("|---|---|---|---|---|---|---|---|")
+    columns = ("kernel", "SASS", "loop", "weights/thread/iter", "instr/weight", "LDG.128", "LDG",
+               "spills", "regs")  # fmt: skip
+    print("| " + " | ".join(columns) + " |")
+    print("|---" * len(columns) + "|")
     for v in variants():
-        c = count(sass(v))
+        text, regs = sass(v)
+        c = count(text)
         per_thread = v.weights / (32 * v.num_warps)
-        print(
-            f"| {v.name} | {c['total']} | {c['loop']} | {per_thread:.0f} | "
-            f"{c['loop'] / per_thread:.2f} | {c['loop_ldg128']} | {c['loop_ldg']} | {c['spills']} |"
-        )
+        per_weight = f"{c['loop'] / per_thread:.2f}"
+        cells = (v.name, c["total"], c["loop"], f"{per_thread:.0f}", per_weight, c["loop_ldg128"],
+                 c["loop_ldg"], c["spills"], regs)  # fmt: skip
+        print("| " + " | ".join(str(x) for x in cells) + " |", flush=True)
     return 0
 
 

@@ -228,6 +228,16 @@ def _gemv_q4_k_owner_kernel(w_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N, n_sb, sb_
             first_half, second_half = _halves(quants, 32)
             chunk0, chunk1 = _halves(first_half, 16)
             chunk2, chunk3 = _halves(second_half, 16)
+        else:  # all loads first, so each thread keeps its 128 bytes of quants in flight at once
+            q00 = tl.load(blk + 4 + quad)
+            q01 = tl.load(blk + 8 + quad)
+            q10 = tl.load(blk + 12 + quad)
+            q11 = tl.load(blk + 16 + quad)
+            q20 = tl.load(blk + 20 + quad)
+            q21 = tl.load(blk + 24 + quad)
+            q30 = tl.load(blk + 28 + quad)
+            q31 = tl.load(blk + 32 + quad)
+            tl.debug_barrier()  # keeps ptxas from spreading the loads among the arithmetic
         scaled = tl.zeros((BN, S), dtype=tl.float32)  # sum over sub-blocks of dx * sc * dot
         mins = tl.zeros((BN, S), dtype=tl.float32)  # sum over sub-blocks of dx * m * sum(x)
         for j in tl.static_range(4):
@@ -237,8 +247,10 @@ def _gemv_q4_k_owner_kernel(w_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N, n_sb, sb_
                 if STAGED:
                     quads = _halves(_pick(chunk0, chunk1, chunk2, chunk3, j), 8)
                     q0, q1, q2, q3 = _words(quads[half], BN, S)
+                elif half == 0:
+                    q0, q1, q2, q3 = _words(_pick(q00, q10, q20, q30, j), BN, S)
                 else:
-                    q0, q1, q2, q3 = _words(tl.load(blk + 4 + 8 * j + 4 * half + quad), BN, S)
+                    q0, q1, q2, q3 = _words(_pick(q01, q11, q21, q31, j), BN, S)
                 xw = xq_ptr + sb[:, :, None] * 64 + 16 * j + 4 * half + quad
                 x0, x1, x2, x3 = _words(tl.load(xw), 1, S)
                 y0, y1, y2, y3 = _words(tl.load(xw + 8), 1, S)
@@ -344,6 +356,17 @@ def _gemv_q6_k_owner_kernel(ql_ptr, qh_ptr, sc_ptr, d_ptr, xq_ptr, dx_ptr, xs_pt
         d = tl.load(d_ptr + at).to(tl.float32)
         sc0, sc1, sc2, sc3 = _words(tl.load(sc_ptr + at[:, :, None] * 4 + quad), BN, S)
         x_at = xq_ptr + sb[:, :, None] * 64 + quad
+        # All loads first, words a = 4p + t of half h as the (2h + p)-th of each kind, so each
+        # thread keeps its 192 bytes of quants in flight at once.
+        low_at = ql_ptr + at[:, :, None] * 32 + quad
+        high_at = qh_ptr + at[:, :, None] * 16 + quad
+        low_a0, low_a1 = tl.load(low_at), tl.load(low_at + 4)
+        low_a2, low_a3 = tl.load(low_at + 16), tl.load(low_at + 20)
+        low_b0, low_b1 = tl.load(low_at + 8), tl.load(low_at + 12)
+        low_b2, low_b3 = tl.load(low_at + 24), tl.load(low_at + 28)
+        high0, high1 = tl.load(high_at), tl.load(high_at + 4)
+        high2, high3 = tl.load(high_at + 8), tl.load(high_at + 12)
+        tl.debug_barrier()  # keeps ptxas from spreading the loads among the arithmetic
         scaled = tl.zeros((BN, S), dtype=tl.float32)  # sum over groups of dx * sum(sc * dot)
         for h in tl.static_range(2):
             t0 = tl.zeros((BN, S), dtype=tl.int32)
@@ -351,10 +374,9 @@ def _gemv_q6_k_owner_kernel(ql_ptr, qh_ptr, sc_ptr, d_ptr, xq_ptr, dx_ptr, xs_pt
             t2 = tl.zeros((BN, S), dtype=tl.int32)
             t3 = tl.zeros((BN, S), dtype=tl.int32)
             for p in tl.static_range(2):
-                low = ql_ptr + at[:, :, None] * 32 + 16 * h + 4 * p + quad
-                low_a = tl.load(low)
-                low_b = tl.load(low + 8)
-                high = tl.load(qh_ptr + at[:, :, None] * 16 + 8 * h + 4 * p + quad)
+                low_a = _pick(low_a0, low_a1, low_a2, low_a3, 2 * h + p)
+                low_b = _pick(low_b0, low_b1, low_b2, low_b3, 2 * h + p)
+                high = _pick(high0, high1, high2, high3, 2 * h + p)
                 high_even = high & 0x33333333  # bits 0-1 and 4-5 of each byte
                 high_odd = (high & -0x33333334).to(tl.uint32, bitcast=True)  # 0xCCCCCCCC
                 odd_down = (high_odd >> 2).to(tl.int32, bitcast=True)
