@@ -40,7 +40,14 @@ from gpu_quant_matmul import (
 )
 
 from metallic.kernels import dequantize_gpu, prepare_weight, quant_matmul
-from metallic.kernels.quant_gemv import Geometry, _geometry, _largest_divisor, gemv, quantize_x
+from metallic.kernels.quant_gemv import (
+    Geometry,
+    default_geometry,
+    gemv,
+    gemv_parts,
+    normalized,
+    quantize_x,
+)
 from metallic.quant.reference import dequantize
 
 T = GGMLQuantizationType
@@ -78,7 +85,7 @@ def sweep_geometries(qtype: GGMLQuantizationType, n: int, k: int) -> list[Geomet
     for rows, sbs, warps, splits in itertools.product(ROWS, SBS, WARPS, SPLITS):
         if n_sb % splits:
             continue
-        g = Geometry(rows, _largest_divisor(n_sb // splits, sbs), splits, warps)
+        g = normalized(Geometry(rows, sbs, splits, warps), k)
         if g.rows * g.sbs >= 32 * warps and g not in out:  # no idle threads
             out.append(g)
     if qtype == T.Q4_K:
@@ -144,7 +151,7 @@ def smoke() -> int:
         x = torch.randn(k, generator=gen).to(torch.bfloat16)
         xq = quantize_x(x)
         exact = (xq[0].view(-1, 32).double() * xq[1][:, None].double()).view(1, k) @ dense.T
-        geometries = [old_geometry(n, k, qtype, 2), _geometry(prepare_weight(raw, qtype, n, k), 2)]
+        geometries = [old_geometry(n, k, qtype, 2), default_geometry(n, k, 2)]
         geometries += [Geometry(8, 2, 2, 1), Geometry(16, 1, 3, 2), Geometry(8, 2, 2, 1, "staged")]
         label = f"{qtype.name} [{n}, {k}]"
         good = check_all(label, xq, prepare_weight(raw, qtype, n, k), exact, geometries, failures)
@@ -172,7 +179,7 @@ def bench_shape(
     ref = x.double() @ dense.T
     del dense
     label = f"{qtype.name} [{n}, {k}]"
-    old, new = old_geometry(n, k, qtype, sms), _geometry(copies[0], sms)
+    old, new = old_geometry(n, k, qtype, sms), default_geometry(n, k, sms)
     candidates = [old, new] + [g for g in sweep_geometries(qtype, n, k) if g != new]
     good = check_all(label, xq, copies[0], exact, candidates, failures)
     out = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
@@ -203,6 +210,36 @@ def bench_shape(
     return row
 
 
+def bench_gate_up(gen: torch.Generator, copy_bw: float, failures: list[str]) -> dict[str, object]:
+    """Llama-3-8B's gate and up (two Q4_K [14336, 4096] parts): one launch against two."""
+    n, k = 14336, 4096
+    raws = [random_blocks(T.Q4_K, n, k, gen) for _ in range(8)]  # 4 pairs, 264 MB
+    pairs = [
+        (prepare_weight(a, T.Q4_K, n, k), prepare_weight(b, T.Q4_K, n, k))
+        for a, b in zip(raws[::2], raws[1::2], strict=True)
+    ]
+    x = torch.randn(k, device="cuda", generator=gen, dtype=torch.bfloat16)
+    xq = quantize_x(x)
+    out = torch.empty(1, 2 * n, device="cuda", dtype=torch.bfloat16)
+    gemv_parts(xq, pairs[0], out)
+    dense = torch.cat([dequantize_gpu(p, T.Q4_K, n, k) for p in pairs[0]]).double()
+    exact = (xq[0].view(-1, 32).double() * xq[1][:, None].double()).view(1, k) @ dense.T
+    err = relative_error(out, exact)
+    if not err <= TOLERANCE:
+        failures.append(f"gate|up in one launch: relative error {err:.3g} vs rounded x")
+
+    def apart(pair: tuple) -> None:
+        gemv(xq, pair[0], out[:, :n])
+        gemv(xq, pair[1], out[:, n:])
+
+    one = graph_us([lambda p=p: gemv_parts(xq, p, out) for p in pairs])
+    two = graph_us([lambda p=p: apart(p) for p in pairs])
+    pct = {key: 100 * 2 * raws[0].numel() / (us * 1e-6) / copy_bw for key, us in
+           (("one", one), ("two", two))}  # fmt: skip
+    return {"one_launch_us": one, "two_launches_us": two, "one_pct": pct["one"],
+            "two_pct": pct["two"], "err": err}  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="small shapes on the CPU only")
@@ -223,6 +260,7 @@ def main() -> int:
             continue
         results.append(bench_shape(qtype, n, k, gen, copy_bw, sms, failures))
         print(json.dumps(results[-1]), f"({time.time() - start:.0f} s)", flush=True)
+    gate_up = bench_gate_up(gen, copy_bw, failures) if not args.only else None
     print(f"\n{device}, copy {copy_bw / 1e12:.2f} TB/s; µs per product (% of copy bandwidth)")
     print("| format | N x K | MB | read | float | tile (old) | owner default | best | +round |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -242,9 +280,16 @@ def main() -> int:
         )
     for r in results:
         print(f"{r['format']} {r['n']}x{r['k']}: best {r['best']}")
+    if gate_up:
+        print(
+            f"gate|up 2 x 14336x4096 Q4_K: one launch {gate_up['one_launch_us']:.1f} µs "
+            f"({gate_up['one_pct']:.0f}%), two {gate_up['two_launches_us']:.1f} µs "
+            f"({gate_up['two_pct']:.0f}%)"
+        )
     out_dir = Path(os.environ.get("OUT", "benchmarks/results"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = {"device": device, "copy_bw": copy_bw, "results": results, "failures": failures}
+    result = {"device": device, "copy_bw": copy_bw, "results": results, "gate_up": gate_up,
+              "failures": failures}  # fmt: skip
     (out_dir / "gpu_gemv.json").write_text(json.dumps(result, indent=1))
     for failure in failures:
         print("FAIL", failure)

@@ -43,7 +43,7 @@ class Variant:
 _POINTER_TYPES = {"h_ptr": "*fp16", "d_ptr": "*fp16", "dx_ptr": "*fp32", "xs_ptr": "*fp32",
                   "out_ptr": "*fp32"}  # fmt: skip
 _Q4_K_TILE = ("w_ptr", "h_ptr", "xq_ptr", "dx_ptr", "xs_ptr", "out_ptr", "N", "row_words")
-_Q4_K_OWNER = ("w_ptr", "xq_ptr", "dx_ptr", "xs_ptr", "out_ptr", "N", "n_sb")
+_Q4_K_OWNER = ("w_ptr", "w2_ptr", "xq_ptr", "dx_ptr", "xs_ptr", "out_ptr", "N", "n_first", "n_sb")
 _Q6_K = (
     "ql_ptr",
     "qh_ptr",

@@ -28,8 +28,8 @@ Layouts are metallic.kernels.packing's: Q4_K in place (36 words a block), Q6_K i
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -197,9 +197,10 @@ def _byte(word, k: tl.constexpr):
 
 
 @triton.jit
-def _gemv_q4_k_owner_kernel(w_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N, n_sb, sb_per_split,
-                            BN: tl.constexpr, S: tl.constexpr, PARTIAL: tl.constexpr,
-                            ASM: tl.constexpr, PDL: tl.constexpr, STAGED: tl.constexpr = False):
+def _gemv_q4_k_owner_kernel(w_ptr, w2_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N, n_first, n_sb,
+                            sb_per_split, BN: tl.constexpr, S: tl.constexpr,
+                            PARTIAL: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
+                            STAGED: tl.constexpr = False):
     """out[rows] over super-blocks [pid1 * sb_per_split, +sb_per_split), S at a time.
 
     Each thread owns whole (row, super-block) pairs of a [BN, S] tile: its 144 bytes arrive in
@@ -209,8 +210,13 @@ def _gemv_q4_k_owner_kernel(w_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N, n_sb, sb_
     (high nibble, sub-block 2j + 1): high nibbles are multiplied in place (16 times their value)
     and the 16 is divided out of x's scale. With STAGED the 128 bytes of quants are loaded by
     eight neighbouring threads, contiguous, and handed to their owner through shared memory.
+    Output rows from n_first on (a multiple of BN) are the rows of a second matrix at w2_ptr:
+    gate and up in one launch.
     """
     ids, rows, acc, first = _owner_start(N, sb_per_split, BN, S, PDL)
+    if tl.program_id(0) * BN >= n_first:
+        w_ptr = w2_ptr
+        rows -= n_first
     quad = tl.arange(0, 4)[None, None, :]
     for s in tl.range(first, first + sb_per_split, S):
         sb = s + tl.arange(0, S)[None, :]
@@ -444,7 +450,7 @@ def uses_dp4a(parts: Sequence[PackedWeight]) -> bool:
     )
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Geometry:
     """How a product is cut up: `rows` per program, `sbs` super-blocks per loop step, `splits`
     programs along K (partial sums in an f32 scratch, added by one more kernel), `warps` per
@@ -461,16 +467,27 @@ class Geometry:
     stages: int = 1
 
 
-def _geometry(weight: PackedWeight, sms: int) -> Geometry:
+def default_geometry(n: int, k: int, sms: int) -> Geometry:
     """The default geometry of the owner kernels: 16 super-blocks a step (fewer where K has
     fewer or 16 does not divide them), 16 rows (more where the step is short: no idle threads),
     4 warps; K split while the grid has fewer programs than two per multiprocessor."""
-    n_sb = weight.k // 256
+    n_sb = k // 256
     splits = 1
-    while triton.cdiv(weight.n, 16) * splits < 2 * sms and n_sb % (2 * splits) == 0:
+    while triton.cdiv(n, 16) * splits < 2 * sms and n_sb % (2 * splits) == 0:
         splits *= 2
     sbs = _largest_divisor(n_sb // splits, 16)
     return Geometry(max(16, 128 // sbs), sbs, splits)
+
+
+def normalized(geometry: Geometry, k: int) -> Geometry:
+    """`geometry` as it runs for a K: splits that divide K's super-blocks, and a step that
+    divides a split."""
+    n_sb = k // 256
+    splits = max(1, min(geometry.splits, n_sb))
+    while n_sb % splits:
+        splits -= 1
+    sbs = _largest_divisor(n_sb // splits, geometry.sbs)
+    return dataclasses.replace(geometry, splits=splits, sbs=sbs)
 
 
 def gemv(
@@ -481,15 +498,51 @@ def gemv(
 ) -> torch.Tensor:
     """out [1, N] (contiguous along N) = x W^T for x given by quantize_x, cut up by `geometry`
     (by default `_geometry`'s)."""
+    return _launch(xq, (weight,), out, geometry)
+
+
+def gemv_parts(
+    xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    parts: Sequence[PackedWeight],
+    out: torch.Tensor,
+    geometry: Geometry | None = None,
+) -> torch.Tensor:
+    """out [1, sum of N] = x times the stacked parts, each part's columns in turn. Two Q4_K parts
+    of one K (gate and up) take one launch of the owner kernel where the first part's rows fill
+    whole programs."""
+    first = 0
+    i = 0
+    while i < len(parts):
+        group = tuple(parts[i : i + 2])
+        n = sum(p.n for p in group)
+        g = geometry or default_geometry(n, group[0].k, sm_count(xq[0].device))
+        pair = (
+            len(group) == 2
+            and all(p.ggml_type == T.Q4_K and p.k == group[0].k for p in group)
+            and group[0].n % g.rows == 0
+            and g.kernel != "tile"
+        )
+        group = group if pair else group[:1]
+        n = sum(p.n for p in group)
+        _launch(xq, group, out[:, first : first + n], geometry)
+        first += n
+        i += len(group)
+    return out
+
+
+def _launch(
+    xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    parts: tuple[PackedWeight, ...],
+    out: torch.Tensor,
+    geometry: Geometry | None,
+) -> torch.Tensor:
+    """out [1, N] = x times one part, or two Q4_K parts stacked (see gemv_parts)."""
     q, dx, xs = xq
-    n, k = weight.n, weight.k
-    g = geometry or _geometry(weight, sm_count(q.device))
-    n_sb = k // 256
-    splits = max(1, min(g.splits, n_sb))
-    while n_sb % splits:
-        splits -= 1
+    weight = parts[0]
+    n, k = sum(p.n for p in parts), weight.k
+    g = normalized(geometry or default_geometry(n, k, sm_count(q.device)), k)
+    n_sb, splits, sbs = k // 256, g.splits, g.sbs
     per_split = n_sb // splits
-    sbs = _largest_divisor(per_split, g.sbs)
     target = out if splits == 1 else torch.empty(splits, n, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(n, g.rows), splits)
     words = q.view(torch.int32)
@@ -504,9 +557,10 @@ def gemv(
                 blocks, halves, words, dx, xs, target, n, n_sb * 36, per_split, **common
             )
         else:
+            second = parts[-1].planes[0]
             _gemv_q4_k_owner_kernel[grid](
-                blocks, words, dx, xs, target, n, n_sb, per_split, STAGED=g.kernel == "staged",
-                **common,
+                blocks, second, words, dx, xs, target, n, weight.n if len(parts) > 1 else n,
+                n_sb, per_split, STAGED=g.kernel == "staged", **common,
             )  # fmt: skip
     elif weight.ggml_type == T.Q6_K:
         ql, qh, scales, d = weight.planes

@@ -128,7 +128,7 @@ def _native_linear(
     widen more than `widen_limit` bytes, it widens slices of rows of at most that size in turn
     (a device budget bounds the scratch: the 8B's output matrix in f32 is 2 GiB)."""
     from metallic.kernels import dequantize_gpu, quant_matmul
-    from metallic.kernels.quant_gemv import gemv, quantize_x
+    from metallic.kernels.quant_gemv import gemv_parts, quantize_x
 
     n_total = sum(p.n for p in parts)
     path = native_path(rows.shape[0], parts, rows.dtype)
@@ -144,14 +144,11 @@ def _native_linear(
         assert widen_limit is not None
         return _sliced_linear(rows, parts, max(1, widen_limit // row_bytes))
     out = torch.empty(rows.shape[0], n_total, dtype=rows.dtype, device=rows.device)
-    x8 = quantize_x(rows[0]) if path == "dp4a" else None
+    if path == "dp4a":  # x rounded once for all parts; gate|up in one launch
+        return gemv_parts(quantize_x(rows[0]), parts, out)
     first = 0
     for p in parts:
-        cols = out[:, first : first + p.n]
-        if x8 is not None:
-            gemv(x8, p, cols)
-        else:
-            quant_matmul(rows, p, p.ggml_type, p.n, p.k, out=cols)
+        quant_matmul(rows, p, p.ggml_type, p.n, p.k, out=out[:, first : first + p.n])
         first += p.n
     return out
 
