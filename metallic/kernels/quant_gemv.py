@@ -468,15 +468,16 @@ class Geometry:
 
 
 def default_geometry(n: int, k: int, sms: int) -> Geometry:
-    """The default geometry of the owner kernels: 16 super-blocks a step (fewer where K has
-    fewer or 16 does not divide them), 16 rows (more where the step is short: no idle threads),
-    4 warps; K split while the grid has fewer programs than two per multiprocessor."""
+    """The owner kernels' default: 16 rows of 16 super-blocks a step (fewer where K has fewer
+    or 16 does not divide them), K split in halves of at least 4 super-blocks while the grid has
+    fewer programs than two per multiprocessor, and as many warps (up to 4) as the tile has
+    (row, super-block) pairs for."""
     n_sb = k // 256
     splits = 1
-    while triton.cdiv(n, 16) * splits < 2 * sms and n_sb % (2 * splits) == 0:
+    while triton.cdiv(n, 16) * splits < 2 * sms and n_sb % (8 * splits) == 0:
         splits *= 2
     sbs = _largest_divisor(n_sb // splits, 16)
-    return Geometry(max(16, 128 // sbs), sbs, splits)
+    return Geometry(16, sbs, splits, warps=max(1, min(4, 16 * sbs // 32)))
 
 
 def normalized(geometry: Geometry, k: int) -> Geometry:
