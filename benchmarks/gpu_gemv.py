@@ -153,6 +153,7 @@ def smoke() -> int:
         exact = (xq[0].view(-1, 32).double() * xq[1][:, None].double()).view(1, k) @ dense.T
         geometries = [old_geometry(n, k, qtype, 2), default_geometry(n, k, 2)]
         geometries += [Geometry(8, 2, 2, 1), Geometry(16, 1, 3, 2), Geometry(8, 2, 2, 1, "staged")]
+        geometries += [Geometry(8, 2, 2, 1, hoist=False)]
         label = f"{qtype.name} [{n}, {k}]"
         good = check_all(label, xq, prepare_weight(raw, qtype, n, k), exact, geometries, failures)
         print(f"{label}: {len(good)}/{len(geometries)} geometries match", flush=True)
@@ -180,7 +181,8 @@ def bench_shape(
     del dense
     label = f"{qtype.name} [{n}, {k}]"
     old, new = old_geometry(n, k, qtype, sms), normalized(default_geometry(n, k, sms), k)
-    candidates = [old, new] + [g for g in sweep_geometries(qtype, n, k) if g != new]
+    candidates = [old, new, dataclasses.replace(new, hoist=False)]
+    candidates += [g for g in sweep_geometries(qtype, n, k) if g != new]
     good = check_all(label, xq, copies[0], exact, candidates, failures)
     out = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
     gemv(xq, copies[0], out)

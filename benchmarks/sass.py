@@ -79,12 +79,14 @@ def variants() -> list[Variant]:
     for rows, sbs, warps in ((16, 16, 4), (32, 16, 4), (16, 8, 4), (32, 8, 8)):
         out.append(
             _variant("q4_k owner", g._gemv_q4_k_owner_kernel, _Q4_K_OWNER, rows, sbs, warps,
-                     STAGED=False)
+                     STAGED=False, HOIST=True)
         )  # fmt: skip
         staged = _variant("q4_k staged", g._gemv_q4_k_owner_kernel, _Q4_K_OWNER, rows, sbs, warps,
-                          STAGED=True)  # fmt: skip
+                          STAGED=True, HOIST=True)  # fmt: skip
         out.append(staged)
-        out.append(_variant("q6_k owner", g._gemv_q6_k_owner_kernel, _Q6_K, rows, sbs, warps))
+        out.append(
+            _variant("q6_k owner", g._gemv_q6_k_owner_kernel, _Q6_K, rows, sbs, warps, HOIST=True)
+        )
     return out
 
 

@@ -200,7 +200,7 @@ def _byte(word, k: tl.constexpr):
 def _gemv_q4_k_owner_kernel(w_ptr, w2_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N, n_first, n_sb,
                             sb_per_split, BN: tl.constexpr, S: tl.constexpr,
                             PARTIAL: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
-                            STAGED: tl.constexpr = False):
+                            STAGED: tl.constexpr = False, HOIST: tl.constexpr = True):
     """out[rows] over super-blocks [pid1 * sb_per_split, +sb_per_split), S at a time.
 
     Each thread owns whole (row, super-block) pairs of a [BN, S] tile: its 144 bytes arrive in
@@ -243,7 +243,8 @@ def _gemv_q4_k_owner_kernel(w_ptr, w2_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N, n
             q21 = tl.load(blk + 24 + quad)
             q30 = tl.load(blk + 28 + quad)
             q31 = tl.load(blk + 32 + quad)
-            tl.debug_barrier()  # keeps ptxas from spreading the loads among the arithmetic
+            if HOIST:  # keeps ptxas from spreading the loads among the arithmetic
+                tl.debug_barrier()
         scaled = tl.zeros((BN, S), dtype=tl.float32)  # sum over sub-blocks of dx * sc * dot
         mins = tl.zeros((BN, S), dtype=tl.float32)  # sum over sub-blocks of dx * m * sum(x)
         for j in tl.static_range(4):
@@ -343,7 +344,8 @@ def _dot4(q, x, c, BN: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr):
 @triton.jit
 def _gemv_q6_k_owner_kernel(ql_ptr, qh_ptr, sc_ptr, d_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N,
                             n_sb, sb_per_split, BN: tl.constexpr, S: tl.constexpr,
-                            PARTIAL: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+                            PARTIAL: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
+                            HOIST: tl.constexpr = True):
     """out[rows] over super-blocks [pid1 * sb_per_split, +sb_per_split), S at a time.
 
     As the Q4_K kernel, each thread owns whole (row, super-block) pairs. For half h and words
@@ -372,7 +374,8 @@ def _gemv_q6_k_owner_kernel(ql_ptr, qh_ptr, sc_ptr, d_ptr, xq_ptr, dx_ptr, xs_pt
         low_b2, low_b3 = tl.load(low_at + 24), tl.load(low_at + 28)
         high0, high1 = tl.load(high_at), tl.load(high_at + 4)
         high2, high3 = tl.load(high_at + 8), tl.load(high_at + 12)
-        tl.debug_barrier()  # keeps ptxas from spreading the loads among the arithmetic
+        if HOIST:  # keeps ptxas from spreading the loads among the arithmetic
+            tl.debug_barrier()
         scaled = tl.zeros((BN, S), dtype=tl.float32)  # sum over groups of dx * sum(sc * dot)
         for h in tl.static_range(2):
             t0 = tl.zeros((BN, S), dtype=tl.int32)
@@ -465,6 +468,7 @@ class Geometry:
     warps: int = 4
     kernel: str = "owner"
     stages: int = 1
+    hoist: bool = True  # owner kernels: all quant loads issued before any arithmetic
 
 
 def default_geometry(n: int, k: int, sms: int) -> Geometry:
@@ -561,13 +565,14 @@ def _launch(
             second = parts[-1].planes[0]
             _gemv_q4_k_owner_kernel[grid](
                 blocks, second, words, dx, xs, target, n, weight.n if len(parts) > 1 else n,
-                n_sb, per_split, STAGED=g.kernel == "staged", **common,
+                n_sb, per_split, STAGED=g.kernel == "staged", HOIST=g.hoist, **common,
             )  # fmt: skip
     elif weight.ggml_type == T.Q6_K:
         ql, qh, scales, d = weight.planes
         kernel = _gemv_q6_k_kernel if g.kernel == "tile" else _gemv_q6_k_owner_kernel
         if g.kernel != "tile":
             scales = scales.view(torch.int32)
+            common["HOIST"] = g.hoist
         kernel[grid](ql, qh, scales, d, words, dx, xs, target, n, n_sb, per_split, **common)
     else:
         raise ValueError(f"no dp4a kernel for {weight.ggml_type.name}")
