@@ -328,9 +328,35 @@ def _gemv_q6_k_kernel(ql_ptr, qh_ptr, sc_ptr, d_ptr, xq_ptr, dx_ptr, xs_ptr, out
     _store(out_ptr, tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1), ids, N, PARTIAL)
 
 @triton.jit
-def _sbyte(word, k: tl.constexpr):
-    """Byte k of word, signed."""
-    return (word << (24 - 8 * k)) >> 24
+def _sbyte(word, k: tl.constexpr, ASM: tl.constexpr):
+    """Byte k of word, signed: one prmt (byte k, then its sign replicated) instead of two shifts."""
+    if not ASM:
+        return (word << (24 - 8 * k)) >> 24
+    elif k == 0:  # prmt's selector nibbles: byte k, then 8 + k (its sign) three times
+        return _asm1(word, "prmt.b32 $0, $1, 0, 0x8880;")
+    elif k == 1:
+        return _asm1(word, "prmt.b32 $0, $1, 0, 0x9991;")
+    elif k == 2:
+        return _asm1(word, "prmt.b32 $0, $1, 0, 0xAAA2;")
+    else:
+        return _asm1(word, "prmt.b32 $0, $1, 0, 0xBBB3;")
+
+
+@triton.jit
+def _low_nibbles_with(low, high, ASM: tl.constexpr):
+    """Each byte's low nibble from low and high nibble from high: one lop3 (a bit-select; the
+    compiler would otherwise fold the callers' masks into extra shifts and masks)."""
+    if ASM:
+        return tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, 0x0F0F0F0F, 0xE4;", "=r,r,r",
+                                         [low, high], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return (low & 0x0F0F0F0F) | (high & _HIGH_NIBBLES)
+
+
+@triton.jit
+def _asm1(word, asm: tl.constexpr):
+    """One PTX instruction on each 32-bit word."""
+    return tl.inline_asm_elementwise(asm, "=r,r", [word], dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -390,16 +416,16 @@ def _gemv_q6_k_owner_kernel(ql_ptr, qh_ptr, sc_ptr, d_ptr, xq_ptr, dx_ptr, xs_pt
                 high_odd = (high & -0x33333334).to(tl.uint32, bitcast=True)  # 0xCCCCCCCC
                 odd_down = (high_odd >> 2).to(tl.int32, bitcast=True)
                 odd_up = (high_odd << 2).to(tl.int32, bitcast=True)
-                groups = ((low_a & 0x0F0F0F0F) | ((high_even << 4) & _HIGH_NIBBLES),
-                          (low_b & 0x0F0F0F0F) | (odd_up & _HIGH_NIBBLES),
-                          ((low_a >> 4) & 0x0F0F0F0F) | (high_even & _HIGH_NIBBLES),
-                          ((low_b >> 4) & 0x0F0F0F0F) | (odd_down & _HIGH_NIBBLES))
+                groups = (_low_nibbles_with(low_a, high_even << 4, ASM),
+                          _low_nibbles_with(low_b, odd_up, ASM),
+                          _low_nibbles_with(low_a >> 4, high_even, ASM),
+                          _low_nibbles_with(low_b >> 4, odd_down, ASM))
                 for c in tl.static_range(4):
                     sub = 8 * h + 2 * c + p
                     start = (-32.0 * tl.load(xs_ptr + sb * 16 + sub)).to(tl.int32)
                     dot = _dot4(groups[c], tl.load(x_at + 32 * h + 8 * c + 4 * p), start, BN, S,
                                 ASM)
-                    sc = _sbyte(_pick(sc0, sc1, sc2, sc3, sub // 4), sub % 4)
+                    sc = _sbyte(_pick(sc0, sc1, sc2, sc3, sub // 4), sub % 4, ASM)
                     if c == 0:
                         t0 += dot * sc
                     elif c == 1:
