@@ -16,7 +16,7 @@ Two kernel families (benchmarks/sass.py counts their sm_90 instructions per weig
   loads, its scales are decoded once per 256 weights and the thread's x words serve all its
   rows. A 32-bit word of Q4_K quants (eight weights) takes two masks and two dp4a (the high
   nibbles multiplied in place, 16 times their value): about 1.0 instruction per weight in all,
-  1.6 for Q6_K. The default.
+  1.4 for Q6_K. The default.
 - "tile": threads share a super-block's words in [rows, super-blocks, words] tiles and decode
   its scales per element; about 2.6 instructions per weight. Kept to measure against.
 
