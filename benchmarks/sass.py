@@ -6,11 +6,13 @@ the inner loop counts. Triton's wheel ships ptxas and cuobjdump, so each kernel 
 compiled here for sm_90 and its machine code read: the instructions of its main loop divided by
 the weights one thread handles per iteration, the 16-byte loads, spills and registers.
 
-    python benchmarks/sass.py            (any machine; no GPU needed)
+    python benchmarks/sass.py              (any machine; no GPU needed)
+    python benchmarks/sass.py --launched   (compile all that gpu_gemv.py launches)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -135,7 +137,50 @@ def count(text: str) -> dict[str, int]:
     }
 
 
+def launched_variants() -> list[Variant]:
+    """Every kernel variant benchmarks/gpu_gemv.py launches (its sweep, defaults and old
+    geometries at each shape), for a compile check: the GPU may run another Triton version."""
+    from gpu_gemv import SHAPES, old_geometry, sweep_geometries
+
+    from metallic.kernels.quant_gemv import T, default_geometry, normalized
+
+    seen, out = set(), []
+    for qtype, n, k in SHAPES:
+        new = normalized(default_geometry(n, k, 132), k)
+        for geo in [old_geometry(n, k, qtype, 132), new, dataclasses.replace(new, hoist=False),
+                    *sweep_geometries(qtype, n, k)]:  # fmt: skip
+            for partial in (False, True) if geo.splits > 1 else (False,):
+                key = (qtype, geo.rows, geo.sbs, geo.warps, geo.kernel, geo.hoist, partial)
+                if key in seen:
+                    continue
+                seen.add(key)
+                extra = {"PARTIAL": partial}
+                if geo.kernel == "tile":
+                    fn = g._gemv_q4_k_kernel if qtype == T.Q4_K else g._gemv_q6_k_kernel
+                    args = _Q4_K_TILE if qtype == T.Q4_K else _Q6_K
+                    extra["STAGES"] = geo.stages
+                else:
+                    fn = g._gemv_q4_k_owner_kernel if qtype == T.Q4_K else g._gemv_q6_k_owner_kernel
+                    args = _Q4_K_OWNER if qtype == T.Q4_K else _Q6_K
+                    extra["HOIST"] = geo.hoist
+                    if qtype == T.Q4_K:
+                        extra["STAGED"] = geo.kernel == "staged"
+                name = f"{qtype.name} {geo.kernel} partial={partial} hoist={geo.hoist}"
+                out.append(_variant(name, fn, args, geo.rows, geo.sbs, geo.warps, **extra))
+    return out
+
+
 def main() -> int:
+    if "--launched" in sys.argv:  # compile all that gpu_gemv.py launches; report failures
+        failed = 0
+        for v in launched_variants():
+            try:
+                sass(v)
+            except Exception as error:  # report every failing variant
+                failed += 1
+                print(f"FAIL {v.name}: {str(error).splitlines()[-1][:200]}", flush=True)
+        print(f"{failed} failed")
+        return 1 if failed else 0
     columns = ("kernel", "SASS", "loop", "weights/thread/iter", "instr/weight", "LDG.128", "LDG",
                "spills", "regs")  # fmt: skip
     print("| " + " | ".join(columns) + " |")

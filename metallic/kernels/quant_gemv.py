@@ -170,15 +170,8 @@ def _halves(t, W: tl.constexpr):
 
 @triton.jit
 def _pick(w0, w1, w2, w3, i: tl.constexpr):
-    """w_i, for a compile-time i (Triton's tuples take no computed index)."""
-    if i == 0:  # noqa: SIM116 (a jit function has no dict)
-        return w0
-    elif i == 1:
-        return w1
-    elif i == 2:
-        return w2
-    else:
-        return w3
+    """w_i, for a compile-time i."""
+    return w0 if i == 0 else w1 if i == 1 else w2 if i == 2 else w3
 
 
 @triton.jit
@@ -221,6 +214,7 @@ def _gemv_q4_k_owner_kernel(w_ptr, w2_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N, n
     for s in tl.range(first, first + sb_per_split, S):
         sb = s + tl.arange(0, S)[None, :]
         blk = (w_ptr + (rows[:, None] * n_sb + sb) * 36)[:, :, None]
+        x_at = xq_ptr + (s + tl.arange(0, S))[:, None] * 64 + tl.arange(0, 4)[None, :]  # [S, 4]
         head, sc_lo, m_lo, packed_hi = _words(tl.load(blk + quad), BN, S)
         d = (head & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         dmin = (head >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
@@ -258,9 +252,9 @@ def _gemv_q4_k_owner_kernel(w_ptr, w2_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N, n
                     q0, q1, q2, q3 = _words(_pick(q00, q10, q20, q30, j), BN, S)
                 else:
                     q0, q1, q2, q3 = _words(_pick(q01, q11, q21, q31, j), BN, S)
-                xw = xq_ptr + sb[:, :, None] * 64 + 16 * j + 4 * half + quad
-                x0, x1, x2, x3 = _words(tl.load(xw), 1, S)
-                y0, y1, y2, y3 = _words(tl.load(xw + 8), 1, S)
+                xw = x_at + 16 * j + 4 * half
+                x0, x1, x2, x3 = _words(tl.load(xw)[None, :, :], 1, S)
+                y0, y1, y2, y3 = _words(tl.load(xw + 8)[None, :, :], 1, S)
                 dot_lo = _dp4a(q0 & 0x0F0F0F0F, x0, dot_lo, ASM)
                 dot_lo = _dp4a(q1 & 0x0F0F0F0F, x1, dot_lo, ASM)
                 dot_lo = _dp4a(q2 & 0x0F0F0F0F, x2, dot_lo, ASM)
@@ -421,11 +415,11 @@ def _gemv_q6_k_owner_kernel(ql_ptr, qh_ptr, sc_ptr, d_ptr, xq_ptr, dx_ptr, xs_pt
                           _low_nibbles_with(low_a >> 4, high_even, ASM),
                           _low_nibbles_with(low_b >> 4, odd_down, ASM))
                 for c in tl.static_range(4):
-                    sub = 8 * h + 2 * c + p
-                    start = (-32.0 * tl.load(xs_ptr + sb * 16 + sub)).to(tl.int32)
+                    # (Triton 3.6 turns a constexpr assigned to a name into a tensor: inline.)
+                    start = (-32.0 * tl.load(xs_ptr + sb * 16 + 8 * h + 2 * c + p)).to(tl.int32)
                     dot = _dot4(groups[c], tl.load(x_at + 32 * h + 8 * c + 4 * p), start, BN, S,
                                 ASM)
-                    sc = _sbyte(_pick(sc0, sc1, sc2, sc3, sub // 4), sub % 4, ASM)
+                    sc = _sbyte(_pick(sc0, sc1, sc2, sc3, 2 * h + c // 2), 2 * (c % 2) + p, ASM)
                     if c == 0:
                         t0 += dot * sc
                     elif c == 1:
