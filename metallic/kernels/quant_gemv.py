@@ -15,10 +15,11 @@ Two kernel families (benchmarks/sass.py counts their sm_90 instructions per weig
 - "owner": each thread owns whole (row, super-block) pairs, so a block's bytes arrive in 16-byte
   loads, its scales are decoded once per 256 weights and the thread's x words serve all its
   rows. A 32-bit word of Q4_K quants (eight weights) takes two masks and two dp4a (the high
-  nibbles multiplied in place, 16 times their value): about 1.0 instruction per weight in all,
-  1.4 for Q6_K. The default.
+  nibbles multiplied in place, 16 times their value): in the main loop about 1.0-1.1
+  instructions per weight in all, 1.4-1.6 for Q6_K (Triton 3.9-3.6). The default.
 - "tile": threads share a super-block's words in [rows, super-blocks, words] tiles and decode
-  its scales per element; about 2.6 instructions per weight. Kept to measure against.
+  its scales per element; about 2.0 (Q4_K) and 2.6 (Q6_K) instructions per weight. Kept to
+  measure against.
 
 Under TRITON_INTERPRET=1 (no PTX) ``dp4a`` is emulated with shifts and multiplies; integer
 arithmetic is exact, so the emulation and the instruction give identical sums.
