@@ -12,6 +12,7 @@ read of the same bytes. Small shapes (Gemma 3 270M's FFN) show where the float k
 stay (quant_gemv.DP4A_MIN_BYTES).
 
 GPU:   python benchmarks/gpu_gemv.py           (JSON to $OUT or benchmarks/results)
+       python benchmarks/gpu_gemv.py --quick   (under 2 minutes: large shapes, few geometries)
 CPU:   TRITON_INTERPRET=1 python benchmarks/gpu_gemv.py --smoke   (correctness, small shapes)
 """
 
@@ -64,6 +65,9 @@ SHAPES = (
 )
 SMOKE_SHAPES = ((T.Q4_K, 40, 1024), (T.Q6_K, 40, 1024), (T.Q4_K, 9, 768), (T.Q6_K, 9, 768))
 ROWS, SBS, WARPS, SPLITS = (8, 16, 32), (8, 16), (4, 8), (1, 2, 4, 7)
+# --quick (under 2 minutes): the 8B's large shapes and a few geometries, no float kernel.
+QUICK_SHAPES = tuple(s for s in SHAPES if s[1] * s[2] >= 4096 * 4096)
+QUICK_TILES = ((32, 8, 4),)  # rows, super-blocks a step, warps
 TOLERANCE = 1e-2  # bf16 output against the float64 product with x as rounded
 
 
@@ -77,18 +81,21 @@ def old_geometry(n: int, k: int, qtype: GGMLQuantizationType, sms: int) -> Geome
     return Geometry(rows, 8 if wide or tall else 16, splits, 8 if wide or tall else 4, "tile")
 
 
-def sweep_geometries(qtype: GGMLQuantizationType, n: int, k: int) -> list[Geometry]:
+def sweep_geometries(
+    qtype: GGMLQuantizationType, n: int, k: int, quick: bool = False
+) -> list[Geometry]:
     """The owner kernels' distinct candidates for an [n, k] matrix (a step is cut down to what
     divides a split, as gemv does), and for Q4_K the staged ones that do not spill."""
     n_sb = k // 256
     out: list[Geometry] = []
-    for rows, sbs, warps, splits in itertools.product(ROWS, SBS, WARPS, SPLITS):
+    tiles = QUICK_TILES if quick else itertools.product(ROWS, SBS, WARPS)
+    for (rows, sbs, warps), splits in itertools.product(tiles, (1,) if quick else SPLITS):
         if n_sb % splits:
             continue
         g = normalized(Geometry(rows, sbs, splits, warps), k)
         if g.rows * g.sbs >= 32 * warps and g not in out:  # no idle threads
             out.append(g)
-    if qtype == T.Q4_K:
+    if qtype == T.Q4_K and not quick:
         out += [
             dataclasses.replace(g, kernel="staged") for g in out if g.rows * g.sbs <= 64 * g.warps
         ]
@@ -169,7 +176,7 @@ def smoke() -> int:
 
 def bench_shape(
     qtype: GGMLQuantizationType, n: int, k: int, gen: torch.Generator, copy_bw: float,
-    sms: int, failures: list[str],
+    sms: int, failures: list[str], quick: bool = False,
 ) -> dict[str, object]:  # fmt: skip
     raw = random_blocks(qtype, n, k, gen)
     count = min(16, -(-ROTATION_BYTES // raw.numel()))
@@ -178,17 +185,21 @@ def bench_shape(
     dense = dequantize_gpu(copies[0], qtype, n, k)
     check_reference_rows(qtype, raw, dense, k, failures)
     dense = dense.double()
-    x = torch.randn(1, k, device="cuda", generator=gen, dtype=torch.bfloat16)
+    x = torch.randn(1, k, device=gen.device, generator=gen, dtype=torch.bfloat16)
     xq = quantize_x(x[0])
     exact = (xq[0].view(-1, 32).double() * xq[1][:, None].double()).view(1, k) @ dense.T
     ref = x.double() @ dense.T
     del dense
     label = f"{qtype.name} [{n}, {k}]"
     old, new = old_geometry(n, k, qtype, sms), normalized(default_geometry(n, k, sms), k)
-    candidates = [old, new, dataclasses.replace(new, hoist=False)]
-    candidates += [g for g in sweep_geometries(qtype, n, k) if g != new]
+    candidates = [old, new]
+    if not quick or qtype == T.Q6_K or k > 4096:  # --quick: the barrier measured both ways
+        candidates.append(dataclasses.replace(new, hoist=False))
+    if qtype == T.Q4_K:
+        candidates.append(dataclasses.replace(new, kernel="staged"))
+    candidates += [g for g in sweep_geometries(qtype, n, k, quick) if g != new]
     good = check_all(label, xq, copies[0], exact, candidates, failures)
-    out = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(1, n, device=gen.device, dtype=torch.bfloat16)
     gemv(xq, copies[0], out)
     row: dict[str, object] = {
         "format": qtype.name, "n": n, "k": k, "weight_bytes": raw.numel(),
@@ -214,7 +225,9 @@ def bench_shape(
     row["best_geometry"] = dataclasses.asdict(best) if best else None
     row["top5"] = [(round(us, 2), str(g)) for us, g in timed[:5]]
     row["read_us"] = read_us(raws)
-    row["float_us"] = graph_us([lambda w=w: quant_matmul(x, w, qtype, n, k) for w in copies])
+    row["float_us"] = None
+    if not quick:
+        row["float_us"] = graph_us([lambda w=w: quant_matmul(x, w, qtype, n, k) for w in copies])
     row["dp4a_with_rounding_us"] = graph_us(
         [lambda w=w: gemv(quantize_x(x[0]), w, out) for w in copies]
     )
@@ -224,17 +237,18 @@ def bench_shape(
     return row
 
 
-def bench_gate_up(gen: torch.Generator, copy_bw: float, failures: list[str]) -> dict[str, object]:
+def bench_gate_up(
+    gen: torch.Generator, copy_bw: float, failures: list[str], n: int = 14336, k: int = 4096
+) -> dict[str, object]:
     """Llama-3-8B's gate and up (two Q4_K [14336, 4096] parts): one launch against two."""
-    n, k = 14336, 4096
     raws = [random_blocks(T.Q4_K, n, k, gen) for _ in range(8)]  # 4 pairs, 264 MB
     pairs = [
         (prepare_weight(a, T.Q4_K, n, k), prepare_weight(b, T.Q4_K, n, k))
         for a, b in zip(raws[::2], raws[1::2], strict=True)
     ]
-    x = torch.randn(k, device="cuda", generator=gen, dtype=torch.bfloat16)
+    x = torch.randn(k, device=gen.device, generator=gen, dtype=torch.bfloat16)
     xq = quantize_x(x)
-    out = torch.empty(1, 2 * n, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(1, 2 * n, device=gen.device, dtype=torch.bfloat16)
     gemv_parts(xq, pairs[0], out)
     dense = torch.cat([dequantize_gpu(p, T.Q4_K, n, k) for p in pairs[0]]).double()
     exact = (xq[0].view(-1, 32).double() * xq[1][:, None].double()).view(1, k) @ dense.T
@@ -258,6 +272,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="small shapes on the CPU only")
     parser.add_argument("--only", default="", help="shapes whose 'TYPE NxK' contains this")
+    parser.add_argument("--quick", action="store_true", help="large shapes, few geometries")
     args = parser.parse_args()
     if args.smoke:
         return smoke()
@@ -269,11 +284,11 @@ def main() -> int:
     print(f"{device}: copy {copy_bw / 1e12:.2f} TB/s", flush=True)
     failures: list[str] = []
     results = []
-    for qtype, n, k in SHAPES:
+    for qtype, n, k in QUICK_SHAPES if args.quick else SHAPES:
         if args.only not in f"{qtype.name} {n}x{k}":
             continue
         try:
-            results.append(bench_shape(qtype, n, k, gen, copy_bw, sms, failures))
+            results.append(bench_shape(qtype, n, k, gen, copy_bw, sms, failures, args.quick))
         except Exception as error:  # one shape's failure must not lose the others
             failures.append(f"{qtype.name} [{n}, {k}]: {error!r}"[:300])
             continue

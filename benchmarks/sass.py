@@ -7,7 +7,8 @@ compiled here for sm_90 and its machine code read: the instructions of its main 
 the weights one thread handles per iteration, the 16-byte loads, spills and registers.
 
     python benchmarks/sass.py              (any machine; no GPU needed)
-    python benchmarks/sass.py --launched   (compile all that gpu_gemv.py launches)
+    python benchmarks/sass.py --launched   (compile all that gpu_gemv.py launches; --quick: as
+                                            gpu_gemv.py --quick)
 """
 
 from __future__ import annotations
@@ -137,18 +138,20 @@ def count(text: str) -> dict[str, int]:
     }
 
 
-def launched_variants() -> list[Variant]:
+def launched_variants(quick: bool = False) -> list[Variant]:
     """Every kernel variant benchmarks/gpu_gemv.py launches (its sweep, defaults and old
-    geometries at each shape), for a compile check: the GPU may run another Triton version."""
-    from gpu_gemv import SHAPES, old_geometry, sweep_geometries
+    geometries at each shape; with `quick`, as --quick), for a compile check: the GPU may run
+    another Triton version."""
+    from gpu_gemv import QUICK_SHAPES, SHAPES, old_geometry, sweep_geometries
 
     from metallic.kernels.quant_gemv import T, default_geometry, normalized
 
     seen, out = set(), []
-    for qtype, n, k in SHAPES:
+    for qtype, n, k in QUICK_SHAPES if quick else SHAPES:
         new = normalized(default_geometry(n, k, 132), k)
         for geo in [old_geometry(n, k, qtype, 132), new, dataclasses.replace(new, hoist=False),
-                    *sweep_geometries(qtype, n, k)]:  # fmt: skip
+                    dataclasses.replace(new, kernel="staged"),
+                    *sweep_geometries(qtype, n, k, quick)]:  # fmt: skip
             for partial in (False, True) if geo.splits > 1 else (False,):
                 key = (qtype, geo.rows, geo.sbs, geo.warps, geo.kernel, geo.hoist, partial)
                 if key in seen:
@@ -173,7 +176,7 @@ def launched_variants() -> list[Variant]:
 def main() -> int:
     if "--launched" in sys.argv:  # compile all that gpu_gemv.py launches; report failures
         failed = 0
-        for v in launched_variants():
+        for v in launched_variants("--quick" in sys.argv):
             try:
                 sass(v)
             except Exception as error:  # report every failing variant
