@@ -162,7 +162,7 @@ def smoke() -> int:
         x = torch.randn(k, generator=gen).to(torch.bfloat16)
         xq = quantize_x(x)
         exact = (xq[0].view(-1, 32).double() * xq[1][:, None].double()).view(1, k) @ dense.T
-        geometries = [old_geometry(n, k, qtype, 2), default_geometry(n, k, 2)]
+        geometries = [old_geometry(n, k, qtype, 2), default_geometry(qtype, n, k)]
         geometries += [Geometry(8, 2, 2, 1), Geometry(16, 1, 3, 2), Geometry(8, 2, 2, 1, "staged")]
         geometries += [Geometry(8, 2, 2, 1, hoist=False)]
         label = f"{qtype.name} [{n}, {k}]"
@@ -191,7 +191,7 @@ def bench_shape(
     ref = x.double() @ dense.T
     del dense
     label = f"{qtype.name} [{n}, {k}]"
-    old, new = old_geometry(n, k, qtype, sms), normalized(default_geometry(n, k, sms), k)
+    old, new = old_geometry(n, k, qtype, sms), normalized(default_geometry(qtype, n, k), k)
     candidates = [old, new]
     if not quick or qtype == T.Q6_K or k > 4096:  # --quick: the barrier measured both ways
         candidates.append(dataclasses.replace(new, hoist=False))

@@ -148,7 +148,7 @@ def launched_variants(quick: bool = False) -> list[Variant]:
 
     seen, out = set(), []
     for qtype, n, k in QUICK_SHAPES if quick else SHAPES:
-        new = normalized(default_geometry(n, k, 132), k)
+        new = normalized(default_geometry(qtype, n, k), k)
         for geo in [old_geometry(n, k, qtype, 132), new, dataclasses.replace(new, hoist=False),
                     dataclasses.replace(new, kernel="staged"),
                     *sweep_geometries(qtype, n, k, quick)]:  # fmt: skip

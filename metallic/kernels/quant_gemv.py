@@ -16,10 +16,14 @@ Two kernel families (benchmarks/sass.py counts their sm_90 instructions per weig
   loads, its scales are decoded once per 256 weights and the thread's x words serve all its
   rows. A 32-bit word of Q4_K quants (eight weights) takes two masks and two dp4a (the high
   nibbles multiplied in place, 16 times their value): in the main loop about 1.0-1.1
-  instructions per weight in all, 1.4-1.6 for Q6_K (Triton 3.9-3.6). The default.
+  instructions per weight in all, 1.4-1.6 for Q6_K (Triton 3.9-3.6). Q6_K's default.
+- "staged" (Q4_K): the same, but eight neighbouring threads load a block's 128 quant bytes
+  contiguously and Triton hands them to their owner through shared memory (about 1.4-1.6
+  instructions per weight): the owner's strided 16-byte loads use half a sector each, and on an
+  H200 the staged kernel is 10-25% faster. Q4_K's default.
 - "tile": threads share a super-block's words in [rows, super-blocks, words] tiles and decode
-  its scales per element; about 2.0 (Q4_K) and 2.6 (Q6_K) instructions per weight. Kept to
-  measure against.
+  its scales per element; about 2.0 (Q4_K) and 2.6 (Q6_K) instructions per weight. Still the
+  fastest for Q6_K at wide K (default_geometry has the measurements).
 
 Under TRITON_INTERPRET=1 (no PTX) ``dp4a`` is emulated with shifts and multiplies; integer
 arithmetic is exact, so the emulation and the instruction give identical sums.
@@ -39,7 +43,7 @@ from gguf import GGMLQuantizationType
 
 from metallic.kernels.packing import PackedWeight
 from metallic.kernels.pdl import pdl_launch, wait_for_inputs
-from metallic.kernels.quant_matmul import interpreting, sm_count, sum_splits
+from metallic.kernels.quant_matmul import interpreting, sum_splits
 
 T = GGMLQuantizationType
 
@@ -467,7 +471,8 @@ def _largest_divisor(n: int, limit: int) -> int:
 def uses_dp4a(parts: Sequence[PackedWeight]) -> bool:
     """Whether a one-row product against these stacked parts should take the dp4a kernels: all
     K-quants they have, and enough bytes that the kernel's gain pays for rounding x (one more
-    launch; benchmarks/gpu_gemv.py, H100: gains of 5-25% from about 8 MB, a loss below)."""
+    launch; benchmarks/gpu_gemv.py, H100: gains of 5-25% from about 8 MB, a loss below; on an
+    H200 Gemma 3 270M's 0.7-1.1 MB matrices gain nothing either)."""
     return (
         all(p.ggml_type in GEMV_TYPES for p in parts)
         and sum(p.nbytes for p in parts) >= DP4A_MIN_BYTES
@@ -492,17 +497,21 @@ class Geometry:
     hoist: bool = True  # owner kernels: all quant loads issued before any arithmetic
 
 
-def default_geometry(n: int, k: int, sms: int) -> Geometry:
-    """The owner kernels' default: 16 rows of 16 super-blocks a step (fewer where K has fewer
-    or 16 does not divide them), K split in halves of at least 4 super-blocks while the grid has
-    fewer programs than two per multiprocessor, and as many warps (up to 4) as the tile has
-    (row, super-block) pairs for."""
+def default_geometry(qtype: GGMLQuantizationType, n: int, k: int) -> Geometry:
+    """The winners of benchmarks/gpu_gemv.py's sweep on an H200 (Triton 3.6; µs, % of copy
+    bandwidth). Q4_K, staged: 8 rows of 16 super-blocks for N <= 8192 (4096 x 4096: 6.2, 36%;
+    the tile kernel 8.1), 16 rows from there (14336 x 4096: 13.7, 57%; tile 19.4); wide K in
+    steps and splits of 8 super-blocks (4096 x 14336: 18.1, 43%; tile 20.9). Q6_K, owner: 8 rows
+    of 16 super-blocks (1024 x 4096: 4.4, as the tile kernel), the output head 16 rows of 8 in
+    two splits (146, 70%; tile 176); wide K keeps the tile kernel (24.8, 46%; owner 25.5)."""
     n_sb = k // 256
-    splits = 1
-    while triton.cdiv(n, 16) * splits < 2 * sms and n_sb % (8 * splits) == 0:
-        splits *= 2
-    sbs = _largest_divisor(n_sb // splits, 16)
-    return Geometry(16, sbs, splits, warps=max(1, min(4, 16 * sbs // 32)))
+    if qtype == T.Q6_K:
+        if n_sb > 16:
+            return Geometry(16, 8, 1, 8, "tile")
+        return Geometry(16, 8, 2) if n >= 32768 else Geometry(8, 16)
+    if n_sb > 16:
+        return Geometry(16, 8, n_sb // 8 if n_sb % 8 == 0 else 1, kernel="staged")
+    return Geometry(8 if n <= 8192 else 16, 16, kernel="staged")
 
 
 def normalized(geometry: Geometry, k: int) -> Geometry:
@@ -541,7 +550,7 @@ def gemv_parts(
     while i < len(parts):
         group = tuple(parts[i : i + 2])
         n = sum(p.n for p in group)
-        g = geometry or default_geometry(n, group[0].k, sm_count(xq[0].device))
+        g = geometry or default_geometry(group[0].ggml_type, n, group[0].k)
         pair = (
             len(group) == 2
             and all(p.ggml_type == T.Q4_K and p.k == group[0].k for p in group)
@@ -566,7 +575,7 @@ def _launch(
     q, dx, xs = xq
     weight = parts[0]
     n, k = sum(p.n for p in parts), weight.k
-    g = normalized(geometry or default_geometry(n, k, sm_count(q.device)), k)
+    g = normalized(geometry or default_geometry(weight.ggml_type, n, k), k)
     n_sb, splits, sbs = k // 256, g.splits, g.sbs
     per_split = n_sb // splits
     target = out if splits == 1 else torch.empty(splits, n, dtype=torch.float32, device=q.device)

@@ -86,7 +86,7 @@ def test_gemv_matches_the_reference(
     [
         (((T.Q4_K, 32), (T.Q4_K, 24)), None, 1),  # gate|up: one launch of the default
         (((T.Q4_K, 32), (T.Q4_K, 24)), Geometry(16, 4, splits=2, kernel="staged"), 1),
-        (((T.Q4_K, 24), (T.Q4_K, 16)), None, 2),  # the first part's rows end inside a program
+        (((T.Q4_K, 20), (T.Q4_K, 16)), None, 2),  # the first part's rows end inside a program
         (((T.Q6_K, 16), (T.Q4_K, 16), (T.Q4_K, 8)), Geometry(8, 8), 2),  # v, then a pair
     ],
 )
@@ -96,7 +96,7 @@ def test_gemv_parts_stacks_the_products(
     from metallic.kernels import quant_gemv
 
     seed = _seed()
-    k = 2048  # 8 super-blocks: the default geometry takes 16 rows
+    k = 2048  # 8 super-blocks: the default geometry takes 8 rows
     matrices = [_matrix(qtype, n, k, seed + i) for i, (qtype, n) in enumerate(kinds)]
     parts = [
         prepare_weight(raw, qtype, n, k)
