@@ -79,7 +79,7 @@ def variants() -> list[Variant]:
         _variant("q4_k tile", g._gemv_q4_k_kernel, _Q4_K_TILE, 8, 16, 4, STAGES=1),
         _variant("q6_k tile", g._gemv_q6_k_kernel, _Q6_K, 8, 16, 4, STAGES=1),
     ]
-    for rows, sbs, warps in ((16, 16, 4), (32, 16, 4), (16, 8, 4), (32, 8, 8)):
+    for rows, sbs, warps in ((8, 16, 4), (16, 16, 4), (16, 8, 4), (32, 8, 8)):
         out.append(
             _variant("q4_k owner", g._gemv_q4_k_owner_kernel, _Q4_K_OWNER, rows, sbs, warps,
                      STAGED=False, HOIST=True)
