@@ -1,38 +1,105 @@
-"""The dp4a decode kernels (metallic.kernels.quant_gemv) against the float decode kernel, at
-Llama-3-8B shapes: correctness first, then a sweep of their geometry, then the defaults.
+"""The dp4a decode kernels (metallic.kernels.quant_gemv) at Llama-3-8B shapes: correctness first,
+then the earlier "tile" kernels against the "owner" kernels and a sweep of the owners' geometry.
 
-Each timed dp4a call rounds x to int8 (one kernel) and runs the product, as the model does; the
-float kernel (quant_matmul, M = 1) runs on the same bf16 x. Times are per call, replayed back to
-back from one CUDA graph over enough weight copies to defeat the L2 (gpu_quant_matmul.py's
-method). Beside them: the same bytes read by a plain streaming Triton kernel (what any kernel
-reading this matrix can reach, launch included), and a device-to-device copy's bandwidth.
+Correctness: every kernel and geometry against x W^T in float64, with W dequantized on the GPU
+(itself checked bit-exact against metallic.quant.reference on 2 x 64 rows) and x as rounded to
+int8 (what the kernels multiply; the rounding of x itself is reported too). Timing: calls
+replayed back to back from one CUDA graph over enough weight copies to defeat the L2
+(gpu_quant_matmul.py's method); the product alone (x rounded once outside), as a share of a
+device-to-device copy's bandwidth measured in the same run. Beside it: the float decode kernel
+(quant_matmul, M = 1), the default dp4a path with x's rounding included, and a plain streaming
+read of the same bytes. Small shapes (Gemma 3 270M's FFN) show where the float kernel should
+stay (quant_gemv.DP4A_MIN_BYTES).
 
-GPU only:  python benchmarks/gpu_gemv.py   (JSON to $OUT or benchmarks/results)
+GPU:   python benchmarks/gpu_gemv.py           (JSON to $OUT or benchmarks/results)
+       python benchmarks/gpu_gemv.py --quick   (under 2 minutes: large shapes, few geometries)
+CPU:   TRITON_INTERPRET=1 python benchmarks/gpu_gemv.py --smoke   (correctness, small shapes)
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import itertools
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 from gguf import GGMLQuantizationType
-from gpu_quant_matmul import ROTATION_BYTES, copy_bandwidth, graph_us, random_blocks, relative_error
+from gpu_quant_matmul import (
+    ROTATION_BYTES,
+    check_reference_rows,
+    copy_bandwidth,
+    graph_us,
+    random_blocks,
+    relative_error,
+)
 
 from metallic.kernels import dequantize_gpu, prepare_weight, quant_matmul
-from metallic.kernels.quant_gemv import gemv, quantize_x
+from metallic.kernels.quant_gemv import (
+    Geometry,
+    default_geometry,
+    gemv,
+    gemv_parts,
+    normalized,
+    quantize_x,
+)
+from metallic.quant.reference import dequantize
 
 T = GGMLQuantizationType
-SHAPES = {
-    T.Q4_K: ((5120, 4096), (4096, 4096), (28672, 4096), (4096, 14336)),
-    T.Q6_K: ((1024, 4096), (4096, 14336), (128256, 4096)),
-}
-ROWS, SBS, WARPS, PROGRAMS_PER_SM, STAGES = (4, 8, 16, 32), (4, 8, 16), (4, 8), (1, 4), (1, 3)
+SHAPES = (
+    (T.Q4_K, 4096, 4096),  # q, o
+    (T.Q4_K, 1024, 4096),  # k
+    (T.Q4_K, 14336, 4096),  # gate, up
+    (T.Q4_K, 4096, 14336),  # down, half the layers
+    (T.Q6_K, 1024, 4096),  # v
+    (T.Q6_K, 4096, 14336),  # down, the other half
+    (T.Q6_K, 128256, 4096),  # output head
+    (T.Q4_K, 640, 2048),  # Gemma 3 270M's down: where the float kernel may stay faster
+    (T.Q6_K, 640, 2048),
+)
+SMOKE_SHAPES = ((T.Q4_K, 40, 1024), (T.Q6_K, 40, 1024), (T.Q4_K, 9, 768), (T.Q6_K, 9, 768))
+ROWS, SBS, WARPS, SPLITS = (8, 16, 32), (8, 16), (4, 8), (1, 2, 4, 7)
+# --quick (under 2 minutes): the 8B's large shapes and a few geometries, no float kernel.
+QUICK_SHAPES = tuple(s for s in SHAPES if s[1] * s[2] >= 4096 * 4096)
+QUICK_TILES = ((32, 8, 4),)  # rows, super-blocks a step, warps
+TOLERANCE = 1e-2  # bf16 output against the float64 product with x as rounded
+
+
+def old_geometry(n: int, k: int, qtype: GGMLQuantizationType, sms: int) -> Geometry:
+    """The tile kernels' defaults before the owner kernels (measured on an H100)."""
+    wide, tall = k > 16 * 256, n >= 32768
+    rows = (32 if qtype == T.Q4_K else 16) if wide else 16 if tall else 8
+    splits = 2 if wide and qtype == T.Q4_K else 1
+    while rows > 4 and triton.cdiv(n, rows) * splits < sms:
+        rows //= 2
+    return Geometry(rows, 8 if wide or tall else 16, splits, 8 if wide or tall else 4, "tile")
+
+
+def sweep_geometries(
+    qtype: GGMLQuantizationType, n: int, k: int, quick: bool = False
+) -> list[Geometry]:
+    """The owner kernels' distinct candidates for an [n, k] matrix (a step is cut down to what
+    divides a split, as gemv does), and for Q4_K the staged ones that do not spill."""
+    n_sb = k // 256
+    out: list[Geometry] = []
+    tiles = QUICK_TILES if quick else itertools.product(ROWS, SBS, WARPS)
+    for (rows, sbs, warps), splits in itertools.product(tiles, (1,) if quick else SPLITS):
+        if n_sb % splits:
+            continue
+        g = normalized(Geometry(rows, sbs, splits, warps), k)
+        if g.rows * g.sbs >= 32 * warps and g not in out:  # no idle threads
+            out.append(g)
+    if qtype == T.Q4_K and not quick:
+        out += [
+            dataclasses.replace(g, kernel="staged") for g in out if g.rows * g.sbs <= 64 * g.warps
+        ]
+    return out
 
 
 @triton.jit
@@ -62,136 +129,209 @@ def read_us(raws: list[torch.Tensor]) -> float:
     return best
 
 
-@triton.jit
-def _q4_k_tile_read_kernel(
-    w_ptr,
-    xq_ptr,
-    out_ptr,
-    N,
-    row_words,
-    n_sb,
-    BN: tl.constexpr,
-    S: tl.constexpr,
-    WITH_X: tl.constexpr,
-):
-    """The dp4a Q4_K kernel's loads of quant words (and with WITH_X its loads of x's words), in
-    its tiles, XORed instead of multiplied: what its access pattern alone costs."""
-    ids = tl.program_id(0) * BN + tl.arange(0, BN)
-    r = tl.minimum(ids, N - 1).to(tl.int64)[:, None, None, None]
-    j = tl.arange(0, 4)[None, None, :, None]
-    w = tl.arange(0, 8)[None, None, None, :]
-    acc = tl.zeros((BN, S, 4, 8), dtype=tl.int32)
-    for s in range(0, n_sb, S):
-        sb = s + tl.arange(0, S)[None, :, None, None]
-        acc ^= tl.load(w_ptr + r * row_words + sb * 36 + 4 + 8 * j + w)
-        if WITH_X:
-            xw = sb * 64 + 16 * j + w
-            acc ^= tl.load(xq_ptr + xw) ^ tl.load(xq_ptr + xw + 8)
-    tl.store(out_ptr + ids, tl.reduce_or(tl.reshape(acc, (BN, S * 32)), axis=1), mask=ids < N)
+def check_all(
+    label: str, xq: tuple, packed, exact: torch.Tensor, geometries: list[Geometry],
+    failures: list[str],
+) -> list[Geometry]:  # fmt: skip
+    """The geometries whose product matches `exact` (the others are recorded as failures)."""
+    good = []
+    out = torch.empty(1, packed.n, dtype=torch.bfloat16, device=exact.device)
+    for g in geometries:
+        out.fill_(float("nan"))
+        try:
+            gemv(xq, packed, out, g)
+        except Exception as error:  # a variant that does not compile: report it, go on
+            failures.append(f"{label} {g}: {str(error).splitlines()[-1][:200]}")
+            continue
+        err = relative_error(out, exact)
+        if err <= TOLERANCE:
+            good.append(g)
+        else:
+            failures.append(f"{label} {g}: relative error {err:.3g} vs rounded x")
+    return good
 
 
-def tile_read_us(copies: list, xq: torch.Tensor, n: int, k: int, with_x: bool) -> float:
-    """The Q4_K tile-read kernel at the dp4a kernel's default geometry for K = 4096 (8 rows,
-    up to 16 super-blocks a step, 4 warps)."""
-    sink = torch.empty(n, dtype=torch.int32, device="cuda")
-    words = xq.view(torch.int32)
-    steps = 16  # super-blocks a step: the largest power of two <= 16 dividing K / 256
-    while (k // 256) % steps:
-        steps //= 2
-
-    def read(packed) -> None:
-        _q4_k_tile_read_kernel[(triton.cdiv(n, 8),)](
-            packed.planes[0], words, sink, n, k // 256 * 36, k // 256, BN=8,
-            S=steps, WITH_X=with_x, num_warps=4,
-        )  # fmt: skip
-
-    return graph_us([lambda c=c: read(c) for c in copies])
+def smoke() -> int:
+    """Every kernel and a few geometries at small shapes on the CPU (under TRITON_INTERPRET=1),
+    against the reference dequantizer in float64."""
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    failures: list[str] = []
+    for qtype, n, k in SMOKE_SHAPES:
+        raw = random_blocks(qtype, n, k, gen)
+        dense = dequantize(raw, qtype, n * k).view(n, k).double()
+        x = torch.randn(k, generator=gen).to(torch.bfloat16)
+        xq = quantize_x(x)
+        exact = (xq[0].view(-1, 32).double() * xq[1][:, None].double()).view(1, k) @ dense.T
+        geometries = [old_geometry(n, k, qtype, 2), default_geometry(qtype, n, k)]
+        geometries += [Geometry(8, 2, 2, 1), Geometry(16, 1, 3, 2), Geometry(8, 2, 2, 1, "staged")]
+        geometries += [Geometry(8, 2, 2, 1, hoist=False)]
+        label = f"{qtype.name} [{n}, {k}]"
+        good = check_all(label, xq, prepare_weight(raw, qtype, n, k), exact, geometries, failures)
+        print(f"{label}: {len(good)}/{len(geometries)} geometries match", flush=True)
+    for failure in failures:
+        print("FAIL", failure)
+    print(f"seed {gen.initial_seed()}")
+    return 1 if failures else 0
 
 
 def bench_shape(
     qtype: GGMLQuantizationType, n: int, k: int, gen: torch.Generator, copy_bw: float,
-    failures: list[str],
+    sms: int, failures: list[str], quick: bool = False,
 ) -> dict[str, object]:  # fmt: skip
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     raw = random_blocks(qtype, n, k, gen)
     count = min(16, -(-ROTATION_BYTES // raw.numel()))
     raws = [raw] + [random_blocks(qtype, n, k, gen) for _ in range(count - 1)]
     copies = [prepare_weight(r, qtype, n, k) for r in raws]
-    dense = dequantize_gpu(copies[0], qtype, n, k).double()
-    x = torch.randn(1, k, device="cuda", generator=gen, dtype=torch.bfloat16)
+    dense = dequantize_gpu(copies[0], qtype, n, k)
+    check_reference_rows(qtype, raw, dense, k, failures)
+    dense = dense.double()
+    x = torch.randn(1, k, device=gen.device, generator=gen, dtype=torch.bfloat16)
     xq = quantize_x(x[0])
-    out = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
-    ref = x.double() @ dense.T
     exact = (xq[0].view(-1, 32).double() * xq[1][:, None].double()).view(1, k) @ dense.T
+    ref = x.double() @ dense.T
+    del dense
+    label = f"{qtype.name} [{n}, {k}]"
+    old, new = old_geometry(n, k, qtype, sms), normalized(default_geometry(qtype, n, k), k)
+    candidates = [old, new]
+    if not quick or qtype == T.Q6_K or k > 4096:  # --quick: the barrier measured both ways
+        candidates.append(dataclasses.replace(new, hoist=False))
+    if qtype == T.Q4_K:
+        candidates.append(dataclasses.replace(new, kernel="staged"))
+    candidates += [g for g in sweep_geometries(qtype, n, k, quick) if g != new]
+    good = check_all(label, xq, copies[0], exact, candidates, failures)
+    out = torch.empty(1, n, device=gen.device, dtype=torch.bfloat16)
     gemv(xq, copies[0], out)
     row: dict[str, object] = {
         "format": qtype.name, "n": n, "k": k, "weight_bytes": raw.numel(),
-        "err_vs_rounded_x": relative_error(out, exact), "err_vs_x": relative_error(out, ref),
+        "err_vs_x": relative_error(out, ref), "old": str(old), "default": str(new),
     }  # fmt: skip
-    if not row["err_vs_rounded_x"] < 1e-2:
-        failures.append(f"{qtype.name} [{n}, {k}]: {row['err_vs_rounded_x']:.3g} vs rounded x")
-    sweep = []
-    for rows, sbs, warps, per_sm, stages in itertools.product(
-        ROWS, SBS, WARPS, PROGRAMS_PER_SM, STAGES
-    ):
-        splits = max(1, min(k // 256, -(-per_sm * sms // -(-n // rows))))
-        kw = dict(rows=rows, sbs=sbs, splits=splits, num_warps=warps, stages=stages)
-        gemv(xq, copies[0], out, **kw)
-        err = relative_error(out, exact)
-        if not err < 1e-2:
-            failures.append(f"{qtype.name} [{n}, {k}] {kw}: {err:.3g} vs rounded x")
-            continue
-        us = graph_us([lambda w=w, kw=kw: gemv(quantize_x(x[0]), w, out, **kw) for w in copies])
-        sweep.append((us, kw))
-    sweep.sort(key=lambda t: t[0])
+
+    def product_us(g: Geometry) -> float | None:
+        try:
+            return graph_us([lambda w=w: gemv(xq, w, out, g) for w in copies])
+        except Exception as error:  # report it, time the others
+            failures.append(f"{label} {g}: timing: {error!r}"[:300])
+            return None
+
+    timed = []
+    for g in good:
+        if g != old and (us := product_us(g)) is not None:
+            timed.append((us, g))
+    timed.sort(key=lambda t: t[0])
+    row["old_us"] = product_us(old) if old in good else None  # (old is not in timed)
+    row["default_us"] = next((us for us, g in timed if g == new), None)
+    row["best_us"], best = timed[0] if timed else (None, None)
+    row["best"] = str(best)
+    row["best_geometry"] = dataclasses.asdict(best) if best else None
+    row["top5"] = [(round(us, 2), str(g)) for us, g in timed[:5]]
     row["read_us"] = read_us(raws)
-    if qtype == T.Q4_K:
-        row["tile_read_us"] = tile_read_us(copies, xq[0], n, k, with_x=False)
-        row["tile_read_x_us"] = tile_read_us(copies, xq[0], n, k, with_x=True)
-        row["dp4a_no_rounding_us"] = graph_us([lambda w=w: gemv(xq, w, out) for w in copies])
-    row["float_us"] = graph_us([lambda w=w: quant_matmul(x, w, qtype, n, k) for w in copies])
-    row["dp4a_us"] = graph_us([lambda w=w: gemv(quantize_x(x[0]), w, out) for w in copies])
-    row["sweep_best_us"], row["sweep_best"] = sweep[0] if sweep else (None, None)
-    row["sweep_top5"] = [(round(us, 2), kw) for us, kw in sweep[:5]]
-    for key in ("read", "float", "dp4a"):
-        row[f"{key}_copy_pct"] = 100 * raw.numel() / (row[f"{key}_us"] * 1e-6) / copy_bw
+    row["float_us"] = None
+    if not quick:
+        row["float_us"] = graph_us([lambda w=w: quant_matmul(x, w, qtype, n, k) for w in copies])
+    row["dp4a_with_rounding_us"] = graph_us(
+        [lambda w=w: gemv(quantize_x(x[0]), w, out) for w in copies]
+    )
+    for key in ("old", "default", "best", "read", "float", "dp4a_with_rounding"):
+        us = row[f"{key}_us"]
+        row[f"{key}_copy_pct"] = 100 * raw.numel() / (us * 1e-6) / copy_bw if us else None
     return row
 
 
+def bench_gate_up(
+    gen: torch.Generator, copy_bw: float, failures: list[str], n: int = 14336, k: int = 4096
+) -> dict[str, object]:
+    """Llama-3-8B's gate and up (two Q4_K [14336, 4096] parts): one launch against two."""
+    raws = [random_blocks(T.Q4_K, n, k, gen) for _ in range(8)]  # 4 pairs, 264 MB
+    pairs = [
+        (prepare_weight(a, T.Q4_K, n, k), prepare_weight(b, T.Q4_K, n, k))
+        for a, b in zip(raws[::2], raws[1::2], strict=True)
+    ]
+    x = torch.randn(k, device=gen.device, generator=gen, dtype=torch.bfloat16)
+    xq = quantize_x(x)
+    out = torch.empty(1, 2 * n, device=gen.device, dtype=torch.bfloat16)
+    gemv_parts(xq, pairs[0], out)
+    dense = torch.cat([dequantize_gpu(p, T.Q4_K, n, k) for p in pairs[0]]).double()
+    exact = (xq[0].view(-1, 32).double() * xq[1][:, None].double()).view(1, k) @ dense.T
+    err = relative_error(out, exact)
+    if not err <= TOLERANCE:
+        failures.append(f"gate|up in one launch: relative error {err:.3g} vs rounded x")
+
+    def apart(pair: tuple) -> None:
+        gemv(xq, pair[0], out[:, :n])
+        gemv(xq, pair[1], out[:, n:])
+
+    one = graph_us([lambda p=p: gemv_parts(xq, p, out) for p in pairs])
+    two = graph_us([lambda p=p: apart(p) for p in pairs])
+    pct = {key: 100 * 2 * raws[0].numel() / (us * 1e-6) / copy_bw for key, us in
+           (("one", one), ("two", two))}  # fmt: skip
+    return {"one_launch_us": one, "two_launches_us": two, "one_pct": pct["one"],
+            "two_pct": pct["two"], "err": err}  # fmt: skip
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="small shapes on the CPU only")
+    parser.add_argument("--only", default="", help="shapes whose 'TYPE NxK' contains this")
+    parser.add_argument("--quick", action="store_true", help="large shapes, few geometries")
+    args = parser.parse_args()
+    if args.smoke:
+        return smoke()
+    start = time.time()
     gen = torch.Generator(device="cuda").manual_seed(0)
     device = torch.cuda.get_device_name()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     copy_bw = copy_bandwidth()
     print(f"{device}: copy {copy_bw / 1e12:.2f} TB/s", flush=True)
     failures: list[str] = []
     results = []
-    for qtype, shapes in SHAPES.items():
-        for n, k in shapes:
-            results.append(bench_shape(qtype, n, k, gen, copy_bw, failures))
-            print(json.dumps(results[-1]), flush=True)
+    for qtype, n, k in QUICK_SHAPES if args.quick else SHAPES:
+        if args.only not in f"{qtype.name} {n}x{k}":
+            continue
+        try:
+            results.append(bench_shape(qtype, n, k, gen, copy_bw, sms, failures, args.quick))
+        except Exception as error:  # one shape's failure must not lose the others
+            failures.append(f"{qtype.name} [{n}, {k}]: {error!r}"[:300])
+            continue
+        print(json.dumps(results[-1]), f"({time.time() - start:.0f} s)", flush=True)
+    gate_up = None
+    if not args.only:
+        try:
+            gate_up = bench_gate_up(gen, copy_bw, failures)
+        except Exception as error:
+            failures.append(f"gate|up: {error!r}"[:300])
     print(f"\n{device}, copy {copy_bw / 1e12:.2f} TB/s; µs per product (% of copy bandwidth)")
-    print("| format | N x K | MB | plain read | float kernel | dp4a (defaults) | sweep best |")
-    print("|---|---|---|---|---|---|---|")
+    print("| format | N x K | MB | read | float | tile (old) | owner default | best | +round |")
+    print("|---|---|---|---|---|---|---|---|---|")
+
+    def cell(r: dict, key: str) -> str:
+        us = r[f"{key}_us"]
+        return f"{us:.1f} ({r[f'{key}_copy_pct']:.0f}%)" if us else "-"
+
     for r in results:
         print(
             f"| {r['format']} | {r['n']}x{r['k']} | {r['weight_bytes'] / 1e6:.1f} | "
-            f"{r['read_us']:.1f} ({r['read_copy_pct']:.0f}%) | "
-            f"{r['float_us']:.1f} ({r['float_copy_pct']:.0f}%) | "
-            f"{r['dp4a_us']:.1f} ({r['dp4a_copy_pct']:.0f}%) | {r['sweep_best_us']:.1f} |"
+            + " | ".join(
+                cell(r, key)
+                for key in ("read", "float", "old", "default", "best", "dp4a_with_rounding")
+            )
+            + " |"
+        )
+    for r in results:
+        print(f"{r['format']} {r['n']}x{r['k']}: best {r['best']}")
+    if gate_up:
+        print(
+            f"gate|up 2 x 14336x4096 Q4_K: one launch {gate_up['one_launch_us']:.1f} µs "
+            f"({gate_up['one_pct']:.0f}%), two {gate_up['two_launches_us']:.1f} µs "
+            f"({gate_up['two_pct']:.0f}%)"
         )
     out_dir = Path(os.environ.get("OUT", "benchmarks/results"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = {"device": device, "copy_bw": copy_bw, "results": results, "failures": failures}
+    result = {"device": device, "copy_bw": copy_bw, "results": results, "gate_up": gate_up,
+              "failures": failures}  # fmt: skip
     (out_dir / "gpu_gemv.json").write_text(json.dumps(result, indent=1))
-    print("\nQ4_K at the default geometry, µs: quant-word loads only | + x loads | the product")
-    for r in results:
-        if "tile_read_us" in r:
-            print(
-                f"{r['n']}x{r['k']}: {r['tile_read_us']:.1f} | {r['tile_read_x_us']:.1f} | "
-                f"{r['dp4a_no_rounding_us']:.1f} (plain read {r['read_us']:.1f})"
-            )
     for failure in failures:
         print("FAIL", failure)
+    print(f"{time.time() - start:.0f} s")
     return 1 if failures else 0
 
 

@@ -5,12 +5,25 @@ its cost is the instructions that turn a weight's bits into that multiply-add. T
 (quant_matmul's FMA mode) unpacks, converts and multiplies every weight in f32; here x is
 rounded once per product to signed 8-bit integers with one f32 scale per 32 elements (as
 llama.cpp's GPU backend does with its q8_1 blocks), the weights' quants stay integers, and
-``dp4a`` multiplies four quant bytes by four x bytes and adds them in one instruction: a 32-bit
-word of Q4_K quants (eight weights) takes two masks, a shift and two dp4a. Compiled for sm_90
-with addressing, scales and reductions, the kernel runs about 2.6 instructions per weight. The
-float scales are applied once per 16 or 32-element sub-block:
+``dp4a`` multiplies four quant bytes by four x bytes and adds them in one instruction. The float
+scales are applied once per 16 or 32-element sub-block:
 
     sum_l (d*sc*q_l - dmin*m) * dx*xq_l = dx * (d*sc * sum_l q_l*xq_l - dmin*m * sum_l xq_l)
+
+Two kernel families (benchmarks/sass.py counts their sm_90 instructions per weight):
+
+- "owner": each thread owns whole (row, super-block) pairs, so a block's bytes arrive in 16-byte
+  loads, its scales are decoded once per 256 weights and the thread's x words serve all its
+  rows. A 32-bit word of Q4_K quants (eight weights) takes two masks and two dp4a (the high
+  nibbles multiplied in place, 16 times their value): in the main loop about 1.0-1.1
+  instructions per weight in all, 1.4-1.6 for Q6_K (Triton 3.9-3.6). Q6_K's default.
+- "staged" (Q4_K): the same, but eight neighbouring threads load a block's 128 quant bytes
+  contiguously and Triton hands them to their owner through shared memory (about 1.4-1.6
+  instructions per weight): the owner's strided 16-byte loads use half a sector each, and on an
+  H200 the staged kernel is 10-25% faster. Q4_K's default.
+- "tile": threads share a super-block's words in [rows, super-blocks, words] tiles and decode
+  its scales per element; about 2.0 (Q4_K) and 2.6 (Q6_K) instructions per weight. Still the
+  fastest for Q6_K at wide K (default_geometry has the measurements).
 
 Under TRITON_INTERPRET=1 (no PTX) ``dp4a`` is emulated with shifts and multiplies; integer
 arithmetic is exact, so the emulation and the instruction give identical sums.
@@ -20,6 +33,7 @@ Layouts are metallic.kernels.packing's: Q4_K in place (36 words a block), Q6_K i
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -28,7 +42,8 @@ import triton.language as tl
 from gguf import GGMLQuantizationType
 
 from metallic.kernels.packing import PackedWeight
-from metallic.kernels.quant_matmul import interpreting, sm_count, sum_splits
+from metallic.kernels.pdl import pdl_launch, wait_for_inputs
+from metallic.kernels.quant_matmul import interpreting, sum_splits
 
 T = GGMLQuantizationType
 
@@ -36,24 +51,29 @@ GEMV_TYPES = (T.Q4_K, T.Q6_K)
 DP4A_MIN_BYTES = 8 << 20  # below this a one-row product keeps the float kernel (uses_dp4a)
 _X_BLOCK = 32  # elements of x per f32 scale
 _QUANTIZE_BLOCKS = 32  # x blocks per program of the rounding kernel
+_HIGH_NIBBLES = tl.constexpr(-0x0F0F0F10)  # 0xF0F0F0F0 as a signed 32-bit word
 
 
 # fmt: off
 @triton.jit
-def _dp4a(a, b, c, ASM: tl.constexpr):
-    """c + the dot product of a's and b's four signed bytes."""
+def _dp4a(a, b, c, ASM: tl.constexpr, A_UNSIGNED: tl.constexpr = False):
+    """c + the dot product of a's and b's four signed bytes (a's unsigned with A_UNSIGNED)."""
     if ASM:
-        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+        op: tl.constexpr = "dp4a.u32.s32" if A_UNSIGNED else "dp4a.s32.s32"
+        return tl.inline_asm_elementwise(op + " $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
                                          dtype=tl.int32, is_pure=True, pack=1)
     else:
         for k in tl.static_range(4):
-            c += ((a << (24 - 8 * k)) >> 24) * ((b << (24 - 8 * k)) >> 24)
+            a_k = (a >> (8 * k)) & 0xFF if A_UNSIGNED else (a << (24 - 8 * k)) >> 24
+            c += a_k * ((b << (24 - 8 * k)) >> 24)
         return c
 
 
 @triton.jit
-def _quantize_x_kernel(x_ptr, xq_ptr, dx_ptr, xs_ptr, n_blocks, BLOCKS: tl.constexpr):
+def _quantize_x_kernel(x_ptr, xq_ptr, dx_ptr, xs_ptr, n_blocks, BLOCKS: tl.constexpr,
+                       PDL: tl.constexpr):
     """Blocks of 32 elements of x: int8 quants, their f32 scale and each half's sum of quants."""
+    wait_for_inputs(PDL)
     b = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
     ok = b < n_blocks
     e = tl.arange(0, 32)
@@ -96,13 +116,14 @@ def _store(out_ptr, acc, ids, N, PARTIAL: tl.constexpr):
 @triton.jit
 def _gemv_q4_k_kernel(w_ptr, h_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N, row_words, sb_per_split,
                       BN: tl.constexpr, S: tl.constexpr, PARTIAL: tl.constexpr,
-                      ASM: tl.constexpr, STAGES: tl.constexpr):
+                      ASM: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
     """out[rows] over super-blocks [pid1 * sb_per_split, +sb_per_split), S at a time.
 
     Tiles are [BN rows, S super-blocks, 4 chunks j, 8 words w]: byte b of quant word w of chunk
     j holds elements 64j + 4w + b (low nibble, sub-block 2j) and 64j + 32 + 4w + b (high
     nibble, sub-block 2j + 1); x's int8 word 16j + w (+ 8) holds the same elements of x.
     """
+    wait_for_inputs(PDL)
     ids, rows = _rows(BN, N)
     r = rows[:, None, None, None]
     j = tl.arange(0, 4)[None, None, :, None]
@@ -144,9 +165,135 @@ def _gemv_q4_k_kernel(w_ptr, h_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N, row_word
 
 
 @triton.jit
+def _words(t, BN: tl.constexpr, S: tl.constexpr):
+    """The four words of the last axis of t [BN, S, 4], each [BN, S] (held by one thread)."""
+    even, odd = tl.split(tl.reshape(t, (BN, S, 2, 2)))
+    w0, w2 = tl.split(even)
+    w1, w3 = tl.split(odd)
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _halves(t, W: tl.constexpr):
+    """t [BN, S, W] as its first and second halves along the last axis."""
+    BN: tl.constexpr = t.shape[0]
+    S: tl.constexpr = t.shape[1]
+    return tl.split(tl.permute(tl.reshape(t, (BN, S, 2, W // 2)), (0, 1, 3, 2)))
+
+
+@triton.jit
+def _pick(w0, w1, w2, w3, i: tl.constexpr):
+    """w_i, for a compile-time i."""
+    return w0 if i == 0 else w1 if i == 1 else w2 if i == 2 else w3
+
+
+@triton.jit
+def _owner_start(N, sb_per_split, BN: tl.constexpr, S: tl.constexpr, PDL: tl.constexpr):
+    """An owner kernel's start: its inputs ready, its rows (see _rows), a zero [BN, S]
+    accumulator and its first super-block."""
+    wait_for_inputs(PDL)
+    ids, rows = _rows(BN, N)
+    return ids, rows, tl.zeros((BN, S), dtype=tl.float32), tl.program_id(1) * sb_per_split
+
+
+@triton.jit
+def _byte(word, k: tl.constexpr):
+    """Byte k of word, unsigned."""
+    return (word >> (8 * k)) & 0xFF if k < 3 else (word >> 24) & 0xFF
+
+
+@triton.jit
+def _gemv_q4_k_owner_kernel(w_ptr, w2_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N, n_first, n_sb,
+                            sb_per_split, BN: tl.constexpr, S: tl.constexpr,
+                            PARTIAL: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
+                            STAGED: tl.constexpr = False, HOIST: tl.constexpr = True):
+    """out[rows] over super-blocks [pid1 * sb_per_split, +sb_per_split), S at a time.
+
+    Each thread owns whole (row, super-block) pairs of a [BN, S] tile: its 144 bytes arrive in
+    nine 16-byte loads, the scales are decoded once for 256 weights, and the thread's x words
+    (the same super-blocks for all its rows) stay in registers across rows. Byte b of quant
+    word 8j + w holds elements 64j + 4w + b (low nibble, sub-block 2j) and 64j + 32 + 4w + b
+    (high nibble, sub-block 2j + 1): high nibbles are multiplied in place (16 times their value)
+    and the 16 is divided out of x's scale. With STAGED the 128 bytes of quants are loaded by
+    eight neighbouring threads, contiguous, and handed to their owner through shared memory.
+    Output rows from n_first on (a multiple of BN) are the rows of a second matrix at w2_ptr:
+    gate and up in one launch.
+    """
+    ids, rows, acc, first = _owner_start(N, sb_per_split, BN, S, PDL)
+    if tl.program_id(0) * BN >= n_first:
+        w_ptr = w2_ptr
+        rows -= n_first
+    quad = tl.arange(0, 4)[None, None, :]
+    for s in tl.range(first, first + sb_per_split, S):
+        sb = s + tl.arange(0, S)[None, :]
+        blk = (w_ptr + (rows[:, None] * n_sb + sb) * 36)[:, :, None]
+        x_at = xq_ptr + (s + tl.arange(0, S))[:, None] * 64 + tl.arange(0, 4)[None, :]  # [S, 4]
+        head, sc_lo, m_lo, packed_hi = _words(tl.load(blk + quad), BN, S)
+        d = (head & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        dmin = (head >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        # Sub-blocks 0-3 keep 6 bits a byte; 4-7 a nibble plus the top two bits of 0-3's bytes.
+        sc_hi = (packed_hi & 0x0F0F0F0F) | ((sc_lo >> 2) & 0x30303030)
+        m_hi = ((packed_hi >> 4) & 0x0F0F0F0F) | ((m_lo >> 2) & 0x30303030)
+        sc_lo &= 0x3F3F3F3F
+        m_lo &= 0x3F3F3F3F
+        if STAGED:
+            quants = tl.load(blk + 4 + tl.arange(0, 32)[None, None, :])
+            first_half, second_half = _halves(quants, 32)
+            chunk0, chunk1 = _halves(first_half, 16)
+            chunk2, chunk3 = _halves(second_half, 16)
+        else:  # all loads first, so each thread keeps its 128 bytes of quants in flight at once
+            q00 = tl.load(blk + 4 + quad)
+            q01 = tl.load(blk + 8 + quad)
+            q10 = tl.load(blk + 12 + quad)
+            q11 = tl.load(blk + 16 + quad)
+            q20 = tl.load(blk + 20 + quad)
+            q21 = tl.load(blk + 24 + quad)
+            q30 = tl.load(blk + 28 + quad)
+            q31 = tl.load(blk + 32 + quad)
+            if HOIST:  # keeps ptxas from spreading the loads among the arithmetic
+                tl.debug_barrier()
+        scaled = tl.zeros((BN, S), dtype=tl.float32)  # sum over sub-blocks of dx * sc * dot
+        mins = tl.zeros((BN, S), dtype=tl.float32)  # sum over sub-blocks of dx * m * sum(x)
+        for j in tl.static_range(4):
+            dot_lo = tl.zeros((BN, S), dtype=tl.int32)
+            dot_hi = tl.zeros((BN, S), dtype=tl.int32)
+            for half in tl.static_range(2):
+                if STAGED:
+                    quads = _halves(_pick(chunk0, chunk1, chunk2, chunk3, j), 8)
+                    q0, q1, q2, q3 = _words(quads[half], BN, S)
+                elif half == 0:
+                    q0, q1, q2, q3 = _words(_pick(q00, q10, q20, q30, j), BN, S)
+                else:
+                    q0, q1, q2, q3 = _words(_pick(q01, q11, q21, q31, j), BN, S)
+                xw = x_at + 16 * j + 4 * half
+                x0, x1, x2, x3 = _words(tl.load(xw)[None, :, :], 1, S)
+                y0, y1, y2, y3 = _words(tl.load(xw + 8)[None, :, :], 1, S)
+                dot_lo = _dp4a(q0 & 0x0F0F0F0F, x0, dot_lo, ASM)
+                dot_lo = _dp4a(q1 & 0x0F0F0F0F, x1, dot_lo, ASM)
+                dot_lo = _dp4a(q2 & 0x0F0F0F0F, x2, dot_lo, ASM)
+                dot_lo = _dp4a(q3 & 0x0F0F0F0F, x3, dot_lo, ASM)
+                dot_hi = _dp4a(q0 & _HIGH_NIBBLES, y0, dot_hi, ASM, True)
+                dot_hi = _dp4a(q1 & _HIGH_NIBBLES, y1, dot_hi, ASM, True)
+                dot_hi = _dp4a(q2 & _HIGH_NIBBLES, y2, dot_hi, ASM, True)
+                dot_hi = _dp4a(q3 & _HIGH_NIBBLES, y3, dot_hi, ASM, True)
+            scs = sc_lo if j < 2 else sc_hi
+            ms = m_lo if j < 2 else m_hi
+            for par in tl.static_range(2):
+                sub = 2 * j + par
+                dx = tl.load(dx_ptr + sb * 8 + sub)
+                xsum = tl.load(xs_ptr + sb * 16 + 2 * sub) + tl.load(xs_ptr + sb * 16 + 2 * sub + 1)
+                dot = dot_lo if par == 0 else dot_hi
+                dxs = dx if par == 0 else dx * 0.0625
+                scaled += dxs * (dot * _byte(scs, (2 * j + par) % 4)).to(tl.float32)
+                mins += (dx * xsum) * _byte(ms, (2 * j + par) % 4).to(tl.float32)
+        acc += d * scaled - dmin * mins
+    _store(out_ptr, tl.sum(acc, axis=1), ids, N, PARTIAL)
+
+
+@triton.jit
 def _gemv_q6_k_kernel(ql_ptr, qh_ptr, sc_ptr, d_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N, n_sb,
                       sb_per_split, BN: tl.constexpr, S: tl.constexpr, PARTIAL: tl.constexpr,
-                      ASM: tl.constexpr, STAGES: tl.constexpr):
+                      ASM: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
     """out[rows] over super-blocks [pid1 * sb_per_split, +sb_per_split), S at a time.
 
     Tiles are [BN rows, S super-blocks, 2 halves h, 2 sixteens i, 4 words t]; a = 4i + t. Byte b
@@ -155,6 +302,7 @@ def _gemv_q6_k_kernel(ql_ptr, qh_ptr, sc_ptr, d_ptr, xq_ptr, dx_ptr, xs_ptr, out
     128h + 32 + 4a + b and 128h + 96 + 4a + b (high bits 2-3 and 6-7). Element group c (of
     32, 128h + 32c..) takes scale 8h + 2c + i; the stored quant is q + 32.
     """
+    wait_for_inputs(PDL)
     ids, rows = _rows(BN, N)
     r = rows[:, None, None, None, None]
     h = tl.arange(0, 2)[None, None, :, None, None]
@@ -185,6 +333,120 @@ def _gemv_q6_k_kernel(ql_ptr, qh_ptr, sc_ptr, d_ptr, xq_ptr, dx_ptr, xs_ptr, out
             dx = tl.load(dx_ptr + xb4)
             acc += (d * sc.to(tl.float32)) * (dx * (dot.to(tl.float32) - 32.0 * xsum))
     _store(out_ptr, tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1), ids, N, PARTIAL)
+
+@triton.jit
+def _sbyte(word, k: tl.constexpr, ASM: tl.constexpr):
+    """Byte k of word, signed: one prmt (byte k, then its sign replicated) instead of two shifts."""
+    if not ASM:
+        return (word << (24 - 8 * k)) >> 24
+    elif k == 0:  # prmt's selector nibbles: byte k, then 8 + k (its sign) three times
+        return _asm1(word, "prmt.b32 $0, $1, 0, 0x8880;")
+    elif k == 1:
+        return _asm1(word, "prmt.b32 $0, $1, 0, 0x9991;")
+    elif k == 2:
+        return _asm1(word, "prmt.b32 $0, $1, 0, 0xAAA2;")
+    else:
+        return _asm1(word, "prmt.b32 $0, $1, 0, 0xBBB3;")
+
+
+@triton.jit
+def _low_nibbles_with(low, high, ASM: tl.constexpr):
+    """Each byte's low nibble from low and high nibble from high: one lop3 (a bit-select; the
+    compiler would otherwise fold the callers' masks into extra shifts and masks)."""
+    if ASM:
+        return tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, 0x0F0F0F0F, 0xE4;", "=r,r,r",
+                                         [low, high], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return (low & 0x0F0F0F0F) | (high & _HIGH_NIBBLES)
+
+
+@triton.jit
+def _asm1(word, asm: tl.constexpr):
+    """One PTX instruction on each 32-bit word."""
+    return tl.inline_asm_elementwise(asm, "=r,r", [word], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _dot4(q, x, c, BN: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr):
+    """c + the dot products of the signed bytes of q [BN, S, 4] and x [1, S, 4], per [BN, S]."""
+    q0, q1, q2, q3 = _words(q, BN, S)
+    x0, x1, x2, x3 = _words(x, 1, S)
+    return _dp4a(q3, x3, _dp4a(q2, x2, _dp4a(q1, x1, _dp4a(q0, x0, c, ASM), ASM), ASM), ASM)
+
+
+@triton.jit
+def _gemv_q6_k_owner_kernel(ql_ptr, qh_ptr, sc_ptr, d_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N,
+                            n_sb, sb_per_split, BN: tl.constexpr, S: tl.constexpr,
+                            PARTIAL: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
+                            HOIST: tl.constexpr = True):
+    """out[rows] over super-blocks [pid1 * sb_per_split, +sb_per_split), S at a time.
+
+    As the Q4_K kernel, each thread owns whole (row, super-block) pairs. For half h and words
+    a = 4p + t (p, t < 4), low words 16h + a and 16h + 8 + a and high word 8h + a hold the
+    elements 128h + 32c + 4a + b of groups c = 0..3 (low nibbles of the first low word with
+    high bits 0-1, of the second with bits 2-3, high nibbles with bits 4-5 and 6-7): words t of
+    sub-block 8h + 2c + p. Each quant byte is one bit-select of a nibble and a masked, shifted
+    high word. The stored quant is q + 32: a sub-block's dot starts at -32 * (its sum of x), an
+    exact integer.
+    """
+    ids, rows, acc, first = _owner_start(N, sb_per_split, BN, S, PDL)
+    quad = tl.arange(0, 4)[None, None, :]
+    for s in tl.range(first, first + sb_per_split, S):
+        sb = s + tl.arange(0, S)[None, :]
+        at = rows[:, None] * n_sb + sb
+        d = tl.load(d_ptr + at).to(tl.float32)
+        sc0, sc1, sc2, sc3 = _words(tl.load(sc_ptr + at[:, :, None] * 4 + quad), BN, S)
+        x_at = xq_ptr + sb[:, :, None] * 64 + quad
+        # All loads first, words a = 4p + t of half h as the (2h + p)-th of each kind, so each
+        # thread keeps its 192 bytes of quants in flight at once.
+        low_at = ql_ptr + at[:, :, None] * 32 + quad
+        high_at = qh_ptr + at[:, :, None] * 16 + quad
+        low_a0, low_a1 = tl.load(low_at), tl.load(low_at + 4)
+        low_a2, low_a3 = tl.load(low_at + 16), tl.load(low_at + 20)
+        low_b0, low_b1 = tl.load(low_at + 8), tl.load(low_at + 12)
+        low_b2, low_b3 = tl.load(low_at + 24), tl.load(low_at + 28)
+        high0, high1 = tl.load(high_at), tl.load(high_at + 4)
+        high2, high3 = tl.load(high_at + 8), tl.load(high_at + 12)
+        if HOIST:  # keeps ptxas from spreading the loads among the arithmetic
+            tl.debug_barrier()
+        scaled = tl.zeros((BN, S), dtype=tl.float32)  # sum over groups of dx * sum(sc * dot)
+        for h in tl.static_range(2):
+            t0 = tl.zeros((BN, S), dtype=tl.int32)
+            t1 = tl.zeros((BN, S), dtype=tl.int32)
+            t2 = tl.zeros((BN, S), dtype=tl.int32)
+            t3 = tl.zeros((BN, S), dtype=tl.int32)
+            for p in tl.static_range(2):
+                low_a = _pick(low_a0, low_a1, low_a2, low_a3, 2 * h + p)
+                low_b = _pick(low_b0, low_b1, low_b2, low_b3, 2 * h + p)
+                high = _pick(high0, high1, high2, high3, 2 * h + p)
+                high_even = high & 0x33333333  # bits 0-1 and 4-5 of each byte
+                high_odd = (high & -0x33333334).to(tl.uint32, bitcast=True)  # 0xCCCCCCCC
+                odd_down = (high_odd >> 2).to(tl.int32, bitcast=True)
+                odd_up = (high_odd << 2).to(tl.int32, bitcast=True)
+                groups = (_low_nibbles_with(low_a, high_even << 4, ASM),
+                          _low_nibbles_with(low_b, odd_up, ASM),
+                          _low_nibbles_with(low_a >> 4, high_even, ASM),
+                          _low_nibbles_with(low_b >> 4, odd_down, ASM))
+                for c in tl.static_range(4):
+                    # (Triton 3.6 turns a constexpr assigned to a name into a tensor: inline.)
+                    start = (-32.0 * tl.load(xs_ptr + sb * 16 + 8 * h + 2 * c + p)).to(tl.int32)
+                    dot = _dot4(groups[c], tl.load(x_at + 32 * h + 8 * c + 4 * p), start, BN, S,
+                                ASM)
+                    sc = _sbyte(_pick(sc0, sc1, sc2, sc3, 2 * h + c // 2), 2 * (c % 2) + p, ASM)
+                    if c == 0:
+                        t0 += dot * sc
+                    elif c == 1:
+                        t1 += dot * sc
+                    elif c == 2:
+                        t2 += dot * sc
+                    else:
+                        t3 += dot * sc
+            for c in tl.static_range(4):
+                t = _pick(t0, t1, t2, t3, c).to(tl.float32)
+                scaled += tl.load(dx_ptr + sb * 8 + 4 * h + c) * t
+        acc += d * scaled
+    _store(out_ptr, tl.sum(acc, axis=1), ids, N, PARTIAL)
+
 # fmt: on
 
 
@@ -197,7 +459,9 @@ def quantize_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     n_blocks = x.shape[-1] // _X_BLOCK
     xq, dx, xs = empty_quantized_x(x.shape[-1], x.device)
     grid = (triton.cdiv(n_blocks, _QUANTIZE_BLOCKS),)
-    _quantize_x_kernel[grid](x, xq, dx, xs, n_blocks, BLOCKS=_QUANTIZE_BLOCKS, num_warps=4)
+    _quantize_x_kernel[grid](
+        x, xq, dx, xs, n_blocks, BLOCKS=_QUANTIZE_BLOCKS, num_warps=4, **pdl_launch(x.device)
+    )
     return xq, dx, xs
 
 
@@ -222,76 +486,139 @@ def _largest_divisor(n: int, limit: int) -> int:
 def uses_dp4a(parts: Sequence[PackedWeight]) -> bool:
     """Whether a one-row product against these stacked parts should take the dp4a kernels: all
     K-quants they have, and enough bytes that the kernel's gain pays for rounding x (one more
-    launch; benchmarks/gpu_gemv.py, H100: gains of 5-25% from about 8 MB, a loss below)."""
+    launch; benchmarks/gpu_gemv.py, H100: gains of 5-25% from about 8 MB, a loss below; on an
+    H200 Gemma 3 270M's 0.7-1.1 MB matrices gain nothing either)."""
     return (
         all(p.ggml_type in GEMV_TYPES for p in parts)
         and sum(p.nbytes for p in parts) >= DP4A_MIN_BYTES
     )
 
 
-def _geometry(weight: PackedWeight, sms: int) -> tuple[int, int, int, int]:
-    """(rows per program, super-blocks per step, K splits, warps): the winners of
-    benchmarks/gpu_gemv.py's sweep on an H100 at Llama-3-8B shapes (other choices measured up
-    to 1.3x slower, and untried large tiles can be far worse). K of 4096: 8 rows with the whole
-    row (16 super-blocks) in flight, 4 warps; the tall output head and wide K: 8 super-blocks a
-    step, 16 or 32 rows, 8 warps, Q4_K's wide K split in two. Rows halve while the grid has
-    fewer programs than multiprocessors."""
-    wide = weight.k > 16 * 256
-    tall = weight.n >= 32768
-    sbs = 8 if wide or tall else 16
-    rows = 8
-    if wide:
-        rows = 32 if weight.ggml_type == T.Q4_K else 16
-    elif tall:
-        rows = 16
-    splits = 2 if wide and weight.ggml_type == T.Q4_K else 1
-    while rows > 4 and triton.cdiv(weight.n, rows) * splits < sms:
-        rows //= 2
-    return rows, sbs, splits, 8 if wide or tall else 4
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """How a product is cut up: `rows` per program, `sbs` super-blocks per loop step, `splits`
+    programs along K (partial sums in an f32 scratch, added by one more kernel), `warps` per
+    program; `kernel` is "owner" (each thread owns whole super-blocks of its rows), "staged"
+    (Q4_K: the same, its quants loaded contiguously and passed on through shared memory; Q6_K
+    takes "owner") or "tile" (the earlier kernels: threads share a super-block's words;
+    `stages` pipelines them)."""
+
+    rows: int
+    sbs: int
+    splits: int = 1
+    warps: int = 4
+    kernel: str = "owner"
+    stages: int = 1
+    hoist: bool = True  # owner kernels: all quant loads issued before any arithmetic
+
+
+def default_geometry(qtype: GGMLQuantizationType, n: int, k: int) -> Geometry:
+    """The winners of benchmarks/gpu_gemv.py's sweep on an H200 (Triton 3.6; µs, % of copy
+    bandwidth). Q4_K, staged: 8 rows of 16 super-blocks for N <= 8192 (4096 x 4096: 6.2, 36%;
+    the tile kernel 8.1), 16 rows from there (14336 x 4096: 13.7, 57%; tile 19.4); wide K in
+    steps and splits of 8 super-blocks (4096 x 14336: 18.1, 43%; tile 20.9). Q6_K, owner: 8 rows
+    of 16 super-blocks (1024 x 4096: 4.4, as the tile kernel), the output head 16 rows of 8 in
+    two splits (146, 70%; tile 176); wide K keeps the tile kernel (24.8, 46%; owner 25.5)."""
+    n_sb = k // 256
+    if qtype == T.Q6_K:
+        if n_sb > 16:
+            return Geometry(16, 8, 1, 8, "tile")
+        return Geometry(16, 8, 2) if n >= 32768 else Geometry(8, 16)
+    if n_sb > 16:
+        return Geometry(16, 8, n_sb // 8 if n_sb % 8 == 0 else 1, kernel="staged")
+    return Geometry(8 if n <= 8192 else 16, 16, kernel="staged")
+
+
+def normalized(geometry: Geometry, k: int) -> Geometry:
+    """`geometry` as it runs for a K: splits that divide K's super-blocks, and a step that
+    divides a split."""
+    n_sb = k // 256
+    splits = max(1, min(geometry.splits, n_sb))
+    while n_sb % splits:
+        splits -= 1
+    sbs = _largest_divisor(n_sb // splits, geometry.sbs)
+    return dataclasses.replace(geometry, splits=splits, sbs=sbs)
 
 
 def gemv(
     xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     weight: PackedWeight,
     out: torch.Tensor,
-    *,
-    rows: int | None = None,
-    sbs: int = 16,
-    splits: int = 1,
-    num_warps: int = 4,
-    stages: int = 1,
+    geometry: Geometry | None = None,
 ) -> torch.Tensor:
-    """out [1, N] (contiguous along N) = x W^T for x given by quantize_x.
+    """out [1, N] (contiguous along N) = x W^T for x given by quantize_x, cut up by `geometry`
+    (by default `_geometry`'s)."""
+    return _launch(xq, (weight,), out, geometry)
 
-    `rows` per program, `sbs` super-blocks per loop step, `splits` programs along K (partial sums
-    in an f32 scratch, added by one more kernel), `num_warps` and pipeline `stages`; without
-    `rows`, all come from measured defaults."""
+
+def gemv_parts(
+    xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    parts: Sequence[PackedWeight],
+    out: torch.Tensor,
+    geometry: Geometry | None = None,
+) -> torch.Tensor:
+    """out [1, sum of N] = x times the stacked parts, each part's columns in turn. Two Q4_K parts
+    of one K (gate and up) take one launch of the owner kernel where the first part's rows fill
+    whole programs."""
+    first = 0
+    i = 0
+    while i < len(parts):
+        group = tuple(parts[i : i + 2])
+        n = sum(p.n for p in group)
+        g = geometry or default_geometry(group[0].ggml_type, n, group[0].k)
+        pair = (
+            len(group) == 2
+            and all(p.ggml_type == T.Q4_K and p.k == group[0].k for p in group)
+            and group[0].n % g.rows == 0
+            and g.kernel != "tile"
+        )
+        group = group if pair else group[:1]
+        n = sum(p.n for p in group)
+        _launch(xq, group, out[:, first : first + n], geometry)
+        first += n
+        i += len(group)
+    return out
+
+
+def _launch(
+    xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    parts: tuple[PackedWeight, ...],
+    out: torch.Tensor,
+    geometry: Geometry | None,
+) -> torch.Tensor:
+    """out [1, N] = x times one part, or two Q4_K parts stacked (see gemv_parts)."""
     q, dx, xs = xq
-    n, k = weight.n, weight.k
-    if rows is None:
-        rows, sbs, splits, num_warps = _geometry(weight, sm_count(q.device))
-    n_sb = k // 256
-    splits = max(1, min(splits, n_sb))
-    while n_sb % splits:
-        splits -= 1
+    weight = parts[0]
+    n, k = sum(p.n for p in parts), weight.k
+    g = normalized(geometry or default_geometry(weight.ggml_type, n, k), k)
+    n_sb, splits, sbs = k // 256, g.splits, g.sbs
     per_split = n_sb // splits
-    sbs = _largest_divisor(per_split, sbs)
     target = out if splits == 1 else torch.empty(splits, n, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(n, rows), splits)
+    grid = (triton.cdiv(n, g.rows), splits)
     words = q.view(torch.int32)
-    asm = not interpreting()
+    common = dict(BN=g.rows, S=sbs, PARTIAL=splits > 1, ASM=not interpreting(), num_warps=g.warps)
+    common |= pdl_launch(q.device)
+    if g.kernel == "tile":
+        common["STAGES"] = g.stages
     if weight.ggml_type == T.Q4_K:
         blocks, halves = weight.planes
-        _gemv_q4_k_kernel[grid](
-            blocks, halves, words, dx, xs, target, n, n_sb * 36, per_split,
-            BN=rows, S=sbs, PARTIAL=splits > 1, ASM=asm, STAGES=stages, num_warps=num_warps,
-        )  # fmt: skip
+        if g.kernel == "tile":
+            _gemv_q4_k_kernel[grid](
+                blocks, halves, words, dx, xs, target, n, n_sb * 36, per_split, **common
+            )
+        else:
+            second = parts[-1].planes[0]
+            _gemv_q4_k_owner_kernel[grid](
+                blocks, second, words, dx, xs, target, n, weight.n if len(parts) > 1 else n,
+                n_sb, per_split, STAGED=g.kernel == "staged", HOIST=g.hoist, **common,
+            )  # fmt: skip
     elif weight.ggml_type == T.Q6_K:
         ql, qh, scales, d = weight.planes
-        _gemv_q6_k_kernel[grid](
-            ql, qh, scales, d, words, dx, xs, target, n, n_sb, per_split,
-            BN=rows, S=sbs, PARTIAL=splits > 1, ASM=asm, STAGES=stages, num_warps=num_warps,
-        )  # fmt: skip
+        kernel = _gemv_q6_k_kernel if g.kernel == "tile" else _gemv_q6_k_owner_kernel
+        if g.kernel != "tile":
+            scales = scales.view(torch.int32)
+            common["HOIST"] = g.hoist
+        kernel[grid](ql, qh, scales, d, words, dx, xs, target, n, n_sb, per_split, **common)
     else:
         raise ValueError(f"no dp4a kernel for {weight.ggml_type.name}")
     if splits > 1:

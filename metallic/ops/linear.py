@@ -156,7 +156,7 @@ def _native_linear(
     (a device budget bounds the scratch: the 8B's output matrix in f32 is 2 GiB), as the gemm
     path does for the parts it widens."""
     from metallic.kernels import dequantize_gpu, quant_matmul
-    from metallic.kernels.quant_gemv import gemv, quantize_x
+    from metallic.kernels.quant_gemv import gemv_parts, quantize_x
 
     n_total = sum(p.n for p in parts)
     path = native_path(rows.shape[0], parts, rows.dtype)
@@ -172,16 +172,12 @@ def _native_linear(
         step = max(p.n for p in parts) if widen_limit is None else widen_limit // row_bytes
         return _sliced_linear(rows, parts, max(1, step), gemm=path == "gemm")
     out = torch.empty(rows.shape[0], n_total, dtype=rows.dtype, device=rows.device)
-    x8 = None
-    if path == "dp4a":
+    if path == "dp4a":  # x rounded once for all parts (by the op before, or here)
         x8 = rounded if rounded is not None else quantize_x(rows[0])
+        return gemv_parts(x8, parts, out)
     first = 0
     for p in parts:
-        cols = out[:, first : first + p.n]
-        if x8 is not None:
-            gemv(x8, p, cols)
-        else:
-            quant_matmul(rows, p, p.ggml_type, p.n, p.k, out=cols)
+        quant_matmul(rows, p, p.ggml_type, p.n, p.k, out=out[:, first : first + p.n])
         first += p.n
     return out
 

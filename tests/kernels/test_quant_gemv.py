@@ -15,7 +15,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from metallic.kernels import prepare_weight
-from metallic.kernels.quant_gemv import gemv, quantize_x
+from metallic.kernels.quant_gemv import Geometry, gemv, gemv_parts, quantize_x
 from metallic.quant.quantize import quantize
 from metallic.quant.reference import dequantize
 
@@ -50,18 +50,25 @@ def test_quantize_x_rounds_each_block_to_int8_with_its_scale() -> None:
 
 @pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K])
 @pytest.mark.parametrize(
-    ("n", "k", "rows", "sbs", "splits"),
-    [(24, 512, 8, 2, 1), (21, 1024, 16, 4, 2), (5, 768, 4, 1, 3)],
+    ("n", "k", "geometry"),
+    [
+        (24, 512, Geometry(8, 2)),
+        (21, 1024, Geometry(16, 4, splits=2)),
+        (5, 768, Geometry(4, 1, splits=3)),
+        (21, 1024, Geometry(8, 2, splits=2, kernel="staged")),
+        (24, 512, Geometry(8, 2, kernel="tile")),
+        (21, 1024, Geometry(16, 4, splits=2, kernel="tile")),
+    ],
 )
 def test_gemv_matches_the_reference(
-    qtype: GGMLQuantizationType, n: int, k: int, rows: int, sbs: int, splits: int
+    qtype: GGMLQuantizationType, n: int, k: int, geometry: Geometry
 ) -> None:
     seed = _seed()
     raw, dense = _matrix(qtype, n, k, seed)
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(seed + 1)).to(torch.float16)
     xq = quantize_x(x[0])
     out = torch.empty(1, n, dtype=torch.float16)
-    gemv(xq, prepare_weight(raw, qtype, n, k), out, rows=rows, sbs=sbs, splits=splits)
+    gemv(xq, prepare_weight(raw, qtype, n, k), out, geometry)
     assert not out.isnan().any(), f"an output was never written (seed {seed})"
     x_rounded = (xq[0].view(-1, 32).double() * xq[1][:, None].double()).view(1, k)
     exact = x_rounded @ dense.T
@@ -72,6 +79,41 @@ def test_gemv_matches_the_reference(
     ref = x.double() @ dense.T
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err < 0.1, f"{qtype.name} vs x: {err:.3g} (seed {seed})"
+
+
+@pytest.mark.parametrize(
+    ("kinds", "geometry", "launches"),
+    [
+        (((T.Q4_K, 32), (T.Q4_K, 24)), None, 1),  # gate|up: one launch of the default
+        (((T.Q4_K, 32), (T.Q4_K, 24)), Geometry(16, 4, splits=2, kernel="staged"), 1),
+        (((T.Q4_K, 20), (T.Q4_K, 16)), None, 2),  # the first part's rows end inside a program
+        (((T.Q6_K, 16), (T.Q4_K, 16), (T.Q4_K, 8)), Geometry(8, 8), 2),  # v, then a pair
+    ],
+)
+def test_gemv_parts_stacks_the_products(
+    kinds: tuple, geometry: Geometry | None, launches: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from metallic.kernels import quant_gemv
+
+    seed = _seed()
+    k = 2048  # 8 super-blocks: the default geometry takes 8 rows
+    matrices = [_matrix(qtype, n, k, seed + i) for i, (qtype, n) in enumerate(kinds)]
+    parts = [
+        prepare_weight(raw, qtype, n, k)
+        for (raw, _), (qtype, n) in zip(matrices, kinds, strict=True)
+    ]
+    x = torch.randn(k, generator=torch.Generator().manual_seed(seed + 9)).to(torch.bfloat16)
+    xq = quantize_x(x)
+    calls = []
+    real_launch = quant_gemv._launch
+    monkeypatch.setattr(quant_gemv, "_launch", lambda *a: calls.append(1) or real_launch(*a))
+    out = torch.full((1, sum(n for _, n in kinds)), float("nan"), dtype=torch.bfloat16)
+    gemv_parts(xq, parts, out, geometry)
+    assert len(calls) == launches
+    x_rounded = (xq[0].view(-1, 32).double() * xq[1][:, None].double()).view(1, k)
+    exact = x_rounded @ torch.cat([dense for _, dense in matrices]).T
+    err = ((out.double() - exact).norm() / exact.norm()).item()
+    assert err < 1e-2, f"{err:.3g} (seed {seed})"  # bf16 output
 
 
 def test_linear_takes_the_dp4a_kernels_for_one_row_of_large_k_quants(
@@ -93,8 +135,8 @@ def test_linear_takes_the_dp4a_kernels_for_one_row_of_large_k_quants(
     weight = LinearWeight((T.Q4_K, T.Q6_K), (40, 24), k, native=tuple(packed))
     calls = []
     monkeypatch.setattr(quant_gemv, "DP4A_MIN_BYTES", 0)
-    real_gemv = quant_gemv.gemv
-    monkeypatch.setattr(quant_gemv, "gemv", lambda *a, **kw: calls.append(1) or real_gemv(*a, **kw))
+    real_launch = quant_gemv._launch
+    monkeypatch.setattr(quant_gemv, "_launch", lambda *a: calls.append(1) or real_launch(*a))
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(seed + 7)).to(torch.float16)
     out = linear(x, weight)
     assert len(calls) == 2, "both parts take the dp4a kernel"

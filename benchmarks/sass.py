@@ -1,0 +1,203 @@
+"""Instructions per weight of the dp4a decode kernels, read from their sm_90 SASS without a GPU.
+
+At one row of x a decode product must stream its weights at the memory's rate: on an H200 that
+leaves about four issue slots per weight (integer units at half rate), so every instruction in
+the inner loop counts. Triton's wheel ships ptxas and cuobjdump, so each kernel variant is
+compiled here for sm_90 and its machine code read: the instructions of its main loop divided by
+the weights one thread handles per iteration, the 16-byte loads, spills and registers.
+
+    python benchmarks/sass.py              (any machine; no GPU needed)
+    python benchmarks/sass.py --launched   (compile all that gpu_gemv.py launches; --quick: as
+                                            gpu_gemv.py --quick)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from metallic.kernels import quant_gemv as g
+
+CUOBJDUMP = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One kernel at one geometry; `weights` is what a program reads per loop iteration."""
+
+    name: str
+    fn: object
+    signature: dict[str, str]
+    constexprs: dict[str, object]
+    num_warps: int
+    weights: int
+
+
+_POINTER_TYPES = {"h_ptr": "*fp16", "d_ptr": "*fp16", "dx_ptr": "*fp32", "xs_ptr": "*fp32",
+                  "out_ptr": "*fp32"}  # fmt: skip
+_Q4_K_TILE = ("w_ptr", "h_ptr", "xq_ptr", "dx_ptr", "xs_ptr", "out_ptr", "N", "row_words")
+_Q4_K_OWNER = ("w_ptr", "w2_ptr", "xq_ptr", "dx_ptr", "xs_ptr", "out_ptr", "N", "n_first", "n_sb")
+_Q6_K = (
+    "ql_ptr",
+    "qh_ptr",
+    "sc_ptr",
+    "d_ptr",
+    "xq_ptr",
+    "dx_ptr",
+    "xs_ptr",
+    "out_ptr",
+    "N",
+    "n_sb",
+)
+
+
+def _variant(name: str, fn, args: tuple[str, ...], rows: int, sbs: int, warps: int,
+             **extra) -> Variant:  # fmt: skip
+    """`fn` at rows x super-blocks a step with `warps`: all pointers 16-byte aligned."""
+    signature = {a: _POINTER_TYPES.get(a, "*i32") if a.endswith("_ptr") else "i32" for a in args}
+    signature["sb_per_split"] = "i32"
+    constexprs = {"BN": rows, "S": sbs, "PARTIAL": False, "ASM": True, "PDL": True, **extra}
+    signature |= {c: "constexpr" for c in constexprs}
+    return Variant(f"{name} {rows}x{sbs} w{warps}", fn, signature, constexprs, warps,
+                   rows * sbs * 256)  # fmt: skip
+
+
+def variants() -> list[Variant]:
+    """The tile kernels at their former K = 4096 default, the owner kernels at a few
+    geometries."""
+    out = [
+        _variant("q4_k tile", g._gemv_q4_k_kernel, _Q4_K_TILE, 8, 16, 4, STAGES=1),
+        _variant("q6_k tile", g._gemv_q6_k_kernel, _Q6_K, 8, 16, 4, STAGES=1),
+    ]
+    for rows, sbs, warps in ((8, 16, 4), (16, 16, 4), (16, 8, 4), (32, 8, 8)):
+        out.append(
+            _variant("q4_k owner", g._gemv_q4_k_owner_kernel, _Q4_K_OWNER, rows, sbs, warps,
+                     STAGED=False, HOIST=True)
+        )  # fmt: skip
+        staged = _variant("q4_k staged", g._gemv_q4_k_owner_kernel, _Q4_K_OWNER, rows, sbs, warps,
+                          STAGED=True, HOIST=True)  # fmt: skip
+        out.append(staged)
+        out.append(
+            _variant("q6_k owner", g._gemv_q6_k_owner_kernel, _Q6_K, rows, sbs, warps, HOIST=True)
+        )
+    return out
+
+
+def sass(variant: Variant) -> tuple[str, int]:
+    """The variant's SASS for sm_90 and its registers per thread, specialized as Triton does at
+    Llama-3-8B's K = 4096: every pointer and integer argument divisible by 16."""
+    src = ASTSource(
+        fn=variant.fn,
+        signature=variant.signature,
+        constexprs=variant.constexprs,
+        attrs={(i,): [["tt.divisibility", 16]] for i, t in enumerate(variant.signature.values())
+               if t != "constexpr"},
+    )  # fmt: skip
+    kernel = triton.compile(
+        src, target=GPUTarget("cuda", 90, 32), options={"num_warps": variant.num_warps}
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(kernel.asm["cubin"])
+        text, usage = (
+            subprocess.run([CUOBJDUMP, flag, path], capture_output=True, text=True, check=True)
+            .stdout for flag in ("-sass", "-res-usage")
+        )  # fmt: skip
+    return text, int(re.search(r"REG:(\d+)", usage)[1])
+
+
+def count(text: str) -> dict[str, int]:
+    """Instruction counts of a SASS listing: all, the largest loop's body, its 16-byte loads,
+    spills (local loads and stores)."""
+    lines = [(int(m[1], 16), m[3], m[4]) for m in _LINE.finditer(text)]
+    index = {addr: i for i, (addr, _, _) in enumerate(lines)}
+    body = (0, 0)
+    for i, (addr, op, args) in enumerate(lines):
+        target = re.search(r"0x([0-9a-f]+)", args)
+        if op.startswith("BRA") and target and int(target[1], 16) < addr:
+            start = index.get(int(target[1], 16), i)
+            body = max(body, (i - start + 1, start), key=lambda t: t[0])
+    loop = lines[body[1] : body[1] + body[0]]
+    return {
+        "total": len([op for _, op, _ in lines if op != "NOP"]),
+        "loop": len([op for _, op, _ in loop if op != "NOP"]),
+        "loop_ldg128": len([op for _, op, _ in loop if op.startswith("LDG") and ".128" in op]),
+        "loop_ldg": len([op for _, op, _ in loop if op.startswith("LDG")]),
+        "loop_dp4a": len([op for _, op, _ in loop if op.startswith("IDP")]),
+        "spills": len([op for _, op, _ in lines if op.startswith(("LDL", "STL"))]),
+    }
+
+
+def launched_variants(quick: bool = False) -> list[Variant]:
+    """Every kernel variant benchmarks/gpu_gemv.py launches (its sweep, defaults and old
+    geometries at each shape; with `quick`, as --quick), for a compile check: the GPU may run
+    another Triton version."""
+    from gpu_gemv import QUICK_SHAPES, SHAPES, old_geometry, sweep_geometries
+
+    from metallic.kernels.quant_gemv import T, default_geometry, normalized
+
+    seen, out = set(), []
+    for qtype, n, k in QUICK_SHAPES if quick else SHAPES:
+        new = normalized(default_geometry(qtype, n, k), k)
+        for geo in [old_geometry(n, k, qtype, 132), new, dataclasses.replace(new, hoist=False),
+                    dataclasses.replace(new, kernel="staged"),
+                    *sweep_geometries(qtype, n, k, quick)]:  # fmt: skip
+            for partial in (False, True) if geo.splits > 1 else (False,):
+                key = (qtype, geo.rows, geo.sbs, geo.warps, geo.kernel, geo.hoist, partial)
+                if key in seen:
+                    continue
+                seen.add(key)
+                extra = {"PARTIAL": partial}
+                if geo.kernel == "tile":
+                    fn = g._gemv_q4_k_kernel if qtype == T.Q4_K else g._gemv_q6_k_kernel
+                    args = _Q4_K_TILE if qtype == T.Q4_K else _Q6_K
+                    extra["STAGES"] = geo.stages
+                else:
+                    fn = g._gemv_q4_k_owner_kernel if qtype == T.Q4_K else g._gemv_q6_k_owner_kernel
+                    args = _Q4_K_OWNER if qtype == T.Q4_K else _Q6_K
+                    extra["HOIST"] = geo.hoist
+                    if qtype == T.Q4_K:
+                        extra["STAGED"] = geo.kernel == "staged"
+                name = f"{qtype.name} {geo.kernel} partial={partial} hoist={geo.hoist}"
+                out.append(_variant(name, fn, args, geo.rows, geo.sbs, geo.warps, **extra))
+    return out
+
+
+def main() -> int:
+    if "--launched" in sys.argv:  # compile all that gpu_gemv.py launches; report failures
+        failed = 0
+        for v in launched_variants("--quick" in sys.argv):
+            try:
+                sass(v)
+            except Exception as error:  # report every failing variant
+                failed += 1
+                print(f"FAIL {v.name}: {str(error).splitlines()[-1][:200]}", flush=True)
+        print(f"{failed} failed")
+        return 1 if failed else 0
+    columns = ("kernel", "SASS", "loop", "weights/thread/iter", "instr/weight", "LDG.128", "LDG",
+               "spills", "regs")  # fmt: skip
+    print("| " + " | ".join(columns) + " |")
+    print("|---" * len(columns) + "|")
+    for v in variants():
+        text, regs = sass(v)
+        c = count(text)
+        per_thread = v.weights / (32 * v.num_warps)
+        per_weight = f"{c['loop'] / per_thread:.2f}"
+        cells = (v.name, c["total"], c["loop"], f"{per_thread:.0f}", per_weight, c["loop_ldg128"],
+                 c["loop_ldg"], c["spills"], regs)  # fmt: skip
+        print("| " + " | ".join(str(x) for x in cells) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
