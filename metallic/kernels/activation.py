@@ -13,7 +13,7 @@ import triton.language as tl
 from metallic.errors import MetallicError
 from metallic.kernels.pdl import pdl_launch, wait_for_inputs
 
-_KINDS = {"silu": 0, "gelu_tanh": 1}
+KINDS = {"silu": 0, "gelu_tanh": 1}
 _BLOCK = 1024
 
 
@@ -22,6 +22,18 @@ def _sigmoid(z):
     """1 / (1 + e^-z) through e^-|z|, which never overflows."""
     e = tl.exp(-tl.abs(z))
     return tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def gated_value(g, u, KIND: tl.constexpr):
+    """act(g) * u in f32 for KIND 0 (SiLU) or 1 (tanh-GELU): the one formula of every kernel
+    that applies the activation (quant_matmul fuses it into its x loads)."""
+    if KIND == 0:
+        act = g * _sigmoid(g)
+    else:
+        # 0.5 * (1 + tanh(y)) == sigmoid(2y): the tanh-GELU without a tanh or its cancellation.
+        act = g * _sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
+    return act * u
 
 
 @triton.jit
@@ -42,12 +54,8 @@ def _gated_kernel(
     mask = cols < width
     g = tl.load(gate_ptr + row * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + row * stride_up + cols, mask=mask, other=0.0).to(tl.float32)
-    if KIND == 0:
-        act = g * _sigmoid(g)
-    else:
-        # 0.5 * (1 + tanh(y)) == sigmoid(2y): the tanh-GELU without a tanh or its cancellation.
-        act = g * _sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
-    tl.store(out_ptr + row * width + cols, (act * u).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * width + cols, gated_value(g, u, KIND).to(out_ptr.dtype.element_ty),
+             mask=mask)  # fmt: skip
 
 
 def gated_activation(gate: torch.Tensor, up: torch.Tensor | None, kind: str) -> torch.Tensor:
@@ -55,8 +63,8 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor | None, kind: str) -> 
 
     Returns a new [..., F] tensor of gate's dtype. kind is "silu" or "gelu_tanh".
     """
-    if kind not in _KINDS:
-        raise MetallicError(f"unknown activation {kind!r} (expected one of {sorted(_KINDS)})")
+    if kind not in KINDS:
+        raise MetallicError(f"unknown activation {kind!r} (expected one of {sorted(KINDS)})")
     if up is None:
         if gate.shape[-1] % 2:
             raise MetallicError(f"gated_activation: odd fused width {gate.shape[-1]}")
@@ -80,7 +88,7 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor | None, kind: str) -> 
         width,
         gate_2d.stride(0),
         up_2d.stride(0),
-        KIND=_KINDS[kind],
+        KIND=KINDS[kind],
         BLOCK=_BLOCK,
         num_warps=4,
         **pdl_launch(out.device),

@@ -15,7 +15,7 @@ import torch
 from metallic.gguf.config import ModelConfig
 from metallic.models.kv_store import KVStore
 from metallic.models.weights import LayerWeights, ModelWeights
-from metallic.ops import RopeTable, apply_rope, embed, gated_activation, linear, rms_norm
+from metallic.ops import RopeTable, apply_rope, embed, linear, rms_norm
 from metallic.ops.linear import LinearWeight
 from metallic.ops.rope import RopeStep
 from metallic.runtime.batch import StepBatch
@@ -158,10 +158,10 @@ class Transformer:
         h = self._norm(a, w.post_attn_norm, x, w.ffn_norm)
         mark("gate_up", i)
         gate_up = self._linear(h, w.gate_up)
-        mark("activation", i)
-        act = gated_activation(gate_up, None, c.activation)
+        mark("activation", i)  # inside the down product where its kernel can apply it
         mark("down", i)
-        return self._linear(act, w.down), w.post_ffn_norm
+        down = linear(gate_up, w.down, self.widen_limit, activation=c.activation)
+        return down, w.post_ffn_norm
 
 
 def _pooled(memory: MemoryPool, t: torch.Tensor, name: str) -> torch.Tensor:
