@@ -15,8 +15,8 @@ import torch
 from metallic.gguf.config import ModelConfig
 from metallic.models.kv_store import KVStore
 from metallic.models.weights import LayerWeights, ModelWeights
-from metallic.ops import RopeTable, apply_rope, embed, linear, rms_norm
-from metallic.ops.linear import LinearWeight
+from metallic.ops import RopeTable, apply_rope, embed, gated_activation, linear, rms_norm
+from metallic.ops.linear import LinearWeight, fuses_activation
 from metallic.ops.rope import RopeStep
 from metallic.runtime.batch import StepBatch
 from metallic.runtime.memory import MemoryPool
@@ -158,10 +158,14 @@ class Transformer:
         h = self._norm(a, w.post_attn_norm, x, w.ffn_norm)
         mark("gate_up", i)
         gate_up = self._linear(h, w.gate_up)
-        mark("activation", i)  # inside the down product where its kernel can apply it
+        mark("activation", i)
+        if fuses_activation(gate_up, w.down):  # the down product's kernel applies it
+            mark("down", i)
+            down = linear(gate_up, w.down, self.widen_limit, activation=c.activation)
+            return down, w.post_ffn_norm
+        act = gated_activation(gate_up, None, c.activation)
         mark("down", i)
-        down = linear(gate_up, w.down, self.widen_limit, activation=c.activation)
-        return down, w.post_ffn_norm
+        return self._linear(act, w.down), w.post_ffn_norm
 
 
 def _pooled(memory: MemoryPool, t: torch.Tensor, name: str) -> torch.Tensor:

@@ -80,7 +80,7 @@ def linear(
     activation)`; one row against block formats applies it inside the product's kernel (a
     launch fewer in a decode step), anything else first."""
     if activation is not None:
-        if not _fuses_activation(x, weight):
+        if not fuses_activation(x, weight):
             return linear(gated_activation(x, None, activation), weight, widen_limit)
         out = _native_linear(x.reshape(1, -1), weight.native or (), activation=activation)
         out = out.view(*x.shape[:-1], weight.out_features)
@@ -140,7 +140,7 @@ def native_path(m: int, parts: Sequence[PackedWeight], dtype: torch.dtype = torc
     return "fused" if fuses(m, sum(p.nbytes for p in parts), dtype) else "dequantize"
 
 
-def _fuses_activation(x: torch.Tensor, weight: LinearWeight) -> bool:
+def fuses_activation(x: torch.Tensor, weight: LinearWeight) -> bool:
     """Whether `linear` applies a gated activation inside quant_matmul (see `linear`)."""
     if weight.native is None or not use_kernels(x) or x.numel() != x.shape[-1]:
         return False
