@@ -12,7 +12,7 @@ import triton.language as tl
 
 from metallic.errors import MetallicError
 from metallic.kernels.pdl import pdl_launch, wait_for_inputs
-from metallic.kernels.quant_gemv import store_rounded_blocks
+from metallic.kernels.rounding import store_rounded_blocks
 
 _MAX_DIM = 16384  # one row lives in registers; wider rows are not a shape any supported model has
 

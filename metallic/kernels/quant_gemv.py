@@ -44,12 +44,12 @@ from gguf import GGMLQuantizationType
 from metallic.kernels.packing import PackedWeight
 from metallic.kernels.pdl import pdl_launch, wait_for_inputs
 from metallic.kernels.quant_matmul import interpreting, sum_splits
+from metallic.kernels.rounding import X_BLOCK, empty_quantized_x, store_rounded_blocks
 
 T = GGMLQuantizationType
 
 GEMV_TYPES = (T.Q4_K, T.Q6_K)
 DP4A_MIN_BYTES = 8 << 20  # below this a one-row product keeps the float kernel (uses_dp4a)
-_X_BLOCK = 32  # elements of x per f32 scale
 _QUANTIZE_BLOCKS = 32  # x blocks per program of the rounding kernel
 _HIGH_NIBBLES = tl.constexpr(-0x0F0F0F10)  # 0xF0F0F0F0 as a signed 32-bit word
 
@@ -79,23 +79,6 @@ def _quantize_x_kernel(x_ptr, xq_ptr, dx_ptr, xs_ptr, n_blocks, BLOCKS: tl.const
     e = tl.arange(0, 32)
     x = tl.load(x_ptr + b[:, None] * 32 + e[None, :], mask=ok[:, None], other=0.0)
     store_rounded_blocks(x.to(tl.float32), b, ok, xq_ptr, dx_ptr, xs_ptr)
-
-
-@triton.jit
-def store_rounded_blocks(x, b, ok, xq_ptr, dx_ptr, xs_ptr):
-    """Rows of x [B, 32] (f32), blocks b of x that exist where ok: their int8 quants, f32 scale
-    and each half's sum of quants, as quantize_x lays them out (the norm kernel stores a decode
-    row's blocks this way too, so its product needs no rounding launch)."""
-    amax = tl.max(tl.abs(x), axis=1)
-    inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
-    v = x * inv[:, None]
-    q = tl.where(v < 0, -tl.floor(0.5 - v), tl.floor(v + 0.5))
-    e = tl.arange(0, 32)
-    tl.store(xq_ptr + b[:, None] * 32 + e[None, :], q.to(tl.int8), mask=ok[:, None])
-    tl.store(dx_ptr + b, amax / 127.0, mask=ok)
-    halves = tl.sum(tl.reshape(q, (x.shape[0], 2, 16)), axis=2)
-    h = tl.arange(0, 2)
-    tl.store(xs_ptr + 2 * b[:, None] + h[None, :], halves, mask=ok[:, None])
 
 
 @triton.jit
@@ -453,26 +436,16 @@ def _gemv_q6_k_owner_kernel(ql_ptr, qh_ptr, sc_ptr, d_ptr, xq_ptr, dx_ptr, xs_pt
 def quantize_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [K] (K a multiple of 32) as int8 quants [K], f32 scales [K/32] and f32 sums of each
     16 quants [K/16]: what every dp4a product against it reads."""
-    if x.dim() != 1 or x.shape[0] % _X_BLOCK:
+    if x.dim() != 1 or x.shape[0] % X_BLOCK:
         raise ValueError(f"quantize_x: x must be [K] with K a multiple of 32, got {list(x.shape)}")
     x = x.contiguous()
-    n_blocks = x.shape[-1] // _X_BLOCK
+    n_blocks = x.shape[-1] // X_BLOCK
     xq, dx, xs = empty_quantized_x(x.shape[-1], x.device)
     grid = (triton.cdiv(n_blocks, _QUANTIZE_BLOCKS),)
     _quantize_x_kernel[grid](
         x, xq, dx, xs, n_blocks, BLOCKS=_QUANTIZE_BLOCKS, num_warps=4, **pdl_launch(x.device)
     )
     return xq, dx, xs
-
-
-def empty_quantized_x(k: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Buffers for x [K] rounded as quantize_x returns it: quants, scales, half-block sums."""
-    n_blocks = k // _X_BLOCK
-    return (
-        torch.empty(k, dtype=torch.int8, device=device),
-        torch.empty(n_blocks, dtype=torch.float32, device=device),
-        torch.empty(2 * n_blocks, dtype=torch.float32, device=device),
-    )
 
 
 def _largest_divisor(n: int, limit: int) -> int:

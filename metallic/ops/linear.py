@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
+from metallic.ops.activation import gated_activation
+from metallic.ops.dispatch import use_kernels
+
 if TYPE_CHECKING:  # the kernels need triton, which CPU-only installs may lack
     from metallic.kernels import PackedWeight
 
@@ -70,10 +73,22 @@ def linear(
     weight: LinearWeight,
     widen_limit: int | None = None,
     rounded: tuple[torch.Tensor, ...] | None = None,
+    activation: str | None = None,
 ) -> torch.Tensor:
     """`x @ W.T + b` with x [..., in]; the result keeps x's dtype. `widen_limit`: the most
     bytes a native matrix may be widened into at once (see `_native_linear`). `rounded`: x
-    already rounded for the dp4a kernels (`rounding_buffers`, filled by the norm before)."""
+    already rounded for the dp4a kernels (`rounding_buffers`, filled by the op before).
+    `activation`: x is a gated MLP's [..., 2 * in] = [gate | up], multiplied as
+    `gated_activation(x, None, activation)`; one row against block formats applies it inside
+    the product's kernel (a launch fewer in a decode step), anything else first."""
+    if activation is not None:
+        if not fuses_activation(x, weight):
+            return linear(gated_activation(x, None, activation), weight, widen_limit)
+        out = _native_linear(x.reshape(1, -1), weight.native or (), activation=activation)
+        out = out.view(*x.shape[:-1], weight.out_features)
+        if weight.bias is not None:
+            out = out + weight.bias.to(out.dtype)
+        return out.to(x.dtype)
     if weight.dense is not None:
         w = weight.dense
         rows = x.numel() // x.shape[-1]
@@ -140,9 +155,19 @@ def rounding_buffers(n_rows: int, weight: LinearWeight) -> tuple[torch.Tensor, .
     round it in the same launch; None where the product takes another path."""
     if weight.native is None or n_rows != 1 or native_path(1, weight.native) != "dp4a":
         return None
-    from metallic.kernels.quant_gemv import empty_quantized_x
+    from metallic.kernels.rounding import empty_quantized_x
 
     return empty_quantized_x(weight.in_features, weight.native[0].device)
+
+
+def fuses_activation(x: torch.Tensor, weight: LinearWeight) -> bool:
+    """Whether `linear` applies a gated activation inside quant_matmul (see `linear`)."""
+    if weight.native is None or not use_kernels(x) or x.numel() != x.shape[-1]:
+        return False
+    from metallic.kernels.quant_matmul import fuses_activation
+
+    parts = weight.native
+    return native_path(1, parts, x.dtype) == "fused" and fuses_activation(1, parts)
 
 
 def _native_linear(
@@ -150,8 +175,10 @@ def _native_linear(
     parts: tuple[PackedWeight, ...],
     widen_limit: int | None = None,
     rounded: tuple[torch.Tensor, ...] | None = None,
+    activation: str | None = None,
 ) -> torch.Tensor:
-    """rows [M, in] times the stacked parts, by native_path. Where the dequantize path would
+    """rows [M, in] times the stacked parts, by native_path (`activation`: rows is one row
+    [gate | up] and the path "fused", see `linear`). Where the dequantize path would
     widen more than `widen_limit` bytes, it widens slices of rows of at most that size in turn
     (a device budget bounds the scratch: the 8B's output matrix in f32 is 2 GiB), as the gemm
     path does for the parts it widens."""
@@ -177,7 +204,8 @@ def _native_linear(
         return gemv_parts(x8, parts, out)
     first = 0
     for p in parts:
-        quant_matmul(rows, p, p.ggml_type, p.n, p.k, out=out[:, first : first + p.n])
+        cols = out[:, first : first + p.n]
+        quant_matmul(rows, p, p.ggml_type, p.n, p.k, out=cols, activation=activation)
         first += p.n
     return out
 

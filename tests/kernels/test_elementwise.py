@@ -9,8 +9,9 @@ from metallic.errors import MetallicError
 from metallic.kernels.activation import gated_activation
 from metallic.kernels.attention import store_kv
 from metallic.kernels.norm import rms_norm
-from metallic.kernels.quant_gemv import empty_quantized_x, quantize_x
+from metallic.kernels.quant_gemv import quantize_x
 from metallic.kernels.rope import PagedWrite, apply_rope, norm_rope
+from metallic.kernels.rounding import empty_quantized_x
 from metallic.ops import activation as ref_activation
 from metallic.ops import norm as ref_norm
 from metallic.ops import rope as ref_rope
