@@ -5,7 +5,6 @@ several choices, and many clients at once."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import openai
 import pytest
@@ -178,24 +177,22 @@ async def _generated(server, prompts: list[str], together: bool) -> int:
         await client.close()
 
 
-def test_8_concurrent_requests_outrun_8_sequential(gemma) -> None:
-    """Batching that works: the same 8 requests sent together finish with clearly more
-    generated tokens per second than sent one after another. The CPU is shared with whatever
-    else runs, so each way is measured twice, alternating, and the better run counts. On the
-    CPU the gain is bounded: one row multiplies the f16 weights directly, several rows pay for
-    widening them to f32 each step (1.4x measured on 2 cores; on the GPU it is 12x at 64
-    sequences, BENCHMARKS.md)."""
+def test_8_concurrent_requests_are_batched_into_few_steps(gemma) -> None:
+    """Batching that works: the same 8 requests sent together take a fraction of the engine
+    steps they take one after another (each step runs every sequence that is ready), with as
+    many tokens. Counting steps, not seconds, keeps the test independent of a shared CPU's
+    speed; the gain in tokens per second is benchmarks/serve.py's to measure."""
     prompts = [f"Item {i} on the list of things to do today is" for i in range(8)]
-    best = {False: 0.0, True: 0.0}
-    for _ in range(2):
-        for together in (False, True):
-            began = time.perf_counter()
-            tokens = asyncio.run(_generated(gemma, prompts, together))
-            assert tokens == 8 * 16
-            best[together] = max(best[together], tokens / (time.perf_counter() - began))
-    ratio = best[True] / best[False]
-    print(
-        f"\n8 requests: one after another {best[False]:.1f} tok/s, together {best[True]:.1f} "
-        f"tok/s, ratio {ratio:.2f}"
-    )
-    assert ratio >= 1.25
+    steps = {}
+    for together in (False, True):
+        before = gemma.engine.call(_steps)
+        assert asyncio.run(_generated(gemma, prompts, together)) == 8 * 16
+        steps[together] = gemma.engine.call(_steps) - before
+    # One after another: at least a step per generated token (128); together, the prompts and
+    # decodes of all 8 share steps.
+    assert steps[False] >= 8 * 16
+    assert steps[True] * 3 <= steps[False], steps
+
+
+def _steps(engine) -> int:
+    return engine.runner.steps
