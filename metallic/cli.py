@@ -162,6 +162,7 @@ def _names_a_model(word: str) -> bool:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
+    from metallic.gguf import tokenizer_cache
     from metallic.gguf.default_model import DEFAULT_MODEL
     from metallic.gguf.reader import open_gguf
     from metallic.gguf.tokenizer import Tokenizer
@@ -181,7 +182,8 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
         raise MetallicError("no TEXT to tokenize (give TEXT, or -f FILE; - reads stdin)")
     if text == "-":
         text = _read_text("-")
-    tokenizer = Tokenizer.from_metadata(open_gguf(_model_path(model, DEFAULT_MODEL)).metadata)
+    metadata = open_gguf(_model_path(model, DEFAULT_MODEL)).metadata
+    tokenizer = Tokenizer.from_metadata(metadata, tokenizer_cache.default_folder())
     ids = tokenizer.encode(text, add_special=not args.no_bos, parse_special=args.special)
     print(json.dumps(ids))
     return 0

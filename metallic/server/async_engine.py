@@ -32,6 +32,7 @@ from metallic.engine.arguments import encode_prompt
 from metallic.engine.sampling import SamplingParams
 from metallic.engine.sequence import RequestOutput
 from metallic.errors import MetallicError
+from metallic.gguf import tokenizer_cache
 from metallic.gguf.reader import open_gguf
 from metallic.gguf.tokenizer import Tokenizer
 from metallic.server import engine_process
@@ -155,7 +156,8 @@ class AsyncEngine:
         self.context_size, self.vocab_size = info.context_size, info.vocab_size
         self.stats = info.stats
         self.metadata = open_gguf(info.path).metadata
-        self.tokenizer = Tokenizer.from_metadata(self.metadata)
+        # The engine process stored the tokenizer's derived tables just now: read them back.
+        self.tokenizer = Tokenizer.from_metadata(self.metadata, tokenizer_cache.default_folder())
         self._reader = threading.Thread(target=self._read, name="metallic-events", daemon=True)
 
     def _receive_start(self) -> tuple[str, Any]:
