@@ -14,6 +14,7 @@ the tables again and writes the entry anew.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -28,6 +29,9 @@ from metallic.gguf.cache import cache_dir
 
 FOLDER = "tokenizers"  # under metallic's cache folder
 FORMAT = b"metallic tokenizer tables 1"  # bump when the entry's layout changes
+# Entries kept: the most recently used. Each metallic version and tokenizer makes its own (about
+# 4 MB for Gemma 3), so without a bound the folder would only grow.
+MAX_ENTRIES = 16
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,8 @@ def load(folder: Path, key: str, vocab_size: int) -> DerivedTables | None:
     )
     if not sound:
         return None
+    with contextlib.suppress(OSError):
+        os.utime(entry_path(folder, key))  # used now: the last to be pruned
     return DerivedTables(merges=merges, overlaps=(bool(overlaps[0]), bool(overlaps[1])))
 
 
@@ -126,3 +132,17 @@ def store(folder: Path, key: str, tables: DerivedTables) -> None:
         pass
     finally:
         temporary.unlink(missing_ok=True)
+    _prune(folder)
+
+
+def _prune(folder: Path) -> None:
+    """Remove all but the MAX_ENTRIES most recently used entries (best effort: another process
+    may be pruning or reading the same folder)."""
+    entries = []
+    for entry in folder.glob("*.npz"):
+        with contextlib.suppress(OSError):
+            entries.append((entry.stat().st_mtime, entry))
+    entries.sort(reverse=True)
+    for _, entry in entries[MAX_ENTRIES:]:
+        with contextlib.suppress(OSError):
+            entry.unlink()

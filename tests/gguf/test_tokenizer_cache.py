@@ -4,6 +4,7 @@ rebuilt silently."""
 
 from __future__ import annotations
 
+import os
 import random
 import zipfile
 from pathlib import Path
@@ -204,3 +205,20 @@ def test_no_damage_to_an_entry_raises_or_passes_for_its_tables(tmp_path: Path) -
         if loaded is not None:  # the damage missed what is read (a timestamp, say)
             assert np.array_equal(loaded.merges, tables.merges)
             assert loaded.overlaps == tables.overlaps
+
+
+def test_the_folder_keeps_only_the_most_recently_used_entries(tmp_path: Path) -> None:
+    """Each version and vocabulary adds an entry; past MAX_ENTRIES the least recently used go,
+    and reading an entry counts as using it."""
+    tables = tokenizer_cache.DerivedTables(np.zeros((1, 2), np.int32), (False, False))
+    keys = [f"{i:064x}" for i in range(tokenizer_cache.MAX_ENTRIES + 3)]
+    for age, key in enumerate(keys):
+        tokenizer_cache.store(tmp_path, key, tables)
+        old = 1_000_000 + age  # distinct times, oldest first, whatever the clock's resolution
+        os.utime(tokenizer_cache.entry_path(tmp_path, key), (old, old))
+    assert tokenizer_cache.load(tmp_path, keys[3], vocab_size=1) is not None  # used now
+    tokenizer_cache.store(tmp_path, "f" * 64, tables)
+    kept = {p.stem for p in tmp_path.glob("*.npz")}
+    assert len(kept) == tokenizer_cache.MAX_ENTRIES
+    assert keys[3] in kept and "f" * 64 in kept
+    assert not kept & set(keys[:3] + keys[4:5])  # the least recently used went first
