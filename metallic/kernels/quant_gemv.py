@@ -520,7 +520,7 @@ def gemv(
     geometry: Geometry | None = None,
 ) -> torch.Tensor:
     """out [1, N] (contiguous along N) = x W^T for x given by quantize_x, cut up by `geometry`
-    (by default `_geometry`'s)."""
+    (by default `default_geometry`'s)."""
     return _launch(xq, (weight,), out, geometry)
 
 

@@ -107,9 +107,13 @@ class Transformer:
         return logits
 
     def _linear(
-        self, x: torch.Tensor, weight: LinearWeight, rounded: tuple[torch.Tensor, ...] | None = None
+        self,
+        x: torch.Tensor,
+        weight: LinearWeight,
+        rounded: tuple[torch.Tensor, ...] | None = None,
+        activation: str | None = None,
     ) -> torch.Tensor:
-        return linear(x, weight, self.widen_limit, rounded)
+        return linear(x, weight, self.widen_limit, rounded, activation)
 
     def _norm(
         self,
@@ -178,8 +182,7 @@ class Transformer:
         mark("activation", i)
         if fuses_activation(gate_up, w.down):  # the down product's kernel applies it
             mark("down", i)
-            down = linear(gate_up, w.down, self.widen_limit, activation=c.activation)
-            return down, w.post_ffn_norm
+            return self._linear(gate_up, w.down, activation=c.activation), w.post_ffn_norm
         act8 = rounding_buffers(gate_up.shape[0], w.down)
         act = gated_activation(gate_up, None, c.activation, rounded=act8)
         mark("down", i)

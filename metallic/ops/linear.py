@@ -81,14 +81,8 @@ def linear(
     `activation`: x is a gated MLP's [..., 2 * in] = [gate | up], multiplied as
     `gated_activation(x, None, activation)`; one row against block formats applies it inside
     the product's kernel (a launch fewer in a decode step), anything else first."""
-    if activation is not None:
-        if not fuses_activation(x, weight):
-            return linear(gated_activation(x, None, activation), weight, widen_limit)
-        out = _native_linear(x.reshape(1, -1), weight.native or (), activation=activation)
-        out = out.view(*x.shape[:-1], weight.out_features)
-        if weight.bias is not None:
-            out = out + weight.bias.to(out.dtype)
-        return out.to(x.dtype)
+    if activation is not None and not fuses_activation(x, weight):
+        x, activation = gated_activation(x, None, activation), None
     if weight.dense is not None:
         w = weight.dense
         rows = x.numel() // x.shape[-1]
@@ -97,8 +91,9 @@ def linear(
         else:
             out = F.linear(x.to(w.dtype), w)
     else:
-        rows = x.reshape(-1, weight.in_features)
-        out = _native_linear(rows, weight.native or (), widen_limit, rounded)
+        width = weight.in_features * (2 if activation else 1)  # [gate | up] rows
+        rows = x.reshape(-1, width)
+        out = _native_linear(rows, weight.native or (), widen_limit, rounded, activation)
         out = out.view(*x.shape[:-1], weight.out_features)
     if weight.bias is not None:
         out = out + weight.bias.to(out.dtype)
