@@ -337,18 +337,28 @@ def run_tests(
 
 
 def profile_tests(engine: Engine, settings: Settings, trace: Path | None = None) -> dict[str, Any]:
-    """The profile of one tg run (its decode steps) and one pp run (its prefill), both warm;
-    with `trace`, a trace of the two runs is written there."""
+    """The profile of one tg run (its decode steps), one pp run (its prefill) and, for each -b
+    size B, one batch run's decode steps (phase "decode-bB": B rows a step), all warm; with
+    `trace`, a trace of the runs is written there."""
     session = ProfileSession(engine, trace=trace)
+    runs = [
+        (Test("tg", 1, settings.generate[0], 1), "decode", "decode"),
+        (Test("pp", settings.prompt[0], 0, 1), "prefill", "prefill"),
+    ]
+    for b in settings.batch:
+        runs.append(
+            (
+                Test("batch", settings.batch_prompt, settings.generate[0], b),
+                "decode",
+                f"decode-b{b}",
+            )
+        )
     phases = {}
     try:
-        for test, phase in (
-            (Test("tg", 1, settings.generate[0], 1), "decode"),
-            (Test("pp", settings.prompt[0], 0, 1), "prefill"),
-        ):
+        for test, phase, name in runs:
             session.reset()
             run_once(engine, test, settings.seed + 999_999)
-            phases[phase] = session.phases()[phase]
+            phases[name] = session.phases()[phase]
     finally:
         session.stop()
     return profile_report(engine, phases)

@@ -109,6 +109,8 @@ def test_json_follows_its_schema(bench) -> None:
     decode = doc["profile"]["phases"]["decode"]
     assert 6 <= decode["steps"] <= 7  # tg6's, and one queued before its end was known
     assert all(row["limit_fraction"] > 0 for row in decode["ops"] if "bound" in row)
+    batched = doc["profile"]["phases"]["decode-b3"]  # -b 3's decode steps: 3 rows each
+    assert batched["tokens_per_step"] == pytest.approx(3, rel=0.1)
 
 
 def test_schema_check_catches_bad_documents(bench) -> None:
