@@ -42,12 +42,6 @@ def pdl_launch(device: torch.device) -> dict[str, bool]:
     return {"PDL": False}
 
 
-def prefetching(device: torch.device) -> bool:
-    """Whether products prefetch their first weights before waiting (`prefetch_weights`): with
-    PDL, unless METALLIC_PREFETCH=0 (to measure what it gains)."""
-    return pdl_enabled(device) and os.environ.get("METALLIC_PREFETCH", "1") != "0"
-
-
 @triton.jit
 def wait_for_inputs(PDL: tl.constexpr):
     """Wait until the previous kernel has finished (its writes visible), then let the next one
@@ -55,14 +49,3 @@ def wait_for_inputs(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
-def prefetch_weights(ptrs, PDL: tl.constexpr):
-    """Ask the L2 for the 128-byte lines at `ptrs`, before ``wait_for_inputs``: weights, which
-    no kernel of a step writes, so a product's first tiles stream in while the kernel before it
-    finishes. Only with PDL (without it nothing runs before the wait to overlap)."""
-    if PDL:
-        tl.inline_asm_elementwise(
-            "prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
-        )

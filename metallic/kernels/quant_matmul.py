@@ -42,7 +42,7 @@ from gguf import GGMLQuantizationType
 from metallic.errors import MetallicError
 from metallic.kernels.activation import KINDS, gated_value
 from metallic.kernels.packing import PackedWeight, check_shape, prepare_weight
-from metallic.kernels.pdl import pdl_launch, prefetch_weights, prefetching, wait_for_inputs
+from metallic.kernels.pdl import pdl_launch, wait_for_inputs
 
 T = GGMLQuantizationType
 
@@ -107,7 +107,6 @@ _MIN_SPLIT_BYTES = 4 << 20
 # merge right away, they stay in the L2 (50 MB on an H100/H200) instead of adding DRAM traffic.
 # At M = 64 the 8B's q|k|v takes 1.6 MB a split; a 512-row product of N = 4096, 8.4 MB.
 _MAX_SCRATCH_BYTES = 16 << 20
-PREFETCH_LINES = 4  # FMA mode: lines of each row's weights prefetched before the PDL wait
 
 
 @dataclass(frozen=True)
@@ -700,8 +699,7 @@ def _quant_kernel(x_ptr, x64_ptr, out_ptr, p0, p1, p2, p3, M, N, K, stride_xm, s
                   n_steps, steps_per_split, one_bits, group_stride, FMT: tl.constexpr,
                   MODE: tl.constexpr, G: tl.constexpr, W: tl.constexpr, SBS: tl.constexpr,
                   BN: tl.constexpr, BM: tl.constexpr, XKIND: tl.constexpr, EVEN: tl.constexpr,
-                  PARTIAL: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
-                  pf_row_bytes=0, pf_split_bytes=0, PF_LINES: tl.constexpr = 0):
+                  PARTIAL: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
     """Rows [BN*r, +BN) of out, over K steps [pid1*steps_per_split, +steps_per_split).
 
     DOT mode: program pid0 = r * m_tiles + t also takes rows [BM*t, +BM) of x (t varies
@@ -709,12 +707,8 @@ def _quant_kernel(x_ptr, x64_ptr, out_ptr, p0, p1, p2, p3, M, N, K, stride_xm, s
     ``one_bits`` is 0x3F800000 (see _unit). ``group_stride`` is 1, multiplied into the offsets
     of per-group scales: unknown to the compiler, it keeps their loads from being vectorized
     along the groups, which would give them a layout other than the words' and a conversion
-    of every value derived from them inside the loop. PF_LINES > 0: the first PF_LINES
-    128-byte lines of each row's split of plane p0 (``pf_row_bytes`` a row, ``pf_split_bytes``
-    a split) are prefetched before the wait (`prefetch_weights`).
+    of every value derived from them inside the loop.
     """
-    if PF_LINES > 0:
-        _prefetch_split(p0, pf_row_bytes, pf_split_bytes, N, BN, PF_LINES, PDL)
     wait_for_inputs(PDL)
     pid_k = tl.program_id(1)
     row_block = tl.program_id(0)
@@ -772,18 +766,6 @@ def _quant_kernel(x_ptr, x64_ptr, out_ptr, p0, p1, p2, p3, M, N, K, stride_xm, s
             tl.store(ptrs + pid_k.to(tl.int64) * M * N, res, mask=mask)
         else:
             tl.store(ptrs, res.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _prefetch_split(ptr, row_bytes, split_bytes, N, BN: tl.constexpr, LINES: tl.constexpr,
-                    PDL: tl.constexpr):
-    """Prefetch the first LINES lines of this program's rows of its K split (clamped to the
-    row: a prefetch past the matrix could touch memory no one mapped)."""
-    rows = tl.minimum(tl.program_id(0) * BN + tl.arange(0, BN), N - 1).to(tl.int64)
-    at = tl.program_id(1).to(tl.int64) * split_bytes + 128 * tl.arange(0, LINES)
-    at = tl.minimum(at, row_bytes - 1)
-    prefetch_weights(ptr.to(tl.pointer_type(tl.int8)) + rows[:, None] * row_bytes + at[None, :],
-                     PDL)
 
 
 @triton.jit
@@ -977,13 +959,6 @@ def quant_matmul(
     if splits > 1:
         target = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     x64 = _packed_x(x)
-    prefetch = {}
-    if mode == _MODE_FMA and prefetching(x.device):
-        p0 = packed.planes[0]
-        row_bytes = p0.stride(0) * p0.element_size()
-        split_bytes = row_bytes * per_split // n_steps
-        lines = min(PREFETCH_LINES, triton.next_power_of_2(triton.cdiv(split_bytes, 128)))
-        prefetch = {"pf_row_bytes": row_bytes, "pf_split_bytes": split_bytes, "PF_LINES": lines}
     xkind = _X_SINGLE if x64 is x else _X_KINDS[x.dtype]
     if activation is not None:
         xkind += 3 * (1 + KINDS[activation])  # see _x_quad
@@ -995,7 +970,7 @@ def quant_matmul(
         BM=tile.bm if tile else 1, XKIND=xkind,
         EVEN=k % (sbs * STEP) == 0, PARTIAL=splits > 1,
         PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        enable_fp_fusion=True, **options, **pdl_launch(x.device), **prefetch,
+        enable_fp_fusion=True, **options, **pdl_launch(x.device),
     )  # fmt: skip
     if splits > 1:
         sum_splits(target, out)

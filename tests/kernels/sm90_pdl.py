@@ -1,6 +1,5 @@
 """Compiles every decode-path kernel for sm_90 with PDL on and off, without a GPU; prints, per
-kernel, whether its PTX waits on the grid dependency (`griddepcontrol.wait`), as JSON (last
-line), and on the line before whether it prefetches weights into the L2 first.
+kernel, whether its PTX waits on the grid dependency (`griddepcontrol.wait`), as JSON.
 
 Run in a process without TRITON_INTERPRET (test_pdl.py does): the interpreter replaces the
 kernels with Python functions that cannot be compiled. ptxas (shipped in Triton's wheel) then
@@ -61,7 +60,6 @@ def _fma_constants(fmt: int) -> dict:
     return {
         "FMT": fmt, "MODE": qm._MODE_FMA, "G": groups, "W": words, "SBS": sbs, "BN": rows,
         "BM": 1, "XKIND": qm._X_BF16, "EVEN": True, "PARTIAL": False, "PREC": "tf32",
-        "PF_LINES": 0,
     }  # fmt: skip
 
 
@@ -115,9 +113,6 @@ def kernels() -> dict[str, tuple]:
         # the down product with Gemma's GeGLU applied as x is loaded (XKIND: see _x_quad)
         "quant_fma_gelu": (qm._quant_kernel, dict(_fma_constants(q8), XKIND=qm._X_BF16 + 6),
                            bf16, {"num_warps": 4}),
-        # its first weights prefetched before the wait (quant_matmul.PREFETCH_LINES)
-        "quant_fma_prefetch": (qm._quant_kernel, dict(_fma_constants(q8), PF_LINES=4), bf16,
-                               {"num_warps": 4}),
         "quant_dequant": (qm._quant_kernel, dequant, {**bf16, "x_ptr": "*fp32",
                           "x64_ptr": "*fp32", "out_ptr": "*fp32"}, {"num_warps": 4}),
         "sum_splits": (qm._sum_splits_kernel, {"SPLIT": 4, "BLOCK": 1024}, {}, {}),
@@ -126,13 +121,13 @@ def kernels() -> dict[str, tuple]:
 
 def main(names: list[str]) -> int:
     table = kernels()
-    result, prefetches = {}, {}
+    result = {}
     for name in names or table:
         fn, constants, pointers, options = table[name]
-        ptx = {pdl: compile_sm90(fn, constants, pdl, pointers, **options) for pdl in (True, False)}
-        result[name] = {str(pdl): "griddepcontrol.wait" in ptx[pdl] for pdl in ptx}
-        prefetches[name] = {str(pdl): "prefetch.global.L2" in ptx[pdl] for pdl in ptx}
-    print(json.dumps(prefetches))
+        result[name] = {
+            str(pdl): "griddepcontrol.wait" in compile_sm90(fn, constants, pdl, pointers, **options)
+            for pdl in (True, False)
+        }
     print(json.dumps(result))
     return 0
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import triton
 
-from metallic.kernels.pdl import pdl_enabled, pdl_launch, prefetching
+from metallic.kernels.pdl import pdl_enabled, pdl_launch
 
 ROOT = Path(__file__).resolve().parents[2]
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
@@ -31,14 +31,10 @@ def test_every_decode_kernel_waits_for_its_inputs_on_sm90() -> None:
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    *_, prefetches, waits = (json.loads(line) for line in done.stdout.splitlines())
+    waits = json.loads(done.stdout.splitlines()[-1])
     assert len(waits) >= 16
     for name, by_pdl in waits.items():
         assert by_pdl == {"True": True, "False": False}, name
-    # Only the product that asks for it prefetches, and only when launched with PDL.
-    prefetching = {name for name, by_pdl in prefetches.items() if by_pdl["True"]}
-    assert prefetching == {"quant_fma_prefetch"}
-    assert not any(by_pdl["False"] for by_pdl in prefetches.values())
 
 
 def test_cpu_and_the_interpreter_launch_without_pdl(monkeypatch) -> None:
@@ -48,11 +44,3 @@ def test_cpu_and_the_interpreter_launch_without_pdl(monkeypatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("METALLIC_PDL", "0")
     assert not pdl_enabled(torch.device("cuda", 0))
-    assert not prefetching(torch.device("cuda", 0))  # prefetching needs PDL
-
-
-def test_prefetching_can_be_switched_off(monkeypatch) -> None:
-    monkeypatch.setattr("metallic.kernels.pdl.pdl_enabled", lambda device: True)
-    assert prefetching(torch.device("cuda", 0))
-    monkeypatch.setenv("METALLIC_PREFETCH", "0")
-    assert not prefetching(torch.device("cuda", 0))
