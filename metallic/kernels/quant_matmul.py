@@ -31,7 +31,6 @@ streaming; partial sums go to an f32 scratch and one more small kernel adds them
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +39,6 @@ import triton.language as tl
 from gguf import GGMLQuantizationType
 
 from metallic.errors import MetallicError
-from metallic.kernels.activation import KINDS, gated_value
 from metallic.kernels.packing import PackedWeight, check_shape, prepare_weight
 from metallic.kernels.pdl import pdl_launch, wait_for_inputs
 
@@ -264,23 +262,6 @@ def _affine(s, mn, BITS: tl.constexpr, OFFSET: tl.constexpr, MODE: tl.constexpr)
 
 @triton.jit
 def _x_quad(x_ptr, x64_ptr, e4, K, XKIND: tl.constexpr, EVEN: tl.constexpr):
-    """x[4*e4 + k] for k = 0..3 as four f32 tensors. XKIND % 3 says how x is read (_X_KINDS);
-    XKIND // 3 = 1 + an activation kind (kernels.activation.KINDS) reads a row [gate | up] of
-    2K instead and takes x = act(gate) * up, rounded to x's dtype as `gated_activation` stores
-    it: the FMA mode applies a gated MLP's activation while it loads the down product's x."""
-    x0, x1, x2, x3 = _x_quad_read(x_ptr, x64_ptr, e4, K, XKIND % 3, EVEN)
-    if XKIND >= 3:
-        u0, u1, u2, u3 = _x_quad_read(x_ptr + K, x64_ptr + K // 4, e4, K, XKIND % 3, EVEN)
-        dtype = x_ptr.dtype.element_ty
-        x0 = gated_value(x0, u0, XKIND // 3 - 1).to(dtype).to(tl.float32)
-        x1 = gated_value(x1, u1, XKIND // 3 - 1).to(dtype).to(tl.float32)
-        x2 = gated_value(x2, u2, XKIND // 3 - 1).to(dtype).to(tl.float32)
-        x3 = gated_value(x3, u3, XKIND // 3 - 1).to(dtype).to(tl.float32)
-    return x0, x1, x2, x3
-
-
-@triton.jit
-def _x_quad_read(x_ptr, x64_ptr, e4, K, XKIND: tl.constexpr, EVEN: tl.constexpr):
     """x[4*e4 + k] for k = 0..3 as four f32 tensors: one 8-byte pack, or four loads for f32."""
     ok = 4 * e4 < K
     if XKIND == 0:
@@ -871,12 +852,6 @@ def _steps_per_split(
     return triton.cdiv(n_steps, splits)
 
 
-def fuses_activation(m: int, parts: Sequence[PackedWeight]) -> bool:
-    """Whether `quant_matmul` can apply a gated activation to m rows of x against these parts:
-    the FMA mode (one row) of the block formats (F16/BF16 weights read x another way)."""
-    return m == 1 and all(_FMT_IDS[p.ggml_type] != _FMT_DENSE for p in parts)
-
-
 def _packed_x(x: torch.Tensor) -> torch.Tensor:
     """x's rows as int64 packs of four 16-bit values; x itself where that can't be (f32 too)."""
     if x.dtype == torch.float32 or x.shape[0] != 1 or x.shape[1] % 4:
@@ -896,7 +871,6 @@ def quant_matmul(
     steps_per_split: int | None = None,
     tile: DotTile | None = None,
     out: torch.Tensor | None = None,
-    activation: str | None = None,
 ) -> torch.Tensor:
     """``x @ W.T`` for x [M, k] (f16/bf16/f32) and W [n, k] in ggml blocks; [M, n] in x's dtype.
 
@@ -906,24 +880,15 @@ def quant_matmul(
     dequantized once per tile of M. ``steps_per_split`` (K steps per program; a step is 256
     elements or, for M = 1, up to 2048) overrides the split-K choice. ``out`` (an [M, n] tensor
     of x's dtype whose rows are contiguous, such as a column slice of a wider output) receives
-    the result in place. ``activation`` ("silu", "gelu_tanh"; `fuses_activation`) takes x as
-    one row [gate | up] of 2k and multiplies ``gated_activation(x)``, applied as x is loaded.
+    the result in place.
     """
-    width = k if activation is None else 2 * k
-    if x.dim() != 2 or x.shape[1] != width:
-        raise MetallicError(f"x must be [M, {width}], got {list(x.shape)}")
+    if x.dim() != 2 or x.shape[1] != k:
+        raise MetallicError(f"x must be [M, {k}], got {list(x.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
         raise MetallicError(f"x must be f32, f16 or bf16, got {x.dtype}")
     if steps_per_split is not None and steps_per_split < 1:
         raise MetallicError(f"steps_per_split must be at least 1, got {steps_per_split}")
     packed = _as_packed(weight, ggml_type, n, k)
-    if activation is not None and not fuses_activation(x.shape[0], [packed]):
-        raise MetallicError(
-            f"quant_matmul fuses an activation into one row of x against "
-            f"quantized blocks, not {x.shape[0]} rows of {packed.ggml_type.name}"
-        )
-    if activation is not None and activation not in KINDS:
-        raise MetallicError(f"unknown activation {activation!r} (expected one of {sorted(KINDS)})")
     _check_device(x)
     if x.device != packed.device:
         raise MetallicError(f"x is on {x.device} but the weight is on {packed.device}")
@@ -959,15 +924,12 @@ def quant_matmul(
     if splits > 1:
         target = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     x64 = _packed_x(x)
-    xkind = _X_SINGLE if x64 is x else _X_KINDS[x.dtype]
-    if activation is not None:
-        xkind += 3 * (1 + KINDS[activation])  # see _x_quad
     _quant_kernel[(row_blocks * m_tiles, splits)](
         x, x64, target, *_launch_args(packed), m, n, k, x.stride(0),
         n if splits > 1 else out.stride(0), n_steps, per_split,
         _ONE_BITS, 1,
         FMT=fmt, MODE=mode, G=groups, W=words, SBS=sbs, BN=rows,
-        BM=tile.bm if tile else 1, XKIND=xkind,
+        BM=tile.bm if tile else 1, XKIND=_X_SINGLE if x64 is x else _X_KINDS[x.dtype],
         EVEN=k % (sbs * STEP) == 0, PARTIAL=splits > 1,
         PREC="ieee" if x.dtype == torch.float32 else "tf32",
         enable_fp_fusion=True, **options, **pdl_launch(x.device),

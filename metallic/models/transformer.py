@@ -16,7 +16,7 @@ from metallic.gguf.config import ModelConfig
 from metallic.models.kv_store import KVStore
 from metallic.models.weights import LayerWeights, ModelWeights
 from metallic.ops import RopeTable, apply_rope, embed, gated_activation, linear, rms_norm
-from metallic.ops.linear import LinearWeight, fuses_activation, rounding_buffers
+from metallic.ops.linear import LinearWeight, rounding_buffers
 from metallic.ops.rope import RopeStep
 from metallic.runtime.batch import StepBatch
 from metallic.runtime.memory import MemoryPool
@@ -111,9 +111,8 @@ class Transformer:
         x: torch.Tensor,
         weight: LinearWeight,
         rounded: tuple[torch.Tensor, ...] | None = None,
-        activation: str | None = None,
     ) -> torch.Tensor:
-        return linear(x, weight, self.widen_limit, rounded, activation)
+        return linear(x, weight, self.widen_limit, rounded)
 
     def _norm(
         self,
@@ -180,9 +179,6 @@ class Transformer:
         mark("gate_up", i)
         gate_up = self._linear(h, w.gate_up, h8)
         mark("activation", i)
-        if fuses_activation(gate_up, w.down):  # the down product's kernel applies it
-            mark("down", i)
-            return self._linear(gate_up, w.down, activation=c.activation), w.post_ffn_norm
         act8 = rounding_buffers(gate_up.shape[0], w.down)
         act = gated_activation(gate_up, None, c.activation, rounded=act8)
         mark("down", i)

@@ -17,9 +17,6 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
-from metallic.ops.activation import gated_activation
-from metallic.ops.dispatch import use_kernels
-
 if TYPE_CHECKING:  # the kernels need triton, which CPU-only installs may lack
     from metallic.kernels import PackedWeight
 
@@ -73,16 +70,10 @@ def linear(
     weight: LinearWeight,
     widen_limit: int | None = None,
     rounded: tuple[torch.Tensor, ...] | None = None,
-    activation: str | None = None,
 ) -> torch.Tensor:
     """`x @ W.T + b` with x [..., in]; the result keeps x's dtype. `widen_limit`: the most
     bytes a native matrix may be widened into at once (see `_native_linear`). `rounded`: x
-    already rounded for the dp4a kernels (`rounding_buffers`, filled by the op before).
-    `activation`: x is a gated MLP's [..., 2 * in] = [gate | up], multiplied as
-    `gated_activation(x, None, activation)`; one row against block formats applies it inside
-    the product's kernel (a launch fewer in a decode step), anything else first."""
-    if activation is not None and not fuses_activation(x, weight):
-        x, activation = gated_activation(x, None, activation), None
+    already rounded for the dp4a kernels (`rounding_buffers`, filled by the op before)."""
     if weight.dense is not None:
         w = weight.dense
         rows = x.numel() // x.shape[-1]
@@ -91,9 +82,8 @@ def linear(
         else:
             out = F.linear(x.to(w.dtype), w)
     else:
-        width = weight.in_features * (2 if activation else 1)  # [gate | up] rows
-        rows = x.reshape(-1, width)
-        out = _native_linear(rows, weight.native or (), widen_limit, rounded, activation)
+        rows = x.reshape(-1, weight.in_features)
+        out = _native_linear(rows, weight.native or (), widen_limit, rounded)
         out = out.view(*x.shape[:-1], weight.out_features)
     if weight.bias is not None:
         out = out + weight.bias.to(out.dtype)
@@ -155,25 +145,13 @@ def rounding_buffers(n_rows: int, weight: LinearWeight) -> tuple[torch.Tensor, .
     return empty_quantized_x(weight.in_features, weight.native[0].device)
 
 
-def fuses_activation(x: torch.Tensor, weight: LinearWeight) -> bool:
-    """Whether `linear` applies a gated activation inside quant_matmul (see `linear`)."""
-    if weight.native is None or not use_kernels(x) or x.numel() != x.shape[-1]:
-        return False
-    from metallic.kernels.quant_matmul import fuses_activation
-
-    parts = weight.native
-    return native_path(1, parts, x.dtype) == "fused" and fuses_activation(1, parts)
-
-
 def _native_linear(
     rows: torch.Tensor,
     parts: tuple[PackedWeight, ...],
     widen_limit: int | None = None,
     rounded: tuple[torch.Tensor, ...] | None = None,
-    activation: str | None = None,
 ) -> torch.Tensor:
-    """rows [M, in] times the stacked parts, by native_path (`activation`: rows is one row
-    [gate | up] and the path "fused", see `linear`). Where the dequantize path would
+    """rows [M, in] times the stacked parts, by native_path. Where the dequantize path would
     widen more than `widen_limit` bytes, it widens slices of rows of at most that size in turn
     (a device budget bounds the scratch: the 8B's output matrix in f32 is 2 GiB), as the gemm
     path does for the parts it widens."""
@@ -200,7 +178,7 @@ def _native_linear(
     first = 0
     for p in parts:
         cols = out[:, first : first + p.n]
-        quant_matmul(rows, p, p.ggml_type, p.n, p.k, out=cols, activation=activation)
+        quant_matmul(rows, p, p.ggml_type, p.n, p.k, out=cols)
         first += p.n
     return out
 

@@ -110,9 +110,6 @@ def kernels() -> dict[str, tuple]:
         "gather_host_rows": (host_rows._gather_kernel, {"BLOCK": 256},
                              {"src_ptr": "*i32", "ids_ptr": "*i32", "out_ptr": "*i32"}, {}),
         "quant_fma": (qm._quant_kernel, _fma_constants(q8), bf16, {"num_warps": 4}),
-        # the down product with Gemma's GeGLU applied as x is loaded (XKIND: see _x_quad)
-        "quant_fma_gelu": (qm._quant_kernel, dict(_fma_constants(q8), XKIND=qm._X_BF16 + 6),
-                           bf16, {"num_warps": 4}),
         "quant_dequant": (qm._quant_kernel, dequant, {**bf16, "x_ptr": "*fp32",
                           "x64_ptr": "*fp32", "out_ptr": "*fp32"}, {"num_warps": 4}),
         "sum_splits": (qm._sum_splits_kernel, {"SPLIT": 4, "BLOCK": 1024}, {}, {}),
