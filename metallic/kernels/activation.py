@@ -14,7 +14,7 @@ from metallic.errors import MetallicError
 from metallic.kernels.pdl import pdl_launch, wait_for_inputs
 from metallic.kernels.rounding import store_rounded_blocks
 
-_KINDS = {"silu": 0, "gelu_tanh": 1}
+ACTIVATION_KINDS = {"silu": 0, "gelu_tanh": 1}
 _BLOCK = 1024
 
 
@@ -26,8 +26,9 @@ def _sigmoid(z):
 
 
 @triton.jit
-def _gated_value(g, u, KIND: tl.constexpr):
-    """act(g) * u in f32 for KIND 0 (SiLU) or 1 (tanh-GELU)."""
+def gated_value(g, u, KIND: tl.constexpr):
+    """act(g) * u in f32 for KIND 0 (SiLU) or 1 (tanh-GELU): the one formula of the kernels
+    that apply it (this module's, and quant_matmul's [gate | up] products)."""
     if KIND == 0:
         act = g * _sigmoid(g)
     else:
@@ -58,7 +59,7 @@ def _gated_kernel(
     mask = cols < width
     g = tl.load(gate_ptr + row * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + row * stride_up + cols, mask=mask, other=0.0).to(tl.float32)
-    y = _gated_value(g, u, KIND).to(out_ptr.dtype.element_ty)
+    y = gated_value(g, u, KIND).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * width + cols, y, mask=mask)
     if ROUND:  # one row, width a multiple of 32: its int8 blocks for the dp4a product after
         b = tl.program_id(1) * (BLOCK // 32) + tl.arange(0, BLOCK // 32)
@@ -78,8 +79,10 @@ def gated_activation(
     (buffers from `quant_gemv.empty_quantized_x`; one row, F a multiple of 32), the result is
     also rounded into them as `quant_gemv.quantize_x` would, for the dp4a product that reads it.
     """
-    if kind not in _KINDS:
-        raise MetallicError(f"unknown activation {kind!r} (expected one of {sorted(_KINDS)})")
+    if kind not in ACTIVATION_KINDS:
+        raise MetallicError(
+            f"unknown activation {kind!r} (expected one of {sorted(ACTIVATION_KINDS)})"
+        )
     if up is None:
         if gate.shape[-1] % 2:
             raise MetallicError(f"gated_activation: odd fused width {gate.shape[-1]}")
@@ -108,7 +111,7 @@ def gated_activation(
         width,
         gate_2d.stride(0),
         up_2d.stride(0),
-        KIND=_KINDS[kind],
+        KIND=ACTIVATION_KINDS[kind],
         ROUND=rounded is not None,
         BLOCK=_BLOCK,
         num_warps=4,

@@ -39,6 +39,7 @@ import triton.language as tl
 from gguf import GGMLQuantizationType
 
 from metallic.errors import MetallicError
+from metallic.kernels.activation import ACTIVATION_KINDS, gated_value
 from metallic.kernels.packing import PackedWeight, check_shape, prepare_weight
 from metallic.kernels.pdl import pdl_launch, wait_for_inputs
 
@@ -680,7 +681,8 @@ def _quant_kernel(x_ptr, x64_ptr, out_ptr, p0, p1, p2, p3, M, N, K, stride_xm, s
                   n_steps, steps_per_split, one_bits, group_stride, FMT: tl.constexpr,
                   MODE: tl.constexpr, G: tl.constexpr, W: tl.constexpr, SBS: tl.constexpr,
                   BN: tl.constexpr, BM: tl.constexpr, XKIND: tl.constexpr, EVEN: tl.constexpr,
-                  PARTIAL: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
+                  PARTIAL: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
+                  GATED: tl.constexpr = 0):
     """Rows [BN*r, +BN) of out, over K steps [pid1*steps_per_split, +steps_per_split).
 
     DOT mode: program pid0 = r * m_tiles + t also takes rows [BM*t, +BM) of x (t varies
@@ -688,7 +690,9 @@ def _quant_kernel(x_ptr, x64_ptr, out_ptr, p0, p1, p2, p3, M, N, K, stride_xm, s
     ``one_bits`` is 0x3F800000 (see _unit). ``group_stride`` is 1, multiplied into the offsets
     of per-group scales: unknown to the compiler, it keeps their loads from being vectorized
     along the groups, which would give them a layout other than the words' and a conversion
-    of every value derived from them inside the loop.
+    of every value derived from them inside the loop. GATED = 1 + an activation kind
+    (FMA mode): W is a gated MLP's [gate | up] (N = 2F rows); each program takes BN / 2 rows
+    of each half and stores act(gate) * up into F columns (see `quant_matmul`).
     """
     wait_for_inputs(PDL)
     pid_k = tl.program_id(1)
@@ -700,8 +704,15 @@ def _quant_kernel(x_ptr, x64_ptr, out_ptr, p0, p1, p2, p3, M, N, K, stride_xm, s
         row_block = row_block // m_tiles
         x_ptr += m_first * stride_xm
     m_left = M - m_first  # rows of x from this program's first on
-    row_ids = row_block * BN + tl.arange(0, BN)
-    row_ok = (row_ids < N)[:, None, None]
+    if GATED:  # rows [gate rows of this program | the same rows of up]
+        i = tl.arange(0, BN)
+        in_half = row_block * (BN // 2) + i % (BN // 2)
+        row_ids = in_half + (i // (BN // 2)) * (N // 2)
+        row_exists = in_half < N // 2
+    else:
+        row_ids = row_block * BN + tl.arange(0, BN)
+        row_exists = row_ids < N
+    row_ok = row_exists[:, None, None]
     # Rows past N read row N-1 (valid memory, no masks in the loop); only stores are masked.
     rows = tl.minimum(row_ids, N - 1).to(tl.int64)[:, None, None]
     if MODE == 1:
@@ -736,7 +747,13 @@ def _quant_kernel(x_ptr, x64_ptr, out_ptr, p0, p1, p2, p3, M, N, K, stride_xm, s
     if MODE == 0:
         res = tl.sum(tl.sum(acc, axis=2), axis=1)
         ptrs = out_ptr + row_ids
-        mask = row_ids < N
+        mask = row_exists
+        if GATED and not PARTIAL:  # the split sums' kernel applies it otherwise
+            gate, up = tl.split(tl.permute(tl.reshape(res, (2, BN // 2)), (1, 0)))
+            ids = row_block * (BN // 2) + tl.arange(0, BN // 2)
+            ptrs = out_ptr + ids
+            mask = ids < N // 2
+            res = _gated_rounded(gate, up, out_ptr.dtype.element_ty, GATED - 1)
     elif MODE == 1:
         res = acc
         m = m_first + tl.arange(0, BM)[None, :]
@@ -750,15 +767,29 @@ def _quant_kernel(x_ptr, x64_ptr, out_ptr, p0, p1, p2, p3, M, N, K, stride_xm, s
 
 
 @triton.jit
+def _gated_rounded(gate, up, dtype: tl.constexpr, KIND: tl.constexpr):
+    """act(gate) * up from f32 sums, each rounded to `dtype` first as if stored and read back:
+    the bits of the product followed by kernels.activation's launch."""
+    return gated_value(gate.to(dtype).to(tl.float32), up.to(dtype).to(tl.float32), KIND)
+
+
+@triton.jit
 def _sum_splits_kernel(part_ptr, out_ptr, total, N, stride_om, SPLIT: tl.constexpr,
-                       BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """out[m, n] = sum over splits of part[split, m, n], in f32, stored in out's dtype."""
+                       BLOCK: tl.constexpr, PDL: tl.constexpr, GATED: tl.constexpr = 0):
+    """out[m, n] = sum over splits of part[split, m, n], in f32, stored in out's dtype. GATED
+    (1 + an activation kind, one row): part's N = 2 * out's columns are [gate | up], and
+    out[n] = act(gate[n]) * up[n]."""
     wait_for_inputs(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for split in tl.static_range(SPLIT):
-        acc += tl.load(part_ptr + split * total + offs, mask=mask, other=0.0)
+        acc += tl.load(part_ptr + split * total * (2 if GATED else 1) + offs, mask=mask, other=0.0)
+    if GATED:
+        up = tl.zeros((BLOCK,), dtype=tl.float32)
+        for split in tl.static_range(SPLIT):
+            up += tl.load(part_ptr + (2 * split + 1) * total + offs, mask=mask, other=0.0)
+        acc = _gated_rounded(acc, up, out_ptr.dtype.element_ty, GATED - 1)
     dst = (offs // N) * stride_om + offs % N
     tl.store(out_ptr + dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
 # fmt: on
@@ -871,6 +902,7 @@ def quant_matmul(
     steps_per_split: int | None = None,
     tile: DotTile | None = None,
     out: torch.Tensor | None = None,
+    gated: str | None = None,
 ) -> torch.Tensor:
     """``x @ W.T`` for x [M, k] (f16/bf16/f32) and W [n, k] in ggml blocks; [M, n] in x's dtype.
 
@@ -880,8 +912,19 @@ def quant_matmul(
     dequantized once per tile of M. ``steps_per_split`` (K steps per program; a step is 256
     elements or, for M = 1, up to 2048) overrides the split-K choice. ``out`` (an [M, n] tensor
     of x's dtype whose rows are contiguous, such as a column slice of a wider output) receives
-    the result in place.
+    the result in place. ``gated`` ("silu", "gelu_tanh"; one row, `fuses_gate`): W is a gated
+    MLP's [gate | up] and the result [1, n / 2] is ``gated_activation`` of the product, applied
+    by the product's own kernel (a decode step's activation launch fewer), bit for bit.
     """
+    if gated is not None and not fuses_gate(x.shape[0], ggml_type, n):
+        raise MetallicError(
+            f"quant_matmul applies a gated activation to one row against a quantized [gate | up] "
+            f"of even rows, not {x.shape[0]} rows against {T(ggml_type).name} [{n}, {k}]"
+        )
+    if gated is not None and gated not in ACTIVATION_KINDS:
+        raise MetallicError(
+            f"unknown activation {gated!r} (expected one of {sorted(ACTIVATION_KINDS)})"
+        )
     if x.dim() != 2 or x.shape[1] != k:
         raise MetallicError(f"x must be [M, {k}], got {list(x.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
@@ -893,13 +936,14 @@ def quant_matmul(
     if x.device != packed.device:
         raise MetallicError(f"x is on {x.device} but the weight is on {packed.device}")
     m = x.shape[0]
-    if out is not None and (out.shape != (m, n) or out.dtype != x.dtype or out.stride(1) != 1):
+    n_out = n // 2 if gated else n
+    if out is not None and (out.shape != (m, n_out) or out.dtype != x.dtype or out.stride(1) != 1):
         raise MetallicError(
-            f"out must be [{m}, {n}] {x.dtype} with contiguous rows, got {list(out.shape)} "
+            f"out must be [{m}, {n_out}] {x.dtype} with contiguous rows, got {list(out.shape)} "
             f"{out.dtype} strides {out.stride()}"
         )
     if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
     if x.stride(1) != 1:
@@ -914,7 +958,7 @@ def quant_matmul(
         m_tiles = triton.cdiv(m, tile.bm)
         per_sm, options = tile.programs_per_sm, {"num_warps": tile.warps, "num_stages": tile.stages}
     sbs, groups, words, rows = _geometry(fmt, mode, k, tile)
-    row_blocks = triton.cdiv(n, rows)
+    row_blocks = triton.cdiv(n_out, rows // 2) if gated else triton.cdiv(n, rows)
     n_steps = triton.cdiv(k, sbs * STEP)
     per_split = steps_per_split or _steps_per_split(
         row_blocks * m_tiles, n_steps, packed.nbytes, 4 * m * n, per_sm, x.device
@@ -932,15 +976,23 @@ def quant_matmul(
         BM=tile.bm if tile else 1, XKIND=_X_SINGLE if x64 is x else _X_KINDS[x.dtype],
         EVEN=k % (sbs * STEP) == 0, PARTIAL=splits > 1,
         PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        GATED=0 if gated is None else 1 + ACTIVATION_KINDS[gated],
         enable_fp_fusion=True, **options, **pdl_launch(x.device),
     )  # fmt: skip
     if splits > 1:
-        sum_splits(target, out)
+        sum_splits(target, out, gated)
     return out
 
 
-def sum_splits(partials: torch.Tensor, out: torch.Tensor) -> None:
-    """out [M, N] (rows contiguous) = the sum over splits of f32 partials [splits, M, N]."""
+def fuses_gate(m: int, ggml_type: GGMLQuantizationType | int, n: int) -> bool:
+    """Whether `quant_matmul(..., gated=...)` takes m rows against a [gate | up] of n rows in
+    this format: one row (the FMA mode), block formats, and gate and up of equal rows."""
+    return m == 1 and _FMT_IDS[T(ggml_type)] != _FMT_DENSE and n % 2 == 0
+
+
+def sum_splits(partials: torch.Tensor, out: torch.Tensor, gated: str | None = None) -> None:
+    """out [M, N] (rows contiguous) = the sum over splits of f32 partials [splits, M, N]; with
+    `gated` (one row): partials [splits, 1, 2N] of [gate | up] and out = act(gate) * up."""
     m, n = out.shape
     total = m * n
     block = 1024
@@ -952,6 +1004,7 @@ def sum_splits(partials: torch.Tensor, out: torch.Tensor) -> None:
         out.stride(0),
         SPLIT=partials.shape[0],
         BLOCK=block,
+        GATED=0 if gated is None else 1 + ACTIVATION_KINDS[gated],
         num_warps=4,
         **pdl_launch(out.device),
     )

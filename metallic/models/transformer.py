@@ -16,7 +16,7 @@ from metallic.gguf.config import ModelConfig
 from metallic.models.kv_store import KVStore
 from metallic.models.weights import LayerWeights, ModelWeights
 from metallic.ops import RopeTable, apply_rope, embed, gated_activation, linear, rms_norm
-from metallic.ops.linear import LinearWeight, rounding_buffers
+from metallic.ops.linear import LinearWeight, fuses_gate, gated_linear, rounding_buffers
 from metallic.ops.rope import RopeStep
 from metallic.runtime.batch import StepBatch
 from metallic.runtime.memory import MemoryPool
@@ -177,10 +177,14 @@ class Transformer:
         mark("ffn_norm", i)
         h, h8 = self._norm(a, w.post_attn_norm, x, w.ffn_norm, consumer=w.gate_up)
         mark("gate_up", i)
-        gate_up = self._linear(h, w.gate_up, h8)
-        mark("activation", i)
-        act8 = rounding_buffers(gate_up.shape[0], w.down)
-        act = gated_activation(gate_up, None, c.activation, rounded=act8)
+        act8 = rounding_buffers(h.shape[0], w.down)
+        if fuses_gate(h, w.gate_up, act8):  # the gate|up product's kernel applies it
+            act = gated_linear(h, w.gate_up, c.activation)
+            mark("activation", i)
+        else:
+            gate_up = self._linear(h, w.gate_up, h8)
+            mark("activation", i)
+            act = gated_activation(gate_up, None, c.activation, rounded=act8)
         mark("down", i)
         return self._linear(act, w.down, act8), w.post_ffn_norm
 

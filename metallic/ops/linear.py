@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
+from metallic.ops.dispatch import use_kernels
+
 if TYPE_CHECKING:  # the kernels need triton, which CPU-only installs may lack
     from metallic.kernels import PackedWeight
 
@@ -143,6 +145,33 @@ def rounding_buffers(n_rows: int, weight: LinearWeight) -> tuple[torch.Tensor, .
     from metallic.kernels.rounding import empty_quantized_x
 
     return empty_quantized_x(weight.in_features, weight.native[0].device)
+
+
+def fuses_gate(x: torch.Tensor, weight: LinearWeight, act_rounded: object = None) -> bool:
+    """Whether `gated_linear` can multiply x by a gated MLP's [gate | up] with the activation
+    applied in the product's own kernel: one row against a single part of block quants on the
+    fused path (`quant_matmul.fuses_gate`), no bias, and no rounding of the result wanted for a
+    dp4a product after (`act_rounded`, from `rounding_buffers`)."""
+    native = weight.native
+    if act_rounded is not None or native is None or weight.bias is not None or len(native) != 1:
+        return False
+    if not use_kernels(x) or x.numel() != x.shape[-1]:
+        return False
+    from metallic.kernels.quant_matmul import fuses_gate as kernel_fuses_gate
+
+    return native_path(1, native, x.dtype) == "fused" and kernel_fuses_gate(
+        1, native[0].ggml_type, native[0].n
+    )
+
+
+def gated_linear(x: torch.Tensor, weight: LinearWeight, kind: str) -> torch.Tensor:
+    """`gated_activation(linear(x, weight), None, kind)` in one launch, where `fuses_gate`:
+    [..., F] for a [gate | up] weight of 2F rows, bit for bit."""
+    from metallic.kernels import quant_matmul
+
+    (part,) = weight.native or ()
+    out = quant_matmul(x.reshape(1, -1), part, part.ggml_type, part.n, part.k, gated=kind)
+    return out.view(*x.shape[:-1], part.n // 2)
 
 
 def _native_linear(

@@ -59,7 +59,7 @@ def _fma_constants(fmt: int) -> dict:
     sbs, groups, words, rows = qm._geometry(fmt, qm._MODE_FMA, 640)
     return {
         "FMT": fmt, "MODE": qm._MODE_FMA, "G": groups, "W": words, "SBS": sbs, "BN": rows,
-        "BM": 1, "XKIND": qm._X_BF16, "EVEN": True, "PARTIAL": False, "PREC": "tf32",
+        "BM": 1, "XKIND": qm._X_BF16, "EVEN": True, "PARTIAL": False, "PREC": "tf32", "GATED": 0,
     }  # fmt: skip
 
 
@@ -110,9 +110,14 @@ def kernels() -> dict[str, tuple]:
         "gather_host_rows": (host_rows._gather_kernel, {"BLOCK": 256},
                              {"src_ptr": "*i32", "ids_ptr": "*i32", "out_ptr": "*i32"}, {}),
         "quant_fma": (qm._quant_kernel, _fma_constants(q8), bf16, {"num_warps": 4}),
+        # Gemma's gate|up with its GeGLU applied in the product (GATED = 1 + the kind)
+        "quant_fma_gated": (qm._quant_kernel, dict(_fma_constants(q8), GATED=2), bf16,
+                            {"num_warps": 4}),
         "quant_dequant": (qm._quant_kernel, dequant, {**bf16, "x_ptr": "*fp32",
                           "x64_ptr": "*fp32", "out_ptr": "*fp32"}, {"num_warps": 4}),
-        "sum_splits": (qm._sum_splits_kernel, {"SPLIT": 4, "BLOCK": 1024}, {}, {}),
+        "sum_splits": (qm._sum_splits_kernel, {"SPLIT": 4, "BLOCK": 1024, "GATED": 0}, {}, {}),
+        "sum_splits_gated": (qm._sum_splits_kernel, {"SPLIT": 4, "BLOCK": 1024, "GATED": 1}, {},
+                             {}),
     }  # fmt: skip
 
 
