@@ -7,6 +7,8 @@ compiled here for sm_90 and its machine code read: the instructions of its main 
 the weights one thread handles per iteration, the 16-byte loads, spills and registers.
 
     python benchmarks/sass.py              (any machine; no GPU needed)
+    python benchmarks/sass.py --rows 1,2,4,8  (the owner kernels' default tiles at M rows of x:
+                                            instructions per weight, and per weight per row)
     python benchmarks/sass.py --launched   (compile all that gpu_gemv.py launches; --quick: as
                                             gpu_gemv.py --quick)
 """
@@ -33,7 +35,8 @@ _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^
 
 @dataclass(frozen=True)
 class Variant:
-    """One kernel at one geometry; `weights` is what a program reads per loop iteration."""
+    """One kernel at one geometry; `weights` is what a program reads per loop iteration, for
+    `rows_of_x` rows of x."""
 
     name: str
     fn: object
@@ -41,13 +44,16 @@ class Variant:
     constexprs: dict[str, object]
     num_warps: int
     weights: int
+    rows_of_x: int = 1
 
 
 _POINTER_TYPES = {"h_ptr": "*fp16", "d_ptr": "*fp16", "dx_ptr": "*fp32", "xs_ptr": "*fp32",
                   "out_ptr": "*fp32"}  # fmt: skip
-_Q4_K_TILE = ("w_ptr", "h_ptr", "xq_ptr", "dx_ptr", "xs_ptr", "out_ptr", "N", "row_words")
-_Q4_K_OWNER = ("w_ptr", "w2_ptr", "xq_ptr", "dx_ptr", "xs_ptr", "out_ptr", "N", "n_first", "n_sb")
-_Q6_K = (
+_Q4_K_TILE = ("w_ptr", "h_ptr", "xq_ptr", "dx_ptr", "xs_ptr", "out_ptr", "N", "row_words",
+              "sb_per_split")  # fmt: skip
+_Q4_K_OWNER = ("w_ptr", "w2_ptr", "xq_ptr", "dx_ptr", "xs_ptr", "out_ptr", "N", "n_first", "n_sb",
+               "sb_per_split", "out_stride")  # fmt: skip
+_Q6_K_TILE = (
     "ql_ptr",
     "qh_ptr",
     "sc_ptr",
@@ -58,38 +64,52 @@ _Q6_K = (
     "out_ptr",
     "N",
     "n_sb",
+    "sb_per_split",
 )
+_Q6_K_OWNER = (*_Q6_K_TILE, "out_stride")
 
 
 def _variant(name: str, fn, args: tuple[str, ...], rows: int, sbs: int, warps: int,
              **extra) -> Variant:  # fmt: skip
-    """`fn` at rows x super-blocks a step with `warps`: all pointers 16-byte aligned."""
+    """`fn` at rows x super-blocks a step with `warps`: all pointers 16-byte aligned. An owner
+    kernel's M (rows of x, default 1) is in `extra`."""
     signature = {a: _POINTER_TYPES.get(a, "*i32") if a.endswith("_ptr") else "i32" for a in args}
-    signature["sb_per_split"] = "i32"
     constexprs = {"BN": rows, "S": sbs, "PARTIAL": False, "ASM": True, "PDL": True, **extra}
     signature |= {c: "constexpr" for c in constexprs}
-    return Variant(f"{name} {rows}x{sbs} w{warps}", fn, signature, constexprs, warps,
-                   rows * sbs * 256)  # fmt: skip
+    m = extra.get("M", 1)
+    return Variant(f"{name} {rows}x{sbs} w{warps} M={m}", fn, signature, constexprs, warps,
+                   rows * sbs * 256, m)  # fmt: skip
 
 
-def variants() -> list[Variant]:
+def _owner(qtype: str, rows: int, sbs: int, warps: int, m: int = 1) -> Variant:
+    """An owner kernel: "q4_k owner", "q4_k staged" or "q6_k owner"; m rows of x."""
+    if qtype == "q6_k owner":
+        return _variant(qtype, g._gemv_q6_k_owner_kernel, _Q6_K_OWNER, rows, sbs, warps,
+                        HOIST=True, M=m)  # fmt: skip
+    return _variant(qtype, g._gemv_q4_k_owner_kernel, _Q4_K_OWNER, rows, sbs, warps,
+                    STAGED=qtype == "q4_k staged", HOIST=True, M=m)  # fmt: skip
+
+
+def variants(row_counts: tuple[int, ...] = ()) -> list[Variant]:
     """The tile kernels at their former K = 4096 default, the owner kernels at a few
-    geometries."""
+    geometries; with `row_counts`, the owner kernels at their defaults' tiles for those rows of
+    x instead."""
+    if row_counts:
+        tiles = (
+            ("q4_k staged", 8, 16, 4),
+            ("q4_k staged", 16, 16, 4),
+            ("q4_k staged", 16, 8, 4),
+            ("q6_k owner", 8, 16, 4),
+            ("q6_k owner", 16, 8, 4),
+        )
+        return [_owner(*tile, m) for tile in tiles for m in row_counts]  # fmt: skip
     out = [
         _variant("q4_k tile", g._gemv_q4_k_kernel, _Q4_K_TILE, 8, 16, 4, STAGES=1),
-        _variant("q6_k tile", g._gemv_q6_k_kernel, _Q6_K, 8, 16, 4, STAGES=1),
+        _variant("q6_k tile", g._gemv_q6_k_kernel, _Q6_K_TILE, 8, 16, 4, STAGES=1),
     ]
     for rows, sbs, warps in ((8, 16, 4), (16, 16, 4), (16, 8, 4), (32, 8, 8)):
-        out.append(
-            _variant("q4_k owner", g._gemv_q4_k_owner_kernel, _Q4_K_OWNER, rows, sbs, warps,
-                     STAGED=False, HOIST=True)
-        )  # fmt: skip
-        staged = _variant("q4_k staged", g._gemv_q4_k_owner_kernel, _Q4_K_OWNER, rows, sbs, warps,
-                          STAGED=True, HOIST=True)  # fmt: skip
-        out.append(staged)
-        out.append(
-            _variant("q6_k owner", g._gemv_q6_k_owner_kernel, _Q6_K, rows, sbs, warps, HOIST=True)
-        )
+        out += [_owner(kind, rows, sbs, warps) for kind in ("q4_k owner", "q4_k staged",
+                                                            "q6_k owner")]  # fmt: skip
     return out
 
 
@@ -184,17 +204,21 @@ def main() -> int:
                 print(f"FAIL {v.name}: {str(error).splitlines()[-1][:200]}", flush=True)
         print(f"{failed} failed")
         return 1 if failed else 0
-    columns = ("kernel", "SASS", "loop", "weights/thread/iter", "instr/weight", "LDG.128", "LDG",
-               "spills", "regs")  # fmt: skip
+    row_counts = ()
+    if "--rows" in sys.argv:  # --rows 1,2,4,8: the owner kernels' defaults at M rows of x
+        row_counts = tuple(int(m) for m in sys.argv[sys.argv.index("--rows") + 1].split(","))
+    columns = ("kernel", "SASS", "loop", "weights/thread/iter", "instr/weight",
+               "instr/weight/row", "dp4a/weight", "LDG.128", "LDG", "spills", "regs")  # fmt: skip
     print("| " + " | ".join(columns) + " |")
     print("|---" * len(columns) + "|")
-    for v in variants():
+    for v in variants(row_counts):
         text, regs = sass(v)
         c = count(text)
         per_thread = v.weights / (32 * v.num_warps)
-        per_weight = f"{c['loop'] / per_thread:.2f}"
-        cells = (v.name, c["total"], c["loop"], f"{per_thread:.0f}", per_weight, c["loop_ldg128"],
-                 c["loop_ldg"], c["spills"], regs)  # fmt: skip
+        per_weight = c["loop"] / per_thread
+        cells = (v.name, c["total"], c["loop"], f"{per_thread:.0f}", f"{per_weight:.2f}",
+                 f"{per_weight / v.rows_of_x:.2f}", f"{c['loop_dp4a'] / per_thread:.2f}",
+                 c["loop_ldg128"], c["loop_ldg"], c["spills"], regs)  # fmt: skip
         print("| " + " | ".join(str(x) for x in cells) + " |", flush=True)
     return 0
 
