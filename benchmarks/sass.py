@@ -180,11 +180,11 @@ def launched_variants(quick: bool = False) -> list[Variant]:
                 extra = {"PARTIAL": partial}
                 if geo.kernel == "tile":
                     fn = g._gemv_q4_k_kernel if qtype == T.Q4_K else g._gemv_q6_k_kernel
-                    args = _Q4_K_TILE if qtype == T.Q4_K else _Q6_K
+                    args = _Q4_K_TILE if qtype == T.Q4_K else _Q6_K_TILE
                     extra["STAGES"] = geo.stages
                 else:
                     fn = g._gemv_q4_k_owner_kernel if qtype == T.Q4_K else g._gemv_q6_k_owner_kernel
-                    args = _Q4_K_OWNER if qtype == T.Q4_K else _Q6_K
+                    args = _Q4_K_OWNER if qtype == T.Q4_K else _Q6_K_OWNER
                     extra["HOIST"] = geo.hoist
                     if qtype == T.Q4_K:
                         extra["STAGED"] = geo.kernel == "staged"

@@ -593,9 +593,9 @@ def gemv_parts(
     out: torch.Tensor,
     geometry: Geometry | None = None,
 ) -> torch.Tensor:
-    """out [M, sum of N] = M rows of x times the stacked parts, each part's columns in turn. Two Q4_K parts
-    of one K (gate and up) take one launch of the owner kernel where the first part's rows fill
-    whole programs."""
+    """out [M, sum of N] = M rows of x times the stacked parts, each part's columns in turn. Two
+    Q4_K parts of one K (gate and up) take one launch of the owner kernel where the first part's
+    rows fill whole programs."""
     first = 0
     i = 0
     while i < len(parts):
