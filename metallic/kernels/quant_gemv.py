@@ -237,7 +237,10 @@ def _gemv_q4_k_owner_kernel(w_ptr, w2_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N, n
     for s in tl.range(first, first + sb_per_split, S):
         sb = s + tl.arange(0, S)[None, :]
         blk = (w_ptr + (rows[:, None] * n_sb + sb) * 36)[:, :, None]
-        x_at = xq_ptr + (s + tl.arange(0, S))[:, None] * 64 + tl.arange(0, 4)[None, :]  # [S, 4]
+        x_sb = (s + tl.arange(0, S))[:, None]
+        x_at = xq_ptr + x_sb * 64 + tl.arange(0, 4)[None, :]  # [S, 4]
+        dx_pair = dx_ptr + x_sb * 8 + tl.arange(0, 2)[None, :]  # [S, 2]
+        xs_quad = xs_ptr + x_sb * 16 + tl.arange(0, 4)[None, :]  # [S, 4]
         head, sc_lo, m_lo, packed_hi = _words(tl.load(blk + quad), BN, S)
         d = (head & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         dmin = (head >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
@@ -269,47 +272,40 @@ def _gemv_q4_k_owner_kernel(w_ptr, w2_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N, n
             dots_hi = _zeros_rows(BN, S, tl.int32, M)
             for half in tl.static_range(2):
                 if STAGED:
-                    quads = _halves(_pick(chunk0, chunk1, chunk2, chunk3, j), 8)
-                    q0, q1, q2, q3 = _words(quads[half], BN, S)
+                    quads = _halves(_pick(chunk0, chunk1, chunk2, chunk3, j), 8)[half]
                 elif half == 0:
-                    q0, q1, q2, q3 = _words(_pick(q00, q10, q20, q30, j), BN, S)
+                    quads = _pick(q00, q10, q20, q30, j)
                 else:
-                    q0, q1, q2, q3 = _words(_pick(q01, q11, q21, q31, j), BN, S)
-                l0, l1, l2, l3 = q0 & 0x0F0F0F0F, q1 & 0x0F0F0F0F, q2 & 0x0F0F0F0F, q3 & 0x0F0F0F0F
-                h0, h1 = q0 & _HIGH_NIBBLES, q1 & _HIGH_NIBBLES
-                h2, h3 = q2 & _HIGH_NIBBLES, q3 & _HIGH_NIBBLES
+                    quads = _pick(q01, q11, q21, q31, j)
+                low_nibbles = quads & 0x0F0F0F0F  # masked once for all rows of x
+                high_nibbles = quads & _HIGH_NIBBLES
                 new_lo = ()
                 new_hi = ()
                 for r in tl.static_range(M):
                     xw = x_at + r * n_sb * 64 + 16 * j + 4 * half
-                    x0, x1, x2, x3 = _words(tl.load(xw)[None, :, :], 1, S)
-                    y0, y1, y2, y3 = _words(tl.load(xw + 8)[None, :, :], 1, S)
-                    lo = _dp4a(l3, x3, _dp4a(l2, x2, _dp4a(l1, x1, _dp4a(l0, x0, dots_lo[r], ASM),
-                                                           ASM), ASM), ASM)
-                    hi = _dp4a(h3, y3, _dp4a(h2, y2, _dp4a(h1, y1, _dp4a(h0, y0, dots_hi[r], ASM,
-                                                                         True), ASM, True),
-                                                   ASM, True), ASM, True)
-                    new_lo += (lo,)
-                    new_hi += (hi,)
+                    new_lo += (_dot4(low_nibbles, tl.load(xw)[None, :, :], dots_lo[r], BN, S,
+                                     ASM),)  # fmt: skip
+                    new_hi += (_dot4(high_nibbles, tl.load(xw + 8)[None, :, :], dots_hi[r], BN, S,
+                                     ASM, True),)  # fmt: skip
                 dots_lo, dots_hi = new_lo, new_hi
             scs = sc_lo if j < 2 else sc_hi
             ms = m_lo if j < 2 else m_hi
-            for par in tl.static_range(2):
-                sub = 2 * j + par
-                sc = _byte(scs, sub % 4).to(tl.float32)
-                if par == 1:
-                    sc *= 0.0625  # exact: the high nibbles' 16
-                m = _byte(ms, sub % 4).to(tl.float32)
-                new_scaled = ()
-                new_mins = ()
-                for r in tl.static_range(M):
-                    dx = tl.load(dx_ptr + r * n_sb * 8 + sb * 8 + sub)
-                    at = xs_ptr + r * n_sb * 16 + sb * 16 + 2 * sub
-                    xsum = tl.load(at) + tl.load(at + 1)
-                    dot = dots_lo[r] if par == 0 else dots_hi[r]
-                    new_scaled += (scaled[r] + (dx * sc) * dot.to(tl.float32),)
-                    new_mins += (mins[r] + (dx * xsum) * m,)
-                scaled, mins = new_scaled, new_mins
+            sc_even = _byte(scs, (2 * j) % 4).to(tl.float32)
+            sc_odd = _byte(scs, (2 * j + 1) % 4).to(tl.float32) * 0.0625  # the high nibbles' 16
+            m_even = _byte(ms, (2 * j) % 4).to(tl.float32)
+            m_odd = _byte(ms, (2 * j + 1) % 4).to(tl.float32)
+            new_scaled = ()
+            new_mins = ()
+            for r in tl.static_range(M):
+                # x's scales of sub-blocks 2j and 2j + 1 in one load, their half sums in another
+                dx_even, dx_odd = tl.split(tl.load(dx_pair + r * n_sb * 8 + 2 * j)[None, :, :])
+                h0, h1, h2, h3 = _words(tl.load(xs_quad + r * n_sb * 16 + 4 * j)[None, :, :], 1, S)
+                # sub-block 2j first, then 2j + 1, as separate sums
+                row_scaled = scaled[r] + (dx_even * sc_even) * dots_lo[r].to(tl.float32)
+                row_mins = mins[r] + (dx_even * (h0 + h1)) * m_even
+                new_scaled += (row_scaled + (dx_odd * sc_odd) * dots_hi[r].to(tl.float32),)
+                new_mins += (row_mins + (dx_odd * (h2 + h3)) * m_odd,)
+            scaled, mins = new_scaled, new_mins
         new_accs = ()
         for r in tl.static_range(M):
             new_accs += (accs[r] + (d * scaled[r] - dmin * mins[r]),)
@@ -394,11 +390,23 @@ def _asm1(word, asm: tl.constexpr):
 
 
 @triton.jit
-def _dot4(q, x, c, BN: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr):
-    """c + the dot products of the signed bytes of q [BN, S, 4] and x [1, S, 4], per [BN, S]."""
-    q0, q1, q2, q3 = _words(q, BN, S)
-    x0, x1, x2, x3 = _words(x, 1, S)
-    return _dp4a(q3, x3, _dp4a(q2, x2, _dp4a(q1, x1, _dp4a(q0, x0, c, ASM), ASM), ASM), ASM)
+def _dot4(q, x, c, BN: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr,
+          Q_UNSIGNED: tl.constexpr = False):
+    """c + the dot products of the bytes of q [BN, S, 4] (signed, or unsigned with Q_UNSIGNED)
+    and the signed bytes of x [1, S, 4], per [BN, S]: four dp4a, words 0 to 3."""
+    if ASM:
+        q0, q1, q2, q3 = _words(q, BN, S)
+        x0, x1, x2, x3 = _words(x, 1, S)
+        c = _dp4a(q0, x0, c, ASM, Q_UNSIGNED)
+        c = _dp4a(q1, x1, c, ASM, Q_UNSIGNED)
+        c = _dp4a(q2, x2, c, ASM, Q_UNSIGNED)
+        return _dp4a(q3, x3, c, ASM, Q_UNSIGNED)
+    else:  # the sixteen byte products at once (exact integers: the same sum in any order)
+        k = tl.arange(0, 4)[None, None, None, :]
+        q4 = q[:, :, :, None]
+        q_bytes = (q4 >> (8 * k)) & 0xFF if Q_UNSIGNED else (q4 << (24 - 8 * k)) >> 24
+        x_bytes = (x[:, :, :, None] << (24 - 8 * k)) >> 24
+        return c + tl.sum(tl.sum(q_bytes * x_bytes, axis=3), axis=2)
 
 
 @triton.jit
@@ -425,35 +433,55 @@ def _gemv_q6_k_owner_kernel(ql_ptr, qh_ptr, sc_ptr, d_ptr, xq_ptr, dx_ptr, xs_pt
         d = tl.load(d_ptr + at).to(tl.float32)
         sc0, sc1, sc2, sc3 = _words(tl.load(sc_ptr + at[:, :, None] * 4 + quad), BN, S)
         x_at = xq_ptr + sb[:, :, None] * 64 + quad
-        # All loads first, words a = 4p + t of half h as the (2h + p)-th of each kind, so each
-        # thread keeps its 192 bytes of quants in flight at once.
+        xs_pair = xs_ptr + (s + tl.arange(0, S))[:, None] * 16 + tl.arange(0, 2)[None, :]
+        # Words a = 4p + t of half h as the (2h + p)-th of each kind. Up to 4 rows of x all
+        # loads first, so each thread keeps its 192 bytes of quants in flight at once; from 5
+        # rows each half's loads come with it (registers: 8 rows of everything would spill).
         low_at = ql_ptr + at[:, :, None] * 32 + quad
         high_at = qh_ptr + at[:, :, None] * 16 + quad
-        low_a0, low_a1 = tl.load(low_at), tl.load(low_at + 4)
-        low_a2, low_a3 = tl.load(low_at + 16), tl.load(low_at + 20)
-        low_b0, low_b1 = tl.load(low_at + 8), tl.load(low_at + 12)
-        low_b2, low_b3 = tl.load(low_at + 24), tl.load(low_at + 28)
-        high0, high1 = tl.load(high_at), tl.load(high_at + 4)
-        high2, high3 = tl.load(high_at + 8), tl.load(high_at + 12)
-        if HOIST:  # keeps ptxas from spreading the loads among the arithmetic
-            tl.debug_barrier()
+        if M <= 4:
+            low_a0, low_a1 = tl.load(low_at), tl.load(low_at + 4)
+            low_a2, low_a3 = tl.load(low_at + 16), tl.load(low_at + 20)
+            low_b0, low_b1 = tl.load(low_at + 8), tl.load(low_at + 12)
+            low_b2, low_b3 = tl.load(low_at + 24), tl.load(low_at + 28)
+            high0, high1 = tl.load(high_at), tl.load(high_at + 4)
+            high2, high3 = tl.load(high_at + 8), tl.load(high_at + 12)
+            if HOIST:  # keeps ptxas from spreading the loads among the arithmetic
+                tl.debug_barrier()
         scaled = _zeros_rows(BN, S, tl.float32, M)  # per row of x: sum over groups of dx * t
         for h in tl.static_range(2):
+            if M <= 4:
+                low_a = (_pick(low_a0, low_a1, low_a2, low_a3, 2 * h),
+                         _pick(low_a0, low_a1, low_a2, low_a3, 2 * h + 1))
+                low_b = (_pick(low_b0, low_b1, low_b2, low_b3, 2 * h),
+                         _pick(low_b0, low_b1, low_b2, low_b3, 2 * h + 1))
+                high = (_pick(high0, high1, high2, high3, 2 * h),
+                        _pick(high0, high1, high2, high3, 2 * h + 1))
+            else:
+                low_a = (tl.load(low_at + 16 * h), tl.load(low_at + 16 * h + 4))
+                low_b = (tl.load(low_at + 16 * h + 8), tl.load(low_at + 16 * h + 12))
+                high = (tl.load(high_at + 8 * h), tl.load(high_at + 8 * h + 4))
             for c in tl.static_range(4):
-                ts = _zeros_rows(BN, S, tl.int32, M)  # per row: sum over p of sc * dot
+                # Per row of x: each sub-block's dot starts at -32 * its sum of x (one load for
+                # both sub-blocks).
+                starts_even = ()
+                starts_odd = ()
+                for r in tl.static_range(M):
+                    xs_even, xs_odd = tl.split(
+                        tl.load(xs_pair + r * n_sb * 16 + 8 * h + 2 * c)[None, :, :]
+                    )
+                    starts_even += ((-32.0 * xs_even).to(tl.int32),)
+                    starts_odd += ((-32.0 * xs_odd).to(tl.int32),)
+                ts = ()  # per row of x: sum over p of sc * dot
                 for p in tl.static_range(2):
-                    group = _q6_k_group(_pick(low_a0, low_a1, low_a2, low_a3, 2 * h + p),
-                                        _pick(low_b0, low_b1, low_b2, low_b3, 2 * h + p),
-                                        _pick(high0, high1, high2, high3, 2 * h + p), c, ASM)
+                    group = _q6_k_group(low_a[p], low_b[p], high[p], c, ASM)
                     sc = _sbyte(_pick(sc0, sc1, sc2, sc3, 2 * h + c // 2), 2 * (c % 2) + p, ASM)
                     new_ts = ()
                     for r in tl.static_range(M):
-                        # (Triton 3.6 turns a constexpr assigned to a name into a tensor: inline.)
-                        start = (-32.0 * tl.load(xs_ptr + r * n_sb * 16 + sb * 16 + 8 * h
-                                                 + 2 * c + p)).to(tl.int32)
+                        start = starts_even[r] if p == 0 else starts_odd[r]
                         dot = _dot4(group, tl.load(x_at + r * n_sb * 64 + 32 * h + 8 * c + 4 * p),
                                     start, BN, S, ASM)
-                        new_ts += (ts[r] + dot * sc,)
+                        new_ts += (dot * sc if p == 0 else ts[r] + dot * sc,)
                     ts = new_ts
                 new_scaled = ()
                 for r in tl.static_range(M):

@@ -15,7 +15,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from metallic.kernels import prepare_weight
-from metallic.kernels.quant_gemv import Geometry, gemv, gemv_parts, quantize_x
+from metallic.kernels.quant_gemv import DP4A_MAX_ROWS, Geometry, gemv, gemv_parts, quantize_x
 from metallic.quant.quantize import quantize
 from metallic.quant.reference import dequantize
 
@@ -32,6 +32,11 @@ def _matrix(qtype: GGMLQuantizationType, n: int, k: int, seed: int) -> tuple[tor
     return raw, dequantize(raw, qtype, n * k).view(n, k).double()
 
 
+def _rounded(xq: tuple[torch.Tensor, ...], k: int) -> torch.Tensor:
+    """x as quantize_x rounded it, [M, K] in float64: what the kernels multiply."""
+    return (xq[0].reshape(-1, 32).double() * xq[1].reshape(-1)[:, None].double()).view(-1, k)
+
+
 def test_quantize_x_rounds_each_block_to_int8_with_its_scale() -> None:
     seed = _seed()
     x = torch.randn(256, generator=torch.Generator().manual_seed(seed)) * 3
@@ -46,6 +51,18 @@ def test_quantize_x_rounds_each_block_to_int8_with_its_scale() -> None:
     assert torch.equal(xs, xq.view(-1, 16).sum(dim=1).float()), seed
     strided = torch.stack([x, x], dim=1)[:, 0]  # every other element of a wider buffer
     assert all(torch.equal(a, b) for a, b in zip(quantize_x(strided), (xq, dx, xs), strict=True))
+
+
+def test_quantize_x_stacks_rows_each_rounded_as_alone() -> None:
+    seed = _seed()
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+    xq, dx, xs = quantize_x(x)
+    assert (xq.shape, dx.shape, xs.shape) == ((5, 96), (5, 3), (5, 6))
+    for r in range(5):
+        alone = quantize_x(x[r])
+        assert all(torch.equal(a, b) for a, b in zip((xq[r], dx[r], xs[r]), alone, strict=True))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize_x(torch.zeros(2, 3, 64))
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K])
@@ -70,8 +87,7 @@ def test_gemv_matches_the_reference(
     out = torch.empty(1, n, dtype=torch.float16)
     gemv(xq, prepare_weight(raw, qtype, n, k), out, geometry)
     assert not out.isnan().any(), f"an output was never written (seed {seed})"
-    x_rounded = (xq[0].view(-1, 32).double() * xq[1][:, None].double()).view(1, k)
-    exact = x_rounded @ dense.T
+    exact = _rounded(xq, k) @ dense.T
     err = ((out.double() - exact).norm() / exact.norm()).item()
     assert err < 1e-3, f"{qtype.name} vs rounded x: {err:.3g} (seed {seed})"  # f16 output
     # Against x itself the rounding's own error remains: 0.6% on average, over 5% in one draw of
@@ -79,6 +95,52 @@ def test_gemv_matches_the_reference(
     ref = x.double() @ dense.T
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err < 0.1, f"{qtype.name} vs x: {err:.3g} (seed {seed})"
+
+
+@pytest.mark.parametrize(
+    ("qtype", "geometry"),
+    [
+        (T.Q4_K, Geometry(16, 1, splits=2)),
+        (T.Q4_K, Geometry(16, 2, kernel="staged")),
+        (T.Q6_K, Geometry(16, 2)),
+        (T.Q6_K, Geometry(16, 1, splits=2)),
+    ],
+)
+def test_gemv_takes_rows_of_x_each_summed_as_alone(
+    qtype: GGMLQuantizationType, geometry: Geometry
+) -> None:
+    """M rows of x in one pass (1, 2, 3, 5, 8; N = 13 ends inside the program, K in one or two
+    splits): each row's result is x W^T with x as rounded, and the same bits whether the row
+    is multiplied alone or among others. Q6_K from 5 rows loads its quants half by half."""
+    seed = _seed()
+    n, k = 13, 512
+    raw, dense = _matrix(qtype, n, k, seed)
+    weight = prepare_weight(raw, qtype, n, k)
+    x = torch.randn(DP4A_MAX_ROWS, k, generator=torch.Generator().manual_seed(seed + 1))
+    xq = quantize_x(x.to(torch.bfloat16))
+    exact = _rounded(xq, k) @ dense.T
+    results = {}
+    for m in (1, 2, 3, 5, DP4A_MAX_ROWS):
+        out = torch.empty(m, n, dtype=torch.float32)
+        gemv(tuple(t[:m] for t in xq), weight, out, geometry)
+        err = ((out.double() - exact[:m]).norm() / exact[:m].norm()).item()
+        assert err < 1e-5, f"{qtype.name} M={m}: {err:.3g} (seed {seed})"  # f32 output
+        results[m] = out
+    for m, out in results.items():
+        assert torch.equal(out, results[DP4A_MAX_ROWS][:m]), f"M={m} (seed {seed})"
+    last = torch.empty(1, n, dtype=torch.float32)
+    gemv(tuple(t[-1:] for t in xq), weight, last, geometry)
+    assert torch.equal(last, results[DP4A_MAX_ROWS][-1:]), f"the last row alone (seed {seed})"
+
+
+def test_gemv_rejects_rows_it_does_not_take() -> None:
+    raw, _ = _matrix(T.Q4_K, 8, 256, _seed())
+    weight = prepare_weight(raw, T.Q4_K, 8, 256)
+    x = quantize_x(torch.randn(DP4A_MAX_ROWS + 1, 256))
+    with pytest.raises(ValueError, match="rows"):
+        gemv(x, weight, torch.empty(DP4A_MAX_ROWS + 1, 8))
+    with pytest.raises(ValueError, match="one row"):
+        gemv(tuple(t[:2] for t in x), weight, torch.empty(2, 8), Geometry(8, 1, kernel="tile"))
 
 
 @pytest.mark.parametrize(
