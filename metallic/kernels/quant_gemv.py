@@ -572,7 +572,7 @@ class Geometry:
     hoist: bool = True  # owner kernels: all quant loads issued before any arithmetic
 
 
-def default_geometry(qtype: GGMLQuantizationType, n: int, k: int) -> Geometry:
+def default_geometry(qtype: GGMLQuantizationType, n: int, k: int, m: int = 1) -> Geometry:
     """The winners of benchmarks/gpu_gemv.py's sweep on an H200 (Triton 3.6; µs, % of copy
     bandwidth). Q4_K, staged: 8 rows of 16 super-blocks for N <= 8192 (4096 x 4096: 6.2, 36%;
     the tile kernel 8.1), 16 rows from there (14336 x 4096: 13.7, 57%; tile 19.4); wide K in
@@ -580,16 +580,25 @@ def default_geometry(qtype: GGMLQuantizationType, n: int, k: int) -> Geometry:
     of 16 super-blocks (1024 x 4096: 4.4, as the tile kernel), the output head 16 rows of 8 in
     two splits (146, 70%; tile 176). At wide K the tile kernel was a little faster (24.8, 46%;
     owner 25.5) but takes one row of x, and a row must sum in the same order alone or among
-    others (gemv): the owner kernel in Q4_K's steps and splits."""
+    others (gemv): the owner kernel in Q4_K's steps and splits.
+
+    For m rows of x the steps and splits stay (they fix a row's order of summation); from 5
+    rows each thread owns one (row, super-block) pair, twice the warps where it owned two: the
+    staged kernel's 8 rows of x on two pairs spill (benchmarks/sass.py --rows)."""
     n_sb = k // 256
     wide_splits = n_sb // 8 if n_sb % 8 == 0 else 1
     if qtype == T.Q6_K:
         if n_sb > 16:
-            return Geometry(16, 8, wide_splits)
-        return Geometry(16, 8, 2) if n >= 32768 else Geometry(8, 16)
-    if n_sb > 16:
-        return Geometry(16, 8, wide_splits, kernel="staged")
-    return Geometry(8 if n <= 8192 else 16, 16, kernel="staged")
+            g = Geometry(16, 8, wide_splits)
+        else:
+            g = Geometry(16, 8, 2) if n >= 32768 else Geometry(8, 16)
+    elif n_sb > 16:
+        g = Geometry(16, 8, wide_splits, kernel="staged")
+    else:
+        g = Geometry(8 if n <= 8192 else 16, 16, kernel="staged")
+    if m > 4 and g.rows * g.sbs > 32 * g.warps:
+        g = dataclasses.replace(g, warps=g.rows * g.sbs // 32)
+    return g
 
 
 def normalized(geometry: Geometry, k: int) -> Geometry:
@@ -629,7 +638,7 @@ def gemv_parts(
     while i < len(parts):
         group = tuple(parts[i : i + 2])
         n = sum(p.n for p in group)
-        g = geometry or default_geometry(group[0].ggml_type, n, group[0].k)
+        g = geometry or default_geometry(group[0].ggml_type, n, group[0].k, out.shape[0])
         pair = (
             len(group) == 2
             and all(p.ggml_type == T.Q4_K and p.k == group[0].k for p in group)
@@ -659,7 +668,7 @@ def _launch(
             f"gemv: out {list(out.shape)} and x of {q.numel()} quants do not fit M <= "
             f"{DP4A_MAX_ROWS} rows of K = {k} times N = {n}"
         )
-    g = normalized(geometry or default_geometry(weight.ggml_type, n, k), k)
+    g = normalized(geometry or default_geometry(weight.ggml_type, n, k, m), k)
     if g.kernel == "tile" and m > 1:
         raise ValueError("gemv: the tile kernels take one row of x")
     n_sb, splits, sbs = k // 256, g.splits, g.sbs

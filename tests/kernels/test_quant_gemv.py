@@ -144,17 +144,18 @@ def test_gemv_rejects_rows_it_does_not_take() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kinds", "geometry", "launches"),
+    ("kinds", "geometry", "launches", "m"),
     [
-        (((T.Q4_K, 32), (T.Q4_K, 24)), None, 1),  # gate|up: one launch of the default
-        (((T.Q4_K, 32), (T.Q4_K, 24)), Geometry(16, 4, splits=2, kernel="staged"), 1),
-        (((T.Q4_K, 20), (T.Q4_K, 16)), None, 2),  # the first part's rows end inside a program
-        (((T.Q6_K, 16), (T.Q4_K, 16), (T.Q4_K, 8)), Geometry(8, 8), 2),  # v, then a pair
+        (((T.Q4_K, 32), (T.Q4_K, 24)), None, 1, 2),  # gate|up: one launch of the default
+        (((T.Q4_K, 32), (T.Q4_K, 24)), Geometry(16, 4, splits=2, kernel="staged"), 1, 1),
+        (((T.Q4_K, 20), (T.Q4_K, 16)), None, 2, 3),  # the first part's rows end in a program
+        (((T.Q6_K, 16), (T.Q4_K, 16), (T.Q4_K, 8)), Geometry(8, 8), 2, 1),  # v, then a pair
     ],
 )
 def test_gemv_parts_stacks_the_products(
-    kinds: tuple, geometry: Geometry | None, launches: int, monkeypatch: pytest.MonkeyPatch
+    kinds: tuple, geometry: Geometry | None, launches: int, m: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Parts side by side in out's columns, for m rows of x (out's rows a stride apart)."""
     from metallic.kernels import quant_gemv
 
     seed = _seed()
@@ -164,25 +165,26 @@ def test_gemv_parts_stacks_the_products(
         prepare_weight(raw, qtype, n, k)
         for (raw, _), (qtype, n) in zip(matrices, kinds, strict=True)
     ]
-    x = torch.randn(k, generator=torch.Generator().manual_seed(seed + 9)).to(torch.bfloat16)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 9)).to(torch.bfloat16)
     xq = quantize_x(x)
     calls = []
     real_launch = quant_gemv._launch
     monkeypatch.setattr(quant_gemv, "_launch", lambda *a: calls.append(1) or real_launch(*a))
-    out = torch.full((1, sum(n for _, n in kinds)), float("nan"), dtype=torch.bfloat16)
+    out = torch.full((m, sum(n for _, n in kinds)), float("nan"), dtype=torch.bfloat16)
     gemv_parts(xq, parts, out, geometry)
     assert len(calls) == launches
-    x_rounded = (xq[0].view(-1, 32).double() * xq[1][:, None].double()).view(1, k)
-    exact = x_rounded @ torch.cat([dense for _, dense in matrices]).T
+    exact = _rounded(xq, k) @ torch.cat([dense for _, dense in matrices]).T
     err = ((out.double() - exact).norm() / exact.norm()).item()
     assert err < 1e-2, f"{err:.3g} (seed {seed})"  # bf16 output
 
 
-def test_linear_takes_the_dp4a_kernels_for_one_row_of_large_k_quants(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("m", [1, 2])
+def test_linear_takes_the_dp4a_kernels_for_rows_of_large_k_quants(
+    m: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Stacked Q4_K | Q6_K parts (q|k|v-like) with the measured default geometry; x rounded
-    once for both. The size threshold is lowered so the interpreter's small shapes qualify."""
+    """Stacked Q4_K | Q6_K parts (q|k|v-like) with the measured default geometry; m rows of x
+    rounded once for both. The size threshold is lowered so the interpreter's small shapes
+    qualify."""
     from metallic.kernels import quant_gemv
     from metallic.ops.linear import LinearWeight, linear, rounding_buffers
 
@@ -199,23 +201,21 @@ def test_linear_takes_the_dp4a_kernels_for_one_row_of_large_k_quants(
     monkeypatch.setattr(quant_gemv, "DP4A_MIN_BYTES", 0)
     real_launch = quant_gemv._launch
     monkeypatch.setattr(quant_gemv, "_launch", lambda *a: calls.append(1) or real_launch(*a))
-    x = torch.randn(1, k, generator=torch.Generator().manual_seed(seed + 7)).to(torch.float16)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 7)).to(torch.float16)
     out = linear(x, weight)
     assert len(calls) == 2, "both parts take the dp4a kernel"
-    xq, dx, _ = quantize_x(x[0])
-    x_rounded = (xq.view(-1, 32).double() * dx[:, None].double()).view(1, k)
-    ref = x_rounded @ torch.cat(denses).T
+    ref = _rounded(quantize_x(x), k) @ torch.cat(denses).T
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err < 1e-3, f"{err:.3g} (seed {seed})"  # f16 output
-    rounded = rounding_buffers(1, weight)
+    rounded = rounding_buffers(m, weight)
     assert rounded is not None
-    for buffer, value in zip(rounded, quantize_x(x[0]), strict=True):
-        buffer.copy_(value)  # what the norm before the product fills in
+    for buffer, value in zip(rounded, quantize_x(x), strict=True):
+        buffer.copy_(value.reshape(-1))  # what the norm before the product fills in
     monkeypatch.setattr(quant_gemv, "quantize_x", None)  # a rounding launch would fail
     assert torch.equal(linear(x, weight, rounded=rounded), out)
-    assert rounding_buffers(2, weight) is None, "two rows take another path"
+    assert rounding_buffers(DP4A_MAX_ROWS + 1, weight) is None, "more rows take another path"
     monkeypatch.setattr(quant_gemv, "DP4A_MIN_BYTES", 1 << 40)
     calls.clear()
     linear(x, weight)
     assert not calls, "below the threshold the float kernel runs"
-    assert rounding_buffers(1, weight) is None
+    assert rounding_buffers(m, weight) is None
