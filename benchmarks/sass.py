@@ -10,7 +10,7 @@ the weights one thread handles per iteration, the 16-byte loads, spills and regi
     python benchmarks/sass.py --rows 1,2,4,8  (the owner kernels' default tiles at M rows of x:
                                             instructions per weight, and per weight per row)
     python benchmarks/sass.py --launched   (compile all that gpu_gemv.py launches; --quick: as
-                                            gpu_gemv.py --quick)
+                                            gpu_gemv.py --quick, rows of x included)
 """
 
 from __future__ import annotations
@@ -160,37 +160,52 @@ def count(text: str) -> dict[str, int]:
 
 def launched_variants(quick: bool = False) -> list[Variant]:
     """Every kernel variant benchmarks/gpu_gemv.py launches (its sweep, defaults and old
-    geometries at each shape; with `quick`, as --quick), for a compile check: the GPU may run
-    another Triton version."""
-    from gpu_gemv import QUICK_SHAPES, SHAPES, old_geometry, sweep_geometries
+    geometries at each shape; with `quick`, as --quick, rows of x included), for a compile
+    check: the GPU may run another Triton version."""
+    from gpu_gemv import QUICK_SHAPES, ROW_SHAPES, SHAPES, old_geometry, sweep_geometries
 
-    from metallic.kernels.quant_gemv import T, default_geometry, normalized
+    from metallic.kernels.quant_gemv import default_geometry, normalized
 
-    seen, out = set(), []
+    launches = []  # (format, geometry, rows of x)
     for qtype, n, k in QUICK_SHAPES if quick else SHAPES:
         new = normalized(default_geometry(qtype, n, k), k)
         for geo in [old_geometry(n, k, qtype, 132), new, dataclasses.replace(new, hoist=False),
                     dataclasses.replace(new, kernel="staged"),
                     *sweep_geometries(qtype, n, k, quick)]:  # fmt: skip
-            for partial in (False, True) if geo.splits > 1 else (False,):
-                key = (qtype, geo.rows, geo.sbs, geo.warps, geo.kernel, geo.hoist, partial)
-                if key in seen:
-                    continue
+            launches.append((qtype, geo, 1))
+    if quick:
+        for _, qtype, n, k, n_parts in ROW_SHAPES:
+            for m in (1, 2, 4, 8):
+                launches.append(
+                    (qtype, normalized(default_geometry(qtype, n_parts * n, k, m), k), m)
+                )
+    seen, out = set(), []
+    for qtype, geo, m in launches:
+        for partial in (False, True) if geo.splits > 1 else (False,):
+            key = (qtype, geo.rows, geo.sbs, geo.warps, geo.kernel, geo.hoist, partial, m)
+            if key not in seen:
                 seen.add(key)
-                extra = {"PARTIAL": partial}
-                if geo.kernel == "tile":
-                    fn = g._gemv_q4_k_kernel if qtype == T.Q4_K else g._gemv_q6_k_kernel
-                    args = _Q4_K_TILE if qtype == T.Q4_K else _Q6_K_TILE
-                    extra["STAGES"] = geo.stages
-                else:
-                    fn = g._gemv_q4_k_owner_kernel if qtype == T.Q4_K else g._gemv_q6_k_owner_kernel
-                    args = _Q4_K_OWNER if qtype == T.Q4_K else _Q6_K_OWNER
-                    extra["HOIST"] = geo.hoist
-                    if qtype == T.Q4_K:
-                        extra["STAGED"] = geo.kernel == "staged"
-                name = f"{qtype.name} {geo.kernel} partial={partial} hoist={geo.hoist}"
-                out.append(_variant(name, fn, args, geo.rows, geo.sbs, geo.warps, **extra))
+                out.append(_launched(qtype, geo, partial, m))
     return out
+
+
+def _launched(qtype, geo, partial: bool, m: int) -> Variant:
+    """The kernel gemv launches for a format and geometry, M rows of x."""
+    from metallic.kernels.quant_gemv import T
+
+    extra: dict[str, object] = {"PARTIAL": partial}
+    if geo.kernel == "tile":
+        fn = g._gemv_q4_k_kernel if qtype == T.Q4_K else g._gemv_q6_k_kernel
+        args = _Q4_K_TILE if qtype == T.Q4_K else _Q6_K_TILE
+        extra["STAGES"] = geo.stages
+    else:
+        fn = g._gemv_q4_k_owner_kernel if qtype == T.Q4_K else g._gemv_q6_k_owner_kernel
+        args = _Q4_K_OWNER if qtype == T.Q4_K else _Q6_K_OWNER
+        extra |= {"HOIST": geo.hoist, "M": m}
+        if qtype == T.Q4_K:
+            extra["STAGED"] = geo.kernel == "staged"
+    name = f"{qtype.name} {geo.kernel} partial={partial} hoist={geo.hoist}"
+    return _variant(name, fn, args, geo.rows, geo.sbs, geo.warps, **extra)
 
 
 def main() -> int:
