@@ -92,17 +92,9 @@ def _owner(qtype: str, rows: int, sbs: int, warps: int, m: int = 1) -> Variant:
 
 def variants(row_counts: tuple[int, ...] = ()) -> list[Variant]:
     """The tile kernels at their former K = 4096 default, the owner kernels at a few
-    geometries; with `row_counts`, the owner kernels at their defaults' tiles for those rows of
-    x instead."""
+    geometries; with `row_counts`, the default geometries of gpu_gemv.py's rows of x instead."""
     if row_counts:
-        tiles = (
-            ("q4_k staged", 8, 16, 4),
-            ("q4_k staged", 16, 16, 4),
-            ("q4_k staged", 16, 8, 4),
-            ("q6_k owner", 8, 16, 4),
-            ("q6_k owner", 16, 8, 4),
-        )
-        return [_owner(*tile, m) for tile in tiles for m in row_counts]  # fmt: skip
+        return _row_variants(row_counts)
     out = [
         _variant("q4_k tile", g._gemv_q4_k_kernel, _Q4_K_TILE, 8, 16, 4, STAGES=1),
         _variant("q6_k tile", g._gemv_q6_k_kernel, _Q6_K_TILE, 8, 16, 4, STAGES=1),
@@ -110,6 +102,24 @@ def variants(row_counts: tuple[int, ...] = ()) -> list[Variant]:
     for rows, sbs, warps in ((8, 16, 4), (16, 16, 4), (16, 8, 4), (32, 8, 8)):
         out += [_owner(kind, rows, sbs, warps) for kind in ("q4_k owner", "q4_k staged",
                                                             "q6_k owner")]  # fmt: skip
+    return out
+
+
+def _row_variants(row_counts: tuple[int, ...]) -> list[Variant]:
+    """The kernels gemv launches by default at the 8B's shapes (gpu_gemv.ROW_SHAPES) for each
+    number of rows of x, each distinct tile once."""
+    from gpu_gemv import ROW_SHAPES
+
+    from metallic.kernels.quant_gemv import default_geometry, normalized
+
+    seen, out = set(), []
+    for _, qtype, n, k, n_parts in ROW_SHAPES:
+        for m in row_counts:
+            geo = normalized(default_geometry(qtype, n_parts * n, k, m), k)
+            key = (qtype, geo.rows, geo.sbs, geo.warps, geo.kernel, m)
+            if key not in seen:
+                seen.add(key)
+                out.append(_launched(qtype, geo, False, m))
     return out
 
 

@@ -1,7 +1,9 @@
-"""Decode products (one row of x) against K-quant weights with 8-bit integer dot products.
+"""Decode products (1 to DP4A_MAX_ROWS rows of x) against K-quant weights with 8-bit integer
+dot products.
 
 At one row of x a quantized matmul reads each weight once and does one multiply-add with it, so
-its cost is the instructions that turn a weight's bits into that multiply-add. The float path
+its cost is the instructions that turn a weight's bits into that multiply-add; a decode step of
+M sequences multiplies M rows, and the weights are read once for all of them. The float path
 (quant_matmul's FMA mode) unpacks, converts and multiplies every weight in f32; here x is
 rounded once per product to signed 8-bit integers with one f32 scale per 32 elements (as
 llama.cpp's GPU backend does with its q8_1 blocks), the weights' quants stay integers, and
@@ -22,8 +24,14 @@ Two kernel families (benchmarks/sass.py counts their sm_90 instructions per weig
   instructions per weight): the owner's strided 16-byte loads use half a sector each, and on an
   H200 the staged kernel is 10-25% faster. Q4_K's default.
 - "tile": threads share a super-block's words in [rows, super-blocks, words] tiles and decode
-  its scales per element; about 2.0 (Q4_K) and 2.6 (Q6_K) instructions per weight. Still the
-  fastest for Q6_K at wide K (default_geometry has the measurements).
+  its scales per element; about 2.0 (Q4_K) and 2.6 (Q6_K) instructions per weight. One row of
+  x only; no longer a default (default_geometry has the measurements).
+
+The owner kernels take M rows of x (a constexpr): a thread's quant words are masked once and
+each row adds its dp4a, x loads and scale arithmetic, about 0.6 (Q4_K) and 0.75-0.85 (Q6_K)
+instructions per weight per row more (benchmarks/sass.py --rows). Each row keeps its own
+accumulators, added to in the same order whatever M is, so a row's result is the same bits
+alone or among others (batch invariance: a sequence decodes the same in any batch).
 
 Under TRITON_INTERPRET=1 (no PTX) ``dp4a`` is emulated with shifts and multiplies; integer
 arithmetic is exact, so the emulation and the instruction give identical sums.
