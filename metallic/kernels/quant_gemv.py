@@ -190,6 +190,19 @@ def _zeros_rows(BN: tl.constexpr, S: tl.constexpr, dtype: tl.constexpr, M: tl.co
 
 
 @triton.jit
+def _small_float(i):
+    """i (int32, |i| < 2**22) as f32, exactly: an integer add and a float add instead of a
+    conversion (a quarter-rate instruction, once per sub-block and row of x)."""
+    return (i + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0  # 1.5 * 2**23
+
+
+@triton.jit
+def _small_int(f):
+    """f (f32 holding an integer, |f| < 2**22) as int32, exactly, without a conversion."""
+    return (f + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+
+
+@triton.jit
 def _owner_start(N, sb_per_split, BN: tl.constexpr, S: tl.constexpr, PDL: tl.constexpr,
                  M: tl.constexpr):
     """An owner kernel's start: its inputs ready, its rows (see _rows), M zero [BN, S]
@@ -309,9 +322,9 @@ def _gemv_q4_k_owner_kernel(w_ptr, w2_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N, n
                 dx_even, dx_odd = tl.split(tl.load(dx_pair + r * n_sb * 8 + 2 * j)[None, :, :])
                 h0, h1, h2, h3 = _words(tl.load(xs_quad + r * n_sb * 16 + 4 * j)[None, :, :], 1, S)
                 # sub-block 2j first, then 2j + 1, as separate sums
-                row_scaled = scaled[r] + (dx_even * sc_even) * dots_lo[r].to(tl.float32)
+                row_scaled = scaled[r] + (dx_even * sc_even) * _small_float(dots_lo[r])
                 row_mins = mins[r] + (dx_even * (h0 + h1)) * m_even
-                new_scaled += (row_scaled + (dx_odd * sc_odd) * dots_hi[r].to(tl.float32),)
+                new_scaled += (row_scaled + (dx_odd * sc_odd) * _small_float(dots_hi[r]),)
                 new_mins += (row_mins + (dx_odd * (h2 + h3)) * m_odd,)
             scaled, mins = new_scaled, new_mins
         new_accs = ()
@@ -478,8 +491,8 @@ def _gemv_q6_k_owner_kernel(ql_ptr, qh_ptr, sc_ptr, d_ptr, xq_ptr, dx_ptr, xs_pt
                     xs_even, xs_odd = tl.split(
                         tl.load(xs_pair + r * n_sb * 16 + 8 * h + 2 * c)[None, :, :]
                     )
-                    starts_even += ((-32.0 * xs_even).to(tl.int32),)
-                    starts_odd += ((-32.0 * xs_odd).to(tl.int32),)
+                    starts_even += (-32 * _small_int(xs_even),)
+                    starts_odd += (-32 * _small_int(xs_odd),)
                 ts = ()  # per row of x: sum over p of sc * dot
                 for p in tl.static_range(2):
                     group = _q6_k_group(low_a[p], low_b[p], high[p], c, ASM)
