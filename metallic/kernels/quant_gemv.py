@@ -28,8 +28,9 @@ Two kernel families (benchmarks/sass.py counts their sm_90 instructions per weig
   x only; no longer a default (default_geometry has the measurements).
 
 The owner kernels take M rows of x (a constexpr): a thread's quant words are masked once and
-each row adds its dp4a, x loads and scale arithmetic, about 0.6 (Q4_K) and 0.75-0.85 (Q6_K)
-instructions per weight per row more (benchmarks/sass.py --rows). Each row keeps its own
+each row adds its dp4a, x loads and scale arithmetic: in the main loop 1.6, 2.2, 3.4-3.7 and
+6.1-6.9 instructions per weight at 1, 2, 4 and 8 rows (Triton 3.6, benchmarks/sass.py --rows;
+Q6_K at 8 rows spills a little, 28 local loads and stores in a loop of 1700). Each row keeps its own
 accumulators, added to in the same order whatever M is, so a row's result is the same bits
 alone or among others (batch invariance: a sequence decodes the same in any batch).
 
