@@ -11,9 +11,16 @@ device-to-device copy's bandwidth measured in the same run. Beside it: the float
 read of the same bytes. Small shapes (Gemma 3 270M's FFN) show where the float kernel should
 stay (quant_gemv.DP4A_MIN_BYTES).
 
+Rows of x (--rows 1,2,4,8, also part of --quick): a decode step of M sequences at the 8B's
+shapes, the dp4a kernels at M rows (with and without x's rounding launch) against the path those
+rows took before them (quant_matmul's float kernel, ops.linear's "fused"), after checking each
+against float64 and that every row's result is the same bits alone as among the M.
+
 GPU:   python benchmarks/gpu_gemv.py           (JSON to $OUT or benchmarks/results)
-       python benchmarks/gpu_gemv.py --quick   (under 2 minutes: large shapes, few geometries)
-CPU:   TRITON_INTERPRET=1 python benchmarks/gpu_gemv.py --smoke   (correctness, small shapes)
+       python benchmarks/gpu_gemv.py --quick   (large shapes, few geometries, then --rows)
+       python benchmarks/gpu_gemv.py --rows 1,2,4,8   (rows of x only; under 2 minutes)
+CPU:   TRITON_INTERPRET=1 python benchmarks/gpu_gemv.py --smoke   (correctness, small shapes,
+       rows of x too)
 """
 
 from __future__ import annotations
@@ -41,7 +48,9 @@ from gpu_quant_matmul import (
 )
 
 from metallic.kernels import dequantize_gpu, prepare_weight, quant_matmul
+from metallic.kernels.packing import PackedWeight
 from metallic.kernels.quant_gemv import (
+    DP4A_MAX_ROWS,
     Geometry,
     default_geometry,
     gemv,
@@ -69,6 +78,18 @@ ROWS, SBS, WARPS, SPLITS = (8, 16, 32), (8, 16), (4, 8), (1, 2, 4, 7)
 QUICK_SHAPES = tuple(s for s in SHAPES if s[1] * s[2] >= 4096 * 4096)
 QUICK_TILES = ((32, 8, 4),)  # rows, super-blocks a step, warps
 TOLERANCE = 1e-2  # bf16 output against the float64 product with x as rounded
+# --rows: Llama-3-8B's products of a decode step (name, format, N, K, parts: gate|up is a pair).
+ROW_SHAPES = (
+    ("q", T.Q4_K, 4096, 4096, 1),
+    ("k", T.Q4_K, 1024, 4096, 1),
+    ("v", T.Q6_K, 1024, 4096, 1),
+    ("gate|up", T.Q4_K, 14336, 4096, 2),
+    ("down", T.Q4_K, 4096, 14336, 1),
+    ("down", T.Q6_K, 4096, 14336, 1),
+    ("output", T.Q6_K, 128256, 4096, 1),
+)
+SMOKE_ROW_SHAPES = (("q", T.Q4_K, 24, 512, 1), ("gate|up", T.Q4_K, 16, 512, 2),
+                    ("v", T.Q6_K, 13, 512, 1))  # fmt: skip
 
 
 def old_geometry(n: int, k: int, qtype: GGMLQuantizationType, sms: int) -> Geometry:
@@ -268,21 +289,183 @@ def bench_gate_up(
             "two_pct": pct["two"], "err": err}  # fmt: skip
 
 
+def _rows_product(xq: tuple, parts: tuple[PackedWeight, ...], out: torch.Tensor) -> None:
+    """The dp4a path of ops.linear: every part against x rounded once."""
+    gemv_parts(xq, parts, out)
+
+
+def _fused_product(x: torch.Tensor, parts: tuple[PackedWeight, ...], out: torch.Tensor) -> None:
+    """The path M = 2..8 rows took before the dp4a kernels did: quant_matmul a part at a time,
+    each writing its own columns (ops.linear's "fused")."""
+    first = 0
+    for p in parts:
+        quant_matmul(x, p, p.ggml_type, p.n, p.k, out=out[:, first : first + p.n])
+        first += p.n
+
+
+def check_rows(
+    label: str, x: torch.Tensor, parts: tuple[PackedWeight, ...], dense: torch.Tensor,
+    failures: list[str],
+) -> dict[str, float]:  # fmt: skip
+    """Both paths at M = x's rows against float64 (the dp4a one with x as rounded, the float
+    one with x), and each row of the dp4a product the same bits as that row alone."""
+    m, n = x.shape[0], dense.shape[0]
+    xq = quantize_x(x)
+    exact = (xq[0].reshape(-1, 32).double() * xq[1].reshape(-1, 1).double()).view(m, -1) @ dense.T
+    out = torch.full((m, n), float("nan"), dtype=x.dtype, device=x.device)
+    _rows_product(xq, parts, out)
+    errors = {"dp4a_err": relative_error(out, exact)}
+    fused = torch.full_like(out, float("nan"))
+    _fused_product(x, parts, fused)
+    errors["fused_err"] = relative_error(fused, x.double() @ dense.T)
+    for key, err in errors.items():
+        if not err <= TOLERANCE:
+            failures.append(f"{label} M={m}: {key} {err:.3g}")
+    alone = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    for r in range(m):
+        _rows_product(quantize_x(x[r]), parts, alone)
+        if not torch.equal(alone[0], out[r]):
+            failures.append(f"{label} M={m}: row {r} differs from the row alone")
+    return errors
+
+
+def bench_rows(
+    name: str, qtype: GGMLQuantizationType, n: int, k: int, n_parts: int, row_counts: list[int],
+    gen: torch.Generator, copy_bw: float, failures: list[str], smoke: bool = False,
+) -> list[dict[str, object]]:  # fmt: skip
+    """One product of a decode step at each M: checks, then (on the GPU) µs per product."""
+    raws = [random_blocks(qtype, n, k, gen) for _ in range(n_parts)]
+    if smoke:
+        dense = torch.cat([dequantize(r, qtype, n * k).view(n, k) for r in raws]).double()
+        copies = [tuple(prepare_weight(r, qtype, n, k) for r in raws)]
+    else:
+        count = min(16, -(-ROTATION_BYTES // (n_parts * raws[0].numel())))
+        copies = [tuple(prepare_weight(r, qtype, n, k) for r in raws)]
+        copies += [tuple(prepare_weight(random_blocks(qtype, n, k, gen), qtype, n, k)
+                         for _ in range(n_parts)) for _ in range(count - 1)]  # fmt: skip
+        dense = torch.cat([dequantize_gpu(p, qtype, n, k) for p in copies[0]])
+        check_reference_rows(qtype, raws[0], dense[:n], k, failures)
+        dense = dense.double()
+    label = f"{name} {qtype.name} {n_parts}x[{n}, {k}]"
+    weight_bytes = n_parts * raws[0].numel()
+    # bf16 as the 8B runs; f16 in the interpreter, whose tl.dot on bf16 (the float kernel's
+    # from 2 rows) is wrong (tests/kernels/test_quant_matmul.py)
+    dtype = torch.float16 if smoke else torch.bfloat16
+    x_all = torch.randn(max(row_counts), k, device=gen.device, generator=gen, dtype=dtype)
+    results = []
+    for m in row_counts:
+        x = x_all[:m]
+        row: dict[str, object] = {"name": name, "format": qtype.name, "n": n_parts * n, "k": k,
+                                  "m": m, "weight_bytes": weight_bytes}  # fmt: skip
+        row |= check_rows(label, x, copies[0], dense, failures)
+        if not smoke:
+            out = torch.empty(m, n_parts * n, dtype=x.dtype, device=x.device)
+            xq = quantize_x(x)
+            row["dp4a_us"] = graph_us(
+                [lambda w=w, xq=xq, out=out: _rows_product(xq, w, out) for w in copies]
+            )
+            row["dp4a_round_us"] = graph_us(
+                [lambda w=w, x=x, out=out: _rows_product(quantize_x(x), w, out) for w in copies]
+            )
+            row["fused_us"] = graph_us(
+                [lambda w=w, x=x, out=out: _fused_product(x, w, out) for w in copies]
+            )
+            for key in ("dp4a", "dp4a_round", "fused"):
+                row[f"{key}_copy_pct"] = 100 * weight_bytes / (row[f"{key}_us"] * 1e-6) / copy_bw
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    del dense
+    return results
+
+
+def print_rows_table(results: list[dict[str, object]]) -> None:
+    """µs per product at each M (% of copy bandwidth), and a step's sum over the 8B's products:
+    32 layers of q, k, v, o (as q), gate|up and down (half Q4_K, half Q6_K), and the output."""
+    print("\n| product | format | N x K | M | dp4a | dp4a + rounding | fused (before) | gain |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r['name']} | {r['format']} | {r['n']}x{r['k']} | {r['m']} | "
+            f"{r['dp4a_us']:.1f} ({r['dp4a_copy_pct']:.0f}%) | "
+            f"{r['dp4a_round_us']:.1f} ({r['dp4a_round_copy_pct']:.0f}%) | "
+            f"{r['fused_us']:.1f} ({r['fused_copy_pct']:.0f}%) | "
+            f"{r['fused_us'] / r['dp4a_round_us']:.2f}x |"
+        )
+    weights = {"q": 64, "k": 32, "v": 32, "gate|up": 32, "down": 16, "output": 1}
+    for m in sorted({r["m"] for r in results}):
+        rows = [r for r in results if r["m"] == m]
+        if {r["name"] for r in rows} != set(weights):
+            continue
+        dp4a = sum(weights[r["name"]] * r["dp4a_round_us"] for r in rows) / 1e3
+        fused = sum(weights[r["name"]] * r["fused_us"] for r in rows) / 1e3
+        print(f"M={m}: the 8B's products per step {dp4a:.2f} ms with dp4a, {fused:.2f} ms fused")
+
+
+def rows_mode(row_counts: list[int], copy_bw: float, failures: list[str],
+              smoke: bool = False) -> list[dict[str, object]]:  # fmt: skip
+    """--rows (and --smoke's rows of x): every shape of ROW_SHAPES at each M."""
+    device = "cpu" if smoke else "cuda"
+    gen = torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(4), "little"))
+    results: list[dict[str, object]] = []
+    for name, qtype, n, k, n_parts in SMOKE_ROW_SHAPES if smoke else ROW_SHAPES:
+        try:
+            results += bench_rows(name, qtype, n, k, n_parts, row_counts, gen, copy_bw,
+                                  failures, smoke)  # fmt: skip
+        except Exception as error:  # one shape's failure must not lose the others
+            failures.append(f"rows {name} {qtype.name}: {error!r}"[:300])
+    if not smoke:
+        print_rows_table(results)
+    print(f"rows: seed {gen.initial_seed()}")
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="small shapes on the CPU only")
     parser.add_argument("--only", default="", help="shapes whose 'TYPE NxK' contains this")
     parser.add_argument("--quick", action="store_true", help="large shapes, few geometries")
+    parser.add_argument("--rows", help="rows of x only, e.g. 1,2,4,8 (--quick: those four)")
     args = parser.parse_args()
+    try:
+        row_counts = [int(m) for m in (args.rows or "1,2,4,8").split(",")]
+    except ValueError:
+        parser.error(f"--rows: comma-separated integers, got {args.rows!r}")
+    if not all(1 <= m <= DP4A_MAX_ROWS for m in row_counts):
+        parser.error(f"--rows: each from 1 to {DP4A_MAX_ROWS}, got {args.rows!r}")
     if args.smoke:
-        return smoke()
+        failures: list[str] = []
+        rows_mode([1, 3], 0.0, failures, smoke=True)
+        for failure in failures:
+            print("FAIL", failure)
+        return smoke() or (1 if failures else 0)
     start = time.time()
     gen = torch.Generator(device="cuda").manual_seed(0)
     device = torch.cuda.get_device_name()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     copy_bw = copy_bandwidth()
     print(f"{device}: copy {copy_bw / 1e12:.2f} TB/s", flush=True)
-    failures: list[str] = []
+    failures = []
+    results, gate_up, row_results = [], None, []
+    if args.rows is None:
+        results, gate_up = shapes_mode(args, gen, copy_bw, sms, failures, start)
+    if args.rows is not None or args.quick:
+        row_results = rows_mode(row_counts, copy_bw, failures)
+    out_dir = Path(os.environ.get("OUT", "benchmarks/results"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {"device": device, "copy_bw": copy_bw, "results": results, "gate_up": gate_up,
+              "rows": row_results, "failures": failures}  # fmt: skip
+    (out_dir / "gpu_gemv.json").write_text(json.dumps(result, indent=1))
+    for failure in failures:
+        print("FAIL", failure)
+    print(f"{time.time() - start:.0f} s")
+    return 1 if failures else 0
+
+
+def shapes_mode(
+    args: argparse.Namespace, gen: torch.Generator, copy_bw: float, sms: int,
+    failures: list[str], start: float,
+) -> tuple[list[dict[str, object]], dict[str, object] | None]:  # fmt: skip
+    """One row of x: each shape's kernels and geometries, then gate|up in one launch or two."""
     results = []
     for qtype, n, k in QUICK_SHAPES if args.quick else SHAPES:
         if args.only not in f"{qtype.name} {n}x{k}":
@@ -299,6 +482,7 @@ def main() -> int:
             gate_up = bench_gate_up(gen, copy_bw, failures)
         except Exception as error:
             failures.append(f"gate|up: {error!r}"[:300])
+    device = torch.cuda.get_device_name()
     print(f"\n{device}, copy {copy_bw / 1e12:.2f} TB/s; µs per product (% of copy bandwidth)")
     print("| format | N x K | MB | read | float | tile (old) | owner default | best | +round |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -324,15 +508,7 @@ def main() -> int:
             f"({gate_up['one_pct']:.0f}%), two {gate_up['two_launches_us']:.1f} µs "
             f"({gate_up['two_pct']:.0f}%)"
         )
-    out_dir = Path(os.environ.get("OUT", "benchmarks/results"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result = {"device": device, "copy_bw": copy_bw, "results": results, "gate_up": gate_up,
-              "failures": failures}  # fmt: skip
-    (out_dir / "gpu_gemv.json").write_text(json.dumps(result, indent=1))
-    for failure in failures:
-        print("FAIL", failure)
-    print(f"{time.time() - start:.0f} s")
-    return 1 if failures else 0
+    return results, gate_up
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ compiled here for sm_90 and its machine code read: the instructions of its main 
 the weights one thread handles per iteration, the 16-byte loads, spills and registers.
 
     python benchmarks/sass.py              (any machine; no GPU needed)
+    python benchmarks/sass.py --rows 1,2,4,8  (the owner kernels' default tiles at M rows of x:
+                                            instructions per weight, and per weight per row)
     python benchmarks/sass.py --launched   (compile all that gpu_gemv.py launches; --quick: as
-                                            gpu_gemv.py --quick)
+                                            gpu_gemv.py --quick, rows of x included)
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^
 
 @dataclass(frozen=True)
 class Variant:
-    """One kernel at one geometry; `weights` is what a program reads per loop iteration."""
+    """One kernel at one geometry; `weights` is what a program reads per loop iteration, for
+    `rows_of_x` rows of x."""
 
     name: str
     fn: object
@@ -41,13 +44,16 @@ class Variant:
     constexprs: dict[str, object]
     num_warps: int
     weights: int
+    rows_of_x: int = 1
 
 
 _POINTER_TYPES = {"h_ptr": "*fp16", "d_ptr": "*fp16", "dx_ptr": "*fp32", "xs_ptr": "*fp32",
                   "out_ptr": "*fp32"}  # fmt: skip
-_Q4_K_TILE = ("w_ptr", "h_ptr", "xq_ptr", "dx_ptr", "xs_ptr", "out_ptr", "N", "row_words")
-_Q4_K_OWNER = ("w_ptr", "w2_ptr", "xq_ptr", "dx_ptr", "xs_ptr", "out_ptr", "N", "n_first", "n_sb")
-_Q6_K = (
+_Q4_K_TILE = ("w_ptr", "h_ptr", "xq_ptr", "dx_ptr", "xs_ptr", "out_ptr", "N", "row_words",
+              "sb_per_split")  # fmt: skip
+_Q4_K_OWNER = ("w_ptr", "w2_ptr", "xq_ptr", "dx_ptr", "xs_ptr", "out_ptr", "N", "n_first", "n_sb",
+               "sb_per_split", "out_stride")  # fmt: skip
+_Q6_K_TILE = (
     "ql_ptr",
     "qh_ptr",
     "sc_ptr",
@@ -58,38 +64,62 @@ _Q6_K = (
     "out_ptr",
     "N",
     "n_sb",
+    "sb_per_split",
 )
+_Q6_K_OWNER = (*_Q6_K_TILE, "out_stride")
 
 
 def _variant(name: str, fn, args: tuple[str, ...], rows: int, sbs: int, warps: int,
              **extra) -> Variant:  # fmt: skip
-    """`fn` at rows x super-blocks a step with `warps`: all pointers 16-byte aligned."""
+    """`fn` at rows x super-blocks a step with `warps`: all pointers 16-byte aligned. An owner
+    kernel's M (rows of x, default 1) is in `extra`."""
     signature = {a: _POINTER_TYPES.get(a, "*i32") if a.endswith("_ptr") else "i32" for a in args}
-    signature["sb_per_split"] = "i32"
     constexprs = {"BN": rows, "S": sbs, "PARTIAL": False, "ASM": True, "PDL": True, **extra}
     signature |= {c: "constexpr" for c in constexprs}
-    return Variant(f"{name} {rows}x{sbs} w{warps}", fn, signature, constexprs, warps,
-                   rows * sbs * 256)  # fmt: skip
+    m = extra.get("M", 1)
+    return Variant(f"{name} {rows}x{sbs} w{warps} M={m}", fn, signature, constexprs, warps,
+                   rows * sbs * 256, m)  # fmt: skip
 
 
-def variants() -> list[Variant]:
+def _owner(qtype: str, rows: int, sbs: int, warps: int, m: int = 1) -> Variant:
+    """An owner kernel: "q4_k owner", "q4_k staged" or "q6_k owner"; m rows of x."""
+    if qtype == "q6_k owner":
+        return _variant(qtype, g._gemv_q6_k_owner_kernel, _Q6_K_OWNER, rows, sbs, warps,
+                        HOIST=True, M=m)  # fmt: skip
+    return _variant(qtype, g._gemv_q4_k_owner_kernel, _Q4_K_OWNER, rows, sbs, warps,
+                    STAGED=qtype == "q4_k staged", HOIST=True, M=m)  # fmt: skip
+
+
+def variants(row_counts: tuple[int, ...] = ()) -> list[Variant]:
     """The tile kernels at their former K = 4096 default, the owner kernels at a few
-    geometries."""
+    geometries; with `row_counts`, the default geometries of gpu_gemv.py's rows of x instead."""
+    if row_counts:
+        return _row_variants(row_counts)
     out = [
         _variant("q4_k tile", g._gemv_q4_k_kernel, _Q4_K_TILE, 8, 16, 4, STAGES=1),
-        _variant("q6_k tile", g._gemv_q6_k_kernel, _Q6_K, 8, 16, 4, STAGES=1),
+        _variant("q6_k tile", g._gemv_q6_k_kernel, _Q6_K_TILE, 8, 16, 4, STAGES=1),
     ]
     for rows, sbs, warps in ((8, 16, 4), (16, 16, 4), (16, 8, 4), (32, 8, 8)):
-        out.append(
-            _variant("q4_k owner", g._gemv_q4_k_owner_kernel, _Q4_K_OWNER, rows, sbs, warps,
-                     STAGED=False, HOIST=True)
-        )  # fmt: skip
-        staged = _variant("q4_k staged", g._gemv_q4_k_owner_kernel, _Q4_K_OWNER, rows, sbs, warps,
-                          STAGED=True, HOIST=True)  # fmt: skip
-        out.append(staged)
-        out.append(
-            _variant("q6_k owner", g._gemv_q6_k_owner_kernel, _Q6_K, rows, sbs, warps, HOIST=True)
-        )
+        out += [_owner(kind, rows, sbs, warps) for kind in ("q4_k owner", "q4_k staged",
+                                                            "q6_k owner")]  # fmt: skip
+    return out
+
+
+def _row_variants(row_counts: tuple[int, ...]) -> list[Variant]:
+    """The kernels gemv launches by default at the 8B's shapes (gpu_gemv.ROW_SHAPES) for each
+    number of rows of x, each distinct tile once."""
+    from gpu_gemv import ROW_SHAPES
+
+    from metallic.kernels.quant_gemv import default_geometry, normalized
+
+    seen, out = set(), []
+    for _, qtype, n, k, n_parts in ROW_SHAPES:
+        for m in row_counts:
+            geo = normalized(default_geometry(qtype, n_parts * n, k, m), k)
+            key = (qtype, geo.rows, geo.sbs, geo.warps, geo.kernel, m)
+            if key not in seen:
+                seen.add(key)
+                out.append(_launched(qtype, geo, False, m))
     return out
 
 
@@ -140,37 +170,52 @@ def count(text: str) -> dict[str, int]:
 
 def launched_variants(quick: bool = False) -> list[Variant]:
     """Every kernel variant benchmarks/gpu_gemv.py launches (its sweep, defaults and old
-    geometries at each shape; with `quick`, as --quick), for a compile check: the GPU may run
-    another Triton version."""
-    from gpu_gemv import QUICK_SHAPES, SHAPES, old_geometry, sweep_geometries
+    geometries at each shape; with `quick`, as --quick, rows of x included), for a compile
+    check: the GPU may run another Triton version."""
+    from gpu_gemv import QUICK_SHAPES, ROW_SHAPES, SHAPES, old_geometry, sweep_geometries
 
-    from metallic.kernels.quant_gemv import T, default_geometry, normalized
+    from metallic.kernels.quant_gemv import default_geometry, normalized
 
-    seen, out = set(), []
+    launches = []  # (format, geometry, rows of x)
     for qtype, n, k in QUICK_SHAPES if quick else SHAPES:
         new = normalized(default_geometry(qtype, n, k), k)
         for geo in [old_geometry(n, k, qtype, 132), new, dataclasses.replace(new, hoist=False),
                     dataclasses.replace(new, kernel="staged"),
                     *sweep_geometries(qtype, n, k, quick)]:  # fmt: skip
-            for partial in (False, True) if geo.splits > 1 else (False,):
-                key = (qtype, geo.rows, geo.sbs, geo.warps, geo.kernel, geo.hoist, partial)
-                if key in seen:
-                    continue
+            launches.append((qtype, geo, 1))
+    if quick:
+        for _, qtype, n, k, n_parts in ROW_SHAPES:
+            for m in (1, 2, 4, 8):
+                launches.append(
+                    (qtype, normalized(default_geometry(qtype, n_parts * n, k, m), k), m)
+                )
+    seen, out = set(), []
+    for qtype, geo, m in launches:
+        for partial in (False, True) if geo.splits > 1 else (False,):
+            key = (qtype, geo.rows, geo.sbs, geo.warps, geo.kernel, geo.hoist, partial, m)
+            if key not in seen:
                 seen.add(key)
-                extra = {"PARTIAL": partial}
-                if geo.kernel == "tile":
-                    fn = g._gemv_q4_k_kernel if qtype == T.Q4_K else g._gemv_q6_k_kernel
-                    args = _Q4_K_TILE if qtype == T.Q4_K else _Q6_K
-                    extra["STAGES"] = geo.stages
-                else:
-                    fn = g._gemv_q4_k_owner_kernel if qtype == T.Q4_K else g._gemv_q6_k_owner_kernel
-                    args = _Q4_K_OWNER if qtype == T.Q4_K else _Q6_K
-                    extra["HOIST"] = geo.hoist
-                    if qtype == T.Q4_K:
-                        extra["STAGED"] = geo.kernel == "staged"
-                name = f"{qtype.name} {geo.kernel} partial={partial} hoist={geo.hoist}"
-                out.append(_variant(name, fn, args, geo.rows, geo.sbs, geo.warps, **extra))
+                out.append(_launched(qtype, geo, partial, m))
     return out
+
+
+def _launched(qtype, geo, partial: bool, m: int) -> Variant:
+    """The kernel gemv launches for a format and geometry, M rows of x."""
+    from metallic.kernels.quant_gemv import T
+
+    extra: dict[str, object] = {"PARTIAL": partial}
+    if geo.kernel == "tile":
+        fn = g._gemv_q4_k_kernel if qtype == T.Q4_K else g._gemv_q6_k_kernel
+        args = _Q4_K_TILE if qtype == T.Q4_K else _Q6_K_TILE
+        extra["STAGES"] = geo.stages
+    else:
+        fn = g._gemv_q4_k_owner_kernel if qtype == T.Q4_K else g._gemv_q6_k_owner_kernel
+        args = _Q4_K_OWNER if qtype == T.Q4_K else _Q6_K_OWNER
+        extra |= {"HOIST": geo.hoist, "M": m}
+        if qtype == T.Q4_K:
+            extra["STAGED"] = geo.kernel == "staged"
+    name = f"{qtype.name} {geo.kernel} partial={partial} hoist={geo.hoist}"
+    return _variant(name, fn, args, geo.rows, geo.sbs, geo.warps, **extra)
 
 
 def main() -> int:
@@ -184,17 +229,21 @@ def main() -> int:
                 print(f"FAIL {v.name}: {str(error).splitlines()[-1][:200]}", flush=True)
         print(f"{failed} failed")
         return 1 if failed else 0
-    columns = ("kernel", "SASS", "loop", "weights/thread/iter", "instr/weight", "LDG.128", "LDG",
-               "spills", "regs")  # fmt: skip
+    row_counts = ()
+    if "--rows" in sys.argv:  # --rows 1,2,4,8: the owner kernels' defaults at M rows of x
+        row_counts = tuple(int(m) for m in sys.argv[sys.argv.index("--rows") + 1].split(","))
+    columns = ("kernel", "SASS", "loop", "weights/thread/iter", "instr/weight",
+               "instr/weight/row", "dp4a/weight", "LDG.128", "LDG", "spills", "regs")  # fmt: skip
     print("| " + " | ".join(columns) + " |")
     print("|---" * len(columns) + "|")
-    for v in variants():
+    for v in variants(row_counts):
         text, regs = sass(v)
         c = count(text)
         per_thread = v.weights / (32 * v.num_warps)
-        per_weight = f"{c['loop'] / per_thread:.2f}"
-        cells = (v.name, c["total"], c["loop"], f"{per_thread:.0f}", per_weight, c["loop_ldg128"],
-                 c["loop_ldg"], c["spills"], regs)  # fmt: skip
+        per_weight = c["loop"] / per_thread
+        cells = (v.name, c["total"], c["loop"], f"{per_thread:.0f}", f"{per_weight:.2f}",
+                 f"{per_weight / v.rows_of_x:.2f}", f"{c['loop_dp4a'] / per_thread:.2f}",
+                 c["loop_ldg128"], c["loop_ldg"], c["spills"], regs)  # fmt: skip
         print("| " + " | ".join(str(x) for x in cells) + " |", flush=True)
     return 0
 

@@ -61,10 +61,11 @@ def _gated_kernel(
     u = tl.load(up_ptr + row * stride_up + cols, mask=mask, other=0.0).to(tl.float32)
     y = gated_value(g, u, KIND).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * width + cols, y, mask=mask)
-    if ROUND:  # one row, width a multiple of 32: its int8 blocks for the dp4a product after
+    if ROUND:  # width a multiple of 32: the row's int8 blocks for the dp4a product after
         b = tl.program_id(1) * (BLOCK // 32) + tl.arange(0, BLOCK // 32)
         blocks = tl.reshape(y.to(tl.float32), (BLOCK // 32, 32))
-        store_rounded_blocks(blocks, b, b < width // 32, xq_ptr, dx_ptr, xs_ptr)
+        at = row * (width // 32) + b  # rows stacked, as quantize_x lays them out
+        store_rounded_blocks(blocks, at, b < width // 32, xq_ptr, dx_ptr, xs_ptr)
 
 
 def gated_activation(
@@ -76,8 +77,9 @@ def gated_activation(
     """`act(gate) * up` for gate, up [..., F]; with `up=None`, gate is [..., 2F] = [gate | up].
 
     Returns a new [..., F] tensor of gate's dtype. kind is "silu" or "gelu_tanh". With `rounded`
-    (buffers from `quant_gemv.empty_quantized_x`; one row, F a multiple of 32), the result is
-    also rounded into them as `quant_gemv.quantize_x` would, for the dp4a product that reads it.
+    (buffers from `quant_gemv.empty_quantized_x` for the result's rows; F a multiple of 32), the
+    result is also rounded into them as `quant_gemv.quantize_x` would, for the dp4a product that
+    reads it.
     """
     if kind not in ACTIVATION_KINDS:
         raise MetallicError(
@@ -98,9 +100,10 @@ def gated_activation(
     n_rows = out.numel() // width if width else 0
     if n_rows == 0:
         return out
-    if rounded is not None and (n_rows != 1 or width % 32):
+    if rounded is not None and (width % 32 or rounded[0].numel() != n_rows * width):
         raise MetallicError(
-            f"gated_activation: only one row of a multiple of 32 rounds, got {n_rows}x{width}"
+            f"gated_activation: rows of a multiple of 32 round into buffers of as many, got "
+            f"{n_rows}x{width} into {rounded[0].numel()}"
         )
     gate_2d, up_2d = _rows(gate, n_rows), _rows(up, n_rows)
     _gated_kernel[(n_rows, triton.cdiv(width, _BLOCK))](

@@ -68,10 +68,11 @@ def _rms_norm_kernel(
     out_offs = rows[:, None] * dim + cols[None, :]
     stored_y = y.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + out_offs, stored_y, mask=mask)
-    if ROUND:  # one row (BLOCK_R 1), dim a multiple of 32: its int8 blocks for a dp4a product
+    if ROUND:  # a row a program (BLOCK_R 1), dim a multiple of 32: int8 blocks for dp4a products
         blocks = tl.reshape(stored_y.to(tl.float32), (BLOCK_D // 32, 32))
         b = tl.arange(0, BLOCK_D // 32)
-        store_rounded_blocks(blocks, b, b < dim // 32, xq_ptr, dx_ptr, xs_ptr)
+        at = tl.program_id(0) * (dim // 32) + b  # rows stacked, as quantize_x lays them out
+        store_rounded_blocks(blocks, at, b < dim // 32, xq_ptr, dx_ptr, xs_ptr)
 
 
 def _row_strides(t: torch.Tensor, name: str) -> tuple[int, int]:
@@ -100,7 +101,7 @@ def rms_norm(
     of a pre-norm block in one pass over memory. `out_dtype` overrides the result's dtype.
     With `pre_weight`, x is first replaced by `norm(x) * pre_weight` (in f32, unrounded): a
     post-norm, the residual add and the next pre-norm in one kernel.
-    With `rounded` (buffers from `empty_quantized_x`; x one row of D, a multiple of 32), the
+    With `rounded` (buffers from `empty_quantized_x` for x's rows; D a multiple of 32), the
     result is also rounded into them as `quant_gemv.quantize_x` would: a decode step's norm then
     feeds the dp4a products without a rounding launch of their own.
     """
@@ -128,9 +129,10 @@ def rms_norm(
     block_d = triton.next_power_of_2(dim)
     block_r = max(1, min(16, 2048 // block_d))
     if rounded is not None:
-        if n_rows != 1 or dim % 32:
+        if dim % 32 or rounded[0].numel() != n_rows * dim:
             raise MetallicError(
-                f"rms_norm: only one row of a multiple of 32 rounds, got {n_rows}x{dim}"
+                f"rms_norm: rows of a multiple of 32 round into buffers of as many, got "
+                f"{n_rows}x{dim} into {rounded[0].numel()}"
             )
         block_r = 1
     num_warps = 4 if block_d * block_r <= 4096 else 8

@@ -1,7 +1,9 @@
-"""Decode products (one row of x) against K-quant weights with 8-bit integer dot products.
+"""Decode products (1 to DP4A_MAX_ROWS rows of x) against K-quant weights with 8-bit integer
+dot products.
 
 At one row of x a quantized matmul reads each weight once and does one multiply-add with it, so
-its cost is the instructions that turn a weight's bits into that multiply-add. The float path
+its cost is the instructions that turn a weight's bits into that multiply-add; a decode step of
+M sequences multiplies M rows, and the weights are read once for all of them. The float path
 (quant_matmul's FMA mode) unpacks, converts and multiplies every weight in f32; here x is
 rounded once per product to signed 8-bit integers with one f32 scale per 32 elements (as
 llama.cpp's GPU backend does with its q8_1 blocks), the weights' quants stay integers, and
@@ -22,8 +24,15 @@ Two kernel families (benchmarks/sass.py counts their sm_90 instructions per weig
   instructions per weight): the owner's strided 16-byte loads use half a sector each, and on an
   H200 the staged kernel is 10-25% faster. Q4_K's default.
 - "tile": threads share a super-block's words in [rows, super-blocks, words] tiles and decode
-  its scales per element; about 2.0 (Q4_K) and 2.6 (Q6_K) instructions per weight. Still the
-  fastest for Q6_K at wide K (default_geometry has the measurements).
+  its scales per element; about 2.0 (Q4_K) and 2.6 (Q6_K) instructions per weight. One row of
+  x only; no longer a default (default_geometry has the measurements).
+
+The owner kernels take M rows of x (a constexpr): a thread's quant words are masked once and
+each row adds its dp4a, x loads and scale arithmetic: in the main loop 1.6, 2.2, 3.4-3.7 and
+6.1-6.9 instructions per weight at 1, 2, 4 and 8 rows (Triton 3.6, benchmarks/sass.py --rows;
+Q6_K at 8 rows spills a little, 28 local loads and stores in a loop of 1700). Each row keeps its own
+accumulators, added to in the same order whatever M is, so a row's result is the same bits
+alone or among others (batch invariance: a sequence decodes the same in any batch).
 
 Under TRITON_INTERPRET=1 (no PTX) ``dp4a`` is emulated with shifts and multiplies; integer
 arithmetic is exact, so the emulation and the instruction give identical sums.
@@ -50,6 +59,7 @@ T = GGMLQuantizationType
 
 GEMV_TYPES = (T.Q4_K, T.Q6_K)
 DP4A_MIN_BYTES = 8 << 20  # below this a one-row product keeps the float kernel (uses_dp4a)
+DP4A_MAX_ROWS = 8  # rows of x the dp4a kernels take in one pass over the weights
 _QUANTIZE_BLOCKS = 32  # x blocks per program of the rounding kernel
 _HIGH_NIBBLES = tl.constexpr(-0x0F0F0F10)  # 0xF0F0F0F0 as a signed 32-bit word
 
@@ -171,12 +181,48 @@ def _pick(w0, w1, w2, w3, i: tl.constexpr):
 
 
 @triton.jit
-def _owner_start(N, sb_per_split, BN: tl.constexpr, S: tl.constexpr, PDL: tl.constexpr):
-    """An owner kernel's start: its inputs ready, its rows (see _rows), a zero [BN, S]
-    accumulator and its first super-block."""
+def _zeros_rows(BN: tl.constexpr, S: tl.constexpr, dtype: tl.constexpr, M: tl.constexpr):
+    """M zero [BN, S] tensors: one accumulator per row of x, each added to in the same order
+    whatever M is, so a row's sum does not depend on the rows beside it."""
+    out = ()
+    for _ in tl.static_range(M):
+        out += (tl.zeros((BN, S), dtype=dtype),)
+    return out
+
+
+@triton.jit
+def _small_float(i):
+    """i (int32, |i| < 2**22) as f32, exactly: an integer add and a float add instead of a
+    conversion (a quarter-rate instruction, once per sub-block and row of x)."""
+    return (i + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0  # 1.5 * 2**23
+
+
+@triton.jit
+def _small_int(f):
+    """f (f32 holding an integer, |f| < 2**22) as int32, exactly, without a conversion."""
+    return (f + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+
+
+@triton.jit
+def _owner_start(N, sb_per_split, BN: tl.constexpr, S: tl.constexpr, PDL: tl.constexpr,
+                 M: tl.constexpr):
+    """An owner kernel's start: its inputs ready, its rows (see _rows), M zero [BN, S]
+    accumulators (one per row of x) and its first super-block."""
     wait_for_inputs(PDL)
     ids, rows = _rows(BN, N)
-    return ids, rows, tl.zeros((BN, S), dtype=tl.float32), tl.program_id(1) * sb_per_split
+    return ids, rows, _zeros_rows(BN, S, tl.float32, M), tl.program_id(1) * sb_per_split
+
+
+@triton.jit
+def _store_rows(out_ptr, accs, ids, N, out_stride, PARTIAL: tl.constexpr):
+    """Each row of x's sums (accs: M [BN, S] tensors) to its row of out (out_stride apart), or
+    to this K split's [M, N] slice of the f32 scratch [splits, M, N]."""
+    for r in tl.static_range(len(accs)):
+        if PARTIAL:
+            at = out_ptr + (tl.program_id(1) * len(accs) + r) * N
+        else:
+            at = out_ptr + r * out_stride
+        tl.store(at + ids, tl.sum(accs[r], axis=1).to(out_ptr.dtype.element_ty), mask=ids < N)
 
 
 @triton.jit
@@ -187,22 +233,25 @@ def _byte(word, k: tl.constexpr):
 
 @triton.jit
 def _gemv_q4_k_owner_kernel(w_ptr, w2_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N, n_first, n_sb,
-                            sb_per_split, BN: tl.constexpr, S: tl.constexpr,
+                            sb_per_split, out_stride, BN: tl.constexpr, S: tl.constexpr,
                             PARTIAL: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
-                            STAGED: tl.constexpr = False, HOIST: tl.constexpr = True):
-    """out[rows] over super-blocks [pid1 * sb_per_split, +sb_per_split), S at a time.
+                            STAGED: tl.constexpr = False, HOIST: tl.constexpr = True,
+                            M: tl.constexpr = 1):
+    """out[:M, rows] over super-blocks [pid1 * sb_per_split, +sb_per_split), S at a time, for M
+    rows of x (each row's arithmetic the same whatever M: see _x_rows).
 
     Each thread owns whole (row, super-block) pairs of a [BN, S] tile: its 144 bytes arrive in
     nine 16-byte loads, the scales are decoded once for 256 weights, and the thread's x words
     (the same super-blocks for all its rows) stay in registers across rows. Byte b of quant
     word 8j + w holds elements 64j + 4w + b (low nibble, sub-block 2j) and 64j + 32 + 4w + b
     (high nibble, sub-block 2j + 1): high nibbles are multiplied in place (16 times their value)
-    and the 16 is divided out of x's scale. With STAGED the 128 bytes of quants are loaded by
-    eight neighbouring threads, contiguous, and handed to their owner through shared memory.
-    Output rows from n_first on (a multiple of BN) are the rows of a second matrix at w2_ptr:
-    gate and up in one launch.
+    and the 16 is divided out of the sub-block's scale. With STAGED the 128 bytes of quants are
+    loaded by eight neighbouring threads, contiguous, and handed to their owner through shared
+    memory. Output rows from n_first on (a multiple of BN) are the rows of a second matrix at
+    w2_ptr: gate and up in one launch. A masked quant word serves all M rows of x: two dp4a
+    per row.
     """
-    ids, rows, acc, first = _owner_start(N, sb_per_split, BN, S, PDL)
+    ids, rows, accs, first = _owner_start(N, sb_per_split, BN, S, PDL, M)
     if tl.program_id(0) * BN >= n_first:
         w_ptr = w2_ptr
         rows -= n_first
@@ -210,7 +259,10 @@ def _gemv_q4_k_owner_kernel(w_ptr, w2_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N, n
     for s in tl.range(first, first + sb_per_split, S):
         sb = s + tl.arange(0, S)[None, :]
         blk = (w_ptr + (rows[:, None] * n_sb + sb) * 36)[:, :, None]
-        x_at = xq_ptr + (s + tl.arange(0, S))[:, None] * 64 + tl.arange(0, 4)[None, :]  # [S, 4]
+        x_sb = (s + tl.arange(0, S))[:, None]
+        x_at = xq_ptr + x_sb * 64 + tl.arange(0, 4)[None, :]  # [S, 4]
+        dx_pair = dx_ptr + x_sb * 8 + tl.arange(0, 2)[None, :]  # [S, 2]
+        xs_quad = xs_ptr + x_sb * 16 + tl.arange(0, 4)[None, :]  # [S, 4]
         head, sc_lo, m_lo, packed_hi = _words(tl.load(blk + quad), BN, S)
         d = (head & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         dmin = (head >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
@@ -235,42 +287,52 @@ def _gemv_q4_k_owner_kernel(w_ptr, w2_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N, n
             q31 = tl.load(blk + 32 + quad)
             if HOIST:  # keeps ptxas from spreading the loads among the arithmetic
                 tl.debug_barrier()
-        scaled = tl.zeros((BN, S), dtype=tl.float32)  # sum over sub-blocks of dx * sc * dot
-        mins = tl.zeros((BN, S), dtype=tl.float32)  # sum over sub-blocks of dx * m * sum(x)
+        scaled = _zeros_rows(BN, S, tl.float32, M)  # per row of x: sum of dx * sc * dot
+        mins = _zeros_rows(BN, S, tl.float32, M)  # per row of x: sum of dx * m * sum(x)
         for j in tl.static_range(4):
-            dot_lo = tl.zeros((BN, S), dtype=tl.int32)
-            dot_hi = tl.zeros((BN, S), dtype=tl.int32)
+            dots_lo = _zeros_rows(BN, S, tl.int32, M)
+            dots_hi = _zeros_rows(BN, S, tl.int32, M)
             for half in tl.static_range(2):
                 if STAGED:
-                    quads = _halves(_pick(chunk0, chunk1, chunk2, chunk3, j), 8)
-                    q0, q1, q2, q3 = _words(quads[half], BN, S)
+                    quads = _halves(_pick(chunk0, chunk1, chunk2, chunk3, j), 8)[half]
                 elif half == 0:
-                    q0, q1, q2, q3 = _words(_pick(q00, q10, q20, q30, j), BN, S)
+                    quads = _pick(q00, q10, q20, q30, j)
                 else:
-                    q0, q1, q2, q3 = _words(_pick(q01, q11, q21, q31, j), BN, S)
-                xw = x_at + 16 * j + 4 * half
-                x0, x1, x2, x3 = _words(tl.load(xw)[None, :, :], 1, S)
-                y0, y1, y2, y3 = _words(tl.load(xw + 8)[None, :, :], 1, S)
-                dot_lo = _dp4a(q0 & 0x0F0F0F0F, x0, dot_lo, ASM)
-                dot_lo = _dp4a(q1 & 0x0F0F0F0F, x1, dot_lo, ASM)
-                dot_lo = _dp4a(q2 & 0x0F0F0F0F, x2, dot_lo, ASM)
-                dot_lo = _dp4a(q3 & 0x0F0F0F0F, x3, dot_lo, ASM)
-                dot_hi = _dp4a(q0 & _HIGH_NIBBLES, y0, dot_hi, ASM, True)
-                dot_hi = _dp4a(q1 & _HIGH_NIBBLES, y1, dot_hi, ASM, True)
-                dot_hi = _dp4a(q2 & _HIGH_NIBBLES, y2, dot_hi, ASM, True)
-                dot_hi = _dp4a(q3 & _HIGH_NIBBLES, y3, dot_hi, ASM, True)
+                    quads = _pick(q01, q11, q21, q31, j)
+                low_nibbles = quads & 0x0F0F0F0F  # masked once for all rows of x
+                high_nibbles = quads & _HIGH_NIBBLES
+                new_lo = ()
+                new_hi = ()
+                for r in tl.static_range(M):
+                    xw = x_at + r * n_sb * 64 + 16 * j + 4 * half
+                    new_lo += (_dot4(low_nibbles, tl.load(xw)[None, :, :], dots_lo[r], BN, S,
+                                     ASM),)  # fmt: skip
+                    new_hi += (_dot4(high_nibbles, tl.load(xw + 8)[None, :, :], dots_hi[r], BN, S,
+                                     ASM, True),)  # fmt: skip
+                dots_lo, dots_hi = new_lo, new_hi
             scs = sc_lo if j < 2 else sc_hi
             ms = m_lo if j < 2 else m_hi
-            for par in tl.static_range(2):
-                sub = 2 * j + par
-                dx = tl.load(dx_ptr + sb * 8 + sub)
-                xsum = tl.load(xs_ptr + sb * 16 + 2 * sub) + tl.load(xs_ptr + sb * 16 + 2 * sub + 1)
-                dot = dot_lo if par == 0 else dot_hi
-                dxs = dx if par == 0 else dx * 0.0625
-                scaled += dxs * (dot * _byte(scs, (2 * j + par) % 4)).to(tl.float32)
-                mins += (dx * xsum) * _byte(ms, (2 * j + par) % 4).to(tl.float32)
-        acc += d * scaled - dmin * mins
-    _store(out_ptr, tl.sum(acc, axis=1), ids, N, PARTIAL)
+            sc_even = _byte(scs, (2 * j) % 4).to(tl.float32)
+            sc_odd = _byte(scs, (2 * j + 1) % 4).to(tl.float32) * 0.0625  # the high nibbles' 16
+            m_even = _byte(ms, (2 * j) % 4).to(tl.float32)
+            m_odd = _byte(ms, (2 * j + 1) % 4).to(tl.float32)
+            new_scaled = ()
+            new_mins = ()
+            for r in tl.static_range(M):
+                # x's scales of sub-blocks 2j and 2j + 1 in one load, their half sums in another
+                dx_even, dx_odd = tl.split(tl.load(dx_pair + r * n_sb * 8 + 2 * j)[None, :, :])
+                h0, h1, h2, h3 = _words(tl.load(xs_quad + r * n_sb * 16 + 4 * j)[None, :, :], 1, S)
+                # sub-block 2j first, then 2j + 1, as separate sums
+                row_scaled = scaled[r] + (dx_even * sc_even) * _small_float(dots_lo[r])
+                row_mins = mins[r] + (dx_even * (h0 + h1)) * m_even
+                new_scaled += (row_scaled + (dx_odd * sc_odd) * _small_float(dots_hi[r]),)
+                new_mins += (row_mins + (dx_odd * (h2 + h3)) * m_odd,)
+            scaled, mins = new_scaled, new_mins
+        new_accs = ()
+        for r in tl.static_range(M):
+            new_accs += (accs[r] + (d * scaled[r] - dmin * mins[r]),)
+        accs = new_accs
+    _store_rows(out_ptr, accs, ids, N, out_stride, PARTIAL)
 
 
 @triton.jit
@@ -350,29 +412,42 @@ def _asm1(word, asm: tl.constexpr):
 
 
 @triton.jit
-def _dot4(q, x, c, BN: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr):
-    """c + the dot products of the signed bytes of q [BN, S, 4] and x [1, S, 4], per [BN, S]."""
-    q0, q1, q2, q3 = _words(q, BN, S)
-    x0, x1, x2, x3 = _words(x, 1, S)
-    return _dp4a(q3, x3, _dp4a(q2, x2, _dp4a(q1, x1, _dp4a(q0, x0, c, ASM), ASM), ASM), ASM)
+def _dot4(q, x, c, BN: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr,
+          Q_UNSIGNED: tl.constexpr = False):
+    """c + the dot products of the bytes of q [BN, S, 4] (signed, or unsigned with Q_UNSIGNED)
+    and the signed bytes of x [1, S, 4], per [BN, S]: four dp4a, words 0 to 3."""
+    if ASM:
+        q0, q1, q2, q3 = _words(q, BN, S)
+        x0, x1, x2, x3 = _words(x, 1, S)
+        c = _dp4a(q0, x0, c, ASM, Q_UNSIGNED)
+        c = _dp4a(q1, x1, c, ASM, Q_UNSIGNED)
+        c = _dp4a(q2, x2, c, ASM, Q_UNSIGNED)
+        return _dp4a(q3, x3, c, ASM, Q_UNSIGNED)
+    else:  # the sixteen byte products at once (exact integers: the same sum in any order)
+        k = tl.arange(0, 4)[None, None, None, :]
+        q4 = q[:, :, :, None]
+        q_bytes = (q4 >> (8 * k)) & 0xFF if Q_UNSIGNED else (q4 << (24 - 8 * k)) >> 24
+        x_bytes = (x[:, :, :, None] << (24 - 8 * k)) >> 24
+        return c + tl.sum(tl.sum(q_bytes * x_bytes, axis=3), axis=2)
 
 
 @triton.jit
 def _gemv_q6_k_owner_kernel(ql_ptr, qh_ptr, sc_ptr, d_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N,
-                            n_sb, sb_per_split, BN: tl.constexpr, S: tl.constexpr,
+                            n_sb, sb_per_split, out_stride, BN: tl.constexpr, S: tl.constexpr,
                             PARTIAL: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
-                            HOIST: tl.constexpr = True):
-    """out[rows] over super-blocks [pid1 * sb_per_split, +sb_per_split), S at a time.
+                            HOIST: tl.constexpr = True, M: tl.constexpr = 1):
+    """out[:M, rows] over super-blocks [pid1 * sb_per_split, +sb_per_split), S at a time, for M
+    rows of x (each row's arithmetic the same whatever M).
 
     As the Q4_K kernel, each thread owns whole (row, super-block) pairs. For half h and words
     a = 4p + t (p, t < 4), low words 16h + a and 16h + 8 + a and high word 8h + a hold the
     elements 128h + 32c + 4a + b of groups c = 0..3 (low nibbles of the first low word with
     high bits 0-1, of the second with bits 2-3, high nibbles with bits 4-5 and 6-7): words t of
     sub-block 8h + 2c + p. Each quant byte is one bit-select of a nibble and a masked, shifted
-    high word. The stored quant is q + 32: a sub-block's dot starts at -32 * (its sum of x), an
-    exact integer.
+    high word, made once for all M rows. The stored quant is q + 32: a sub-block's dot starts
+    at -32 * (its sum of x), an exact integer.
     """
-    ids, rows, acc, first = _owner_start(N, sb_per_split, BN, S, PDL)
+    ids, rows, accs, first = _owner_start(N, sb_per_split, BN, S, PDL, M)
     quad = tl.arange(0, 4)[None, None, :]
     for s in tl.range(first, first + sb_per_split, S):
         sb = s + tl.arange(0, S)[None, :]
@@ -380,72 +455,106 @@ def _gemv_q6_k_owner_kernel(ql_ptr, qh_ptr, sc_ptr, d_ptr, xq_ptr, dx_ptr, xs_pt
         d = tl.load(d_ptr + at).to(tl.float32)
         sc0, sc1, sc2, sc3 = _words(tl.load(sc_ptr + at[:, :, None] * 4 + quad), BN, S)
         x_at = xq_ptr + sb[:, :, None] * 64 + quad
-        # All loads first, words a = 4p + t of half h as the (2h + p)-th of each kind, so each
-        # thread keeps its 192 bytes of quants in flight at once.
+        xs_pair = xs_ptr + (s + tl.arange(0, S))[:, None] * 16 + tl.arange(0, 2)[None, :]
+        # Words a = 4p + t of half h as the (2h + p)-th of each kind. Up to 4 rows of x all
+        # loads first, so each thread keeps its 192 bytes of quants in flight at once; from 5
+        # rows each half's loads come with it (registers: 8 rows of everything would spill).
         low_at = ql_ptr + at[:, :, None] * 32 + quad
         high_at = qh_ptr + at[:, :, None] * 16 + quad
-        low_a0, low_a1 = tl.load(low_at), tl.load(low_at + 4)
-        low_a2, low_a3 = tl.load(low_at + 16), tl.load(low_at + 20)
-        low_b0, low_b1 = tl.load(low_at + 8), tl.load(low_at + 12)
-        low_b2, low_b3 = tl.load(low_at + 24), tl.load(low_at + 28)
-        high0, high1 = tl.load(high_at), tl.load(high_at + 4)
-        high2, high3 = tl.load(high_at + 8), tl.load(high_at + 12)
-        if HOIST:  # keeps ptxas from spreading the loads among the arithmetic
-            tl.debug_barrier()
-        scaled = tl.zeros((BN, S), dtype=tl.float32)  # sum over groups of dx * sum(sc * dot)
+        if M <= 4:
+            low_a0, low_a1 = tl.load(low_at), tl.load(low_at + 4)
+            low_a2, low_a3 = tl.load(low_at + 16), tl.load(low_at + 20)
+            low_b0, low_b1 = tl.load(low_at + 8), tl.load(low_at + 12)
+            low_b2, low_b3 = tl.load(low_at + 24), tl.load(low_at + 28)
+            high0, high1 = tl.load(high_at), tl.load(high_at + 4)
+            high2, high3 = tl.load(high_at + 8), tl.load(high_at + 12)
+            if HOIST:  # keeps ptxas from spreading the loads among the arithmetic
+                tl.debug_barrier()
+        scaled = _zeros_rows(BN, S, tl.float32, M)  # per row of x: sum over groups of dx * t
         for h in tl.static_range(2):
-            t0 = tl.zeros((BN, S), dtype=tl.int32)
-            t1 = tl.zeros((BN, S), dtype=tl.int32)
-            t2 = tl.zeros((BN, S), dtype=tl.int32)
-            t3 = tl.zeros((BN, S), dtype=tl.int32)
-            for p in tl.static_range(2):
-                low_a = _pick(low_a0, low_a1, low_a2, low_a3, 2 * h + p)
-                low_b = _pick(low_b0, low_b1, low_b2, low_b3, 2 * h + p)
-                high = _pick(high0, high1, high2, high3, 2 * h + p)
-                high_even = high & 0x33333333  # bits 0-1 and 4-5 of each byte
-                high_odd = (high & -0x33333334).to(tl.uint32, bitcast=True)  # 0xCCCCCCCC
-                odd_down = (high_odd >> 2).to(tl.int32, bitcast=True)
-                odd_up = (high_odd << 2).to(tl.int32, bitcast=True)
-                groups = (_low_nibbles_with(low_a, high_even << 4, ASM),
-                          _low_nibbles_with(low_b, odd_up, ASM),
-                          _low_nibbles_with(low_a >> 4, high_even, ASM),
-                          _low_nibbles_with(low_b >> 4, odd_down, ASM))
-                for c in tl.static_range(4):
-                    # (Triton 3.6 turns a constexpr assigned to a name into a tensor: inline.)
-                    start = (-32.0 * tl.load(xs_ptr + sb * 16 + 8 * h + 2 * c + p)).to(tl.int32)
-                    dot = _dot4(groups[c], tl.load(x_at + 32 * h + 8 * c + 4 * p), start, BN, S,
-                                ASM)
-                    sc = _sbyte(_pick(sc0, sc1, sc2, sc3, 2 * h + c // 2), 2 * (c % 2) + p, ASM)
-                    if c == 0:
-                        t0 += dot * sc
-                    elif c == 1:
-                        t1 += dot * sc
-                    elif c == 2:
-                        t2 += dot * sc
-                    else:
-                        t3 += dot * sc
+            if M <= 4:
+                low_a = (_pick(low_a0, low_a1, low_a2, low_a3, 2 * h),
+                         _pick(low_a0, low_a1, low_a2, low_a3, 2 * h + 1))
+                low_b = (_pick(low_b0, low_b1, low_b2, low_b3, 2 * h),
+                         _pick(low_b0, low_b1, low_b2, low_b3, 2 * h + 1))
+                high = (_pick(high0, high1, high2, high3, 2 * h),
+                        _pick(high0, high1, high2, high3, 2 * h + 1))
+            else:
+                low_a = (tl.load(low_at + 16 * h), tl.load(low_at + 16 * h + 4))
+                low_b = (tl.load(low_at + 16 * h + 8), tl.load(low_at + 16 * h + 12))
+                high = (tl.load(high_at + 8 * h), tl.load(high_at + 8 * h + 4))
             for c in tl.static_range(4):
-                t = _pick(t0, t1, t2, t3, c).to(tl.float32)
-                scaled += tl.load(dx_ptr + sb * 8 + 4 * h + c) * t
-        acc += d * scaled
-    _store(out_ptr, tl.sum(acc, axis=1), ids, N, PARTIAL)
+                # Per row of x: each sub-block's dot starts at -32 * its sum of x (one load for
+                # both sub-blocks).
+                starts_even = ()
+                starts_odd = ()
+                for r in tl.static_range(M):
+                    xs_even, xs_odd = tl.split(
+                        tl.load(xs_pair + r * n_sb * 16 + 8 * h + 2 * c)[None, :, :]
+                    )
+                    starts_even += (-32 * _small_int(xs_even),)
+                    starts_odd += (-32 * _small_int(xs_odd),)
+                ts = ()  # per row of x: sum over p of sc * dot
+                for p in tl.static_range(2):
+                    group = _q6_k_group(low_a[p], low_b[p], high[p], c, ASM)
+                    sc = _sbyte(_pick(sc0, sc1, sc2, sc3, 2 * h + c // 2), 2 * (c % 2) + p, ASM)
+                    new_ts = ()
+                    for r in tl.static_range(M):
+                        start = starts_even[r] if p == 0 else starts_odd[r]
+                        dot = _dot4(group, tl.load(x_at + r * n_sb * 64 + 32 * h + 8 * c + 4 * p),
+                                    start, BN, S, ASM)
+                        new_ts += (dot * sc if p == 0 else ts[r] + dot * sc,)
+                    ts = new_ts
+                new_scaled = ()
+                for r in tl.static_range(M):
+                    dx = tl.load(dx_ptr + r * n_sb * 8 + sb * 8 + 4 * h + c)
+                    new_scaled += (scaled[r] + dx * ts[r].to(tl.float32),)
+                scaled = new_scaled
+        new_accs = ()
+        for r in tl.static_range(M):
+            new_accs += (accs[r] + d * scaled[r],)
+        accs = new_accs
+    _store_rows(out_ptr, accs, ids, N, out_stride, PARTIAL)
+
+
+@triton.jit
+def _q6_k_group(low_a, low_b, high, c: tl.constexpr, ASM: tl.constexpr):
+    """The quant bytes of element group c from its low words and high word (see the kernel)."""
+    if c == 0:
+        return _low_nibbles_with(low_a, (high & 0x33333333) << 4, ASM)  # bits 0-1 (and 4-5)
+    elif c == 2:
+        return _low_nibbles_with(low_a >> 4, high & 0x33333333, ASM)
+    else:
+        odd = (high & -0x33333334).to(tl.uint32, bitcast=True)  # 0xCCCCCCCC: bits 2-3, 6-7
+        if c == 1:
+            return _low_nibbles_with(low_b, (odd << 2).to(tl.int32, bitcast=True), ASM)
+        else:
+            return _low_nibbles_with(low_b >> 4, (odd >> 2).to(tl.int32, bitcast=True), ASM)
 
 # fmt: on
 
 
 def quantize_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [K] (K a multiple of 32) as int8 quants [K], f32 scales [K/32] and f32 sums of each
-    16 quants [K/16]: what every dp4a product against it reads."""
-    if x.dim() != 1 or x.shape[0] % X_BLOCK:
-        raise ValueError(f"quantize_x: x must be [K] with K a multiple of 32, got {list(x.shape)}")
+    """x [K] or [M, K] (K a multiple of 32) as int8 quants, f32 scales of each 32 and f32 sums
+    of each 16 quants ([K], [K/32], [K/16], with a leading M for [M, K]): what every dp4a
+    product against it reads. Rows are stacked (row r's quants from r * K on, and so on) and
+    rounded block by block in one launch, so a row rounds the same alone or among others."""
+    if x.dim() not in (1, 2) or x.shape[-1] % X_BLOCK:
+        raise ValueError(
+            f"quantize_x: x must be [K] or [M, K] with K a multiple of 32, got {list(x.shape)}"
+        )
     x = x.contiguous()
-    n_blocks = x.shape[-1] // X_BLOCK
-    xq, dx, xs = empty_quantized_x(x.shape[-1], x.device)
-    grid = (triton.cdiv(n_blocks, _QUANTIZE_BLOCKS),)
-    _quantize_x_kernel[grid](
-        x, xq, dx, xs, n_blocks, BLOCKS=_QUANTIZE_BLOCKS, num_warps=4, **pdl_launch(x.device)
-    )
-    return xq, dx, xs
+    rows, k = (1, x.shape[0]) if x.dim() == 1 else x.shape
+    n_blocks = rows * k // X_BLOCK
+    xq, dx, xs = empty_quantized_x(k, x.device, rows)
+    if n_blocks:
+        grid = (triton.cdiv(n_blocks, _QUANTIZE_BLOCKS),)
+        _quantize_x_kernel[grid](
+            x, xq, dx, xs, n_blocks, BLOCKS=_QUANTIZE_BLOCKS, num_warps=4, **pdl_launch(x.device)
+        )
+    if x.dim() == 1:
+        return xq, dx, xs
+    return xq.view(rows, k), dx.view(rows, -1), xs.view(rows, -1)
 
 
 def _largest_divisor(n: int, limit: int) -> int:
@@ -485,21 +594,33 @@ class Geometry:
     hoist: bool = True  # owner kernels: all quant loads issued before any arithmetic
 
 
-def default_geometry(qtype: GGMLQuantizationType, n: int, k: int) -> Geometry:
+def default_geometry(qtype: GGMLQuantizationType, n: int, k: int, m: int = 1) -> Geometry:
     """The winners of benchmarks/gpu_gemv.py's sweep on an H200 (Triton 3.6; µs, % of copy
     bandwidth). Q4_K, staged: 8 rows of 16 super-blocks for N <= 8192 (4096 x 4096: 6.2, 36%;
     the tile kernel 8.1), 16 rows from there (14336 x 4096: 13.7, 57%; tile 19.4); wide K in
     steps and splits of 8 super-blocks (4096 x 14336: 18.1, 43%; tile 20.9). Q6_K, owner: 8 rows
     of 16 super-blocks (1024 x 4096: 4.4, as the tile kernel), the output head 16 rows of 8 in
-    two splits (146, 70%; tile 176); wide K keeps the tile kernel (24.8, 46%; owner 25.5)."""
+    two splits (146, 70%; tile 176). At wide K the tile kernel was a little faster (24.8, 46%;
+    owner 25.5) but takes one row of x, and a row must sum in the same order alone or among
+    others (gemv): the owner kernel in Q4_K's steps and splits.
+
+    For m rows of x the steps and splits stay (they fix a row's order of summation); from 5
+    rows each thread owns one (row, super-block) pair, twice the warps where it owned two: the
+    staged kernel's 8 rows of x on two pairs spill (benchmarks/sass.py --rows)."""
     n_sb = k // 256
+    wide_splits = n_sb // 8 if n_sb % 8 == 0 else 1
     if qtype == T.Q6_K:
         if n_sb > 16:
-            return Geometry(16, 8, 1, 8, "tile")
-        return Geometry(16, 8, 2) if n >= 32768 else Geometry(8, 16)
-    if n_sb > 16:
-        return Geometry(16, 8, n_sb // 8 if n_sb % 8 == 0 else 1, kernel="staged")
-    return Geometry(8 if n <= 8192 else 16, 16, kernel="staged")
+            g = Geometry(16, 8, wide_splits)
+        else:
+            g = Geometry(16, 8, 2) if n >= 32768 else Geometry(8, 16)
+    elif n_sb > 16:
+        g = Geometry(16, 8, wide_splits, kernel="staged")
+    else:
+        g = Geometry(8 if n <= 8192 else 16, 16, kernel="staged")
+    if m > 4 and g.rows * g.sbs > 32 * g.warps:
+        g = dataclasses.replace(g, warps=g.rows * g.sbs // 32)
+    return g
 
 
 def normalized(geometry: Geometry, k: int) -> Geometry:
@@ -519,8 +640,9 @@ def gemv(
     out: torch.Tensor,
     geometry: Geometry | None = None,
 ) -> torch.Tensor:
-    """out [1, N] (contiguous along N) = x W^T for x given by quantize_x, cut up by `geometry`
-    (by default `default_geometry`'s)."""
+    """out [M, N] (contiguous along N) = x W^T for M <= DP4A_MAX_ROWS rows of x given by
+    quantize_x, cut up by `geometry` (by default `default_geometry`'s). Each row's result is
+    the same bits whatever M is."""
     return _launch(xq, (weight,), out, geometry)
 
 
@@ -530,15 +652,15 @@ def gemv_parts(
     out: torch.Tensor,
     geometry: Geometry | None = None,
 ) -> torch.Tensor:
-    """out [1, sum of N] = x times the stacked parts, each part's columns in turn. Two Q4_K parts
-    of one K (gate and up) take one launch of the owner kernel where the first part's rows fill
-    whole programs."""
+    """out [M, sum of N] = M rows of x times the stacked parts, each part's columns in turn. Two
+    Q4_K parts of one K (gate and up) take one launch of the owner kernel where the first part's
+    rows fill whole programs."""
     first = 0
     i = 0
     while i < len(parts):
         group = tuple(parts[i : i + 2])
         n = sum(p.n for p in group)
-        g = geometry or default_geometry(group[0].ggml_type, n, group[0].k)
+        g = geometry or default_geometry(group[0].ggml_type, n, group[0].k, out.shape[0])
         pair = (
             len(group) == 2
             and all(p.ggml_type == T.Q4_K and p.k == group[0].k for p in group)
@@ -559,20 +681,29 @@ def _launch(
     out: torch.Tensor,
     geometry: Geometry | None,
 ) -> torch.Tensor:
-    """out [1, N] = x times one part, or two Q4_K parts stacked (see gemv_parts)."""
+    """out [M, N] = M rows of x times one part, or two Q4_K parts stacked (see gemv_parts)."""
     q, dx, xs = xq
     weight = parts[0]
-    n, k = sum(p.n for p in parts), weight.k
-    g = normalized(geometry or default_geometry(weight.ggml_type, n, k), k)
+    m, n, k = out.shape[0], sum(p.n for p in parts), weight.k
+    if not 1 <= m <= DP4A_MAX_ROWS or q.numel() != m * k or out.shape[1] != n:
+        raise ValueError(
+            f"gemv: out {list(out.shape)} and x of {q.numel()} quants do not fit M <= "
+            f"{DP4A_MAX_ROWS} rows of K = {k} times N = {n}"
+        )
+    g = normalized(geometry or default_geometry(weight.ggml_type, n, k, m), k)
+    if g.kernel == "tile" and m > 1:
+        raise ValueError("gemv: the tile kernels take one row of x")
     n_sb, splits, sbs = k // 256, g.splits, g.sbs
     per_split = n_sb // splits
-    target = out if splits == 1 else torch.empty(splits, n, dtype=torch.float32, device=q.device)
+    target = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(n, g.rows), splits)
     words = q.view(torch.int32)
     common = dict(BN=g.rows, S=sbs, PARTIAL=splits > 1, ASM=not interpreting(), num_warps=g.warps)
     common |= pdl_launch(q.device)
     if g.kernel == "tile":
         common["STAGES"] = g.stages
+    else:
+        common |= dict(M=m, HOIST=g.hoist)
     if weight.ggml_type == T.Q4_K:
         blocks, halves = weight.planes
         if g.kernel == "tile":
@@ -583,15 +714,18 @@ def _launch(
             second = parts[-1].planes[0]
             _gemv_q4_k_owner_kernel[grid](
                 blocks, second, words, dx, xs, target, n, weight.n if len(parts) > 1 else n,
-                n_sb, per_split, STAGED=g.kernel == "staged", HOIST=g.hoist, **common,
+                n_sb, per_split, out.stride(0), STAGED=g.kernel == "staged", **common,
             )  # fmt: skip
     elif weight.ggml_type == T.Q6_K:
         ql, qh, scales, d = weight.planes
-        kernel = _gemv_q6_k_kernel if g.kernel == "tile" else _gemv_q6_k_owner_kernel
-        if g.kernel != "tile":
-            scales = scales.view(torch.int32)
-            common["HOIST"] = g.hoist
-        kernel[grid](ql, qh, scales, d, words, dx, xs, target, n, n_sb, per_split, **common)
+        if g.kernel == "tile":
+            _gemv_q6_k_kernel[grid](ql, qh, scales, d, words, dx, xs, target, n, n_sb, per_split,
+                                    **common)  # fmt: skip
+        else:
+            _gemv_q6_k_owner_kernel[grid](
+                ql, qh, scales.view(torch.int32), d, words, dx, xs, target, n, n_sb, per_split,
+                out.stride(0), **common,
+            )  # fmt: skip
     else:
         raise ValueError(f"no dp4a kernel for {weight.ggml_type.name}")
     if splits > 1:

@@ -1,9 +1,9 @@
 """x rounded to int8 blocks for the dp4a decode products (quant_gemv), wherever x is made.
 
 Blocks of 32 elements: signed 8-bit quants, one f32 scale (amax / 127) and each 16-quant half's
-sum (for the K-quant mins). `quant_gemv.quantize_x` rounds a row in a launch of its own; the norm
-and activation kernels that produce a decode row round it in their own launch with the same code,
-so the bits are the same either way.
+sum (for the K-quant mins). `quant_gemv.quantize_x` rounds rows in a launch of its own; the norm
+and activation kernels that produce decode rows round them in their own launch with the same code,
+so the bits are the same either way. Rows are stacked: row r's blocks follow row r - 1's.
 """
 
 from __future__ import annotations
@@ -32,11 +32,12 @@ def store_rounded_blocks(x, b, ok, xq_ptr, dx_ptr, xs_ptr):
     tl.store(xs_ptr + 2 * b[:, None] + h[None, :], halves, mask=ok[:, None])
 
 
-def empty_quantized_x(k: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Buffers for x [K] rounded as quantize_x returns it: quants, scales, half-block sums."""
-    n_blocks = k // X_BLOCK
+def empty_quantized_x(k: int, device: torch.device, rows: int = 1) -> tuple[torch.Tensor, ...]:
+    """Buffers for `rows` rows of x [K] rounded as quantize_x returns them, rows stacked:
+    quants [rows * K], scales [rows * K / 32], half-block sums [rows * K / 16]."""
+    n_blocks = rows * k // X_BLOCK
     return (
-        torch.empty(k, dtype=torch.int8, device=device),
+        torch.empty(rows * k, dtype=torch.int8, device=device),
         torch.empty(n_blocks, dtype=torch.float32, device=device),
         torch.empty(2 * n_blocks, dtype=torch.float32, device=device),
     )

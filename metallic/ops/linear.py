@@ -114,7 +114,9 @@ def _widened_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def native_path(m: int, parts: Sequence[PackedWeight], dtype: torch.dtype = torch.bfloat16) -> str:
     """How `_native_linear` multiplies m rows of x (in `dtype`) by the stacked parts:
 
-    - ``"dp4a"``: one row against large K-quants: x rounded to int8 once, the dp4a kernels;
+    - ``"dp4a"``: up to DP4A_MAX_ROWS rows (decode steps of a few sequences) against large
+      K-quants: x rounded to int8 once, the dp4a kernels, which read the weights once for all
+      rows (each row's result the same bits whatever the other rows);
     - ``"gemm"``: rows where some part takes the tensor-core GEMM (`quant_gemm.uses_gemm`:
       large Q4_K parts, prompt chunks and batches from 64 rows): those parts run quant_gemm,
       which dequantizes its tiles in registers, each writing its own columns; the other parts
@@ -127,9 +129,9 @@ def native_path(m: int, parts: Sequence[PackedWeight], dtype: torch.dtype = torc
     """
     from metallic.kernels import fuses
     from metallic.kernels.quant_gemm import uses_gemm
-    from metallic.kernels.quant_gemv import uses_dp4a
+    from metallic.kernels.quant_gemv import DP4A_MAX_ROWS, uses_dp4a
 
-    if m == 1 and uses_dp4a(parts):
+    if 1 <= m <= DP4A_MAX_ROWS and uses_dp4a(parts):
         return "dp4a"
     if uses_gemm(m, parts, dtype):
         return "gemm"
@@ -138,13 +140,13 @@ def native_path(m: int, parts: Sequence[PackedWeight], dtype: torch.dtype = torc
 
 def rounding_buffers(n_rows: int, weight: LinearWeight) -> tuple[torch.Tensor, ...] | None:
     """Buffers for x rounded to int8 where `linear(x, weight)` with `n_rows` rows of x would
-    round it for the dp4a kernels (one row against native weights), so the op that makes x can
-    round it in the same launch; None where the product takes another path."""
-    if weight.native is None or n_rows != 1 or native_path(1, weight.native) != "dp4a":
+    round it for the dp4a kernels (up to DP4A_MAX_ROWS rows against native weights), so the op
+    that makes x can round it in the same launch; None where the product takes another path."""
+    if weight.native is None or native_path(n_rows, weight.native) != "dp4a":
         return None
     from metallic.kernels.rounding import empty_quantized_x
 
-    return empty_quantized_x(weight.in_features, weight.native[0].device)
+    return empty_quantized_x(weight.in_features, weight.native[0].device, n_rows)
 
 
 def fuses_gate(x: torch.Tensor, weight: LinearWeight, act_rounded: object = None) -> bool:
@@ -201,8 +203,8 @@ def _native_linear(
         step = max(p.n for p in parts) if widen_limit is None else widen_limit // row_bytes
         return _sliced_linear(rows, parts, max(1, step), gemm=path == "gemm")
     out = torch.empty(rows.shape[0], n_total, dtype=rows.dtype, device=rows.device)
-    if path == "dp4a":  # x rounded once for all parts (by the op before, or here)
-        x8 = rounded if rounded is not None else quantize_x(rows[0])
+    if path == "dp4a":  # x's rows rounded once for all parts (by the op before, or here)
+        x8 = rounded if rounded is not None else quantize_x(rows)
         return gemv_parts(x8, parts, out)
     first = 0
     for p in parts:

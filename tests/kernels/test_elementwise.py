@@ -74,38 +74,41 @@ def test_rms_norm_post_norm_residual_and_pre_norm_in_one() -> None:
 
 @pytest.mark.parametrize("dim", [96, 640])
 @pytest.mark.parametrize("fused", [False, True])
-def test_rms_norm_rounds_a_decode_row_as_quantize_x_does(dim: int, fused: bool) -> None:
-    """One row normed and rounded to int8 blocks in the norm's launch: the same quants, scales
-    and half sums as quantize_x of the stored norm (96: blocks past D in the padded tile)."""
-    x = torch.randn(1, dim).half() * 30
-    residual = torch.randn(1, dim) * 3
+@pytest.mark.parametrize("rows", [1, 3])
+def test_rms_norm_rounds_decode_rows_as_quantize_x_does(dim: int, fused: bool, rows: int) -> None:
+    """Rows normed and rounded to int8 blocks in the norm's launch: the same quants, scales
+    and half sums as quantize_x of the stored norm, rows stacked (96: blocks past D in the
+    padded tile)."""
+    x = torch.randn(rows, dim).half() * 30
+    residual = torch.randn(rows, dim) * 3
     weight, post = torch.rand(dim) + 0.5, torch.rand(dim) + 0.5
     extra = {"residual": residual.clone(), "pre_weight": post} if fused else {}
     plain = rms_norm(x, weight, 1e-6, out_dtype=torch.bfloat16, **extra)
-    rounded = empty_quantized_x(dim, x.device)
+    rounded = empty_quantized_x(dim, x.device, rows)
     extra = {"residual": residual.clone(), "pre_weight": post} if fused else {}
     out = rms_norm(x, weight, 1e-6, out_dtype=torch.bfloat16, rounded=rounded, **extra)
     assert torch.equal(out, plain)
-    for got, want in zip(rounded, quantize_x(plain[0]), strict=True):
-        assert torch.equal(got, want)
+    for got, want in zip(rounded, quantize_x(plain), strict=True):
+        assert torch.equal(got, want.reshape(-1))
     assert rounded[0].abs().max() == 127
 
 
 @pytest.mark.parametrize("kind", ["silu", "gelu_tanh"])
-def test_gated_activation_rounds_a_decode_row_as_quantize_x_does(kind: str) -> None:
-    """Over more than one program's columns (1024), so blocks are placed by program."""
-    gate_up = torch.randn(1, 2 * 1120).half() * 4
+@pytest.mark.parametrize("rows", [1, 2])
+def test_gated_activation_rounds_decode_rows_as_quantize_x_does(kind: str, rows: int) -> None:
+    """Over more than one program's columns (1024), so blocks are placed by program and row."""
+    gate_up = torch.randn(rows, 2 * 1120).half() * 4
     plain = gated_activation(gate_up, None, kind)
-    rounded = empty_quantized_x(1120, gate_up.device)
+    rounded = empty_quantized_x(1120, gate_up.device, rows)
     assert torch.equal(gated_activation(gate_up, None, kind, rounded), plain)
-    for got, want in zip(rounded, quantize_x(plain[0]), strict=True):
-        assert torch.equal(got, want)
-    with pytest.raises(MetallicError, match="one row"):
+    for got, want in zip(rounded, quantize_x(plain), strict=True):
+        assert torch.equal(got, want.reshape(-1))
+    with pytest.raises(MetallicError, match="buffers of as many"):
         gated_activation(torch.cat([gate_up, gate_up]), None, kind, rounded)
 
 
-def test_rms_norm_rounds_one_row_only() -> None:
-    with pytest.raises(MetallicError, match="one row"):
+def test_rms_norm_rounds_into_buffers_of_its_rows_only() -> None:
+    with pytest.raises(MetallicError, match="buffers of as many"):
         rms_norm(torch.randn(2, 64), torch.ones(64), 1e-6, rounded=empty_quantized_x(64, "cpu"))
 
 

@@ -36,16 +36,18 @@ def _part(qtype: GGMLQuantizationType, n: int, k: int, seed: int):
 
 
 def test_native_path_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One row against large K-quants: dp4a; otherwise the fused kernel up to 16 rows, and up
-    to MAX_FUSED_M rows against large matrices (batched decode); the tensor-core GEMM where some
-    large part's format takes it (quant_gemm.GEMM_ROWS, first among the multi-row paths); else
-    dequantize + one dense product (also for small matrices from 17 rows)."""
+    """Up to DP4A_MAX_ROWS rows against large K-quants: dp4a; otherwise the fused kernel up to
+    16 rows, and up to MAX_FUSED_M rows against large matrices (batched decode); the tensor-core
+    GEMM where some large part's format takes it (quant_gemm.GEMM_ROWS, first among the
+    multi-row paths); else dequantize + one dense product (also for small matrices from 17
+    rows)."""
     monkeypatch.setattr(quant_gemv, "DP4A_MIN_BYTES", 0)
     k_quants = tuple(_part(t, 8, 256, _seed())[0] for t in (T.Q4_K, T.Q6_K))
     mixed = (*k_quants, _part(T.Q8_0, 8, 256, _seed())[0])
-    assert native_path(1, k_quants) == "dp4a"
-    assert native_path(1, mixed) == "fused"
-    for m in (2, 16):
+    for m in range(1, quant_gemv.DP4A_MAX_ROWS + 1):
+        assert native_path(m, k_quants) == "dp4a", m
+        assert native_path(m, mixed) == "fused", m
+    for m in (quant_gemv.DP4A_MAX_ROWS + 1, 16):
         assert native_path(m, k_quants) == native_path(m, mixed) == "fused", m
     for m in (17, 64, MAX_FUSED_M):
         assert native_path(m, mixed) == "dequantize", m  # a small matrix
@@ -66,7 +68,7 @@ def test_native_path_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     assert native_path(4 * MAX_FUSED_M, mixed) == "gemm"  # Q4_K's part; the others widened
     assert native_path(4 * MAX_FUSED_M, mixed[2:]) == "dequantize"
     monkeypatch.setattr(quant_gemv, "DP4A_MIN_BYTES", 1 << 40)
-    assert native_path(1, k_quants) == "fused"
+    assert native_path(1, k_quants) == native_path(8, k_quants) == "fused"
 
 
 def _stacked_product(m: int, seed: int) -> tuple[LinearWeight, torch.Tensor, torch.Tensor]:
@@ -166,3 +168,31 @@ def test_prompt_chunks_of_k_quants_take_the_gemm(
     for got in (out, sliced):
         err = ((got.double() - ref).norm() / ref.norm()).item()
         assert err < 1e-2, f"error {err:.3g} (seed {seed})"
+
+
+def test_decode_rows_take_dp4a_each_row_as_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode step of 2..8 sequences: stacked Q4_K | Q6_K parts take the dp4a kernels, x's
+    rows rounded in one launch or by the norm before (rounding_buffers); each row's result is
+    the same bits among 8 rows, 3 or alone, and x @ W.T with x as rounded."""
+    from metallic.kernels.norm import rms_norm
+    from metallic.ops.linear import rounding_buffers
+
+    monkeypatch.setattr(quant_gemv, "DP4A_MIN_BYTES", 0)
+    seed = _seed()
+    k, rows = 256, quant_gemv.DP4A_MAX_ROWS
+    parts = [_part(t, n, k, seed + i) for i, (t, n) in enumerate(((T.Q4_K, 16), (T.Q6_K, 8)))]
+    weight = LinearWeight((T.Q4_K, T.Q6_K), (16, 8), k, native=tuple(p for p, _ in parts))
+    dense = torch.cat([d for _, d in parts])
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(seed))
+    assert all(native_path(m, weight.native or ()) == "dp4a" for m in range(1, rows + 1))
+    out = linear(x, weight)
+    xq, dx, _ = quant_gemv.quantize_x(x)
+    exact = (xq.view(-1, 32).double() * dx.view(-1, 1).double()).view(rows, k) @ dense.T
+    err = ((out.double() - exact).norm() / exact.norm()).item()
+    assert err < 1e-5, f"error {err:.3g} (seed {seed})"  # f32 rows
+    assert torch.equal(linear(x[:3], weight), out[:3]), f"seed {seed}"
+    assert torch.equal(linear(x[-1:], weight), out[-1:]), f"seed {seed}"
+    rounded = rounding_buffers(3, weight)
+    assert rounded is not None
+    normed = rms_norm(x[:3], torch.ones(k), 1e-6, rounded=rounded)
+    assert torch.equal(linear(normed, weight, rounded=rounded), linear(normed, weight))

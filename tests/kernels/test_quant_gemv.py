@@ -15,7 +15,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from metallic.kernels import prepare_weight
-from metallic.kernels.quant_gemv import Geometry, gemv, gemv_parts, quantize_x
+from metallic.kernels.quant_gemv import DP4A_MAX_ROWS, Geometry, gemv, gemv_parts, quantize_x
 from metallic.quant.quantize import quantize
 from metallic.quant.reference import dequantize
 
@@ -32,6 +32,11 @@ def _matrix(qtype: GGMLQuantizationType, n: int, k: int, seed: int) -> tuple[tor
     return raw, dequantize(raw, qtype, n * k).view(n, k).double()
 
 
+def _rounded(xq: tuple[torch.Tensor, ...], k: int) -> torch.Tensor:
+    """x as quantize_x rounded it, [M, K] in float64: what the kernels multiply."""
+    return (xq[0].reshape(-1, 32).double() * xq[1].reshape(-1)[:, None].double()).view(-1, k)
+
+
 def test_quantize_x_rounds_each_block_to_int8_with_its_scale() -> None:
     seed = _seed()
     x = torch.randn(256, generator=torch.Generator().manual_seed(seed)) * 3
@@ -46,6 +51,18 @@ def test_quantize_x_rounds_each_block_to_int8_with_its_scale() -> None:
     assert torch.equal(xs, xq.view(-1, 16).sum(dim=1).float()), seed
     strided = torch.stack([x, x], dim=1)[:, 0]  # every other element of a wider buffer
     assert all(torch.equal(a, b) for a, b in zip(quantize_x(strided), (xq, dx, xs), strict=True))
+
+
+def test_quantize_x_stacks_rows_each_rounded_as_alone() -> None:
+    seed = _seed()
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+    xq, dx, xs = quantize_x(x)
+    assert (xq.shape, dx.shape, xs.shape) == ((5, 96), (5, 3), (5, 6))
+    for r in range(5):
+        alone = quantize_x(x[r])
+        assert all(torch.equal(a, b) for a, b in zip((xq[r], dx[r], xs[r]), alone, strict=True))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize_x(torch.zeros(2, 3, 64))
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K])
@@ -70,8 +87,7 @@ def test_gemv_matches_the_reference(
     out = torch.empty(1, n, dtype=torch.float16)
     gemv(xq, prepare_weight(raw, qtype, n, k), out, geometry)
     assert not out.isnan().any(), f"an output was never written (seed {seed})"
-    x_rounded = (xq[0].view(-1, 32).double() * xq[1][:, None].double()).view(1, k)
-    exact = x_rounded @ dense.T
+    exact = _rounded(xq, k) @ dense.T
     err = ((out.double() - exact).norm() / exact.norm()).item()
     assert err < 1e-3, f"{qtype.name} vs rounded x: {err:.3g} (seed {seed})"  # f16 output
     # Against x itself the rounding's own error remains: 0.6% on average, over 5% in one draw of
@@ -82,17 +98,64 @@ def test_gemv_matches_the_reference(
 
 
 @pytest.mark.parametrize(
-    ("kinds", "geometry", "launches"),
+    ("qtype", "geometry"),
     [
-        (((T.Q4_K, 32), (T.Q4_K, 24)), None, 1),  # gate|up: one launch of the default
-        (((T.Q4_K, 32), (T.Q4_K, 24)), Geometry(16, 4, splits=2, kernel="staged"), 1),
-        (((T.Q4_K, 20), (T.Q4_K, 16)), None, 2),  # the first part's rows end inside a program
-        (((T.Q6_K, 16), (T.Q4_K, 16), (T.Q4_K, 8)), Geometry(8, 8), 2),  # v, then a pair
+        (T.Q4_K, Geometry(16, 1, splits=2)),
+        (T.Q4_K, Geometry(16, 2, kernel="staged")),
+        (T.Q6_K, Geometry(16, 2)),
+        (T.Q6_K, Geometry(16, 1, splits=2)),
+    ],
+)
+def test_gemv_takes_rows_of_x_each_summed_as_alone(
+    qtype: GGMLQuantizationType, geometry: Geometry
+) -> None:
+    """M rows of x in one pass (1, 2, 3, 5, 8; N = 13 ends inside the program, K in one or two
+    splits): each row's result is x W^T with x as rounded, and the same bits whether the row
+    is multiplied alone or among others. Q6_K from 5 rows loads its quants half by half."""
+    seed = _seed()
+    n, k = 13, 512
+    raw, dense = _matrix(qtype, n, k, seed)
+    weight = prepare_weight(raw, qtype, n, k)
+    x = torch.randn(DP4A_MAX_ROWS, k, generator=torch.Generator().manual_seed(seed + 1))
+    xq = quantize_x(x.to(torch.bfloat16))
+    exact = _rounded(xq, k) @ dense.T
+    results = {}
+    for m in (1, 2, 3, 5, DP4A_MAX_ROWS):
+        out = torch.empty(m, n, dtype=torch.float32)
+        gemv(tuple(t[:m] for t in xq), weight, out, geometry)
+        err = ((out.double() - exact[:m]).norm() / exact[:m].norm()).item()
+        assert err < 1e-5, f"{qtype.name} M={m}: {err:.3g} (seed {seed})"  # f32 output
+        results[m] = out
+    for m, out in results.items():
+        assert torch.equal(out, results[DP4A_MAX_ROWS][:m]), f"M={m} (seed {seed})"
+    last = torch.empty(1, n, dtype=torch.float32)
+    gemv(tuple(t[-1:] for t in xq), weight, last, geometry)
+    assert torch.equal(last, results[DP4A_MAX_ROWS][-1:]), f"the last row alone (seed {seed})"
+
+
+def test_gemv_rejects_rows_it_does_not_take() -> None:
+    raw, _ = _matrix(T.Q4_K, 8, 256, _seed())
+    weight = prepare_weight(raw, T.Q4_K, 8, 256)
+    x = quantize_x(torch.randn(DP4A_MAX_ROWS + 1, 256))
+    with pytest.raises(ValueError, match="rows"):
+        gemv(x, weight, torch.empty(DP4A_MAX_ROWS + 1, 8))
+    with pytest.raises(ValueError, match="one row"):
+        gemv(tuple(t[:2] for t in x), weight, torch.empty(2, 8), Geometry(8, 1, kernel="tile"))
+
+
+@pytest.mark.parametrize(
+    ("kinds", "geometry", "launches", "m"),
+    [
+        (((T.Q4_K, 32), (T.Q4_K, 24)), None, 1, 2),  # gate|up: one launch of the default
+        (((T.Q4_K, 32), (T.Q4_K, 24)), Geometry(16, 4, splits=2, kernel="staged"), 1, 1),
+        (((T.Q4_K, 20), (T.Q4_K, 16)), None, 2, 3),  # the first part's rows end in a program
+        (((T.Q6_K, 16), (T.Q4_K, 16), (T.Q4_K, 8)), Geometry(8, 8), 2, 1),  # v, then a pair
     ],
 )
 def test_gemv_parts_stacks_the_products(
-    kinds: tuple, geometry: Geometry | None, launches: int, monkeypatch: pytest.MonkeyPatch
+    kinds: tuple, geometry: Geometry | None, launches: int, m: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Parts side by side in out's columns, for m rows of x (out's rows a stride apart)."""
     from metallic.kernels import quant_gemv
 
     seed = _seed()
@@ -102,25 +165,26 @@ def test_gemv_parts_stacks_the_products(
         prepare_weight(raw, qtype, n, k)
         for (raw, _), (qtype, n) in zip(matrices, kinds, strict=True)
     ]
-    x = torch.randn(k, generator=torch.Generator().manual_seed(seed + 9)).to(torch.bfloat16)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 9)).to(torch.bfloat16)
     xq = quantize_x(x)
     calls = []
     real_launch = quant_gemv._launch
     monkeypatch.setattr(quant_gemv, "_launch", lambda *a: calls.append(1) or real_launch(*a))
-    out = torch.full((1, sum(n for _, n in kinds)), float("nan"), dtype=torch.bfloat16)
+    out = torch.full((m, sum(n for _, n in kinds)), float("nan"), dtype=torch.bfloat16)
     gemv_parts(xq, parts, out, geometry)
     assert len(calls) == launches
-    x_rounded = (xq[0].view(-1, 32).double() * xq[1][:, None].double()).view(1, k)
-    exact = x_rounded @ torch.cat([dense for _, dense in matrices]).T
+    exact = _rounded(xq, k) @ torch.cat([dense for _, dense in matrices]).T
     err = ((out.double() - exact).norm() / exact.norm()).item()
     assert err < 1e-2, f"{err:.3g} (seed {seed})"  # bf16 output
 
 
-def test_linear_takes_the_dp4a_kernels_for_one_row_of_large_k_quants(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("m", [1, 2])
+def test_linear_takes_the_dp4a_kernels_for_rows_of_large_k_quants(
+    m: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Stacked Q4_K | Q6_K parts (q|k|v-like) with the measured default geometry; x rounded
-    once for both. The size threshold is lowered so the interpreter's small shapes qualify."""
+    """Stacked Q4_K | Q6_K parts (q|k|v-like) with the measured default geometry; m rows of x
+    rounded once for both. The size threshold is lowered so the interpreter's small shapes
+    qualify."""
     from metallic.kernels import quant_gemv
     from metallic.ops.linear import LinearWeight, linear, rounding_buffers
 
@@ -137,23 +201,21 @@ def test_linear_takes_the_dp4a_kernels_for_one_row_of_large_k_quants(
     monkeypatch.setattr(quant_gemv, "DP4A_MIN_BYTES", 0)
     real_launch = quant_gemv._launch
     monkeypatch.setattr(quant_gemv, "_launch", lambda *a: calls.append(1) or real_launch(*a))
-    x = torch.randn(1, k, generator=torch.Generator().manual_seed(seed + 7)).to(torch.float16)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 7)).to(torch.float16)
     out = linear(x, weight)
     assert len(calls) == 2, "both parts take the dp4a kernel"
-    xq, dx, _ = quantize_x(x[0])
-    x_rounded = (xq.view(-1, 32).double() * dx[:, None].double()).view(1, k)
-    ref = x_rounded @ torch.cat(denses).T
+    ref = _rounded(quantize_x(x), k) @ torch.cat(denses).T
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err < 1e-3, f"{err:.3g} (seed {seed})"  # f16 output
-    rounded = rounding_buffers(1, weight)
+    rounded = rounding_buffers(m, weight)
     assert rounded is not None
-    for buffer, value in zip(rounded, quantize_x(x[0]), strict=True):
-        buffer.copy_(value)  # what the norm before the product fills in
+    for buffer, value in zip(rounded, quantize_x(x), strict=True):
+        buffer.copy_(value.reshape(-1))  # what the norm before the product fills in
     monkeypatch.setattr(quant_gemv, "quantize_x", None)  # a rounding launch would fail
     assert torch.equal(linear(x, weight, rounded=rounded), out)
-    assert rounding_buffers(2, weight) is None, "two rows take another path"
+    assert rounding_buffers(DP4A_MAX_ROWS + 1, weight) is None, "more rows take another path"
     monkeypatch.setattr(quant_gemv, "DP4A_MIN_BYTES", 1 << 40)
     calls.clear()
     linear(x, weight)
     assert not calls, "below the threshold the float kernel runs"
-    assert rounding_buffers(1, weight) is None
+    assert rounding_buffers(m, weight) is None
