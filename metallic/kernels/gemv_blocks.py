@@ -42,7 +42,7 @@ from gguf import GGMLQuantizationType
 from metallic.errors import MetallicError
 from metallic.kernels.packing import PackedWeight
 from metallic.kernels.pdl import pdl_launch, wait_for_inputs
-from metallic.kernels.quant_gemv import _dp4a, _rows, _words
+from metallic.kernels.quant_gemv import _dp4a, _largest_divisor, _rows, _words
 from metallic.kernels.quant_matmul import interpreting, sum_splits
 from metallic.kernels.rounding import X_BLOCK
 
@@ -180,14 +180,6 @@ def default_geometry(n: int, k: int) -> Geometry:
     if n >= 2048:
         return Geometry(32, 4, 1, 4)
     return Geometry(16, 4, 5 if nb % 5 == 0 else 1, 2)
-
-
-def _largest_divisor(n: int, limit: int) -> int:
-    """The largest power of two <= limit that divides n."""
-    s = 1
-    while s * 2 <= limit and n % (s * 2) == 0:
-        s *= 2
-    return s
 
 
 def normalized(geometry: Geometry, k: int) -> Geometry:
