@@ -204,7 +204,9 @@ def block_gemv(
     ``quantize_x(x.reshape(-1))`` (rows stacked along K). out's rows must be contiguous; it
     may be a column slice of a wider output. `geometry` defaults to `default_geometry`."""
     if weight.ggml_type not in _FORMAT_IDS:
-        raise MetallicError(f"block_gemv multiplies Q8_0, Q5_0 or Q4_0, not {weight.ggml_type}")
+        raise MetallicError(
+            f"block_gemv multiplies Q8_0, Q5_0 or Q4_0, not {weight.ggml_type.name}"
+        )
     q, dx, xs = xq
     m, n, k = out.shape[0], weight.n, weight.k
     if out.dim() != 2 or out.shape[1] != n or out.stride(1) != 1:
