@@ -60,12 +60,14 @@ SHAPES = (
 SMOKE_SHAPES = ((T.Q8_0, 37, 640), (T.Q5_0, 37, 640), (T.Q4_0, 37, 640), (T.Q5_0, 9, 1024))
 MS = (1, 2, 4, 8)
 HEAD_SWEEP = (
-    Geometry(32, 4, 1, 4), Geometry(64, 4, 1, 4), Geometry(128, 4, 1, 4), Geometry(256, 4, 1, 8),
-    Geometry(128, 4, 1, 8), Geometry(64, 2, 1, 2), Geometry(128, 2, 1, 4), Geometry(32, 4, 1, 2),
-    Geometry(16, 4, 1, 1), Geometry(64, 1, 1, 2),
+    Geometry(128, 4, 1, 4), Geometry(64, 4, 1, 2), Geometry(32, 4, 1, 1), Geometry(256, 4, 1, 8),
+    Geometry(128, 4, 1, 8), Geometry(64, 4, 1, 4), Geometry(256, 4, 1, 4), Geometry(128, 2, 1, 2),
+    Geometry(256, 2, 1, 4), Geometry(64, 2, 1, 1), Geometry(16, 4, 1, 1, False),
+    Geometry(64, 1, 1, 2, False),
 )  # fmt: skip
-SMALL_SWEEP = (Geometry(16, 4, 5, 2), Geometry(16, 4, 1, 2), Geometry(8, 4, 5, 1),
-               Geometry(32, 4, 5, 4), Geometry(32, 4, 1, 4))  # fmt: skip
+SMALL_SWEEP = (Geometry(16, 4, 5, 2), Geometry(8, 4, 5, 1), Geometry(32, 4, 5, 4),
+               Geometry(32, 4, 1, 4), Geometry(32, 4, 1, 1), Geometry(64, 4, 5, 2),
+               Geometry(8, 4, 5, 1, False), Geometry(16, 4, 1, 2, False))  # fmt: skip
 TOLERANCE = 1e-2  # bf16 output against the float64 product with x as rounded
 
 
@@ -136,8 +138,9 @@ def sass_counts() -> list[dict[str, object]]:
         g = normalized(geometry, 640)
         for qtype, fmt in ((T.Q8_0, 0), (T.Q5_0, 1), (T.Q4_0, 2)):
             for m in (1, 8):
-                constexprs = {"FMT": fmt, "M": m, "BN": g.rows, "S": g.blocks, "PARTIAL": False,
-                              "ASM": True, "PDL": True}  # fmt: skip
+                constexprs = {"FMT": fmt, "M": m, "BN": g.rows, "S": g.blocks,
+                              "BLOCKS_FIRST": g.blocks_first, "PARTIAL": False, "ASM": True,
+                              "PDL": True}  # fmt: skip
                 v = Variant(f"{qtype.name} M={m} {g}", _block_gemv_kernel,
                             signature | {c: "constexpr" for c in constexprs}, constexprs,
                             g.warps, g.rows * g.blocks * 32)  # fmt: skip

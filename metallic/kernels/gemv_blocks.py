@@ -75,17 +75,17 @@ def _q5_0_word(nibbles, qh, HIGH: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _weights(qs_ptr, qh_ptr, at, FMT: tl.constexpr, BN: tl.constexpr, S: tl.constexpr,
+def _weights(qs_ptr, qh_ptr, at, FMT: tl.constexpr, A0: tl.constexpr, A1: tl.constexpr,
              ASM: tl.constexpr):
-    """The eight words of signed weight bytes of blocks `at` [BN, S], word i holding elements
-    4i..4i+3 of the block (x's word order), as a tuple of [BN, S] tensors."""
+    """The eight words of signed weight bytes of blocks `at` [A0, A1], word i holding elements
+    4i..4i+3 of the block (x's word order), as a tuple of [A0, A1] tensors."""
     quad = tl.arange(0, 4)[None, None, :]
     if FMT == 0:  # Q8_0: eight words of signed bytes
-        a0, a1, a2, a3 = _words(tl.load(qs_ptr + at[:, :, None] * 8 + quad), BN, S)
-        b0, b1, b2, b3 = _words(tl.load(qs_ptr + at[:, :, None] * 8 + 4 + quad), BN, S)
+        a0, a1, a2, a3 = _words(tl.load(qs_ptr + at[:, :, None] * 8 + quad), A0, A1)
+        b0, b1, b2, b3 = _words(tl.load(qs_ptr + at[:, :, None] * 8 + 4 + quad), A0, A1)
         return a0, a1, a2, a3, b0, b1, b2, b3
     else:  # Q5_0, Q4_0: byte b of word w has element 4w + b (low nibble), 16 + 4w + b (high)
-        w0, w1, w2, w3 = _words(tl.load(qs_ptr + at[:, :, None] * 4 + quad), BN, S)
+        w0, w1, w2, w3 = _words(tl.load(qs_ptr + at[:, :, None] * 4 + quad), A0, A1)
         if FMT == 2:
             return (w0 & 0x0F0F0F0F, w1 & 0x0F0F0F0F, w2 & 0x0F0F0F0F, w3 & 0x0F0F0F0F,
                     (w0 >> 4) & 0x0F0F0F0F, (w1 >> 4) & 0x0F0F0F0F, (w2 >> 4) & 0x0F0F0F0F,
@@ -105,37 +105,53 @@ def _weights(qs_ptr, qh_ptr, at, FMT: tl.constexpr, BN: tl.constexpr, S: tl.cons
 @triton.jit
 def _block_gemv_kernel(qs_ptr, qh_ptr, d_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N, nb,
                        stride_om, blocks_per_split, FMT: tl.constexpr, M: tl.constexpr,
-                       BN: tl.constexpr, S: tl.constexpr, PARTIAL: tl.constexpr,
-                       ASM: tl.constexpr, PDL: tl.constexpr):
+                       BN: tl.constexpr, S: tl.constexpr, BLOCKS_FIRST: tl.constexpr,
+                       PARTIAL: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
     """out[m, rows] for every row m < M of x, over blocks [pid1 * blocks_per_split, +that), S
     at a time; FMT 0, 1, 2 is Q8_0, Q5_0, Q4_0.
 
     Row m of x is block m * nb + b of quantize_x's output (rows stacked along K); its
-    accumulator [BN, S] takes the same instructions whatever M is.
+    accumulator takes the same instructions whatever M is. Tiles are [BN rows, S blocks], or
+    with BLOCKS_FIRST [S, BN]: Triton's lanes then run along the blocks of a row first, so a
+    warp's 16-byte loads take whole sectors and a thread's rows share one block of x.
     """
     wait_for_inputs(PDL)
     ids, rows = _rows(BN, N)
+    A0: tl.constexpr = S if BLOCKS_FIRST else BN
+    A1: tl.constexpr = BN if BLOCKS_FIRST else S
     accs = ()
     for _ in tl.static_range(M):  # (Triton's frontend takes no starred tuples)
-        accs = accs + (tl.zeros((BN, S), dtype=tl.float32),)  # noqa: RUF005
+        accs = accs + (tl.zeros((A0, A1), dtype=tl.float32),)  # noqa: RUF005
     first = tl.program_id(1) * blocks_per_split
     quad = tl.arange(0, 4)[None, :]
     for s in tl.range(first, first + blocks_per_split, S):
         blocks = s + tl.arange(0, S)
-        at = rows[:, None] * nb + blocks[None, :]
-        w = _weights(qs_ptr, qh_ptr, at, FMT, BN, S, ASM)
+        if BLOCKS_FIRST:
+            at = blocks[:, None] + rows[None, :] * nb
+        else:
+            at = rows[:, None] * nb + blocks[None, :]
+        w = _weights(qs_ptr, qh_ptr, at, FMT, A0, A1, ASM)
         d = tl.load(d_ptr + at).to(tl.float32)
         updated = ()
         for m in tl.static_range(M):
             xb = m * nb + blocks  # [S]
-            x0, x1, x2, x3 = _words(tl.load(xq_ptr + xb[:, None] * 8 + quad)[None, :, :], 1, S)
-            x4, x5, x6, x7 = _words(tl.load(xq_ptr + xb[:, None] * 8 + 4 + quad)[None, :, :],
-                                    1, S)
+            xw = xq_ptr + xb[:, None] * 8 + quad  # [S, 4]
+            if BLOCKS_FIRST:
+                x0, x1, x2, x3 = _words(tl.load(xw)[:, None, :], S, 1)
+                x4, x5, x6, x7 = _words(tl.load(xw + 4)[:, None, :], S, 1)
+            else:
+                x0, x1, x2, x3 = _words(tl.load(xw)[None, :, :], 1, S)
+                x4, x5, x6, x7 = _words(tl.load(xw + 4)[None, :, :], 1, S)
             if FMT == 2:  # sum of (q - 8) * x = dot - 8 * (the block's sum of x quants)
                 xs = tl.load(xs_ptr + 2 * xb) + tl.load(xs_ptr + 2 * xb + 1)
-                dot = (-8.0 * xs).to(tl.int32)[None, :]
+                start = (-8.0 * xs).to(tl.int32)
             else:
-                dot = tl.zeros((1, S), dtype=tl.int32)
+                start = tl.zeros((S,), dtype=tl.int32)
+            dx = tl.load(dx_ptr + xb)
+            if BLOCKS_FIRST:
+                dot, dx = start[:, None], dx[:, None]
+            else:
+                dot, dx = start[None, :], dx[None, :]
             dot = _dp4a(w[0], x0, dot, ASM)
             dot = _dp4a(w[1], x1, dot, ASM)
             dot = _dp4a(w[2], x2, dot, ASM)
@@ -144,12 +160,11 @@ def _block_gemv_kernel(qs_ptr, qh_ptr, d_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N
             dot = _dp4a(w[5], x5, dot, ASM)
             dot = _dp4a(w[6], x6, dot, ASM)
             dot = _dp4a(w[7], x7, dot, ASM)
-            dx = tl.load(dx_ptr + xb)[None, :]
             updated = updated + (accs[m] + d * (dx * dot.to(tl.float32)),)  # noqa: RUF005
         accs = updated
     ok = ids < N
     for m in tl.static_range(M):
-        total = tl.sum(accs[m], axis=1)
+        total = tl.sum(accs[m], axis=0 if BLOCKS_FIRST else 1)
         if PARTIAL:  # this split's [M, N] slice of the f32 scratch
             tl.store(out_ptr + (tl.program_id(1) * M + m) * N + ids, total, mask=ok)
         else:
@@ -169,6 +184,7 @@ class Geometry:
     blocks: int
     splits: int = 1
     warps: int = 4
+    blocks_first: bool = True  # tiles [blocks, rows]: lanes along a row's blocks first
 
 
 def default_geometry(n: int, k: int) -> Geometry:
@@ -229,8 +245,8 @@ def block_gemv(
     _block_gemv_kernel[(triton.cdiv(n, g.rows), g.splits)](
         planes[0], qh, planes[-1], q.view(torch.int32), dx, xs, target, n, nb, out.stride(0),
         per_split, FMT=_FORMAT_IDS[weight.ggml_type], M=m, BN=g.rows, S=g.blocks,
-        PARTIAL=g.splits > 1, ASM=not interpreting(), num_warps=g.warps,
-        **pdl_launch(out.device),
+        BLOCKS_FIRST=g.blocks_first, PARTIAL=g.splits > 1, ASM=not interpreting(),
+        num_warps=g.warps, **pdl_launch(out.device),
     )  # fmt: skip
     if g.splits > 1:
         sum_splits(target, out)

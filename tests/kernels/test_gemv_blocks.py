@@ -65,17 +65,20 @@ def test_matches_float64_at_gemma_width(qtype: GGMLQuantizationType, m: int) -> 
     assert _relative(out, rounded @ dense.T) < 1e-5, seed
 
 
-@pytest.mark.parametrize("m", [2, 5])
+@pytest.mark.parametrize(("m", "blocks_first"), [(2, True), (5, False)])
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
-def test_steps_splits_and_a_column_slice(qtype: GGMLQuantizationType, m: int) -> None:
-    """Several loop steps in each of two splits, into columns 3..3+N of a wider bf16 output."""
+def test_steps_splits_and_a_column_slice(
+    qtype: GGMLQuantizationType, m: int, blocks_first: bool
+) -> None:
+    """Several loop steps in each of two splits, into columns 3..3+N of a wider bf16 output,
+    with tiles in either order."""
     seed = _seed()
     gen = torch.Generator().manual_seed(seed)
     n, k = 13, 1024
     weight, dense = _matrix(qtype, n, k, gen)
     xq, rounded = _x(m, k, gen)
     wide = torch.full((m, n + 7), 7.0, dtype=torch.bfloat16)
-    block_gemv(xq, weight, wide[:, 3 : 3 + n], Geometry(8, 2, splits=2, warps=1))
+    block_gemv(xq, weight, wide[:, 3 : 3 + n], Geometry(8, 2, 2, 1, blocks_first))
     assert _relative(wide[:, 3 : 3 + n], rounded @ dense.T) < 1e-2, seed
     assert (wide[:, :3] == 7).all() and (wide[:, 3 + n :] == 7).all(), seed
 
