@@ -19,12 +19,15 @@ bytes. A weight word is decoded to four signed bytes once and multiplied by ever
   inverted high bit (w = nibble - 16 when the bit is clear). A multiply moves four bits of qh to
   the top of four bytes and one ``prmt`` copies each byte's top bit across it.
 
-Each thread owns whole (row, block) pairs of a [rows, blocks] tile, so a block's quants arrive
-in 16-byte loads and the thread's x words serve all its rows. Each row of x has its own
-accumulator and the same instructions whatever the number of rows: with one geometry a row's
-result is bitwise the same alone or among up to 7 others (batch invariance); the geometry
-depends on the matrix's shape only. The weight's decode is shared by all rows of x, so its cost
-per weight falls as M grows while the dp4a count grows with M.
+Each thread owns whole (row, block) pairs of a [blocks, rows] tile, so a block's quants arrive
+in 16-byte loads and the thread's x words serve all its rows (four at the output head's
+geometry). The lanes of a warp run along a row's blocks first, so a load touches a few
+neighbouring lines, not 32 rows (lanes along rows, the head took 1.5-2x as long).
+
+Each row of x has its own accumulator and the same instructions whatever the number of rows:
+with one geometry a row's result is bitwise the same alone or among up to 7 others (batch
+invariance); the geometry depends on the matrix's shape only. The weight's decode is shared
+by all rows of x, so its cost per weight falls as M grows while the dp4a count grows with M.
 
 Under TRITON_INTERPRET=1 (no PTX) dp4a and prmt are emulated; integer arithmetic is exact, so
 emulation and instruction give identical sums.
@@ -113,7 +116,7 @@ def _block_gemv_kernel(qs_ptr, qh_ptr, d_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N
     Row m of x is block m * nb + b of quantize_x's output (rows stacked along K); its
     accumulator takes the same instructions whatever M is. Tiles are [BN rows, S blocks], or
     with BLOCKS_FIRST [S, BN]: Triton's lanes then run along the blocks of a row first, so a
-    warp's 16-byte loads take whole sectors and a thread's rows share one block of x.
+    warp's 16-byte loads stay in a few lines and a thread's rows share one block of x.
     """
     wait_for_inputs(PDL)
     ids, rows = _rows(BN, N)
@@ -176,9 +179,11 @@ def _block_gemv_kernel(qs_ptr, qh_ptr, d_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N
 @dataclasses.dataclass(frozen=True)
 class Geometry:
     """How a product is cut up: `rows` of the matrix per program, `blocks` of 32 per loop step
-    (a power of two; lanes of a warp take `blocks` neighbouring blocks of 32 / blocks rows),
-    `splits` programs along K (partial sums added by one more kernel), `warps` per program.
-    A thread owns rows / (32 / blocks * warps) rows of one block per step."""
+    (a power of two), `splits` programs along K (partial sums added by one more kernel),
+    `warps` per program. With `blocks_first` (tiles [blocks, rows]) a warp's lanes take
+    `blocks` neighbouring blocks of 32 / blocks rows, and a thread owns rows / (32 / blocks *
+    warps) rows of one block per step; without, lanes run along rows (the sweep's comparison).
+    """
 
     rows: int
     blocks: int
@@ -189,13 +194,21 @@ class Geometry:
 
 def default_geometry(n: int, k: int) -> Geometry:
     """The geometry for an [n, k] matrix of any of the three formats; never depends on M, so a
-    row of x gets the same bits alone or in a batch."""
+    row of x gets the same bits alone or in a batch. benchmarks/gpu_gemv_blocks.py's sweep on
+    an H200 (Triton 3.6; µs at M = 1 / 8, K = 640): the 262144-row output head takes 64 rows of
+    4 blocks on 2 warps (45.6 / 59.1; 92% / 71% of copy bandwidth; 256 rows on 4 warps 55.9 /
+    54.1), matrices of 2048-8191 rows 32 rows on 4 warps with K in up to five splits (Q5_0 4096
+    x 640: 3.1 / 4.6; unsplit 2.4 / 6.2), smaller ones 8 rows on one warp in splits (Q5_0 1024
+    x 640: 2.6 / 3.4; 32 rows unsplit 2.3 / 5.8). Splits keep steps of 4 blocks."""
     nb = k // X_BLOCK
     if n >= 16384:
-        return Geometry(64, 4, 1, 4)
-    if n >= 2048:
+        return Geometry(64, 4, 1, 2)
+    splits = max(s for s in range(1, 6) if nb % (4 * s) == 0) if nb % 4 == 0 else 1
+    if n >= 8192:
         return Geometry(32, 4, 1, 4)
-    return Geometry(16, 4, 5 if nb % 5 == 0 else 1, 2)
+    if n >= 2048:
+        return Geometry(32, 4, splits, 4)
+    return Geometry(8, 4, splits, 1)
 
 
 def normalized(geometry: Geometry, k: int) -> Geometry:
