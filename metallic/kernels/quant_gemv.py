@@ -58,6 +58,7 @@ from metallic.kernels.rounding import X_BLOCK, empty_quantized_x, store_rounded_
 T = GGMLQuantizationType
 
 GEMV_TYPES = (T.Q4_K, T.Q6_K)
+DP4A_TYPES = (*GEMV_TYPES, T.Q8_0, T.Q5_0, T.Q4_0)  # the last three: kernels/gemv_blocks.py
 DP4A_MIN_BYTES = 8 << 20  # below this a one-row product keeps the float kernel (uses_dp4a)
 DP4A_MAX_ROWS = 8  # rows of x the dp4a kernels take in one pass over the weights
 _QUANTIZE_BLOCKS = 32  # x blocks per program of the rounding kernel
@@ -565,13 +566,17 @@ def _largest_divisor(n: int, limit: int) -> int:
     return s
 
 
-def uses_dp4a(parts: Sequence[PackedWeight]) -> bool:
-    """Whether a one-row product against these stacked parts should take the dp4a kernels: all
-    K-quants they have, and enough bytes that the kernel's gain pays for rounding x (one more
-    launch; benchmarks/gpu_gemv.py, H100: gains of 5-25% from about 8 MB, a loss below; on an
-    H200 Gemma 3 270M's 0.7-1.1 MB matrices gain nothing either)."""
+def uses_dp4a(parts: Sequence[PackedWeight], m: int = 1) -> bool:
+    """Whether m rows of x against these stacked parts take the dp4a kernels (these for the
+    K-quants, gemv_blocks for Q8_0, Q5_0 and Q4_0): formats they all read, m at most
+    DP4A_MAX_ROWS, and enough bytes that the kernel's gain pays for rounding x (one more launch
+    where no op before rounds it; benchmarks/gpu_gemv.py, H100: gains of 5-25% from about 8 MB,
+    a loss below; on an H200 Gemma 3 270M's 0.7-1.1 MB matrices gain nothing either at one row).
+    The same rule at every m: a row's path, so its bits, must not depend on how many rows share
+    the step (a decode step padded for its CUDA graph gives the unpadded logits)."""
     return (
-        all(p.ggml_type in GEMV_TYPES for p in parts)
+        1 <= m <= DP4A_MAX_ROWS
+        and all(p.ggml_type in DP4A_TYPES for p in parts)
         and sum(p.nbytes for p in parts) >= DP4A_MIN_BYTES
     )
 
@@ -654,10 +659,17 @@ def gemv_parts(
 ) -> torch.Tensor:
     """out [M, sum of N] = M rows of x times the stacked parts, each part's columns in turn. Two
     Q4_K parts of one K (gate and up) take one launch of the owner kernel where the first part's
-    rows fill whole programs."""
+    rows fill whole programs; Q8_0, Q5_0 and Q4_0 parts take gemv_blocks' kernel."""
+    from metallic.kernels.gemv_blocks import BLOCK_TYPES, block_gemv  # it imports this module
+
     first = 0
     i = 0
     while i < len(parts):
+        if parts[i].ggml_type in BLOCK_TYPES:
+            block_gemv(xq, parts[i], out[:, first : first + parts[i].n])
+            first += parts[i].n
+            i += 1
+            continue
         group = tuple(parts[i : i + 2])
         n = sum(p.n for p in group)
         g = geometry or default_geometry(group[0].ggml_type, n, group[0].k, out.shape[0])

@@ -100,9 +100,10 @@ class Transformer:
             x, delta = x[rows], None if delta is None else delta[rows]
         # f32 into the output matrix: its kernels accumulate in f32, and logits stored in bf16
         # (8 bits of mantissa) would turn near-ties into exact ties that greedy breaks blindly.
-        h, _ = self._norm(delta, delta_norm, x, self.weights.output_norm, torch.float32)
+        output = self.weights.output
+        h, h8 = self._norm(delta, delta_norm, x, self.weights.output_norm, torch.float32, output)
         profiler.mark("output")
-        logits = self._linear(h, self.weights.output).float()
+        logits = self._linear(h, output, h8).float()
         profiler.end(logits)
         return logits
 
@@ -125,8 +126,8 @@ class Transformer:
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """norm(x + post_norm(delta)) in the activation dtype, leaving the sum in x: one kernel
         for a block's post-norm, the residual add and the next block's pre-norm. Where the
-        `consumer` product rounds its one row of input to int8, the same kernel rounds it too
-        (returned second, else None)."""
+        `consumer` product rounds its rows of input to int8 (dp4a), the same kernel rounds them
+        too (returned second, else None)."""
         eps = self.config.rms_eps
         out_dtype = out_dtype or self.act_dtype
         rounded = None if consumer is None else rounding_buffers(x.shape[0], consumer)

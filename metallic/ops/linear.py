@@ -115,8 +115,9 @@ def native_path(m: int, parts: Sequence[PackedWeight], dtype: torch.dtype = torc
     """How `_native_linear` multiplies m rows of x (in `dtype`) by the stacked parts:
 
     - ``"dp4a"``: up to DP4A_MAX_ROWS rows (decode steps of a few sequences) against large
-      K-quants: x rounded to int8 once, the dp4a kernels, which read the weights once for all
-      rows (each row's result the same bits whatever the other rows);
+      K-quants and Q8_0/Q5_0/Q4_0 (`quant_gemv.uses_dp4a`): x rounded to int8
+      once, the dp4a kernels, which read the weights once for all rows (each row's result the
+      same bits whatever the other rows);
     - ``"gemm"``: rows where some part takes the tensor-core GEMM (`quant_gemm.uses_gemm`:
       large Q4_K parts, prompt chunks and batches from 64 rows): those parts run quant_gemm,
       which dequantizes its tiles in registers, each writing its own columns; the other parts
@@ -129,9 +130,9 @@ def native_path(m: int, parts: Sequence[PackedWeight], dtype: torch.dtype = torc
     """
     from metallic.kernels import fuses
     from metallic.kernels.quant_gemm import uses_gemm
-    from metallic.kernels.quant_gemv import DP4A_MAX_ROWS, uses_dp4a
+    from metallic.kernels.quant_gemv import uses_dp4a
 
-    if 1 <= m <= DP4A_MAX_ROWS and uses_dp4a(parts):
+    if uses_dp4a(parts, m):
         return "dp4a"
     if uses_gemm(m, parts, dtype):
         return "gemm"

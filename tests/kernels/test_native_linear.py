@@ -36,16 +36,21 @@ def _part(qtype: GGMLQuantizationType, n: int, k: int, seed: int):
 
 
 def test_native_path_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Up to DP4A_MAX_ROWS rows against large K-quants: dp4a; otherwise the fused kernel up to
-    16 rows, and up to MAX_FUSED_M rows against large matrices (batched decode); the tensor-core
-    GEMM where some large part's format takes it (quant_gemm.GEMM_ROWS, first among the
-    multi-row paths); else dequantize + one dense product (also for small matrices from 17
-    rows)."""
-    monkeypatch.setattr(quant_gemv, "DP4A_MIN_BYTES", 0)
-    k_quants = tuple(_part(t, 8, 256, _seed())[0] for t in (T.Q4_K, T.Q6_K))
-    mixed = (*k_quants, _part(T.Q8_0, 8, 256, _seed())[0])
+    """Up to DP4A_MAX_ROWS rows against formats the dp4a kernels read (large ones at one row):
+    dp4a; otherwise the fused kernel up to 16 rows, and up to MAX_FUSED_M rows against large
+    matrices (batched decode); the tensor-core GEMM where some large part's format takes it
+    (quant_gemm.GEMM_ROWS, first among the multi-row paths); else dequantize + one dense
+    product (also for small matrices from 17 rows)."""
+    blocks = tuple(_part(t, 8, 256, _seed())[0] for t in (T.Q8_0, T.Q5_0, T.Q4_0))
     for m in range(1, quant_gemv.DP4A_MAX_ROWS + 1):
-        assert native_path(m, k_quants) == "dp4a", m
+        assert native_path(m, blocks) == "fused", m  # small matrices: the float kernel
+    monkeypatch.setattr(quant_gemv, "DP4A_MIN_BYTES", 0)
+    for m in range(1, quant_gemv.DP4A_MAX_ROWS + 1):
+        assert native_path(m, blocks) == "dp4a", m
+    k_quants = tuple(_part(t, 8, 256, _seed())[0] for t in (T.Q4_K, T.Q6_K))
+    mixed = (*k_quants, _part(T.Q5_K, 8, 256, _seed())[0])  # Q5_K: no dp4a kernel
+    for m in range(1, quant_gemv.DP4A_MAX_ROWS + 1):
+        assert native_path(m, k_quants) == native_path(m, (*k_quants, *blocks)) == "dp4a", m
         assert native_path(m, mixed) == "fused", m
     for m in (quant_gemv.DP4A_MAX_ROWS + 1, 16):
         assert native_path(m, k_quants) == native_path(m, mixed) == "fused", m
