@@ -285,90 +285,123 @@ def _tile_sum(p0, p1, p2, p3, rows, nb, k_first, k_end, x_at, one, FMT: tl.const
 
 
 @triton.jit
+def _add_piece(acc, ws_ptr, counts_ptr, out_at, mask, t, t_start, steps, first_tile, q, base,
+               span, sk_programs, slot_at, tile_size):
+    """Store program q's piece ``acc`` of tile t in its slot and count it; the last piece of
+    the tile adds all pieces in program order (the same sum whoever arrives last), stores the
+    tile and sets its count back to 0."""
+    slot = (2 * q + (t != first_tile).to(tl.int32)).to(tl.int64) * tile_size
+    tl.store(ws_ptr + slot + slot_at, acc)
+    tl.debug_barrier()  # every thread's piece is stored before the count says so
+    piece = tl.atomic_add(counts_ptr + t, 1, sem="acq_rel")
+    q_first = ((t_start - base + 1) * sk_programs - 1) // span
+    q_last = ((t_start + steps - base) * sk_programs - 1) // span
+    if piece == q_last - q_first:
+        # Every piece from the workspace (acc no longer held: a second f32 tile in registers
+        # would spill); .cg reads them from the L2, where the other SMs' stores are.
+        total = tl.zeros(acc.shape, dtype=tl.float32)
+        for r in range(q_first, q_last + 1):
+            r_first = (base + r * span // sk_programs) // steps
+            r_slot = (2 * r + (t != r_first).to(tl.int64)) * tile_size
+            total += tl.load(ws_ptr + r_slot + slot_at, cache_modifier=".cg")
+        tl.store(out_at, total.to(out_at.dtype.element_ty), mask=mask)
+        tl.store(counts_ptr + t, 0)
+
+
+@triton.jit
+def _make_tile(a0, a1, a2, a3, b0, b1, b2, b3, x_ptr, out_ptr, ws_ptr, counts_ptr, M, N0, N1,
+               stride_xm, stride_om, one, nb, t, steps, start, end, first_tile, tiles0, m_tiles,
+               q, base, span, sk_programs, SHARE: tl.constexpr, FMT0: tl.constexpr,
+               FMT1: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+               W_AS_B: tl.constexpr, F32_DOT: tl.constexpr):
+    """Steps [start, end) of tile t (see _gemm_kernel): stored, or with SHARE, where they are a
+    piece of the tile, added to its other pieces (_add_piece)."""
+    t_start = t * steps
+    k_first = (tl.maximum(start, t_start) - t_start) * BK
+    k_end = (tl.minimum(end, t_start + steps) - t_start) * BK
+    in_b = t >= tiles0
+    local = tl.where(in_b, t - tiles0, t)
+    n_part = tl.where(in_b, N1, N0)
+    m_ids = (local % m_tiles) * BM + tl.arange(0, BM)
+    row_ids = (local // m_tiles) * BN + tl.arange(0, BN)
+    # Rows past N read row N-1 (valid memory, no masks in the loop); only stores are masked.
+    rows = tl.minimum(row_ids, n_part - 1).to(tl.int64)[:, None, None]
+    # Tiles of x: rows past M read row M-1, and their columns of out are not stored.
+    x_row_at = x_ptr + tl.minimum(m_ids, M - 1).to(tl.int64) * stride_xm
+    if W_AS_B:
+        x_at = x_row_at[:, None] + tl.arange(0, BK)[None, :]  # [BM, BK]
+        m = m_ids[:, None]
+        n = row_ids[None, :]
+        slot_at = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
+    else:
+        x_at = x_row_at[None, :] + tl.arange(0, BK)[:, None]  # x^T [BK, BM]
+        m = m_ids[None, :]
+        n = row_ids[:, None]
+        slot_at = tl.arange(0, BN)[:, None] * BM + tl.arange(0, BM)[None, :]
+    if FMT1 < 0:
+        acc = _tile_sum(a0, a1, a2, a3, rows, nb, k_first, k_end, x_at, one, FMT0, BM, BN, BK,
+                        W_AS_B, F32_DOT)
+    elif in_b:
+        acc = _tile_sum(b0, b1, b2, b3, rows, nb, k_first, k_end, x_at, one, FMT1, BM, BN, BK,
+                        W_AS_B, F32_DOT)
+    else:
+        acc = _tile_sum(a0, a1, a2, a3, rows, nb, k_first, k_end, x_at, one, FMT0, BM, BN, BK,
+                        W_AS_B, F32_DOT)
+    out_at = out_ptr + m.to(tl.int64) * stride_om + (n + tl.where(in_b, N0, 0))
+    mask = (n < n_part) & (m < M)
+    whole = (k_first == 0) & (k_end == steps * BK)
+    if SHARE:
+        if whole:
+            tl.store(out_at, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            _add_piece(acc, ws_ptr, counts_ptr, out_at, mask, t, t_start, steps, first_tile, q,
+                       base, span, sk_programs, slot_at, BM * BN)
+    else:
+        tl.store(out_at, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _gemm_kernel(a0, a1, a2, a3, b0, b1, b2, b3, x_ptr, out_ptr, ws_ptr, counts_ptr, M, N0, N1,
-                 K, stride_xm, stride_om, one_bits, dp_tiles, sk_programs, FMT0: tl.constexpr,
-                 FMT1: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 W_AS_B: tl.constexpr, F32_DOT: tl.constexpr):
+                 K, stride_xm, stride_om, one_bits, dp_tiles, sk_programs, SHARE: tl.constexpr,
+                 FMT0: tl.constexpr, FMT1: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 BK: tl.constexpr, W_AS_B: tl.constexpr, F32_DOT: tl.constexpr):
     """out[:, :N0] = x @ A^T and out[:, N0:N0+N1] = x @ B^T (FMT1 < 0: A alone), in tiles of
     BM rows of x by BN rows of W: tile t < tiles0 of A, else t - tiles0 of B, each numbered
     n_tile * m_tiles + m_tile (m varies fastest: programs that read one weight tile run together
     and share it in L2). A tile's work is `steps` K steps of BK.
 
-    Programs below ``dp_tiles`` make tile ``pid`` whole. The other ``sk_programs`` share the
-    remaining tiles' steps evenly (stream-K: program q takes steps [q*span/sk, (q+1)*span/sk)
-    of them, crossing tiles), so the grid ends together however few tiles there are. A tile
-    made in pieces: each piece stores its f32 sum in the workspace (slot 2q for the program's
-    first tile, 2q+1 for its last) and counts itself in ``counts_ptr[t]``; the piece that
-    counts last adds the slots in program order (the same sum whoever arrives last), stores
-    the tile and sets the count back to 0 for the next launch."""
+    Programs below ``dp_tiles`` make tile ``pid`` whole. With SHARE, the other ``sk_programs``
+    share the remaining tiles' steps evenly (stream-K: program q takes steps
+    [q*span/sk, (q+1)*span/sk) of them, crossing tiles), so the grid ends together however few
+    tiles there are. A tile made in pieces: each piece stores its f32 sum in the workspace (slot
+    2q for the program's first tile, 2q+1 for its last) and counts itself in ``counts_ptr[t]``;
+    the piece that counts last adds the slots in program order (the same sum whoever arrives
+    last), stores the tile and sets the count back to 0 for the next launch."""
     pid = tl.program_id(0)
     steps = K // BK
     m_tiles = tl.cdiv(M, BM)
     tiles0 = m_tiles * tl.cdiv(N0, BN)
-    tiles = tiles0 + m_tiles * tl.cdiv(N1, BN)
-    base = dp_tiles * steps  # the first step of the shared work
-    span = (tiles - dp_tiles).to(tl.int64) * steps
-    q = pid - dp_tiles
-    start = tl.where(q < 0, pid * steps, base + (q * span // sk_programs).to(tl.int32))
-    end = tl.where(q < 0, (pid + 1) * steps, base + ((q + 1) * span // sk_programs).to(tl.int32))
-    first_tile = start // steps
     one = one_bits
     nb = K // 256
-    for t in range(first_tile, (end - 1) // steps + 1):
-        t_start = t * steps
-        k_first = (tl.maximum(start, t_start) - t_start) * BK
-        k_end = (tl.minimum(end, t_start + steps) - t_start) * BK
-        in_b = t >= tiles0
-        local = tl.where(in_b, t - tiles0, t)
-        n_part = tl.where(in_b, N1, N0)
-        m_ids = (local % m_tiles) * BM + tl.arange(0, BM)
-        row_ids = (local // m_tiles) * BN + tl.arange(0, BN)
-        # Rows past N read row N-1 (valid memory, no masks in the loop); only stores are masked.
-        rows = tl.minimum(row_ids, n_part - 1).to(tl.int64)[:, None, None]
-        # Tiles of x: rows past M read row M-1, and their columns of out are not stored.
-        x_row_at = x_ptr + tl.minimum(m_ids, M - 1).to(tl.int64) * stride_xm
-        if W_AS_B:
-            x_at = x_row_at[:, None] + tl.arange(0, BK)[None, :]  # [BM, BK]
-            m = m_ids[:, None]
-            n = row_ids[None, :]
-            slot_at = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
-        else:
-            x_at = x_row_at[None, :] + tl.arange(0, BK)[:, None]  # x^T [BK, BM]
-            m = m_ids[None, :]
-            n = row_ids[:, None]
-            slot_at = tl.arange(0, BN)[:, None] * BM + tl.arange(0, BM)[None, :]
-        if FMT1 < 0:
-            acc = _tile_sum(a0, a1, a2, a3, rows, nb, k_first, k_end, x_at, one, FMT0, BM, BN,
-                            BK, W_AS_B, F32_DOT)
-        elif in_b:
-            acc = _tile_sum(b0, b1, b2, b3, rows, nb, k_first, k_end, x_at, one, FMT1, BM, BN,
-                            BK, W_AS_B, F32_DOT)
-        else:
-            acc = _tile_sum(a0, a1, a2, a3, rows, nb, k_first, k_end, x_at, one, FMT0, BM, BN,
-                            BK, W_AS_B, F32_DOT)
-        out_at = out_ptr + m.to(tl.int64) * stride_om + (n + tl.where(in_b, N0, 0))
-        mask = (n < n_part) & (m < M)
-        if (k_first == 0) & (k_end == steps * BK):
-            tl.store(out_at, acc.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
-            tile_size = BM * BN
-            slot = (2 * q + (t != first_tile).to(tl.int32)).to(tl.int64) * tile_size
-            tl.store(ws_ptr + slot + slot_at, acc)
-            tl.debug_barrier()  # every thread's piece is stored before the count says so
-            piece = tl.atomic_add(counts_ptr + t, 1, sem="acq_rel")
-            q_first = ((t_start - base + 1) * sk_programs - 1) // span
-            q_last = ((t_start + steps - base) * sk_programs - 1) // span
-            if piece == q_last - q_first:
-                total = tl.zeros(acc.shape, dtype=tl.float32)
-                for r in range(q_first, q_last + 1):
-                    r_first = (base + r * span // sk_programs) // steps
-                    r_slot = (2 * r + (t != r_first).to(tl.int64)) * tile_size
-                    # The own slot is read too (a masked load wants a tensor mask, which
-                    # the interpreter does not make of a scalar's), then replaced by acc.
-                    other = tl.load(ws_ptr + r_slot + slot_at, cache_modifier=".cg")
-                    total += tl.where(r == q, acc, other)
-                tl.store(out_at, total.to(out_ptr.dtype.element_ty), mask=mask)
-                tl.store(counts_ptr + t, 0)
+    if SHARE:
+        tiles = tiles0 + m_tiles * tl.cdiv(N1, BN)
+        base = dp_tiles * steps  # the first step of the shared work
+        span = (tiles - dp_tiles).to(tl.int64) * steps
+        q = pid - dp_tiles
+        start = tl.where(q < 0, pid * steps, base + (q * span // sk_programs).to(tl.int32))
+        end = tl.where(q < 0, (pid + 1) * steps,
+                       base + ((q + 1) * span // sk_programs).to(tl.int32))
+        first_tile = start // steps
+        for t in range(first_tile, (end - 1) // steps + 1):
+            _make_tile(a0, a1, a2, a3, b0, b1, b2, b3, x_ptr, out_ptr, ws_ptr, counts_ptr, M, N0,
+                       N1, stride_xm, stride_om, one, nb, t, steps, start, end, first_tile,
+                       tiles0, m_tiles, q, base, span, sk_programs, SHARE, FMT0, FMT1, BM, BN,
+                       BK, W_AS_B, F32_DOT)
+    else:
+        _make_tile(a0, a1, a2, a3, b0, b1, b2, b3, x_ptr, out_ptr, ws_ptr, counts_ptr, M, N0, N1,
+                   stride_xm, stride_om, one, nb, pid, steps, pid * steps, (pid + 1) * steps,
+                   pid, tiles0, m_tiles, 0, 0, 1, 1, SHARE, FMT0, FMT1, BM, BN, BK, W_AS_B,
+                   F32_DOT)
 # fmt: on
 
 
@@ -441,7 +474,7 @@ def quant_gemm_parts(
     _gemm_kernel[(dp_tiles + sk_programs,)](
         *_planes(parts[0]), *_planes(second), x, out, workspace, counts, m, parts[0].n,
         second.n if len(parts) == 2 else 0, k, x.stride(0), out.stride(0), _ONE_BITS, dp_tiles,
-        max(1, sk_programs),
+        max(1, sk_programs), SHARE=sk_programs > 0,
         FMT0=_FMT_IDS[parts[0].ggml_type], FMT1=_FMT_IDS[second.ggml_type] if len(parts) == 2
         else -1, BM=tile.bm, BN=tile.bn, BK=tile.bk, W_AS_B=tile.w_as_b,
         F32_DOT=interpreting() and x.dtype == torch.bfloat16,
