@@ -96,6 +96,9 @@ class GemmTile:
     warps: int
     stages: int  # Triton's software pipelining depth (num_stages)
     w_as_b: bool = False  # tiles of out = x W^T, W through shared memory (else out^T = W x^T)
+    # Registers a thread may take (ptxas's maxnreg; 0: its choice, which fills the SM with one
+    # CTA of 8 warps): 128 fits two CTAs of 8 warps, one dequantizing while the other multiplies.
+    registers: int = 0
 
     def __post_init__(self) -> None:
         for name in ("bm", "bn", "warps"):
@@ -105,6 +108,8 @@ class GemmTile:
                 raise MetallicError(f"GemmTile.{name} must be a power of two >= {least}: {value}")
         if self.bk not in (64, 128, 256) or self.stages < 1:
             raise MetallicError(f"GemmTile bk must be 64, 128 or 256 and stages >= 1: {self}")
+        if self.registers and not 24 <= self.registers <= 255:
+            raise MetallicError(f"GemmTile registers must be 0 or 24..255: {self}")
 
 
 # Measured best on an H200 (benchmarks/gpu_quant_gemm.py run 2, Triton 3.6), both formats: above
@@ -478,7 +483,7 @@ def quant_gemm_parts(
         FMT0=_FMT_IDS[parts[0].ggml_type], FMT1=_FMT_IDS[second.ggml_type] if len(parts) == 2
         else -1, BM=tile.bm, BN=tile.bn, BK=tile.bk, W_AS_B=tile.w_as_b,
         F32_DOT=interpreting() and x.dtype == torch.bfloat16,
-        num_warps=tile.warps, num_stages=tile.stages,
+        num_warps=tile.warps, num_stages=tile.stages, maxnreg=tile.registers or None,
     )  # fmt: skip
     return out
 

@@ -132,7 +132,7 @@ def test_shared_tiles_make_the_same_product(
     monkeypatch.setattr(quant_gemm_module, "sm_count", lambda device: 5)
     for plan, schedule in (
         (GemmPlan(SMALL, stream=True), (0, 5)),  # 24 steps in 5 programs
-        (GemmPlan(SMALL, stream=True, per_sm=2), (0, 10)),
+        (GemmPlan(dataclasses.replace(SMALL, registers=128), stream=True, per_sm=2), (0, 10)),
         (GemmPlan(SMALL, splits=4), (0, 16)),  # 1.5 steps a program
         (GemmPlan(SMALL, splits=3), (0, 12)),
     ):
@@ -211,6 +211,8 @@ def test_bad_input_is_a_clear_error() -> None:
         GemmTile(bm=16, bn=16, bk=32, warps=4, stages=2)
     with pytest.raises(MetallicError, match="bn"):
         GemmTile(bm=16, bn=48, bk=64, warps=4, stages=2)
+    with pytest.raises(MetallicError, match="registers"):
+        GemmTile(bm=16, bn=16, bk=64, warps=4, stages=2, registers=300)
     with pytest.raises(MetallicError, match="splits"):
         GemmPlan(SMALL, splits=-1)
     with pytest.raises(MetallicError, match="one or two"):
