@@ -403,17 +403,25 @@ def layer_8b() -> int:
     lines = suggested_plans(rows)
     print("GEMM_PLANS entries (best plan beating the default by > 2%):")
     print("\n".join(lines) or "    (none)")
+    return finish("gpu_quant_gemm_layer8b.json", rows, {"suggested_plans": lines}, failures,
+                  started)  # fmt: skip
+
+
+def finish(
+    name: str, rows: list, extra: dict[str, object], failures: list[str], started: float
+) -> int:
+    """Print the failures, write the JSON result `name`; the exit status."""
     print("\n".join(failures) or "all correct")
     result = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "rows": rows,
-        "suggested_plans": lines,
+        **extra,
         "failures": failures,
         "seconds": time.time() - started,
     }
-    path = output_dir() / "gpu_quant_gemm_layer8b.json"
+    path = output_dir() / name
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path} ({time.time() - started:.0f} s)")
     return 1 if failures else 0
@@ -451,20 +459,7 @@ def main() -> int:
     for fmt, totals in ranking.items():
         top = ", ".join(f"{name} {us:.0f} us" for name, us in list(totals.items())[:5])
         print(f"{fmt} best tiles over the 8B's shapes at M={SWEEP_M}: {top}")
-    print("\n".join(failures) or "all correct")
-    result = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "rows": rows,
-        "tile_ranking": ranking,
-        "failures": failures,
-        "seconds": time.time() - started,
-    }
-    path = output_dir() / "gpu_quant_gemm.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
-    return 1 if failures else 0
+    return finish("gpu_quant_gemm.json", rows, {"tile_ranking": ranking}, failures, started)
 
 
 if __name__ == "__main__":
