@@ -82,8 +82,24 @@ def gemm_takes(m: int, weight: PackedWeight, dtype: torch.dtype) -> bool:
 
 def uses_gemm(m: int, parts: Sequence[PackedWeight], dtype: torch.dtype) -> bool:
     """Whether m rows of x in `dtype` against the stacked parts take ops.linear's "gemm" path:
-    some part takes quant_gemm at m rows (the others are widened one by one)."""
-    return any(gemm_takes(m, p, dtype) for p in parts)
+    some part takes quant_gemm at m rows (the others are widened one by one), or all of them
+    take it together (`gemm_joins`)."""
+    return any(gemm_takes(m, p, dtype) for p in parts) or gemm_joins(m, parts, dtype)
+
+
+# Rows of x where stacked parts of two formats may share one launch (the range --layer-8b
+# measures, 256 to 1024, and a little beyond).
+JOINED_ROWS = (129, 2048)
+
+
+def gemm_joins(m: int, parts: Sequence[PackedWeight], dtype: torch.dtype) -> bool:
+    """Whether m rows of x in `dtype` against two stacked parts (the 8B's q|k in Q4_K and v in
+    Q6_K) take one quant_gemm_parts launch for both: where GEMM_PLANS holds a plan measured
+    for them (at the nearest row count), which is then entered only where it beat ops.linear's
+    path of the time (q|k by quant_gemm, v widened for cuBLAS)."""
+    if len(parts) != 2 or dtype not in _X_DTYPES or not JOINED_ROWS[0] <= m <= JOINED_ROWS[1]:
+        return False
+    return all(p.ggml_type in GEMM_TYPES for p in parts) and _key(m, parts) in GEMM_PLANS
 
 
 @dataclass(frozen=True)
@@ -155,7 +171,8 @@ def _key(m: int, parts: Sequence[PackedWeight]) -> tuple[int, int, int, str]:
 
 # Plans per (rows of x, n, k, formats) from `benchmarks/gpu_quant_gemm.py --layer-8b` on an
 # H200: the fastest candidate of each product of a Llama-3-8B layer. Other products take the
-# default tile with K split where the tiles leave SMs idle.
+# default tile with K split where the tiles leave SMs idle. A plan for two formats ("Q4_K+Q6_K")
+# also routes those parts to one launch (`gemm_joins`); single parts are routed by GEMM_ROWS.
 GEMM_PLANS: dict[tuple[int, int, int, str], GemmPlan] = {}
 
 

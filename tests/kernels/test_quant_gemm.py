@@ -12,6 +12,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType
 
+import metallic.kernels as kernels
 from metallic.errors import MetallicError
 from metallic.kernels import prepare_weight
 from metallic.kernels.quant_gemm import (
@@ -19,12 +20,14 @@ from metallic.kernels.quant_gemm import (
     GemmPlan,
     GemmTile,
     default_tile,
+    gemm_joins,
     gemm_plan,
     gemm_takes,
     quant_gemm,
     quant_gemm_parts,
     uses_gemm,
 )
+from metallic.ops.linear import LinearWeight, linear, native_path
 from metallic.quant.quantize import quantize
 from metallic.quant.reference import dequantize
 
@@ -193,6 +196,36 @@ def test_plans_come_from_the_table(monkeypatch: pytest.MonkeyPatch) -> None:
     assert gemm_plan(600, (q4, q6)) == plan and gemm_plan(400, (q4, q6)) == plan
     assert gemm_plan(300, (q4, q6)) == GemmPlan(default_tile(300))
     assert gemm_plan(512, (q6, q4)) == GemmPlan(default_tile(512))
+
+
+def test_two_formats_join_where_a_plan_was_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ops.linear multiplies Q4_K | Q6_K parts (q|k and v) in one quant_gemm_parts launch, with
+    the plan of GEMM_PLANS, where the table holds one for them; else as before (v widened)."""
+    seed = _seed()
+    k, m = 512, 160
+    parts = [_weight(t, n, k, seed + i) for i, (t, n) in enumerate(((T.Q4_K, 40), (T.Q6_K, 24)))]
+    native = tuple(p for p, _ in parts)
+    weight = LinearWeight((T.Q4_K, T.Q6_K), (40, 24), k, native=native)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(torch.float16)
+    assert not gemm_joins(m, native, x.dtype) and native_path(m, native, x.dtype) == "dequantize"
+    plan = GemmPlan(GemmTile(bm=64, bn=32, bk=128, warps=4, stages=2), stream=True)
+    monkeypatch.setitem(quant_gemm_module.GEMM_PLANS, (256, 64, k, "Q4_K+Q6_K"), plan)
+    assert gemm_joins(m, native, x.dtype) and native_path(m, native, x.dtype) == "gemm"
+    assert not gemm_joins(128, native, x.dtype) and not gemm_joins(m, native, torch.float32)
+    assert not gemm_joins(m, native[::-1], x.dtype)  # another key
+    launches: list[GemmPlan | None] = []
+    real = quant_gemm_module.quant_gemm_parts
+    monkeypatch.setattr(
+        quant_gemm_module,
+        "quant_gemm_parts",
+        lambda x, p, **kw: launches.append(kw.get("plan")) or real(x, p, **kw),
+    )
+    monkeypatch.setattr(kernels, "dequantize_gpu", None)  # nothing is widened
+    got = linear(x, weight)
+    assert launches == [None]  # one launch, its plan from the table
+    assert torch.equal(got, real(x, native, plan=plan))
+    ref = x.double() @ torch.cat([dense for _, dense in parts]).double().T
+    assert _relative_error(got, ref) < 2e-3, seed
 
 
 def test_bad_input_is_a_clear_error() -> None:
