@@ -316,8 +316,8 @@ def _add_piece(acc, ws_ptr, counts_ptr, out_at, mask, t, t_start, steps, first_t
     tl.store(ws_ptr + slot + slot_at, acc)
     tl.debug_barrier()  # every thread's piece is stored before the count says so
     piece = tl.atomic_add(counts_ptr + t, 1, sem="acq_rel")
-    q_first = ((t_start - base + 1) * sk_programs - 1) // span
-    q_last = ((t_start + steps - base) * sk_programs - 1) // span
+    q_first = ((t_start - base + 1).to(tl.int64) * sk_programs - 1) // span
+    q_last = ((t_start + steps - base).to(tl.int64) * sk_programs - 1) // span
     if piece == q_last - q_first:
         # Every piece from the workspace (acc no longer held: a second f32 tile in registers
         # would spill); .cg reads them from the L2, where the other SMs' stores are.
