@@ -49,8 +49,9 @@ from metallic.kernels.quant_matmul import (
     _ONE_BITS,
     _assemble,
     _check_device,
+    _move,
     _q4_plane,
-    _q6_plane,
+    _unit,
     interpreting,
     sm_count,
 )
@@ -268,8 +269,9 @@ def _q6_k_tile(ql_ptr, qh_ptr, sc_ptr, d_ptr, rows, nb, k0, one, BN: tl.constexp
     sb = k0 // 256
     ql = tl.load(ql_ptr + rows * (nb * 32) + sb * 32 + 16 * h + 8 * (r % 2) + u)
     qh = tl.load(qh_ptr + rows * (nb * 16) + sb * 16 + 8 * h + u)
-    ql = ql >> (4 * (i // 2))
-    qh = qh >> (2 * i)
+    # The run's 6-bit quants, one a byte (bits 6 and 7 left over, masked per element): the
+    # nibble of ql below qh's two bits, joined once a word rather than once an element.
+    q6 = _bit_select(ql >> (4 * (i // 2)), (qh >> (2 * i)) << 4, 0x0F0F0F0F)
     d = tl.load(d_ptr + rows * nb + sb).to(tl.float32)
     # The run's two scales are bytes e // 16 % 4 and the next of word e // 64 of the plane
     # (4-byte loads are pipelined): shifted to the top, then back with the sign. The words are
@@ -284,9 +286,20 @@ def _q6_k_tile(ql_ptr, qh_ptr, sc_ptr, d_ptr, rows, nb, k0, one, BN: tl.constexp
     s1 = d * ((scales << (16 - at)) >> 24).to(tl.float32)
     a = tl.where(u < 4, s0 * 64, s1 * 64)
     b = tl.where(u < 4, s0 * 96, s1 * 96)
-    return _assemble(_q6_plane(ql, qh, 0, 0, one) * a - b, _q6_plane(ql, qh, 1, 0, one) * a - b,
-                     _q6_plane(ql, qh, 2, 0, one) * a - b, _q6_plane(ql, qh, 3, 0, one) * a - b,
-                     BN)
+    return _assemble(_q6_byte(q6, 0, one) * a - b, _q6_byte(q6, 1, one) * a - b,
+                     _q6_byte(q6, 2, one) * a - b, _q6_byte(q6, 3, one) * a - b, BN)
+
+
+@triton.jit
+def _bit_select(low, high, mask):
+    """The bits of ``low`` where ``mask`` is set, else those of ``high`` (one LOP3)."""
+    return (low & mask) | (high & ~mask)
+
+
+@triton.jit
+def _q6_byte(q6, k: tl.constexpr, one):
+    """Value f = 1 + q/64 of byte k's 6-bit quant q (bits 6 and 7 of the byte ignored)."""
+    return _unit(_move(q6, 8 * k, 17) & 0x7E0000, one)
 
 
 @triton.jit
