@@ -16,6 +16,7 @@ For the real Gemma 3 270M Q4_K_M (--model PATH) and synthetic models (--syntheti
    command line, in this process), after the device's limits are measured as `metallic doctor
    --calibrate` does: pp512, tg128, batch-B (S_TG) timed with CUDA events, the profile of
    tg128's decode and pp512's prefill with the roofline, the plot.
+   --no-checks skips 1 and 2.
 4. With --llama-bin: llama-bench (pp512, tg128) and llama-batched-bench (S_TG at the same B)
    on the same file; the bandwidth floor of tg128 (weight bytes read a token over the copy
    bandwidth). Synthetic files load in llama.cpp with a real vocabulary: --vocab.
@@ -327,7 +328,7 @@ def bench_command(label: str, path: Path, repetitions: int) -> tuple[list[str], 
 
 def run_model(label: str, path: Path, args: argparse.Namespace) -> dict[str, Any]:
     engine = Engine(path, device="cuda", context_size=256, prefix_cache=False)  # the checks'
-    result: dict[str, Any] = {"path": str(path), "checks": checks(engine)}
+    result: dict[str, Any] = {"path": str(path), "checks": {} if args.no_checks else checks(engine)}
     print(label, json.dumps(result["checks"]), flush=True)
     weights = engine.model.weights
     tied = weights.embedding is weights.output
@@ -385,6 +386,9 @@ def main() -> int:
     parser.add_argument("--llama-bin", type=Path, help="llama.cpp's build/bin for baselines")
     parser.add_argument("-r", "--repetitions", type=int, default=3, help="of each bench test")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/metallic-bench"))
+    parser.add_argument(
+        "--no-checks", action="store_true", help="skip sections 1 and 2 (figures only, faster)"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
