@@ -78,6 +78,8 @@ def _attend_keys(
     l_i,
     q,
     q_pos,
+    tiles_lo,
+    tiles_hi,
     key_lo,
     key_hi,
     k_ptr,
@@ -94,37 +96,54 @@ def _attend_keys(
     KV_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    TILE_IN_BLOCK: tl.constexpr,
 ):
-    """Fold keys [key_lo, key_hi) into the online-softmax state (acc, m_i, l_i) of tile q.
+    """Fold the key tiles starting at tiles_lo, tiles_lo + BLOCK_N, ... below tiles_hi into the
+    online-softmax state (acc, m_i, l_i) of tile q, reading only keys [key_lo, key_hi).
 
-    k_ptr/v_ptr already point at this KV head; m_i is in base-2 units of scaled scores.
+    k_ptr/v_ptr already point at this KV head; m_i is in base-2 units of scaled scores. MASKED
+    tiles hide keys outside [key_lo, key_hi) and the causal/window mask; unmasked ones must lie
+    wholly inside the range and be visible to every row, and skip all of that (most of a long
+    prefill's tiles). TILE_IN_BLOCK: every tile starts at a multiple of BLOCK_N, which divides
+    KV_BLOCK, so one block-table entry serves the whole tile.
     """
-    for start in range(key_lo, key_hi, BLOCK_N):
+    for start in range(tiles_lo, tiles_hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        key_ok = keys < key_hi
-        block = tl.load(table_ptr + keys // KV_BLOCK, mask=key_ok, other=0).to(tl.int64)
+        key_ok = (keys >= key_lo) & (keys < key_hi)
+        if TILE_IN_BLOCK:
+            block = tl.load(table_ptr + start // KV_BLOCK).to(tl.int64)
+        elif MASKED:
+            block = tl.load(table_ptr + keys // KV_BLOCK, mask=key_ok, other=0).to(tl.int64)
+        else:
+            block = tl.load(table_ptr + keys // KV_BLOCK).to(tl.int64)
         row = keys % KV_BLOCK
+        k_ptrs = k_ptr + (block * stride_kb + row * stride_kt)[:, None] + offs_d[None, :]
+        v_ptrs = v_ptr + (block * stride_vb + row * stride_vt)[:, None] + offs_d[None, :]
         kv_mask = key_ok[:, None] & d_ok[None, :]
-        k = tl.load(
-            k_ptr + (block * stride_kb + row * stride_kt)[:, None] + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
+        if MASKED or not EVEN_D:
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        delta = q_pos[:, None] - keys[None, :]
-        visible = (delta >= 0) & (delta < window) & key_ok[None, :]
-        scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        # Rows that have seen no visible key yet keep m = -inf; exponentiate against 0 instead.
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if MASKED:
+            delta = q_pos[:, None] - keys[None, :]
+            visible = (delta >= 0) & (delta < window) & key_ok[None, :]
+            scores = tl.where(visible, scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            # Rows that have seen no visible key yet keep m = -inf; exponentiate against 0.
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # finite: every key is visible
+            m_ref = m_new
         alpha = tl.exp2(m_i - m_ref)
         p = tl.exp2(scores - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(
-            v_ptr + (block * stride_vb + row * stride_vt)[:, None] + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
+        if MASKED or not EVEN_D:
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -189,35 +208,37 @@ def _prefill_kernel(
     q = q.to(k_ptr.dtype.element_ty)
     q_pos = tl.load(q_pos_ptr + q_start + token, mask=row_ok, other=0).to(tl.int32)
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
-    key_hi = tl.minimum(seq_len, tl.max(tl.where(row_ok, q_pos, -1)) + 1)
+    highest_pos = tl.max(tl.where(row_ok, q_pos, -1))
+    key_hi = tl.minimum(seq_len, highest_pos + 1)
     lowest_pos = tl.min(tl.where(row_ok, q_pos, key_hi))
     key_lo = tl.maximum(lowest_pos - window + 1, 0)
+    # Key tiles at multiples of BLOCK_N, in three runs: masked tiles cut by the window's lower
+    # edge, tiles every row sees whole (keys [highest - W + 1, lowest], unmasked), and masked
+    # tiles on the diagonal. Under full attention the first run is empty.
+    first_tile = key_lo // BLOCK_N * BLOCK_N
+    whole_lo = tl.cdiv(tl.maximum(highest_pos - window + 1, 0), BLOCK_N) * BLOCK_N
+    edge_hi = tl.minimum(tl.maximum(whole_lo, first_tile), key_hi)
+    whole_hi = tl.maximum(tl.minimum(lowest_pos + 1, seq_len) // BLOCK_N * BLOCK_N, edge_hi)
+    k_head = k_ptr + kv_head * stride_kh
+    v_head = v_ptr + kv_head * stride_vh
+    table = table_ptr + seq.to(tl.int64) * stride_table
+    even_d: tl.constexpr = BLOCK_D == HEAD_DIM
+    in_block: tl.constexpr = KV_BLOCK % BLOCK_N == 0
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, m_i, l_i = _attend_keys(
-        acc,
-        m_i,
-        l_i,
-        q,
-        q_pos,
-        key_lo,
-        key_hi,
-        k_ptr + kv_head * stride_kh,
-        v_ptr + kv_head * stride_vh,
-        table_ptr + seq.to(tl.int64) * stride_table,
-        stride_kb,
-        stride_kt,
-        stride_vb,
-        stride_vt,
-        offs_d,
-        d_ok,
-        qk_scale,
-        window,
-        KV_BLOCK,
-        BLOCK_N,
-        DOT_PRECISION,
-    )
+    acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, q_pos, first_tile, edge_hi, key_lo, key_hi,
+                                 k_head, v_head, table, stride_kb, stride_kt, stride_vb,
+                                 stride_vt, offs_d, d_ok, qk_scale, window, KV_BLOCK, BLOCK_N,
+                                 DOT_PRECISION, True, even_d, in_block)  # fmt: skip
+    acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, q_pos, edge_hi, whole_hi, key_lo, key_hi,
+                                 k_head, v_head, table, stride_kb, stride_kt, stride_vb,
+                                 stride_vt, offs_d, d_ok, qk_scale, window, KV_BLOCK, BLOCK_N,
+                                 DOT_PRECISION, False, even_d, in_block)  # fmt: skip
+    acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, q_pos, whole_hi, key_hi, key_lo, key_hi,
+                                 k_head, v_head, table, stride_kb, stride_kt, stride_vb,
+                                 stride_vt, offs_d, d_ok, qk_scale, window, KV_BLOCK, BLOCK_N,
+                                 DOT_PRECISION, True, even_d, in_block)  # fmt: skip
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     out_rows = (q_start + token) * stride_ot + head * stride_oh
     tl.store(
@@ -304,6 +325,8 @@ def _decode_kernel(
         q_pos,
         split_lo,
         split_hi,
+        split_lo,
+        split_hi,
         k_ptr + kv_head * stride_kh,
         v_ptr + kv_head * stride_vh,
         table_ptr + seq.to(tl.int64) * stride_table,
@@ -318,6 +341,9 @@ def _decode_kernel(
         KV_BLOCK,
         BLOCK_N,
         DOT_PRECISION,
+        MASKED=True,
+        EVEN_D=False,
+        TILE_IN_BLOCK=False,
     )
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
