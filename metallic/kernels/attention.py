@@ -122,10 +122,7 @@ def _attend_keys(
         k_ptrs = k_ptr + (block * stride_kb + row * stride_kt)[:, None] + offs_d[None, :]
         v_ptrs = v_ptr + (block * stride_vb + row * stride_vt)[:, None] + offs_d[None, :]
         kv_mask = key_ok[:, None] & d_ok[None, :]
-        if MASKED or not EVEN_D:
-            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0) if MASKED or not EVEN_D else tl.load(k_ptrs)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
             delta = q_pos[:, None] - keys[None, :]
@@ -140,11 +137,9 @@ def _attend_keys(
         alpha = tl.exp2(m_i - m_ref)
         p = tl.exp2(scores - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if MASKED or not EVEN_D:
-            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        else:
-            v = tl.load(v_ptrs)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0) if MASKED or not EVEN_D else tl.load(v_ptrs)
+        # Accumulate in the dot itself: the MMA adds into acc, with no second f32 tile live.
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 

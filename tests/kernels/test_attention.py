@@ -126,6 +126,51 @@ def test_prefill_matches_reference(
     block_size: int,
     dtype: torch.dtype,
 ) -> None:
+    check_prefill(n_q_heads, n_kv_heads, head_dim, cached, new, window, block_size, dtype)
+
+
+# The prefill walks a query tile's keys in three runs of BLOCK_N-aligned tiles: masked ones cut
+# by the window's lower edge, unmasked ones every row sees whole, masked ones on the diagonal.
+# These shapes give each run several tiles, windows and chunk starts off the tile grid, tiles
+# that lie in one KV block (one block-table entry) or span several, and D below BLOCK_D.
+@pytest.mark.parametrize(
+    ("n_q_heads", "n_kv_heads", "head_dim", "cached", "new", "window", "block_size", "tiles"),
+    [
+        pytest.param(4, 2, 64, [0, 0], [77, 50], 0, 8, SMALL_TILES, id="causal-multi-tile"),
+        pytest.param(4, 2, 64, [37, 0], [29, 3], 0, 32, SMALL_TILES, id="chunk-after-prefix"),
+        pytest.param(2, 1, 64, [30, 0], [45, 61], 21, 16, SMALL_TILES, id="window-off-grid"),
+        pytest.param(4, 1, 80, [19], [52], 35, 8, SMALL_TILES, id="window-d80"),
+        pytest.param(8, 2, 64, [45], [70], 0, 16, TileConfig(32, 32, 4, 1), id="tile-32x32"),
+        pytest.param(2, 1, 64, [3], [90], 40, 64, TileConfig(16, 64, 4, 1), id="window-tile-64"),
+    ],
+)
+def test_prefill_tile_runs_match_reference(
+    n_q_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    cached: list[int],
+    new: list[int],
+    window: int,
+    block_size: int,
+    tiles: TileConfig,
+) -> None:
+    check_prefill(
+        n_q_heads, n_kv_heads, head_dim, cached, new, window, block_size, torch.float16, tiles
+    )
+
+
+def check_prefill(
+    n_q_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    cached: list[int],
+    new: list[int],
+    window: int,
+    block_size: int,
+    dtype: torch.dtype,
+    tiles: TileConfig = SMALL_TILES,
+) -> None:
+    """Prefill `new` tokens after `cached` ones per sequence, keys below every window NaN."""
     seq_lens = [c + n for c, n in zip(cached, new, strict=True)]
     cache = build_cache(seq_lens, n_kv_heads, head_dim, block_size, dtype)
     q = torch.randn(sum(new), n_q_heads, head_dim).to(dtype)
@@ -143,7 +188,7 @@ def test_prefill_matches_reference(
         scale,
         window,
         max_q_len=max(new),
-        config=SMALL_TILES,
+        config=tiles,
     )
     assert out.dtype == dtype
     cu = packed(new)
