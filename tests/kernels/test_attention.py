@@ -108,14 +108,30 @@ def test_store_kv_writes_each_token_at_its_block_row() -> None:
         assert int(written.sum()) == sum(lengths)  # nothing else touched
 
 
+F16, F32 = torch.float16, torch.float32
+TILES_32 = TileConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)
+KEYS_64 = TileConfig(block_m=16, block_n=64, num_warps=4, num_stages=1)
+
+
+# The prefill walks a query tile's keys in three runs of BLOCK_N-aligned tiles: masked ones cut
+# by the window's lower edge, unmasked ones every row sees whole, masked ones on the diagonal.
+# The shapes below the first three give each run several tiles, windows and chunk starts off
+# the tile grid, tiles that lie in one KV block (one block-table entry) or span several, and D
+# below BLOCK_D.
 @pytest.mark.parametrize(
-    ("n_q_heads", "n_kv_heads", "head_dim", "cached", "new", "window", "block_size", "dtype"),
+    "n_q_heads, n_kv_heads, head_dim, cached, new, window, block_size, dtype, tiles",
     [
-        pytest.param(4, 1, 64, [10, 0], [14, 25], 0, 8, torch.float16, id="causal-gqa4"),
-        pytest.param(2, 1, 256, [8], [30], 7, 16, torch.float16, id="window-d256"),
-        pytest.param(6, 2, 80, [0, 20, 3], [12, 5, 9], 16, 8, torch.float32, id="group3-f32"),
+        pytest.param(4, 1, 64, [10, 0], [14, 25], 0, 8, F16, SMALL_TILES, id="causal-gqa4"),
+        pytest.param(2, 1, 256, [8], [30], 7, 16, F16, SMALL_TILES, id="window-d256"),
+        pytest.param(6, 2, 80, [0, 20, 3], [12, 5, 9], 16, 8, F32, SMALL_TILES, id="group3-f32"),
+        pytest.param(4, 2, 64, [0, 0], [77, 50], 0, 8, F16, SMALL_TILES, id="causal-multi-tile"),
+        pytest.param(4, 2, 64, [37, 0], [29, 3], 0, 32, F16, SMALL_TILES, id="chunk-after-prefix"),
+        pytest.param(2, 1, 64, [30, 0], [45, 61], 21, 16, F16, SMALL_TILES, id="window-off-grid"),
+        pytest.param(4, 1, 80, [19], [52], 35, 8, F16, SMALL_TILES, id="window-d80"),
+        pytest.param(8, 2, 64, [45], [70], 0, 16, F16, TILES_32, id="tile-32x32"),
+        pytest.param(2, 1, 64, [3], [90], 40, 64, F16, KEYS_64, id="window-tile-64"),
     ],
-)
+)  # fmt: skip
 def test_prefill_matches_reference(
     n_q_heads: int,
     n_kv_heads: int,
@@ -125,50 +141,7 @@ def test_prefill_matches_reference(
     window: int,
     block_size: int,
     dtype: torch.dtype,
-) -> None:
-    check_prefill(n_q_heads, n_kv_heads, head_dim, cached, new, window, block_size, dtype)
-
-
-# The prefill walks a query tile's keys in three runs of BLOCK_N-aligned tiles: masked ones cut
-# by the window's lower edge, unmasked ones every row sees whole, masked ones on the diagonal.
-# These shapes give each run several tiles, windows and chunk starts off the tile grid, tiles
-# that lie in one KV block (one block-table entry) or span several, and D below BLOCK_D.
-@pytest.mark.parametrize(
-    ("n_q_heads", "n_kv_heads", "head_dim", "cached", "new", "window", "block_size", "tiles"),
-    [
-        pytest.param(4, 2, 64, [0, 0], [77, 50], 0, 8, SMALL_TILES, id="causal-multi-tile"),
-        pytest.param(4, 2, 64, [37, 0], [29, 3], 0, 32, SMALL_TILES, id="chunk-after-prefix"),
-        pytest.param(2, 1, 64, [30, 0], [45, 61], 21, 16, SMALL_TILES, id="window-off-grid"),
-        pytest.param(4, 1, 80, [19], [52], 35, 8, SMALL_TILES, id="window-d80"),
-        pytest.param(8, 2, 64, [45], [70], 0, 16, TileConfig(32, 32, 4, 1), id="tile-32x32"),
-        pytest.param(2, 1, 64, [3], [90], 40, 64, TileConfig(16, 64, 4, 1), id="window-tile-64"),
-    ],
-)
-def test_prefill_tile_runs_match_reference(
-    n_q_heads: int,
-    n_kv_heads: int,
-    head_dim: int,
-    cached: list[int],
-    new: list[int],
-    window: int,
-    block_size: int,
     tiles: TileConfig,
-) -> None:
-    check_prefill(
-        n_q_heads, n_kv_heads, head_dim, cached, new, window, block_size, torch.float16, tiles
-    )
-
-
-def check_prefill(
-    n_q_heads: int,
-    n_kv_heads: int,
-    head_dim: int,
-    cached: list[int],
-    new: list[int],
-    window: int,
-    block_size: int,
-    dtype: torch.dtype,
-    tiles: TileConfig = SMALL_TILES,
 ) -> None:
     """Prefill `new` tokens after `cached` ones per sequence, keys below every window NaN."""
     seq_lens = [c + n for c, n in zip(cached, new, strict=True)]
