@@ -173,6 +173,52 @@ def check_elementwise(checks: list[dict[str, object]]) -> None:
         check(checks, f"gated {kind} [300,2x14336]", relative_error(out, ref))
 
 
+def prefill_error(
+    cache: Paged,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    new: list[int],
+    n_q: int,
+    window: int,
+    config: TileConfig | None = None,
+) -> float:
+    """Largest relative error, over the sequences, of a prefill of each one's last `new` tokens
+    (random queries) over all its cached keys, against the float64 torch op."""
+    lengths = [k.shape[0] for k in keys]
+    head_dim = keys[0].shape[-1]
+    scale = head_dim**-0.5
+    q = randn(sum(new), n_q, head_dim)
+    q_pos = torch.cat(
+        [torch.arange(n - m, n, device=DEVICE) for n, m in zip(lengths, new, strict=True)]
+    )
+    out = paged_attention_prefill(
+        q,
+        *cache.pools,
+        cache.seq_lens,
+        cu_seqlens(new),
+        q_pos,
+        scale,
+        window,
+        max_q_len=max(new),
+        config=config,
+    )
+    cu = cu_seqlens(new).tolist()
+    errors = []
+    for seq, n in enumerate(lengths):
+        rows = slice(cu[seq], cu[seq + 1])
+        ref = reference_attention(
+            q[rows].double(),
+            keys[seq].double(),
+            values[seq].double(),
+            q_pos[rows],
+            torch.arange(n, device=DEVICE),
+            scale,
+            window,
+        )
+        errors.append(relative_error(out[rows], ref))
+    return max(errors)
+
+
 def check_attention(checks: list[dict[str, object]]) -> None:
     """Prefill (a fresh and a chunked sequence) and decode (1 and 4 queries) at real shapes."""
     for model, (n_q, n_kv, head_dim, window) in MODELS.items():
@@ -182,35 +228,8 @@ def check_attention(checks: list[dict[str, object]]) -> None:
         keys = [randn(n, n_kv, head_dim) for n in lengths]
         values = [randn(n, n_kv, head_dim) for n in lengths]
         cache = Paged(keys, values)
-        q = randn(sum(new), n_q, head_dim)
-        q_pos = torch.cat(
-            [torch.arange(n - m, n, device=DEVICE) for n, m in zip(lengths, new, strict=True)]
-        )
-        out = paged_attention_prefill(
-            q,
-            *cache.pools,
-            cache.seq_lens,
-            cu_seqlens(new),
-            q_pos,
-            scale,
-            window,
-            max_q_len=max(new),
-        )
-        cu = cu_seqlens(new).tolist()
-        errors = []
-        for seq, n in enumerate(lengths):
-            rows = slice(cu[seq], cu[seq + 1])
-            ref = reference_attention(
-                q[rows].double(),
-                keys[seq].double(),
-                values[seq].double(),
-                q_pos[rows],
-                torch.arange(n, device=DEVICE),
-                scale,
-                window,
-            )
-            errors.append(relative_error(out[rows], ref))
-        check(checks, f"prefill {model}", max(errors))
+        err = prefill_error(cache, keys, values, new, n_q, window)
+        check(checks, f"prefill {model}", err)
         for queries in (1, 4):
             q = randn(len(lengths) * queries, n_q, head_dim)
             out = paged_attention_decode(
