@@ -123,19 +123,21 @@ def _attend_keys(
         v_ptrs = v_ptr + (block * stride_vb + row * stride_vt)[:, None] + offs_d[None, :]
         kv_mask = key_ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0) if MASKED or not EVEN_D else tl.load(k_ptrs)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        # Raw scores: qk_scale > 0 scales the row maxima, then each score in the exp2's FMA.
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if MASKED:
             delta = q_pos[:, None] - keys[None, :]
             visible = (delta >= 0) & (delta < window) & key_ok[None, :]
             scores = tl.where(visible, scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1) * qk_scale)
             # Rows that have seen no visible key yet keep m = -inf; exponentiate against 0.
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # finite: every key is visible
+            # finite: every key is visible
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1) * qk_scale)
             m_ref = m_new
         alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(scores - m_ref[:, None])
+        p = tl.exp2(scores * qk_scale - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0) if MASKED or not EVEN_D else tl.load(v_ptrs)
         # Accumulate in the dot itself: the MMA adds into acc, with no second f32 tile live.
@@ -504,6 +506,14 @@ def _check_layout(
     return _Layout(n_q_heads, n_kv_heads, head_dim, block_size, n_q_heads // n_kv_heads)
 
 
+def _kernel_scale(scale: float, caller: str) -> float:
+    """The kernels' score scale, base 2. It must be positive: the kernels scale a row's largest
+    raw score rather than every score (the maximum of scaled scores, for any positive scale)."""
+    if not scale > 0:
+        raise MetallicError(f"{caller}: attention scale {scale} must be positive")
+    return scale * _LOG2E
+
+
 def _kernel_window(window: int) -> int:
     """The kernels' window: keys at distance >= it are hidden; 0 (none) becomes unreachable."""
     if window < 0:
@@ -540,6 +550,7 @@ def paged_attention_prefill(
     """
     layout = _check_layout(q, k_pool, v_pool, block_table, seq_lens, out, "paged_attention_prefill")
     kernel_window = _kernel_window(window)
+    qk_scale = _kernel_scale(scale, "paged_attention_prefill")
     n_seqs = block_table.shape[0]
     if cu_seqlens_q.shape != (n_seqs + 1,) or q_positions.shape != (q.shape[0],):
         raise MetallicError(
@@ -581,7 +592,7 @@ def paged_attention_prefill(
         heads_per_tile,
         tokens_per_tile,
         n_subgroups,
-        scale * _LOG2E,
+        qk_scale,
         kernel_window,
         HEAD_DIM=layout.head_dim,
         KV_BLOCK=layout.block_size,
@@ -651,6 +662,7 @@ def paged_attention_decode(
     """
     layout = _check_layout(q, k_pool, v_pool, block_table, seq_lens, out, "paged_attention_decode")
     kernel_window = _kernel_window(window)
+    qk_scale = _kernel_scale(scale, "paged_attention_decode")
     n_seqs = block_table.shape[0]
     if queries_per_seq < 1 or q.shape[0] != n_seqs * queries_per_seq:
         raise MetallicError(
@@ -717,7 +729,7 @@ def paged_attention_decode(
         layout.group,
         heads_per_tile,
         n_subgroups,
-        scale * _LOG2E,
+        qk_scale,
         kernel_window,
         num_splits,
         HEAD_DIM=layout.head_dim,

@@ -250,3 +250,6 @@ def test_attention_rejects_bad_shapes() -> None:
     with pytest.raises(MetallicError, match="queries"):
         q = torch.randn(3, 2, 64).half()
         paged_attention_decode(q, *cache.paged, seq_lens, 0.1, queries_per_seq=2)
+    with pytest.raises(MetallicError, match="scale"):
+        q = torch.randn(4, 2, 64).half()
+        paged_attention_prefill(q, *cache.paged, seq_lens, packed([4]), torch.arange(4), -0.1)
