@@ -8,7 +8,8 @@ Llama-3-8B (32/8 heads, head_dim 128) shapes, in bf16:
    K/V expanded to every head, for the window), in TFLOP/s of useful (visible) work;
 3. decode attention (batch 1 and 8, context 512 and 4096) against SDPA, as KV bytes read / time,
    a share of a device-to-device copy measured in the same run; element-wise ops likewise;
-4. a small sweep of tile shapes, to move the defaults in metallic/kernels/attention.py.
+4. a small sweep of tile shapes, to move the defaults in metallic/kernels/attention.py (a wider
+   one for the prefill, with SDPA beside each shape: benchmarks/gpu_attention.py).
 Times are medians of triton.testing.do_bench, which flushes the L2 before each run.
 
 GPU only, never in CI:  python benchmarks/gpu_ops.py   (JSON to $OUT or benchmarks/results;
