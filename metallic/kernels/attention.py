@@ -183,9 +183,10 @@ def _prefill_kernel(
 ):
     wait_for_inputs(PDL)
     # Last query tiles first: under the causal mask they see the most keys, so they start early.
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)
-    kv_head = tl.program_id(1) // n_subgroups
-    subgroup = tl.program_id(1) % n_subgroups
+    # The head varies fastest, so every head's longest tiles go before any head's shorter ones.
+    tile = tl.num_programs(1) - 1 - tl.program_id(1)
+    kv_head = tl.program_id(0) // n_subgroups
+    subgroup = tl.program_id(0) % n_subgroups
     seq = tl.program_id(2)
     q_start = tl.load(cu_q_ptr + seq).to(tl.int32)
     q_len = tl.load(cu_q_ptr + seq + 1).to(tl.int32) - q_start
@@ -567,7 +568,7 @@ def paged_attention_prefill(
     heads_per_tile = min(layout.group, config.block_m)
     tokens_per_tile = config.block_m // heads_per_tile
     n_subgroups = triton.cdiv(layout.group, heads_per_tile)
-    grid = (triton.cdiv(max_q_len, tokens_per_tile), layout.n_kv_heads * n_subgroups, n_seqs)
+    grid = (layout.n_kv_heads * n_subgroups, triton.cdiv(max_q_len, tokens_per_tile), n_seqs)
     _prefill_kernel[grid](
         q,
         out,
