@@ -63,6 +63,22 @@ def default_prefill_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
     return TileConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
 
 
+# Key tiles per split of a prefill tile at least: a split's fixed cost (its q load, its partial
+# store and merge) is about one tile's work.
+_MIN_SPLIT_TILES = 2
+
+
+def default_prefill_splits(device: torch.device, n_tiles: int, key_tiles: int) -> int:
+    """Programs over which a prefill spreads each query tile's keys. A launch of fewer query
+    tiles than the GPU has multiprocessors (a short prompt, few KV heads) leaves most idle and
+    waits on its longest tile: split it up to about two programs a multiprocessor."""
+    multiprocessors = _multiprocessors(device.index or 0) if device.type == "cuda" else 4
+    if n_tiles >= multiprocessors:
+        return 1
+    by_keys = max(1, key_tiles // _MIN_SPLIT_TILES)
+    return min(triton.cdiv(2 * multiprocessors, n_tiles), by_keys, _MAX_MERGED_SPLITS)
+
+
 def default_decode_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
     """block_m is only a floor here: decode tiles hold the (query, head) rows of one KV group."""
     if dtype == torch.float32:
@@ -150,6 +166,9 @@ def _attend_keys(
 def _prefill_kernel(
     q_ptr,
     out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    arrivals_ptr,
     k_ptr,
     v_ptr,
     table_ptr,
@@ -173,20 +192,24 @@ def _prefill_kernel(
     n_subgroups,
     qk_scale,
     window,
+    num_splits,
     HEAD_DIM: tl.constexpr,
     KV_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
     PDL: tl.constexpr,
 ):
     wait_for_inputs(PDL)
     # Last query tiles first: under the causal mask they see the most keys, so they start early.
     # The head varies fastest, so every head's longest tiles go before any head's shorter ones.
     tile = tl.num_programs(1) - 1 - tl.program_id(1)
-    kv_head = tl.program_id(0) // n_subgroups
-    subgroup = tl.program_id(0) % n_subgroups
+    head_tile = tl.program_id(0) // num_splits  # (KV head, subgroup); its splits side by side
+    split = tl.program_id(0) % num_splits
+    kv_head = head_tile // n_subgroups
+    subgroup = head_tile % n_subgroups
     seq = tl.program_id(2)
     q_start = tl.load(cu_q_ptr + seq).to(tl.int32)
     q_len = tl.load(cu_q_ptr + seq + 1).to(tl.int32) - q_start
@@ -217,6 +240,11 @@ def _prefill_kernel(
     whole_lo = tl.cdiv(tl.maximum(highest_pos - window + 1, 0), BLOCK_N) * BLOCK_N
     edge_hi = tl.minimum(tl.maximum(whole_lo, first_tile), key_hi)
     whole_hi = tl.maximum(tl.minimum(lowest_pos + 1, seq_len) // BLOCK_N * BLOCK_N, edge_hi)
+    # A split takes an equal share of whole tiles of [first_tile, key_hi) and each run's part
+    # of it (a short tile's last splits may get none).
+    chunk = tl.cdiv(tl.cdiv(key_hi - first_tile, num_splits), BLOCK_N) * BLOCK_N
+    split_lo = first_tile + split * chunk
+    split_hi = tl.minimum(split_lo + chunk, key_hi)
     k_head = k_ptr + kv_head * stride_kh
     v_head = v_ptr + kv_head * stride_vh
     table = table_ptr + seq.to(tl.int64) * stride_table
@@ -225,25 +253,32 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, q_pos, first_tile, edge_hi, key_lo, key_hi,
+    acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, q_pos, tl.maximum(first_tile, split_lo),
+                                 tl.minimum(edge_hi, split_hi), key_lo, key_hi,
                                  k_head, v_head, table, stride_kb, stride_kt, stride_vb,
                                  stride_vt, offs_d, d_ok, qk_scale, window, KV_BLOCK, BLOCK_N,
                                  DOT_PRECISION, True, even_d, in_block)  # fmt: skip
-    acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, q_pos, edge_hi, whole_hi, key_lo, key_hi,
+    acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, q_pos, tl.maximum(edge_hi, split_lo),
+                                 tl.minimum(whole_hi, split_hi), key_lo, key_hi,
                                  k_head, v_head, table, stride_kb, stride_kt, stride_vb,
                                  stride_vt, offs_d, d_ok, qk_scale, window, KV_BLOCK, BLOCK_N,
                                  DOT_PRECISION, False, even_d, in_block)  # fmt: skip
-    acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, q_pos, whole_hi, key_hi, key_lo, key_hi,
+    acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, q_pos, tl.maximum(whole_hi, split_lo),
+                                 split_hi, key_lo, key_hi,
                                  k_head, v_head, table, stride_kb, stride_kt, stride_vb,
                                  stride_vt, offs_d, d_ok, qk_scale, window, KV_BLOCK, BLOCK_N,
                                  DOT_PRECISION, True, even_d, in_block)  # fmt: skip
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    out_rows = (q_start + token) * stride_ot + head * stride_oh
-    tl.store(
-        out_ptr + out_rows[:, None] + offs_d[None, :],
-        out.to(out_ptr.dtype.element_ty),
-        mask=q_mask,
-    )
+    out_ptrs = out_ptr + ((q_start + token) * stride_ot + head * stride_oh)[:, None]
+    out_ptrs += offs_d[None, :]
+    if SPLIT:
+        # Tiles numbered as the grid orders them, splits dropped.
+        tile_id = (seq * tl.num_programs(1) + tile) * (tl.num_programs(0) // num_splits)
+        _store_split(acc, m_i, l_i, part_out_ptr, part_lse_ptr, arrivals_ptr,
+                     tile_id + head_tile, split, num_splits, rows, row_ok, offs_d, out_ptrs,
+                     q_mask, BLOCK_M, BLOCK_D, True)  # fmt: skip
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
@@ -343,38 +378,40 @@ def _decode_kernel(
         EVEN_D=False,
         TILE_IN_BLOCK=False,
     )
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    out_rows = q_index * stride_ot + head * stride_oh
+    out_ptrs = out_ptr + (q_index * stride_ot + head * stride_oh)[:, None] + offs_d[None, :]
     if SPLIT:
-        # Partial results of this split: normalized output and its log2-sum-exp2.
         tile = seq * tl.num_programs(1) + tl.program_id(1)
-        part = tile * num_splits + split
-        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
-        tl.store(part_lse_ptr + part * BLOCK_M + rows, lse)
-        part_offs = (part * BLOCK_M + rows)[:, None] * BLOCK_D + offs_d[None, :]
-        tl.store(part_out_ptr + part_offs, out)
-        if MERGE:
-            # The tile's last split to arrive merges them all. The barrier orders every
-            # thread's stores before the counter's release; the acquire of the last arrival
-            # makes the other splits' stores visible to it. It leaves the counter at zero.
-            tl.debug_barrier()
-            arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel", scope="gpu")
-            if arrived == num_splits - 1:
-                tl.atomic_xchg(arrivals_ptr + tile, 0, sem="relaxed", scope="gpu")
-                merged = _merge_splits(part_out_ptr, part_lse_ptr, tile * num_splits, num_splits,
-                                       rows, row_ok, offs_d, BLOCK_M, BLOCK_D)  # fmt: skip
-                tl.store(
-                    out_ptr + out_rows[:, None] + offs_d[None, :],
-                    merged.to(out_ptr.dtype.element_ty),
-                    mask=q_mask,
-                )
+        _store_split(acc, m_i, l_i, part_out_ptr, part_lse_ptr, arrivals_ptr, tile, split,
+                     num_splits, rows, row_ok, offs_d, out_ptrs, q_mask, BLOCK_M, BLOCK_D,
+                     MERGE)  # fmt: skip
     else:
-        tl.store(
-            out_ptr + out_rows[:, None] + offs_d[None, :],
-            out.to(out_ptr.dtype.element_ty),
-            mask=q_mask,
-        )
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _store_split(acc, m_i, l_i, part_out_ptr, part_lse_ptr, arrivals_ptr, tile, split, num_splits,
+                 rows, row_ok, offs_d, out_ptrs, out_mask, BLOCK_M: tl.constexpr,
+                 BLOCK_D: tl.constexpr, MERGE: tl.constexpr):  # fmt: skip
+    """Store one split's partial result of `tile` (normalized output and its log2-sum-exp2);
+    with MERGE, the tile's last split to arrive merges them all into out_ptrs."""
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    part = tile * num_splits + split
+    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
+    tl.store(part_lse_ptr + part * BLOCK_M + rows, lse)
+    part_offs = (part * BLOCK_M + rows)[:, None] * BLOCK_D + offs_d[None, :]
+    tl.store(part_out_ptr + part_offs, acc / l_safe[:, None])
+    if MERGE:
+        # The barrier orders every thread's stores before the counter's release; the acquire
+        # of the last arrival makes the other splits' stores visible to it. It leaves the
+        # counter at zero.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == num_splits - 1:
+            tl.atomic_xchg(arrivals_ptr + tile, 0, sem="relaxed", scope="gpu")
+            merged = _merge_splits(part_out_ptr, part_lse_ptr, tile * num_splits, num_splits,
+                                   rows, row_ok, offs_d, BLOCK_M, BLOCK_D)  # fmt: skip
+            tl.store(out_ptrs, merged.to(out_ptrs.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -539,6 +576,7 @@ def paged_attention_prefill(
     window: int = 0,
     *,
     max_q_len: int | None = None,
+    num_splits: int | None = None,
     out: torch.Tensor | None = None,
     config: TileConfig | None = None,
 ) -> torch.Tensor:
@@ -548,6 +586,8 @@ def paged_attention_prefill(
     `q_positions`, and sees its keys [0, seq_lens[s]) (this step's keys already stored, see
     `store_kv`). `max_q_len` (the longest query span) sizes the grid; pass it from the host to
     avoid a device sync. Writes into `out` (default: a new tensor of q's dtype) and returns it.
+    A launch too short to fill the GPU splits each query tile's keys over `num_splits` programs
+    (default: `default_prefill_splits`), whose last to finish merges them.
     """
     layout = _check_layout(q, k_pool, v_pool, block_table, seq_lens, out, "paged_attention_prefill")
     kernel_window = _kernel_window(window)
@@ -568,10 +608,31 @@ def paged_attention_prefill(
     heads_per_tile = min(layout.group, config.block_m)
     tokens_per_tile = config.block_m // heads_per_tile
     n_subgroups = triton.cdiv(layout.group, heads_per_tile)
-    grid = (layout.n_kv_heads * n_subgroups, triton.cdiv(max_q_len, tokens_per_tile), n_seqs)
+    head_tiles = layout.n_kv_heads * n_subgroups
+    n_tiles = head_tiles * triton.cdiv(max_q_len, tokens_per_tile) * n_seqs
+    if num_splits is None:
+        keys = min(max_q_len, window) if window else max_q_len  # the longest tile's, at least
+        num_splits = default_prefill_splits(q.device, n_tiles, triton.cdiv(keys, config.block_n))
+    elif not 1 <= num_splits <= _MAX_MERGED_SPLITS:
+        raise MetallicError(
+            f"paged_attention_prefill: num_splits {num_splits} outside 1..{_MAX_MERGED_SPLITS}"
+        )
+    arrivals = _arrival_counters(q.device) if num_splits > 1 else None
+    if arrivals is None or n_tiles > _ARRIVAL_SLOTS:
+        num_splits = 1
+    block_d = triton.next_power_of_2(layout.head_dim)
+    part_shape = (n_tiles * num_splits, config.block_m) if num_splits > 1 else (1,)
+    part_lse = torch.empty(part_shape, dtype=torch.float32, device=q.device)
+    part_out = torch.empty(
+        (*part_shape, block_d) if num_splits > 1 else (1,), dtype=torch.float32, device=q.device
+    )
+    grid = (head_tiles * num_splits, triton.cdiv(max_q_len, tokens_per_tile), n_seqs)
     _prefill_kernel[grid](
         q,
         out,
+        part_out,
+        part_lse,
+        arrivals if arrivals is not None else part_lse,
         k_pool,
         v_pool,
         block_table,
@@ -595,12 +656,14 @@ def paged_attention_prefill(
         n_subgroups,
         qk_scale,
         kernel_window,
+        num_splits,
         HEAD_DIM=layout.head_dim,
         KV_BLOCK=layout.block_size,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
-        BLOCK_D=triton.next_power_of_2(layout.head_dim),
+        BLOCK_D=block_d,
         DOT_PRECISION=_dot_precision(k_pool.dtype),
+        SPLIT=num_splits > 1,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **pdl_launch(q.device),

@@ -117,7 +117,8 @@ KEYS_64 = TileConfig(block_m=16, block_n=64, num_warps=4, num_stages=1)
 # by the window's lower edge, unmasked ones every row sees whole, masked ones on the diagonal.
 # The shapes below the first three give each run several tiles, windows and chunk starts off
 # the tile grid, tiles that lie in one KV block (one block-table entry) or span several, and D
-# below BLOCK_D.
+# below BLOCK_D. Each runs whole and with every query tile's keys split over three programs
+# (merged by the last to finish; a short tile's later splits are empty).
 @pytest.mark.parametrize(
     "n_q_heads, n_kv_heads, head_dim, cached, new, window, block_size, dtype, tiles",
     [
@@ -132,6 +133,7 @@ KEYS_64 = TileConfig(block_m=16, block_n=64, num_warps=4, num_stages=1)
         pytest.param(2, 1, 64, [3], [90], 40, 64, F16, KEYS_64, id="window-tile-64"),
     ],
 )  # fmt: skip
+@pytest.mark.parametrize("splits", [1, 3])
 def test_prefill_matches_reference(
     n_q_heads: int,
     n_kv_heads: int,
@@ -142,6 +144,7 @@ def test_prefill_matches_reference(
     block_size: int,
     dtype: torch.dtype,
     tiles: TileConfig,
+    splits: int,
 ) -> None:
     """Prefill `new` tokens after `cached` ones per sequence, keys below every window NaN."""
     seq_lens = [c + n for c, n in zip(cached, new, strict=True)]
@@ -161,6 +164,7 @@ def test_prefill_matches_reference(
         scale,
         window,
         max_q_len=max(new),
+        num_splits=splits,
         config=tiles,
     )
     assert out.dtype == dtype
@@ -169,6 +173,8 @@ def test_prefill_matches_reference(
         rows = slice(int(cu[seq]), int(cu[seq + 1]))
         ref = reference(q[rows], cache, seq, q_pos[rows], scale, window)
         assert relative_error(out[rows], ref) < TOLERANCE[dtype], f"sequence {seq}"
+    # Each query tile's last split merged them and left its arrival counter at zero.
+    assert splits == 1 or not attention._ARRIVALS[q.device].any()
 
 
 def test_prefill_with_default_tiles_into_a_given_output() -> None:
