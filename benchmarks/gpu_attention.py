@@ -3,15 +3,17 @@
 At the shapes of Llama-3-8B (32/8 heads, head_dim 128) and Gemma 3 270M (4/1 heads, head_dim
 256; global layers, and sliding ones with a 512-token window), bf16, KV paged in shuffled
 16-token blocks, for 512 and 2048 fresh tokens:
-1. correctness first: every tile shape on a fresh prefill of the timed length and on a chunked
-   batch (chunks continuing a cached prefix, odd lengths) against the torch op in float64; a
-   shape that fails is reported and not timed;
-2. the kernel under each tile shape (the default first) against F.scaled_dot_product_attention
+1. correctness first: every variant (a tile shape and a split count: the defaults, the default
+   tile split 1, 2 and 4 ways, the sweep's tiles) on a fresh prefill of the timed length and on
+   a chunked batch (chunks continuing a cached prefix, odd lengths) against the torch op in
+   float64; a variant that fails is reported and not timed;
+2. the kernel under each variant (the defaults first) against F.scaled_dot_product_attention
    on the same q/k/v made contiguous [1, H, T, D]: flash with is_causal and enable_gqa for full
    attention, a banded boolean mask over K/V repeated to every head for the window;
-3. a table in µs and TFLOP/s of the visible (causal, windowed) work, the fastest shape of each
-   head dim over all its rows, and JSON to $OUT (or benchmarks/results)/gpu_attention.json.
-The defaults live in metallic.kernels.attention.default_prefill_config. Times are medians of
+3. a table in µs and TFLOP/s of the visible (causal, windowed) work, the fastest variant of
+   each head dim over all its rows, and JSON to $OUT (or benchmarks/results)/gpu_attention.json.
+The defaults live in metallic.kernels.attention: default_prefill_config (tiles) and
+default_prefill_splits (split count, "auto" in the table). Times are medians of
 triton.testing.do_bench, which flushes the L2 before each run.
 
 GPU only:  python benchmarks/gpu_attention.py [--tile BM,BN,WARPS,STAGES ...]
@@ -64,36 +66,45 @@ SWEEP = {
 # Keys per sequence of the chunked check, and of them this step's queries (the last ones). The
 # longest takes 128 blocks, as a 2048-token prefill does: the same block-table stride, so the
 # same compiled kernel (Triton specializes integers divisible by 16).
+SPLITS = (1, 2, 4)  # fixed split counts timed with the default tile
 CHUNKED_KEYS = [2041, 777, 333, 64]
 CHUNKED_NEW = [300, 777, 129, 1]
 
 
-def configs_of(head_dim: int, tiles: list[TileConfig]) -> list[TileConfig]:
-    """The default first, then the sweep (or the tiles given), without repeats."""
+Variant = tuple[TileConfig, int | None]  # a tile shape and num_splits (None: the default's)
+
+
+def variants_of(head_dim: int, tiles: list[TileConfig]) -> list[Variant]:
+    """The defaults first, the default tile under fixed split counts, then the sweep's tiles (or
+    those given) with default splits, without repeats."""
     default = default_prefill_config(head_dim, DTYPE)
-    return list(dict.fromkeys([default, *(tiles or SWEEP[head_dim])]))
+    fixed = [(default, splits) for splits in SPLITS]
+    return list(
+        dict.fromkeys([(default, None), *fixed, *((t, None) for t in tiles or SWEEP[head_dim])])
+    )
 
 
-def chunked_errors(model: str, configs: list[TileConfig]) -> dict[TileConfig, float]:
-    """Each tile shape's error on a batch of chunks that continue cached prefixes."""
+def chunked_errors(model: str, variants: list[Variant]) -> dict[Variant, float]:
+    """Each variant's error on a batch of chunks that continue cached prefixes."""
     n_q, n_kv, head_dim, window = MODELS[model]
     keys = [randn(n, n_kv, head_dim) for n in CHUNKED_KEYS]
     values = [randn(n, n_kv, head_dim) for n in CHUNKED_KEYS]
     cache = Paged(keys, values)
     errors = {}
-    for config in configs:
+    for config, splits in variants:
         try:
-            errors[config] = prefill_error(cache, keys, values, CHUNKED_NEW, n_q, window, config)
-        except Exception as err:  # a tile shape that does not fit the multiprocessor
-            print(f"{model} chunked {config}: {type(err).__name__}: {err}", file=sys.stderr)
-            errors[config] = float("inf")
+            err = prefill_error(cache, keys, values, CHUNKED_NEW, n_q, window, config, splits)
+        except Exception as exc:  # a tile shape that does not fit the multiprocessor
+            print(f"{model} chunked {config}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            err = float("inf")
+        errors[config, splits] = err
     return errors
 
 
 def time_shape(
-    model: str, tokens: int, configs: list[TileConfig], chunked: dict[TileConfig, float]
+    model: str, tokens: int, variants: list[Variant], chunked: dict[Variant, float]
 ) -> list[dict[str, object]]:
-    """One row per tile shape at (model, tokens): errors, then time when both checks pass."""
+    """One row per variant at (model, tokens): errors, then time when both checks pass."""
     n_q, n_kv, head_dim, window = MODELS[model]
     scale = head_dim**-0.5
     q = randn(tokens, n_q, head_dim)
@@ -104,7 +115,7 @@ def time_shape(
         q.double(), k.double(), v.double(), positions, positions, scale, window
     )
     out = torch.empty_like(q)
-    run = functools.partial(
+    run_any = functools.partial(
         paged_attention_prefill,
         q,
         *cache.pools,
@@ -121,19 +132,20 @@ def time_shape(
     torch_ms = median_ms(sdpa)
     flops = 4 * visible_pairs(tokens, window) * head_dim * n_q
     rows = []
-    for config in configs:
+    for config, splits in variants:
         row: dict[str, object] = {"model": model, "tokens": tokens, "config": config.__dict__}
-        row["default"] = config == configs[0]
+        row["splits"], row["default"] = splits, (config, splits) == variants[0]
+        run = functools.partial(run_any, config=config, num_splits=splits)
         try:
             out.fill_(float("nan"))
-            run(config=config)
+            run()
             row["error"] = relative_error(out, ref)
         except Exception as err:  # a tile shape that does not fit the multiprocessor
             print(f"{model} T={tokens} {config}: {type(err).__name__}: {err}", file=sys.stderr)
             row["error"] = float("inf")
-        row["chunked_error"] = chunked[config]
+        row["chunked_error"] = chunked[config, splits]
         row["ok"] = row["error"] < BOUND and row["chunked_error"] < BOUND
-        row["ms"] = median_ms(functools.partial(run, config=config)) if row["ok"] else None
+        row["ms"] = median_ms(run) if row["ok"] else None
         row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12 if row["ms"] else None
         row["torch_ms"], row["torch_error"] = torch_ms, torch_error
         row["torch_tflops"] = flops / (torch_ms * 1e-3) / 1e12
@@ -146,13 +158,14 @@ def fastest(rows: list[dict[str, object]]) -> dict[int, dict[str, object]]:
     totals: dict[int, dict[tuple, float]] = {}
     for r in rows:
         head_dim = MODELS[r["model"]][2]
-        key = tuple(r["config"].values())
+        key = (*r["config"].values(), r["splits"])
         total = totals.setdefault(head_dim, {})
         ms = r["ms"] if r["ms"] is not None else float("inf")
         total[key] = total.get(key, 0.0) + ms
     return {
-        d: {"config": dict(zip(TileConfig.__dataclass_fields__, min(t, key=t.get), strict=True)),
-            "total_ms": min(t.values())}
+        d: {"config": dict(zip(TileConfig.__dataclass_fields__, min(t, key=t.get)[:4],
+                               strict=True)),
+            "splits": min(t, key=t.get)[4], "total_ms": min(t.values())}
         for d, t in totals.items()
     }  # fmt: skip
 
@@ -160,26 +173,31 @@ def fastest(rows: list[dict[str, object]]) -> dict[int, dict[str, object]]:
 def print_table(rows: list[dict[str, object]], best: dict[int, dict[str, object]]) -> None:
     print(f"{torch.cuda.get_device_name()}, triton {triton.__version__}, torch {torch.__version__}")
     print(
-        f"{'shape':<26} {'tile bm,bn,w,s':<15} {'us':>7} {'TFLOP/s':>8} {'torch us':>8} "
-        f"{'TFLOP/s':>8} {'speedup':>7} {'rel err':>8} {'chunked':>8}"
+        f"{'shape':<26} {'tile bm,bn,w,s':<15} {'splits':>6} {'us':>7} {'TFLOP/s':>8} "
+        f"{'torch us':>8} {'TFLOP/s':>8} {'speedup':>7} {'rel err':>8} {'chunked':>8}"
     )
     for r in rows:
         shape = f"{r['model']} T={r['tokens']}"
         tile = ",".join(str(x) for x in r["config"].values()) + ("*" if r["default"] else "")
+        splits = "auto" if r["splits"] is None else str(r["splits"])
         us = f"{1e3 * r['ms']:7.1f}" if r["ms"] else "   FAIL"
         rate = f"{r['tflops']:8.1f}" if r["tflops"] else " " * 8
         speedup = f"{r['torch_ms'] / r['ms']:6.2f}x" if r["ms"] else " " * 7
         print(
-            f"{shape:<26} {tile:<15} {us} {rate} {1e3 * r['torch_ms']:8.1f} "
+            f"{shape:<26} {tile:<15} {splits:>6} {us} {rate} {1e3 * r['torch_ms']:8.1f} "
             f"{r['torch_tflops']:8.1f} {speedup} {r['error']:8.1e} {r['chunked_error']:8.1e}"
         )
-    print("* the default (default_prefill_config); torch rel err:", end="")
+    print("* the default (default_prefill_config, default_prefill_splits); torch rel err:", end="")
     for r in rows:
         if r["default"]:
             print(f" {r['model']} T={r['tokens']} {r['torch_error']:.1e}", end="")
     print()
     for head_dim, b in best.items():
-        print(f"fastest over head_dim {head_dim} rows: {b['config']} ({b['total_ms']:.3f} ms)")
+        splits = "auto" if b["splits"] is None else b["splits"]
+        print(
+            f"fastest over head_dim {head_dim} rows: {b['config']} splits {splits} "
+            f"({b['total_ms']:.3f} ms)"
+        )
 
 
 def parse_tile(text: str) -> TileConfig:
@@ -195,10 +213,10 @@ def main() -> int:
     started = time.time()
     rows: list[dict[str, object]] = []
     for model in MODELS:
-        configs = configs_of(MODELS[model][2], args.tile)
-        chunked = chunked_errors(model, configs)
+        variants = variants_of(MODELS[model][2], args.tile)
+        chunked = chunked_errors(model, variants)
         for tokens in TOKENS:
-            rows.extend(time_shape(model, tokens, configs, chunked))
+            rows.extend(time_shape(model, tokens, variants, chunked))
     best = fastest(rows)
     result = {
         "device": torch.cuda.get_device_name(),

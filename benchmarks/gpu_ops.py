@@ -182,6 +182,7 @@ def prefill_error(
     n_q: int,
     window: int,
     config: TileConfig | None = None,
+    num_splits: int | None = None,
 ) -> float:
     """Largest relative error, over the sequences, of a prefill of each one's last `new` tokens
     (random queries) over all its cached keys, against the float64 torch op."""
@@ -201,6 +202,7 @@ def prefill_error(
         scale,
         window,
         max_q_len=max(new),
+        num_splits=num_splits,
         config=config,
     )
     cu = cu_seqlens(new).tolist()
