@@ -10,7 +10,9 @@ blocks that fell out of every window.
 
 A tile's query rows pack (token, head) pairs of one KV group, so each key/value tile is loaded
 once for all the query heads that share it (GQA). Scores and accumulators are f32; the softmax
-runs online in base 2 with the scale folded in.
+runs online in base 2 with the scale folded in. A prefill masks only the key tiles on the
+diagonal or the window's edge; one too short to fill the GPU splits each query tile's keys over
+several programs and merges their partial results, as the decode does.
 """
 
 from __future__ import annotations
