@@ -402,8 +402,10 @@ def _store_split(acc, m_i, l_i, part_out_ptr, part_lse_ptr, arrivals_ptr, tile, 
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
     tl.store(part_lse_ptr + part * BLOCK_M + rows, lse)
     part_offs = (part * BLOCK_M + rows)[:, None] * BLOCK_D + offs_d[None, :]
-    tl.store(part_out_ptr + part_offs, acc / l_safe[:, None])
     if MERGE:
+        # Rows that saw no key (a short prefill tile's later splits) have weight 0 in the merge,
+        # which skips their outputs: no need to write them.
+        tl.store(part_out_ptr + part_offs, acc / l_safe[:, None], mask=(l_i > 0.0)[:, None])
         # The barrier orders every thread's stores before the counter's release; the acquire
         # of the last arrival makes the other splits' stores visible to it. It leaves the
         # counter at zero.
@@ -414,13 +416,16 @@ def _store_split(acc, m_i, l_i, part_out_ptr, part_lse_ptr, arrivals_ptr, tile, 
             merged = _merge_splits(part_out_ptr, part_lse_ptr, tile * num_splits, num_splits,
                                    rows, row_ok, offs_d, BLOCK_M, BLOCK_D)  # fmt: skip
             tl.store(out_ptrs, merged.to(out_ptrs.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(part_out_ptr + part_offs, acc / l_safe[:, None])
 
 
 @triton.jit
 def _merge_splits(part_out_ptr, part_lse_ptr, first_part, num_splits, rows, row_ok, offs_d,
                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
     """The rows of one tile merged over its splits' partial results (weights 2^(lse_i - max)),
-    a split at a time. Loads bypass L1 (.cg): other programs wrote the partials."""
+    a split at a time; rows of weight 0 are not read (nor written: see _store_split). Loads
+    bypass L1 (.cg): other programs wrote the partials."""
     lse_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for split in range(num_splits):
         lse = tl.load(part_lse_ptr + (first_part + split) * BLOCK_M + rows, cache_modifier=".cg")
@@ -433,7 +438,7 @@ def _merge_splits(part_out_ptr, part_lse_ptr, first_part, num_splits, rows, row_
         weight = tl.exp2(tl.load(part_lse_ptr + part_rows, cache_modifier=".cg") - lse_ref)
         parts = tl.load(
             part_out_ptr + part_rows[:, None] * BLOCK_D + offs_d[None, :],
-            mask=row_ok[:, None],
+            mask=(row_ok & (weight > 0.0))[:, None],
             other=0.0,
             cache_modifier=".cg",
         )

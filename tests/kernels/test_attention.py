@@ -48,6 +48,19 @@ class PagedCache:
             self.v_pool[block, pos % block_size] = float("nan")
 
 
+@pytest.fixture
+def nan_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Float tensors from torch.empty start NaN, so a kernel that reads a buffer element it never
+    wrote (a split's partial, say) turns its output NaN."""
+    empty = torch.empty
+
+    def nan_filled(*args: object, **kwargs: object) -> torch.Tensor:
+        tensor = empty(*args, **kwargs)
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+    monkeypatch.setattr(torch, "empty", nan_filled)
+
+
 def packed(lengths: list[int]) -> torch.Tensor:
     """cu_seqlens of sequences of these lengths packed back to back."""
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
@@ -134,6 +147,7 @@ KEYS_64 = TileConfig(block_m=16, block_n=64, num_warps=4, num_stages=1)
     ],
 )  # fmt: skip
 @pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.usefixtures("nan_empty")
 def test_prefill_matches_reference(
     n_q_heads: int,
     n_kv_heads: int,
