@@ -8,8 +8,7 @@ Llama-3-8B (32/8 heads, head_dim 128) shapes, in bf16:
    K/V expanded to every head, for the window), in TFLOP/s of useful (visible) work;
 3. decode attention (batch 1 and 8, context 512 and 4096) against SDPA, as KV bytes read / time,
    a share of a device-to-device copy measured in the same run; element-wise ops likewise;
-4. a small sweep of tile shapes, to move the defaults in metallic/kernels/attention.py (a wider
-   one for the prefill, with SDPA beside each shape: benchmarks/gpu_attention.py).
+4. a small sweep of tile shapes, to move the defaults in metallic/kernels/attention.py.
 Times are medians of triton.testing.do_bench, which flushes the L2 before each run.
 
 GPU only, never in CI:  python benchmarks/gpu_ops.py   (JSON to $OUT or benchmarks/results;
@@ -174,54 +173,6 @@ def check_elementwise(checks: list[dict[str, object]]) -> None:
         check(checks, f"gated {kind} [300,2x14336]", relative_error(out, ref))
 
 
-def prefill_error(
-    cache: Paged,
-    keys: list[torch.Tensor],
-    values: list[torch.Tensor],
-    new: list[int],
-    n_q: int,
-    window: int,
-    config: TileConfig | None = None,
-    num_splits: int | None = None,
-) -> float:
-    """Largest relative error, over the sequences, of a prefill of each one's last `new` tokens
-    (random queries) over all its cached keys, against the float64 torch op."""
-    lengths = [k.shape[0] for k in keys]
-    head_dim = keys[0].shape[-1]
-    scale = head_dim**-0.5
-    q = randn(sum(new), n_q, head_dim)
-    q_pos = torch.cat(
-        [torch.arange(n - m, n, device=DEVICE) for n, m in zip(lengths, new, strict=True)]
-    )
-    out = paged_attention_prefill(
-        q,
-        *cache.pools,
-        cache.seq_lens,
-        cu_seqlens(new),
-        q_pos,
-        scale,
-        window,
-        max_q_len=max(new),
-        num_splits=num_splits,
-        config=config,
-    )
-    cu = cu_seqlens(new).tolist()
-    errors = []
-    for seq, n in enumerate(lengths):
-        rows = slice(cu[seq], cu[seq + 1])
-        ref = reference_attention(
-            q[rows].double(),
-            keys[seq].double(),
-            values[seq].double(),
-            q_pos[rows],
-            torch.arange(n, device=DEVICE),
-            scale,
-            window,
-        )
-        errors.append(relative_error(out[rows], ref))
-    return max(errors)
-
-
 def check_attention(checks: list[dict[str, object]]) -> None:
     """Prefill (a fresh and a chunked sequence) and decode (1 and 4 queries) at real shapes."""
     for model, (n_q, n_kv, head_dim, window) in MODELS.items():
@@ -231,8 +182,35 @@ def check_attention(checks: list[dict[str, object]]) -> None:
         keys = [randn(n, n_kv, head_dim) for n in lengths]
         values = [randn(n, n_kv, head_dim) for n in lengths]
         cache = Paged(keys, values)
-        err = prefill_error(cache, keys, values, new, n_q, window)
-        check(checks, f"prefill {model}", err)
+        q = randn(sum(new), n_q, head_dim)
+        q_pos = torch.cat(
+            [torch.arange(n - m, n, device=DEVICE) for n, m in zip(lengths, new, strict=True)]
+        )
+        out = paged_attention_prefill(
+            q,
+            *cache.pools,
+            cache.seq_lens,
+            cu_seqlens(new),
+            q_pos,
+            scale,
+            window,
+            max_q_len=max(new),
+        )
+        cu = cu_seqlens(new).tolist()
+        errors = []
+        for seq, n in enumerate(lengths):
+            rows = slice(cu[seq], cu[seq + 1])
+            ref = reference_attention(
+                q[rows].double(),
+                keys[seq].double(),
+                values[seq].double(),
+                q_pos[rows],
+                torch.arange(n, device=DEVICE),
+                scale,
+                window,
+            )
+            errors.append(relative_error(out[rows], ref))
+        check(checks, f"prefill {model}", max(errors))
         for queries in (1, 4):
             q = randn(len(lengths) * queries, n_q, head_dim)
             out = paged_attention_decode(

@@ -10,9 +10,7 @@ blocks that fell out of every window.
 
 A tile's query rows pack (token, head) pairs of one KV group, so each key/value tile is loaded
 once for all the query heads that share it (GQA). Scores and accumulators are f32; the softmax
-runs online in base 2 with the scale folded in. A prefill masks only the key tiles on the
-diagonal or the window's edge; one too short to fill the GPU splits each query tile's keys over
-several programs and merges their partial results, as the decode does.
+runs online in base 2 with the scale folded in.
 """
 
 from __future__ import annotations
@@ -65,22 +63,6 @@ def default_prefill_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
     return TileConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
 
 
-# Key tiles per split of a prefill tile at least: a split's fixed cost (its q load, its partial
-# store and merge) is about one tile's work.
-_MIN_SPLIT_TILES = 2
-
-
-def default_prefill_splits(device: torch.device, n_tiles: int, key_tiles: int) -> int:
-    """Programs over which a prefill spreads each query tile's keys. A launch of fewer query
-    tiles than the GPU has multiprocessors (a short prompt, few KV heads) leaves most idle and
-    waits on its longest tile: split it up to about two programs a multiprocessor."""
-    multiprocessors = _multiprocessors(device.index or 0) if device.type == "cuda" else 4
-    if n_tiles >= multiprocessors:
-        return 1
-    by_keys = max(1, key_tiles // _MIN_SPLIT_TILES)
-    return min(triton.cdiv(2 * multiprocessors, n_tiles), by_keys, _MAX_MERGED_SPLITS)
-
-
 def default_decode_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
     """block_m is only a floor here: decode tiles hold the (query, head) rows of one KV group."""
     if dtype == torch.float32:
@@ -96,8 +78,6 @@ def _attend_keys(
     l_i,
     q,
     q_pos,
-    tiles_lo,
-    tiles_hi,
     key_lo,
     key_hi,
     k_ptr,
@@ -114,52 +94,38 @@ def _attend_keys(
     KV_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    MASKED: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    TILE_IN_BLOCK: tl.constexpr,
 ):
-    """Fold the key tiles starting at tiles_lo, tiles_lo + BLOCK_N, ... below tiles_hi into the
-    online-softmax state (acc, m_i, l_i) of tile q, reading only keys [key_lo, key_hi).
+    """Fold keys [key_lo, key_hi) into the online-softmax state (acc, m_i, l_i) of tile q.
 
-    k_ptr/v_ptr already point at this KV head; m_i is in base-2 units of scaled scores. MASKED
-    tiles hide keys outside [key_lo, key_hi) and the causal/window mask; unmasked ones must lie
-    wholly inside the range and be visible to every row, and skip all of that (most of a long
-    prefill's tiles). TILE_IN_BLOCK: every tile starts at a multiple of BLOCK_N, which divides
-    KV_BLOCK, so one block-table entry serves the whole tile.
+    k_ptr/v_ptr already point at this KV head; m_i is in base-2 units of scaled scores.
     """
-    for start in range(tiles_lo, tiles_hi, BLOCK_N):
+    for start in range(key_lo, key_hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        key_ok = (keys >= key_lo) & (keys < key_hi)
-        if TILE_IN_BLOCK:
-            block = tl.load(table_ptr + start // KV_BLOCK).to(tl.int64)
-        elif MASKED:
-            block = tl.load(table_ptr + keys // KV_BLOCK, mask=key_ok, other=0).to(tl.int64)
-        else:
-            block = tl.load(table_ptr + keys // KV_BLOCK).to(tl.int64)
+        key_ok = keys < key_hi
+        block = tl.load(table_ptr + keys // KV_BLOCK, mask=key_ok, other=0).to(tl.int64)
         row = keys % KV_BLOCK
-        k_ptrs = k_ptr + (block * stride_kb + row * stride_kt)[:, None] + offs_d[None, :]
-        v_ptrs = v_ptr + (block * stride_vb + row * stride_vt)[:, None] + offs_d[None, :]
         kv_mask = key_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0) if MASKED or not EVEN_D else tl.load(k_ptrs)
-        # Raw scores: qk_scale > 0 scales the row maxima, then each score in the exp2's FMA.
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if MASKED:
-            delta = q_pos[:, None] - keys[None, :]
-            visible = (delta >= 0) & (delta < window) & key_ok[None, :]
-            scores = tl.where(visible, scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1) * qk_scale)
-            # Rows that have seen no visible key yet keep m = -inf; exponentiate against 0.
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            # finite: every key is visible
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1) * qk_scale)
-            m_ref = m_new
+        k = tl.load(
+            k_ptr + (block * stride_kb + row * stride_kt)[:, None] + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        delta = q_pos[:, None] - keys[None, :]
+        visible = (delta >= 0) & (delta < window) & key_ok[None, :]
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        # Rows that have seen no visible key yet keep m = -inf; exponentiate against 0 instead.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(scores * qk_scale - m_ref[:, None])
+        p = tl.exp2(scores - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0) if MASKED or not EVEN_D else tl.load(v_ptrs)
-        # Accumulate in the dot itself: the MMA adds into acc, with no second f32 tile live.
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        v = tl.load(
+            v_ptr + (block * stride_vb + row * stride_vt)[:, None] + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -168,9 +134,6 @@ def _attend_keys(
 def _prefill_kernel(
     q_ptr,
     out_ptr,
-    part_out_ptr,
-    part_lse_ptr,
-    arrivals_ptr,
     k_ptr,
     v_ptr,
     table_ptr,
@@ -194,24 +157,19 @@ def _prefill_kernel(
     n_subgroups,
     qk_scale,
     window,
-    num_splits,
     HEAD_DIM: tl.constexpr,
     KV_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    SPLIT: tl.constexpr,
     PDL: tl.constexpr,
 ):
     wait_for_inputs(PDL)
     # Last query tiles first: under the causal mask they see the most keys, so they start early.
-    # The head varies fastest, so every head's longest tiles go before any head's shorter ones.
-    tile = tl.num_programs(1) - 1 - tl.program_id(1)
-    head_tile = tl.program_id(0) // num_splits  # (KV head, subgroup); its splits side by side
-    split = tl.program_id(0) % num_splits
-    kv_head = head_tile // n_subgroups
-    subgroup = head_tile % n_subgroups
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    kv_head = tl.program_id(1) // n_subgroups
+    subgroup = tl.program_id(1) % n_subgroups
     seq = tl.program_id(2)
     q_start = tl.load(cu_q_ptr + seq).to(tl.int32)
     q_len = tl.load(cu_q_ptr + seq + 1).to(tl.int32) - q_start
@@ -231,56 +189,42 @@ def _prefill_kernel(
     q = q.to(k_ptr.dtype.element_ty)
     q_pos = tl.load(q_pos_ptr + q_start + token, mask=row_ok, other=0).to(tl.int32)
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
-    highest_pos = tl.max(tl.where(row_ok, q_pos, -1))
-    key_hi = tl.minimum(seq_len, highest_pos + 1)
+    key_hi = tl.minimum(seq_len, tl.max(tl.where(row_ok, q_pos, -1)) + 1)
     lowest_pos = tl.min(tl.where(row_ok, q_pos, key_hi))
     key_lo = tl.maximum(lowest_pos - window + 1, 0)
-    # Key tiles at multiples of BLOCK_N, in three runs: masked tiles cut by the window's lower
-    # edge, tiles every row sees whole (keys [highest - W + 1, lowest], unmasked), and masked
-    # tiles on the diagonal. Under full attention the first run is empty.
-    first_tile = key_lo // BLOCK_N * BLOCK_N
-    whole_lo = tl.cdiv(tl.maximum(highest_pos - window + 1, 0), BLOCK_N) * BLOCK_N
-    edge_hi = tl.minimum(tl.maximum(whole_lo, first_tile), key_hi)
-    whole_hi = tl.maximum(tl.minimum(lowest_pos + 1, seq_len) // BLOCK_N * BLOCK_N, edge_hi)
-    # A split takes an equal share of whole tiles of [first_tile, key_hi) and each run's part
-    # of it (a short tile's last splits may get none).
-    chunk = tl.cdiv(tl.cdiv(key_hi - first_tile, num_splits), BLOCK_N) * BLOCK_N
-    split_lo = first_tile + split * chunk
-    split_hi = tl.minimum(split_lo + chunk, key_hi)
-    k_head = k_ptr + kv_head * stride_kh
-    v_head = v_ptr + kv_head * stride_vh
-    table = table_ptr + seq.to(tl.int64) * stride_table
-    even_d: tl.constexpr = BLOCK_D == HEAD_DIM
-    in_block: tl.constexpr = KV_BLOCK % BLOCK_N == 0
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, q_pos, tl.maximum(first_tile, split_lo),
-                                 tl.minimum(edge_hi, split_hi), key_lo, key_hi,
-                                 k_head, v_head, table, stride_kb, stride_kt, stride_vb,
-                                 stride_vt, offs_d, d_ok, qk_scale, window, KV_BLOCK, BLOCK_N,
-                                 DOT_PRECISION, True, even_d, in_block)  # fmt: skip
-    acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, q_pos, tl.maximum(edge_hi, split_lo),
-                                 tl.minimum(whole_hi, split_hi), key_lo, key_hi,
-                                 k_head, v_head, table, stride_kb, stride_kt, stride_vb,
-                                 stride_vt, offs_d, d_ok, qk_scale, window, KV_BLOCK, BLOCK_N,
-                                 DOT_PRECISION, False, even_d, in_block)  # fmt: skip
-    acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, q_pos, tl.maximum(whole_hi, split_lo),
-                                 split_hi, key_lo, key_hi,
-                                 k_head, v_head, table, stride_kb, stride_kt, stride_vb,
-                                 stride_vt, offs_d, d_ok, qk_scale, window, KV_BLOCK, BLOCK_N,
-                                 DOT_PRECISION, True, even_d, in_block)  # fmt: skip
-    out_ptrs = out_ptr + ((q_start + token) * stride_ot + head * stride_oh)[:, None]
-    out_ptrs += offs_d[None, :]
-    if SPLIT:
-        # Tiles numbered as the grid orders them, splits dropped.
-        tile_id = (seq * tl.num_programs(1) + tile) * (tl.num_programs(0) // num_splits)
-        _store_split(acc, m_i, l_i, part_out_ptr, part_lse_ptr, arrivals_ptr,
-                     tile_id + head_tile, split, num_splits, rows, row_ok, offs_d, out_ptrs,
-                     q_mask, BLOCK_M, BLOCK_D, True)  # fmt: skip
-    else:
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    acc, m_i, l_i = _attend_keys(
+        acc,
+        m_i,
+        l_i,
+        q,
+        q_pos,
+        key_lo,
+        key_hi,
+        k_ptr + kv_head * stride_kh,
+        v_ptr + kv_head * stride_vh,
+        table_ptr + seq.to(tl.int64) * stride_table,
+        stride_kb,
+        stride_kt,
+        stride_vb,
+        stride_vt,
+        offs_d,
+        d_ok,
+        qk_scale,
+        window,
+        KV_BLOCK,
+        BLOCK_N,
+        DOT_PRECISION,
+    )
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    out_rows = (q_start + token) * stride_ot + head * stride_oh
+    tl.store(
+        out_ptr + out_rows[:, None] + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=q_mask,
+    )
 
 
 @triton.jit
@@ -360,8 +304,6 @@ def _decode_kernel(
         q_pos,
         split_lo,
         split_hi,
-        split_lo,
-        split_hi,
         k_ptr + kv_head * stride_kh,
         v_ptr + kv_head * stride_vh,
         table_ptr + seq.to(tl.int64) * stride_table,
@@ -376,56 +318,46 @@ def _decode_kernel(
         KV_BLOCK,
         BLOCK_N,
         DOT_PRECISION,
-        MASKED=True,
-        EVEN_D=False,
-        TILE_IN_BLOCK=False,
     )
-    out_ptrs = out_ptr + (q_index * stride_ot + head * stride_oh)[:, None] + offs_d[None, :]
-    if SPLIT:
-        tile = seq * tl.num_programs(1) + tl.program_id(1)
-        _store_split(acc, m_i, l_i, part_out_ptr, part_lse_ptr, arrivals_ptr, tile, split,
-                     num_splits, rows, row_ok, offs_d, out_ptrs, q_mask, BLOCK_M, BLOCK_D,
-                     MERGE)  # fmt: skip
-    else:
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
-
-
-@triton.jit
-def _store_split(acc, m_i, l_i, part_out_ptr, part_lse_ptr, arrivals_ptr, tile, split, num_splits,
-                 rows, row_ok, offs_d, out_ptrs, out_mask, BLOCK_M: tl.constexpr,
-                 BLOCK_D: tl.constexpr, MERGE: tl.constexpr):  # fmt: skip
-    """Store one split's partial result of `tile` (normalized output and its log2-sum-exp2);
-    with MERGE, the tile's last split to arrive merges them all into out_ptrs."""
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    part = tile * num_splits + split
-    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
-    tl.store(part_lse_ptr + part * BLOCK_M + rows, lse)
-    part_offs = (part * BLOCK_M + rows)[:, None] * BLOCK_D + offs_d[None, :]
-    if MERGE:
-        # Rows that saw no key (a short prefill tile's later splits) have weight 0 in the merge,
-        # which skips their outputs: no need to write them.
-        tl.store(part_out_ptr + part_offs, acc / l_safe[:, None], mask=(l_i > 0.0)[:, None])
-        # The barrier orders every thread's stores before the counter's release; the acquire
-        # of the last arrival makes the other splits' stores visible to it. It leaves the
-        # counter at zero.
-        tl.debug_barrier()
-        arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == num_splits - 1:
-            tl.atomic_xchg(arrivals_ptr + tile, 0, sem="relaxed", scope="gpu")
-            merged = _merge_splits(part_out_ptr, part_lse_ptr, tile * num_splits, num_splits,
-                                   rows, row_ok, offs_d, BLOCK_M, BLOCK_D)  # fmt: skip
-            tl.store(out_ptrs, merged.to(out_ptrs.dtype.element_ty), mask=out_mask)
+    out = acc / l_safe[:, None]
+    out_rows = q_index * stride_ot + head * stride_oh
+    if SPLIT:
+        # Partial results of this split: normalized output and its log2-sum-exp2.
+        tile = seq * tl.num_programs(1) + tl.program_id(1)
+        part = tile * num_splits + split
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
+        tl.store(part_lse_ptr + part * BLOCK_M + rows, lse)
+        part_offs = (part * BLOCK_M + rows)[:, None] * BLOCK_D + offs_d[None, :]
+        tl.store(part_out_ptr + part_offs, out)
+        if MERGE:
+            # The tile's last split to arrive merges them all. The barrier orders every
+            # thread's stores before the counter's release; the acquire of the last arrival
+            # makes the other splits' stores visible to it. It leaves the counter at zero.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_splits - 1:
+                tl.atomic_xchg(arrivals_ptr + tile, 0, sem="relaxed", scope="gpu")
+                merged = _merge_splits(part_out_ptr, part_lse_ptr, tile * num_splits, num_splits,
+                                       rows, row_ok, offs_d, BLOCK_M, BLOCK_D)  # fmt: skip
+                tl.store(
+                    out_ptr + out_rows[:, None] + offs_d[None, :],
+                    merged.to(out_ptr.dtype.element_ty),
+                    mask=q_mask,
+                )
     else:
-        tl.store(part_out_ptr + part_offs, acc / l_safe[:, None])
+        tl.store(
+            out_ptr + out_rows[:, None] + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=q_mask,
+        )
 
 
 @triton.jit
 def _merge_splits(part_out_ptr, part_lse_ptr, first_part, num_splits, rows, row_ok, offs_d,
                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
     """The rows of one tile merged over its splits' partial results (weights 2^(lse_i - max)),
-    a split at a time; rows of weight 0 are not read (nor written: see _store_split). Loads
-    bypass L1 (.cg): other programs wrote the partials."""
+    a split at a time. Loads bypass L1 (.cg): other programs wrote the partials."""
     lse_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for split in range(num_splits):
         lse = tl.load(part_lse_ptr + (first_part + split) * BLOCK_M + rows, cache_modifier=".cg")
@@ -438,7 +370,7 @@ def _merge_splits(part_out_ptr, part_lse_ptr, first_part, num_splits, rows, row_
         weight = tl.exp2(tl.load(part_lse_ptr + part_rows, cache_modifier=".cg") - lse_ref)
         parts = tl.load(
             part_out_ptr + part_rows[:, None] * BLOCK_D + offs_d[None, :],
-            mask=(row_ok & (weight > 0.0))[:, None],
+            mask=row_ok[:, None],
             other=0.0,
             cache_modifier=".cg",
         )
@@ -551,14 +483,6 @@ def _check_layout(
     return _Layout(n_q_heads, n_kv_heads, head_dim, block_size, n_q_heads // n_kv_heads)
 
 
-def _kernel_scale(scale: float, caller: str) -> float:
-    """The kernels' score scale, base 2. It must be positive: the kernels scale a row's largest
-    raw score rather than every score (the maximum of scaled scores, for any positive scale)."""
-    if not scale > 0:
-        raise MetallicError(f"{caller}: attention scale {scale} must be positive")
-    return scale * _LOG2E
-
-
 def _kernel_window(window: int) -> int:
     """The kernels' window: keys at distance >= it are hidden; 0 (none) becomes unreachable."""
     if window < 0:
@@ -583,7 +507,6 @@ def paged_attention_prefill(
     window: int = 0,
     *,
     max_q_len: int | None = None,
-    num_splits: int | None = None,
     out: torch.Tensor | None = None,
     config: TileConfig | None = None,
 ) -> torch.Tensor:
@@ -593,12 +516,9 @@ def paged_attention_prefill(
     `q_positions`, and sees its keys [0, seq_lens[s]) (this step's keys already stored, see
     `store_kv`). `max_q_len` (the longest query span) sizes the grid; pass it from the host to
     avoid a device sync. Writes into `out` (default: a new tensor of q's dtype) and returns it.
-    A launch too short to fill the GPU splits each query tile's keys over `num_splits` programs
-    (default: `default_prefill_splits`), whose last to finish merges them.
     """
     layout = _check_layout(q, k_pool, v_pool, block_table, seq_lens, out, "paged_attention_prefill")
     kernel_window = _kernel_window(window)
-    qk_scale = _kernel_scale(scale, "paged_attention_prefill")
     n_seqs = block_table.shape[0]
     if cu_seqlens_q.shape != (n_seqs + 1,) or q_positions.shape != (q.shape[0],):
         raise MetallicError(
@@ -615,31 +535,10 @@ def paged_attention_prefill(
     heads_per_tile = min(layout.group, config.block_m)
     tokens_per_tile = config.block_m // heads_per_tile
     n_subgroups = triton.cdiv(layout.group, heads_per_tile)
-    head_tiles = layout.n_kv_heads * n_subgroups
-    n_tiles = head_tiles * triton.cdiv(max_q_len, tokens_per_tile) * n_seqs
-    if num_splits is None:
-        keys = min(max_q_len, window) if window else max_q_len  # the longest tile's, at least
-        num_splits = default_prefill_splits(q.device, n_tiles, triton.cdiv(keys, config.block_n))
-    elif not 1 <= num_splits <= _MAX_MERGED_SPLITS:
-        raise MetallicError(
-            f"paged_attention_prefill: num_splits {num_splits} outside 1..{_MAX_MERGED_SPLITS}"
-        )
-    arrivals = _arrival_counters(q.device) if num_splits > 1 else None
-    if arrivals is None or n_tiles > _ARRIVAL_SLOTS:
-        num_splits = 1
-    block_d = triton.next_power_of_2(layout.head_dim)
-    part_shape = (n_tiles * num_splits, config.block_m) if num_splits > 1 else (1,)
-    part_lse = torch.empty(part_shape, dtype=torch.float32, device=q.device)
-    part_out = torch.empty(
-        (*part_shape, block_d) if num_splits > 1 else (1,), dtype=torch.float32, device=q.device
-    )
-    grid = (head_tiles * num_splits, triton.cdiv(max_q_len, tokens_per_tile), n_seqs)
+    grid = (triton.cdiv(max_q_len, tokens_per_tile), layout.n_kv_heads * n_subgroups, n_seqs)
     _prefill_kernel[grid](
         q,
         out,
-        part_out,
-        part_lse,
-        arrivals if arrivals is not None else part_lse,
         k_pool,
         v_pool,
         block_table,
@@ -661,16 +560,14 @@ def paged_attention_prefill(
         heads_per_tile,
         tokens_per_tile,
         n_subgroups,
-        qk_scale,
+        scale * _LOG2E,
         kernel_window,
-        num_splits,
         HEAD_DIM=layout.head_dim,
         KV_BLOCK=layout.block_size,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
-        BLOCK_D=block_d,
+        BLOCK_D=triton.next_power_of_2(layout.head_dim),
         DOT_PRECISION=_dot_precision(k_pool.dtype),
-        SPLIT=num_splits > 1,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **pdl_launch(q.device),
@@ -733,7 +630,6 @@ def paged_attention_decode(
     """
     layout = _check_layout(q, k_pool, v_pool, block_table, seq_lens, out, "paged_attention_decode")
     kernel_window = _kernel_window(window)
-    qk_scale = _kernel_scale(scale, "paged_attention_decode")
     n_seqs = block_table.shape[0]
     if queries_per_seq < 1 or q.shape[0] != n_seqs * queries_per_seq:
         raise MetallicError(
@@ -800,7 +696,7 @@ def paged_attention_decode(
         layout.group,
         heads_per_tile,
         n_subgroups,
-        qk_scale,
+        scale * _LOG2E,
         kernel_window,
         num_splits,
         HEAD_DIM=layout.head_dim,

@@ -11,12 +11,6 @@ bf16 with f32 accumulation. Two arrangements (``GemmTile.w_as_b``):
 - out tiles, ``x @ W^T``: the weights are the B operand, stored to shared memory once a step,
   where wgmma reads them with x's tile.
 
-A launch covers one or two stacked parts, of either format (q|k in Q4_K with v in Q6_K make
-one grid). Tiles are few at prompt sizes (the 8B's q|k|v at 512 rows: 96 of 256 x 128 on 132
-SMs), so a GemmPlan may share the tiles' K steps among programs: K split in pieces per tile, or
-stream-K (the last waves' steps spread evenly over one program per SM), the pieces' f32 sums
-added in the kernel by the piece that finishes last (no merge launch).
-
 Both formats come apart into runs of 32 consecutive elements of K that need no shuffling, so x
 is read in K order (16-byte cp.async copies, pipelined by Triton with the quant words):
 
@@ -49,11 +43,11 @@ from metallic.kernels.quant_matmul import (
     _ONE_BITS,
     _assemble,
     _check_device,
-    _move,
     _q4_plane,
-    _unit,
+    _q6_plane,
     interpreting,
     sm_count,
+    sum_splits,
 )
 
 T = GGMLQuantizationType
@@ -83,24 +77,8 @@ def gemm_takes(m: int, weight: PackedWeight, dtype: torch.dtype) -> bool:
 
 def uses_gemm(m: int, parts: Sequence[PackedWeight], dtype: torch.dtype) -> bool:
     """Whether m rows of x in `dtype` against the stacked parts take ops.linear's "gemm" path:
-    some part takes quant_gemm at m rows (the others are widened one by one), or all of them
-    take it together (`gemm_joins`)."""
-    return any(gemm_takes(m, p, dtype) for p in parts) or gemm_joins(m, parts, dtype)
-
-
-# Rows of x where stacked parts of two formats may share one launch (the range --layer-8b
-# measures, 256 to 1024, and a little beyond).
-JOINED_ROWS = (129, 2048)
-
-
-def gemm_joins(m: int, parts: Sequence[PackedWeight], dtype: torch.dtype) -> bool:
-    """Whether m rows of x in `dtype` against two stacked parts (the 8B's q|k in Q4_K and v in
-    Q6_K) take one quant_gemm_parts launch for both: where GEMM_PLANS holds a plan measured
-    for them (at the nearest row count), which is then entered only where it beat ops.linear's
-    path of the time (q|k by quant_gemm, v widened for cuBLAS)."""
-    if len(parts) != 2 or dtype not in _X_DTYPES or not JOINED_ROWS[0] <= m <= JOINED_ROWS[1]:
-        return False
-    return all(p.ggml_type in GEMM_TYPES for p in parts) and _key(m, parts) in GEMM_PLANS
+    some part takes quant_gemm at m rows (the others are widened one by one)."""
+    return any(gemm_takes(m, p, dtype) for p in parts)
 
 
 @dataclass(frozen=True)
@@ -113,9 +91,6 @@ class GemmTile:
     warps: int
     stages: int  # Triton's software pipelining depth (num_stages)
     w_as_b: bool = False  # tiles of out = x W^T, W through shared memory (else out^T = W x^T)
-    # Registers a thread may take (ptxas's maxnreg; 0: its choice, which fills the SM with one
-    # CTA of 8 warps): 128 fits two CTAs of 8 warps, one dequantizing while the other multiplies.
-    registers: int = 0
 
     def __post_init__(self) -> None:
         for name in ("bm", "bn", "warps"):
@@ -125,8 +100,6 @@ class GemmTile:
                 raise MetallicError(f"GemmTile.{name} must be a power of two >= {least}: {value}")
         if self.bk not in (64, 128, 256) or self.stages < 1:
             raise MetallicError(f"GemmTile bk must be 64, 128 or 256 and stages >= 1: {self}")
-        if self.registers and not 24 <= self.registers <= 255:
-            raise MetallicError(f"GemmTile registers must be 0 or 24..255: {self}")
 
 
 # Measured best on an H200 (benchmarks/gpu_quant_gemm.py run 2, Triton 3.6), both formats: above
@@ -141,45 +114,6 @@ _NARROW_TILE = GemmTile(bm=64, bn=128, bk=128, warps=8, stages=3, w_as_b=True)
 def default_tile(m: int) -> GemmTile:
     """The measured tile for m rows of x (either format)."""
     return _NARROW_TILE if m <= 128 else _WIDE_TILE
-
-
-@dataclass(frozen=True)
-class GemmPlan:
-    """A tile and how the programs share the tiles' K steps (see _gemm_kernel):
-
-    - ``stream``: whole waves of single tiles but the last, then the rest of the work spread
-      evenly over ``per_sm`` programs per multiprocessor (stream-K), pieces of a tile added by
-      its last piece;
-    - else each tile in ``splits`` pieces of K (0: 1, or as many as about fill the
-      multiprocessors where the tiles leave them idle)."""
-
-    tile: GemmTile
-    splits: int = 0
-    stream: bool = False
-    per_sm: int = 1  # stream-K programs per multiprocessor (2 where two CTAs fit one)
-
-    def __post_init__(self) -> None:
-        if self.splits < 0 or self.per_sm < 1:
-            raise MetallicError(f"GemmPlan splits must be >= 0 and per_sm >= 1: {self}")
-
-
-def _key(m: int, parts: Sequence[PackedWeight]) -> tuple[int, int, int, str]:
-    """GEMM_PLANS' key: the measured row count nearest m (256, 512 or 1024), n, k, formats."""
-    rows = 256 if m <= 384 else 512 if m <= 768 else 1024
-    formats = "+".join(p.ggml_type.name for p in parts)
-    return rows, sum(p.n for p in parts), parts[0].k, formats
-
-
-# Plans per (rows of x, n, k, formats) from `benchmarks/gpu_quant_gemm.py --layer-8b` on an
-# H200: the fastest candidate of each product of a Llama-3-8B layer. Other products take the
-# default tile with K split where the tiles leave SMs idle. A plan for two formats ("Q4_K+Q6_K")
-# also routes those parts to one launch (`gemm_joins`); single parts are routed by GEMM_ROWS.
-GEMM_PLANS: dict[tuple[int, int, int, str], GemmPlan] = {}
-
-
-def gemm_plan(m: int, parts: Sequence[PackedWeight]) -> GemmPlan:
-    """The plan for m rows of x against the stacked parts (see GEMM_PLANS)."""
-    return GEMM_PLANS.get(_key(m, parts)) or GemmPlan(default_tile(m))
 
 
 # Triton code below keeps long argument lists on few lines.
@@ -269,9 +203,8 @@ def _q6_k_tile(ql_ptr, qh_ptr, sc_ptr, d_ptr, rows, nb, k0, one, BN: tl.constexp
     sb = k0 // 256
     ql = tl.load(ql_ptr + rows * (nb * 32) + sb * 32 + 16 * h + 8 * (r % 2) + u)
     qh = tl.load(qh_ptr + rows * (nb * 16) + sb * 16 + 8 * h + u)
-    # The run's 6-bit quants, one a byte (bits 6 and 7 left over, masked per element): the
-    # nibble of ql below qh's two bits, joined once a word rather than once an element.
-    q6 = _bit_select(ql >> (4 * (i // 2)), (qh >> (2 * i)) << 4, 0x0F0F0F0F)
+    ql = ql >> (4 * (i // 2))
+    qh = qh >> (2 * i)
     d = tl.load(d_ptr + rows * nb + sb).to(tl.float32)
     # The run's two scales are bytes e // 16 % 4 and the next of word e // 64 of the plane
     # (4-byte loads are pipelined): shifted to the top, then back with the sign. The words are
@@ -286,157 +219,56 @@ def _q6_k_tile(ql_ptr, qh_ptr, sc_ptr, d_ptr, rows, nb, k0, one, BN: tl.constexp
     s1 = d * ((scales << (16 - at)) >> 24).to(tl.float32)
     a = tl.where(u < 4, s0 * 64, s1 * 64)
     b = tl.where(u < 4, s0 * 96, s1 * 96)
-    return _assemble(_q6_byte(q6, 0, one) * a - b, _q6_byte(q6, 1, one) * a - b,
-                     _q6_byte(q6, 2, one) * a - b, _q6_byte(q6, 3, one) * a - b, BN)
+    return _assemble(_q6_plane(ql, qh, 0, 0, one) * a - b, _q6_plane(ql, qh, 1, 0, one) * a - b,
+                     _q6_plane(ql, qh, 2, 0, one) * a - b, _q6_plane(ql, qh, 3, 0, one) * a - b,
+                     BN)
 
 
 @triton.jit
-def _bit_select(low, high, mask):
-    """The bits of ``low`` where ``mask`` is set, else those of ``high`` (one LOP3)."""
-    return (low & mask) | (high & ~mask)
-
-
-@triton.jit
-def _q6_byte(q6, k: tl.constexpr, one):
-    """Value f = 1 + q/64 of byte k's 6-bit quant q (bits 6 and 7 of the byte ignored)."""
-    return _unit(_move(q6, 8 * k, 17) & 0x7E0000, one)
-
-
-@triton.jit
-def _tile_sum(p0, p1, p2, p3, rows, nb, k_first, k_end, x_at, one, FMT: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, W_AS_B: tl.constexpr,
-              F32_DOT: tl.constexpr):
-    """The f32 tile of elements [k_first, k_end) of K (multiples of BK) for the rows ``rows``
-    of a part of format FMT (0: Q4_K, p0 the block words; 1: Q6_K, p0..p3 ql, qh, scales as
-    int32, d) and x's rows at ``x_at``: out^T [BN, BM], or with W_AS_B out [BM, BN]."""
-    acc = tl.zeros((BM, BN) if W_AS_B else (BN, BM), dtype=tl.float32)
-    for k0 in range(tl.multiple_of(k_first, BK), k_end, BK):
-        if FMT == 0:
-            w = _q4_k_tile(p0, rows, nb, k0, one, BN, BK)
-        else:
-            w = _q6_k_tile(p0, p1, p2, p3, rows, nb, k0, one, BN, BK)
-        acc = _mma(w, x_at + k0, acc, W_AS_B, F32_DOT)
-    return acc
-
-
-@triton.jit
-def _add_piece(acc, ws_ptr, counts_ptr, out_at, mask, t, t_start, steps, first_tile, q, base,
-               span, sk_programs, slot_at, tile_size):
-    """Store program q's piece ``acc`` of tile t in its slot and count it; the last piece of
-    the tile adds all pieces in program order (the same sum whoever arrives last), stores the
-    tile and sets its count back to 0."""
-    slot = (2 * q + (t != first_tile).to(tl.int32)).to(tl.int64) * tile_size
-    tl.store(ws_ptr + slot + slot_at, acc)
-    tl.debug_barrier()  # every thread's piece is stored before the count says so
-    piece = tl.atomic_add(counts_ptr + t, 1, sem="acq_rel")
-    q_first = ((t_start - base + 1).to(tl.int64) * sk_programs - 1) // span
-    q_last = ((t_start + steps - base).to(tl.int64) * sk_programs - 1) // span
-    if piece == q_last - q_first:
-        # Every piece from the workspace (acc no longer held: a second f32 tile in registers
-        # would spill); .cg reads them from the L2, where the other SMs' stores are.
-        total = tl.zeros(acc.shape, dtype=tl.float32)
-        for r in range(q_first, q_last + 1):
-            r_first = (base + r * span // sk_programs) // steps
-            r_slot = (2 * r + (t != r_first).to(tl.int64)) * tile_size
-            total += tl.load(ws_ptr + r_slot + slot_at, cache_modifier=".cg")
-        tl.store(out_at, total.to(out_at.dtype.element_ty), mask=mask)
-        tl.store(counts_ptr + t, 0)
-
-
-@triton.jit
-def _make_tile(a0, a1, a2, a3, b0, b1, b2, b3, x_ptr, out_ptr, ws_ptr, counts_ptr, M, N0, N1,
-               stride_xm, stride_om, one, nb, t, steps, start, end, first_tile, tiles0, m_tiles,
-               q, base, span, sk_programs, SHARE: tl.constexpr, FMT0: tl.constexpr,
-               FMT1: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-               W_AS_B: tl.constexpr, F32_DOT: tl.constexpr):
-    """Steps [start, end) of tile t (see _gemm_kernel): stored, or with SHARE, where they are a
-    piece of the tile, added to its other pieces (_add_piece)."""
-    t_start = t * steps
-    k_first = (tl.maximum(start, t_start) - t_start) * BK
-    k_end = (tl.minimum(end, t_start + steps) - t_start) * BK
-    in_b = t >= tiles0
-    local = tl.where(in_b, t - tiles0, t)
-    n_part = tl.where(in_b, N1, N0)
-    m_ids = (local % m_tiles) * BM + tl.arange(0, BM)
-    row_ids = (local // m_tiles) * BN + tl.arange(0, BN)
+def _gemm_kernel(w0, w1, w2, w3, x_ptr, out_ptr, M, N, K, stride_xm, stride_om, one_bits,
+                 split_k, FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 BK: tl.constexpr, W_AS_B: tl.constexpr, PARTIAL: tl.constexpr,
+                 F32_DOT: tl.constexpr):
+    """out[m, n] for rows [BN*r, +BN) of W and [BM*t, +BM) of x, program r * m_tiles + t (t
+    varies fastest: the programs that read one weight tile run together and share it in L2),
+    over elements [pid1 * split_k, +split_k) of K; PARTIAL: f32 partial sums into
+    out[pid1] ([splits, M, N], stride_om = N). Tiles of out^T = W x^T (W the A operand, from
+    registers), or with W_AS_B tiles of out = x W^T (W the B operand, through shared memory).
+    FMT 0: Q4_K (w0 the block words); 1: Q6_K (ql, qh, scales as int32, d)."""
+    pid = tl.program_id(0)
+    m_tiles = tl.cdiv(M, BM)
+    m_first = (pid % m_tiles) * BM
+    row_ids = (pid // m_tiles) * BN + tl.arange(0, BN)
     # Rows past N read row N-1 (valid memory, no masks in the loop); only stores are masked.
-    rows = tl.minimum(row_ids, n_part - 1).to(tl.int64)[:, None, None]
+    rows = tl.minimum(row_ids, N - 1).to(tl.int64)[:, None, None]
     # Tiles of x: rows past M read row M-1, and their columns of out are not stored.
+    m_ids = m_first + tl.arange(0, BM)
     x_row_at = x_ptr + tl.minimum(m_ids, M - 1).to(tl.int64) * stride_xm
     if W_AS_B:
         x_at = x_row_at[:, None] + tl.arange(0, BK)[None, :]  # [BM, BK]
-        m = m_ids[:, None]
-        n = row_ids[None, :]
-        slot_at = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
     else:
         x_at = x_row_at[None, :] + tl.arange(0, BK)[:, None]  # x^T [BK, BM]
-        m = m_ids[None, :]
-        n = row_ids[:, None]
-        slot_at = tl.arange(0, BN)[:, None] * BM + tl.arange(0, BM)[None, :]
-    if FMT1 < 0:
-        acc = _tile_sum(a0, a1, a2, a3, rows, nb, k_first, k_end, x_at, one, FMT0, BM, BN, BK,
-                        W_AS_B, F32_DOT)
-    elif in_b:
-        acc = _tile_sum(b0, b1, b2, b3, rows, nb, k_first, k_end, x_at, one, FMT1, BM, BN, BK,
-                        W_AS_B, F32_DOT)
-    else:
-        acc = _tile_sum(a0, a1, a2, a3, rows, nb, k_first, k_end, x_at, one, FMT0, BM, BN, BK,
-                        W_AS_B, F32_DOT)
-    out_at = out_ptr + m.to(tl.int64) * stride_om + (n + tl.where(in_b, N0, 0))
-    mask = (n < n_part) & (m < M)
-    whole = (k_first == 0) & (k_end == steps * BK)
-    if SHARE:
-        if whole:
-            tl.store(out_at, acc.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
-            _add_piece(acc, ws_ptr, counts_ptr, out_at, mask, t, t_start, steps, first_tile, q,
-                       base, span, sk_programs, slot_at, BM * BN)
-    else:
-        tl.store(out_at, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _gemm_kernel(a0, a1, a2, a3, b0, b1, b2, b3, x_ptr, out_ptr, ws_ptr, counts_ptr, M, N0, N1,
-                 K, stride_xm, stride_om, one_bits, dp_tiles, sk_programs, SHARE: tl.constexpr,
-                 FMT0: tl.constexpr, FMT1: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr, W_AS_B: tl.constexpr, F32_DOT: tl.constexpr):
-    """out[:, :N0] = x @ A^T and out[:, N0:N0+N1] = x @ B^T (FMT1 < 0: A alone), in tiles of
-    BM rows of x by BN rows of W: tile t < tiles0 of A, else t - tiles0 of B, each numbered
-    n_tile * m_tiles + m_tile (m varies fastest: programs that read one weight tile run together
-    and share it in L2). A tile's work is `steps` K steps of BK.
-
-    Programs below ``dp_tiles`` make tile ``pid`` whole. With SHARE, the other ``sk_programs``
-    share the remaining tiles' steps evenly (stream-K: program q takes steps
-    [q*span/sk, (q+1)*span/sk) of them, crossing tiles), so the grid ends together however few
-    tiles there are. A tile made in pieces: each piece stores its f32 sum in the workspace (slot
-    2q for the program's first tile, 2q+1 for its last) and counts itself in ``counts_ptr[t]``;
-    the piece that counts last adds the slots in program order (the same sum whoever arrives
-    last), stores the tile and sets the count back to 0 for the next launch."""
-    pid = tl.program_id(0)
-    steps = K // BK
-    m_tiles = tl.cdiv(M, BM)
-    tiles0 = m_tiles * tl.cdiv(N0, BN)
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
     one = one_bits
     nb = K // 256
-    if SHARE:
-        tiles = tiles0 + m_tiles * tl.cdiv(N1, BN)
-        base = dp_tiles * steps  # the first step of the shared work
-        span = (tiles - dp_tiles).to(tl.int64) * steps
-        q = pid - dp_tiles
-        start = tl.where(q < 0, pid * steps, base + (q * span // sk_programs).to(tl.int32))
-        end = tl.where(q < 0, (pid + 1) * steps,
-                       base + ((q + 1) * span // sk_programs).to(tl.int32))
-        first_tile = start // steps
-        for t in range(first_tile, (end - 1) // steps + 1):
-            _make_tile(a0, a1, a2, a3, b0, b1, b2, b3, x_ptr, out_ptr, ws_ptr, counts_ptr, M, N0,
-                       N1, stride_xm, stride_om, one, nb, t, steps, start, end, first_tile,
-                       tiles0, m_tiles, q, base, span, sk_programs, SHARE, FMT0, FMT1, BM, BN,
-                       BK, W_AS_B, F32_DOT)
+    first = tl.multiple_of(tl.program_id(1) * split_k, BK)
+    for k0 in range(first, tl.minimum(first + split_k, K), BK):
+        if FMT == 0:
+            w = _q4_k_tile(w0, rows, nb, k0, one, BN, BK)
+        else:
+            w = _q6_k_tile(w0, w1, w2, w3, rows, nb, k0, one, BN, BK)
+        acc = _mma(w, x_at + k0, acc, W_AS_B, F32_DOT)
+    if W_AS_B:
+        m = m_ids[:, None]
+        n = row_ids[None, :]
     else:
-        _make_tile(a0, a1, a2, a3, b0, b1, b2, b3, x_ptr, out_ptr, ws_ptr, counts_ptr, M, N0, N1,
-                   stride_xm, stride_om, one, nb, pid, steps, pid * steps, (pid + 1) * steps,
-                   pid, tiles0, m_tiles, 0, 0, 1, 1, SHARE, FMT0, FMT1, BM, BN, BK, W_AS_B,
-                   F32_DOT)
+        m = m_ids[None, :]
+        n = row_ids[:, None]
+    out_at = out_ptr + m.to(tl.int64) * stride_om + n
+    if PARTIAL:
+        out_at += tl.program_id(1).to(tl.int64) * M * N
+    tl.store(out_at, acc.to(out_ptr.dtype.element_ty), mask=(n < N) & (m < M))
 # fmt: on
 
 
@@ -445,42 +277,19 @@ def quant_gemm(
     weight: PackedWeight,
     *,
     tile: GemmTile | None = None,
-    plan: GemmPlan | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ W.T`` for x [M, k] (bf16 or f16) and a Q4_K or Q6_K PackedWeight W [n, k]: [M, n]
     in x's dtype, accumulated in f32. ``out`` (an [M, n] tensor of x's dtype with contiguous
-    rows, such as a column slice of a wider output) receives the result in place. ``plan``
-    (or ``tile``, with the default schedule) overrides `gemm_plan`."""
-    if plan is None and tile is not None:
-        plan = GemmPlan(tile)
-    return quant_gemm_parts(x, (weight,), plan=plan, out=out)
-
-
-def quant_gemm_parts(
-    x: torch.Tensor,
-    parts: Sequence[PackedWeight],
-    *,
-    plan: GemmPlan | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``x @ [W0; W1].T`` for one or two stacked Q4_K / Q6_K parts of the same k, in one launch
-    whatever their formats (the 8B's q|k in Q4_K with v in Q6_K: v's tiles fill multiprocessors
-    that q|k's leave idle): [M, n0 + n1], each part's product in its own columns."""
-    if not 1 <= len(parts) <= 2:
-        raise MetallicError(f"quant_gemm multiplies one or two stacked parts, not {len(parts)}")
-    for weight in parts:
-        if weight.ggml_type not in GEMM_TYPES:
-            raise MetallicError(f"quant_gemm reads Q4_K and Q6_K, not {weight.ggml_type.name}")
-    k = parts[0].k
-    if any(p.k != k for p in parts):
-        raise MetallicError(f"stacked parts must share k: {[p.k for p in parts]}")
-    n = sum(p.n for p in parts)
+    rows, such as a column slice of a wider output) receives the result in place."""
+    if weight.ggml_type not in GEMM_TYPES:
+        raise MetallicError(f"quant_gemm reads Q4_K and Q6_K, not {weight.ggml_type.name}")
+    n, k = weight.n, weight.k
     if x.dim() != 2 or x.shape[1] != k or x.dtype not in _X_DTYPES:
         raise MetallicError(f"x must be bf16 or f16 [M, {k}], got {x.dtype} {list(x.shape)}")
     _check_device(x)
-    if any(x.device != p.device for p in parts):
-        raise MetallicError(f"x is on {x.device} but the weight is on {parts[0].device}")
+    if x.device != weight.device:
+        raise MetallicError(f"x is on {x.device} but the weight is on {weight.device}")
     m = x.shape[0]
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -491,81 +300,38 @@ def quant_gemm_parts(
         )
     if m == 0:
         return out
-    plan = plan or gemm_plan(m, parts)
-    tile = plan.tile
+    tile = tile or default_tile(m)
     if x.stride(1) != 1:
         x = x.contiguous()
-    m_tiles = triton.cdiv(m, tile.bm)
-    tiles = sum(m_tiles * triton.cdiv(p.n, tile.bn) for p in parts)
-    steps = k // tile.bk
-    dp_tiles, sk_programs = _schedule(plan, tiles, steps, 4 * m * n, sm_count(x.device))
-    workspace = counts = out  # unread unless some program shares its tiles
-    if sk_programs:
-        workspace = torch.empty(
-            2 * sk_programs * tile.bm * tile.bn, dtype=torch.float32, device=x.device
-        )
-        counts = _zero_counts(tiles, x.device)
-    second = parts[1] if len(parts) == 2 else parts[0]
-    _gemm_kernel[(dp_tiles + sk_programs,)](
-        *_planes(parts[0]), *_planes(second), x, out, workspace, counts, m, parts[0].n,
-        second.n if len(parts) == 2 else 0, k, x.stride(0), out.stride(0), _ONE_BITS, dp_tiles,
-        max(1, sk_programs), SHARE=sk_programs > 0,
-        FMT0=_FMT_IDS[parts[0].ggml_type], FMT1=_FMT_IDS[second.ggml_type] if len(parts) == 2
-        else -1, BM=tile.bm, BN=tile.bn, BK=tile.bk, W_AS_B=tile.w_as_b,
+    if weight.ggml_type == T.Q4_K:
+        planes = [weight.planes[0]] * 4
+    else:
+        ql, qh, scales, d = weight.planes
+        planes = [ql, qh, scales.view(torch.int32), d]
+    programs = triton.cdiv(m, tile.bm) * triton.cdiv(n, tile.bn)
+    split_k = tile.bk * _steps_per_split(programs, k // tile.bk, 4 * m * n, x.device)
+    splits = triton.cdiv(k, split_k)
+    target = out
+    if splits > 1:
+        target = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+    _gemm_kernel[(programs, splits)](
+        *planes, x, target, m, n, k, x.stride(0), n if splits > 1 else out.stride(0),
+        _ONE_BITS, split_k,
+        FMT=0 if weight.ggml_type == T.Q4_K else 1, BM=tile.bm, BN=tile.bn, BK=tile.bk,
+        W_AS_B=tile.w_as_b, PARTIAL=splits > 1,
         F32_DOT=interpreting() and x.dtype == torch.bfloat16,
-        num_warps=tile.warps, num_stages=tile.stages, maxnreg=tile.registers or None,
+        num_warps=tile.warps, num_stages=tile.stages,
     )  # fmt: skip
+    if splits > 1:
+        sum_splits(target, out)
     return out
 
 
-_FMT_IDS = {T.Q4_K: 0, T.Q6_K: 1}
-
-
-def _planes(weight: PackedWeight) -> list[torch.Tensor]:
-    """The kernel's four plane arguments of a part (Q6_K's scales read as int32)."""
-    if weight.ggml_type == T.Q4_K:
-        return [weight.planes[0]] * 4
-    ql, qh, scales, d = weight.planes
-    return [ql, qh, scales.view(torch.int32), d]
-
-
-def _schedule(
-    plan: GemmPlan, tiles: int, steps: int, split_bytes: int, sms: int
-) -> tuple[int, int]:
-    """(programs that make one tile whole, programs that share the other tiles' K steps)."""
-    if plan.stream:
-        slots = sms * plan.per_sm
-        # Whole waves but the last run single tiles; the last wave and the rest are shared
-        # (sharing only the rest would leave its programs' pieces half a wave apart).
-        dp_tiles = max(0, tiles // slots - 1) * slots
-        if (tiles - dp_tiles) % slots == 0:
-            return tiles, 0
-        return dp_tiles, min(slots, (tiles - dp_tiles) * steps)
-    splits = plan.splits or _auto_splits(tiles, steps, split_bytes, sms)
-    return (tiles, 0) if splits == 1 else (0, tiles * min(splits, steps))
-
-
-def _auto_splits(tiles: int, steps: int, split_bytes: int, sms: int) -> int:
-    """Pieces of K per tile: all of K, unless the tiles leave multiprocessors idle (the 8B's
-    attn_output at 512 rows: 64 tiles of 256 x 128 on 132 SMs); then K is split until the grid
-    about fills them, as far as f32 partial sums of ``split_bytes`` a split stay within
-    _MAX_SCRATCH_BYTES."""
-    splits = min(steps, max(1, sms // tiles))
-    return max(1, min(splits, _MAX_SCRATCH_BYTES // split_bytes))
-
-
-_COUNTS: dict[torch.device, torch.Tensor] = {}
-
-
-def _zero_counts(tiles: int, device: torch.device) -> torch.Tensor:
-    """A per-tile count of pieces, all 0: the kernel sets each back to 0 once its tile is made,
-    so one buffer per device serves every launch (launches on one stream run one at a time).
-    Made during a CUDA graph capture, a buffer would be zeroed only by the graph's replays:
-    there a fresh one is made for the launch and not kept."""
-    counts = _COUNTS.get(device)
-    if counts is None or counts.numel() < tiles:
-        fresh = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return fresh
-        _COUNTS[device] = counts = fresh
-    return counts
+def _steps_per_split(programs: int, n_steps: int, split_bytes: int, device: torch.device) -> int:
+    """K steps per program: all of K, unless the tiles leave multiprocessors idle (the 8B's
+    k|v at 512 rows: 32 tiles of 128 x 128 on 132 SMs); then K is split until the grid about
+    fills them, as far as f32 partial sums of ``split_bytes`` a split stay within
+    _MAX_SCRATCH_BYTES (they are read back by the merge right away, from the L2)."""
+    splits = min(n_steps, max(1, sm_count(device) // programs))
+    splits = max(1, min(splits, _MAX_SCRATCH_BYTES // split_bytes))
+    return triton.cdiv(n_steps, splits)

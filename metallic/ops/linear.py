@@ -220,15 +220,12 @@ def _sliced_linear(
 ) -> torch.Tensor:
     """rows [M, in] times the stacked parts, widening at most `step` rows of a part at a time
     into one reused scratch matrix; with `gemm`, the parts that take quant_gemm at M rows
-    (`quant_gemm.gemm_takes`) run it instead, widening nothing, or all parts run it in one
-    launch (`quant_gemm.gemm_joins`)."""
+    (`quant_gemm.gemm_takes`) run it instead, widening nothing."""
     from metallic.kernels import dequantize_gpu
     from metallic.kernels.packing import row_slice
-    from metallic.kernels.quant_gemm import gemm_joins, gemm_takes, quant_gemm, quant_gemm_parts
+    from metallic.kernels.quant_gemm import gemm_takes, quant_gemm
 
     m = rows.shape[0]
-    if gemm and gemm_joins(m, parts, rows.dtype):  # all parts in one launch, whatever formats
-        return quant_gemm_parts(rows, parts)
     out = torch.empty(m, sum(p.n for p in parts), dtype=rows.dtype, device=rows.device)
     fused = [gemm and gemm_takes(m, p, rows.dtype) for p in parts]
     widened = [p.n for p, f in zip(parts, fused, strict=True) if not f]

@@ -104,7 +104,7 @@ def kernels() -> dict[str, tuple]:
                                       {"num_warps": 4, "num_stages": 3}),
         "combine": (attention._combine_kernel, {"HEAD_DIM": 256, "BLOCK_M": 16, "BLOCK_D": 256,
                                                 "BLOCK_S": 4}, {}, {}),
-        "prefill_attention": (attention._prefill_kernel, {**decode, "BLOCK_M": 64, "SPLIT": True},
+        "prefill_attention": (attention._prefill_kernel, {**decode, "BLOCK_M": 64},
                               {**kv_bf16, "cu_q_ptr": "*i32", "q_pos_ptr": "*i32"},
                               {"num_warps": 8, "num_stages": 2}),
         "gather_host_rows": (host_rows._gather_kernel, {"BLOCK": 256},
