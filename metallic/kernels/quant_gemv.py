@@ -61,6 +61,7 @@ GEMV_TYPES = (T.Q4_K, T.Q6_K)
 DP4A_TYPES = (*GEMV_TYPES, T.Q8_0, T.Q5_0, T.Q4_0)  # the last three: kernels/gemv_blocks.py
 DP4A_MIN_BYTES = 8 << 20  # below this a one-row product keeps the float kernel (uses_dp4a)
 DP4A_MAX_ROWS = 8  # rows of x the dp4a kernels take in one pass over the weights
+DP4A_F32_MAX_ROWS = 64  # f32 rows (an output head's) take them up to this, 8 a pass (uses_dp4a)
 _QUANTIZE_BLOCKS = 32  # x blocks per program of the rounding kernel
 _HIGH_NIBBLES = tl.constexpr(-0x0F0F0F10)  # 0xF0F0F0F0 as a signed 32-bit word
 
@@ -566,16 +567,24 @@ def _largest_divisor(n: int, limit: int) -> int:
     return s
 
 
-def uses_dp4a(parts: Sequence[PackedWeight], m: int = 1) -> bool:
-    """Whether m rows of x against these stacked parts take the dp4a kernels (these for the
-    K-quants, gemv_blocks for Q8_0, Q5_0 and Q4_0): formats they all read, m at most
+def uses_dp4a(
+    parts: Sequence[PackedWeight], m: int = 1, dtype: torch.dtype = torch.bfloat16
+) -> bool:
+    """Whether m rows of x in `dtype` against these stacked parts take the dp4a kernels (these
+    for the K-quants, gemv_blocks for Q8_0, Q5_0 and Q4_0): formats they all read, m at most
     DP4A_MAX_ROWS, and enough bytes that the kernel's gain pays for rounding x (one more launch
     where no op before rounds it; benchmarks/gpu_gemv.py, H100: gains of 5-25% from about 8 MB,
     a loss below; on an H200 Gemma 3 270M's 0.7-1.1 MB matrices gain nothing either at one row).
     The same rule at every m: a row's path, so its bits, must not depend on how many rows share
-    the step (a decode step padded for its CUDA graph gives the unpadded logits)."""
+    the step (a decode step padded for its CUDA graph gives the unpadded logits).
+
+    f32 rows (the output head's x, kept in f32 for the logits) take them up to
+    DP4A_F32_MAX_ROWS, DP4A_MAX_ROWS a pass: the float paths multiply f32 x at full precision,
+    and in the profile of benchmarks/records/bench-2026-12-04-3c3ca51.json (H200) the 8B's
+    128256-row head took 2.17 ms a step at 32 and 64 rows (~205 GB/s), Gemma 3's 0.64-0.73 ms."""
+    limit = DP4A_F32_MAX_ROWS if dtype == torch.float32 else DP4A_MAX_ROWS
     return (
-        1 <= m <= DP4A_MAX_ROWS
+        1 <= m <= limit
         and all(p.ggml_type in DP4A_TYPES for p in parts)
         and sum(p.nbytes for p in parts) >= DP4A_MIN_BYTES
     )
@@ -659,9 +668,16 @@ def gemv_parts(
 ) -> torch.Tensor:
     """out [M, sum of N] = M rows of x times the stacked parts, each part's columns in turn. Two
     Q4_K parts of one K (gate and up) take one launch of the owner kernel where the first part's
-    rows fill whole programs; Q8_0, Q5_0 and Q4_0 parts take gemv_blocks' kernel."""
+    rows fill whole programs; Q8_0, Q5_0 and Q4_0 parts take gemv_blocks' kernel. More than
+    DP4A_MAX_ROWS rows go DP4A_MAX_ROWS at a time (f32 rows, see uses_dp4a)."""
     from metallic.kernels.gemv_blocks import BLOCK_TYPES, block_gemv  # it imports this module
 
+    m = out.shape[0]
+    if m > DP4A_MAX_ROWS:  # DP4A_MAX_ROWS rows a pass, each row's bits as alone
+        for top in range(0, m, DP4A_MAX_ROWS):
+            rows = slice(top, min(m, top + DP4A_MAX_ROWS))
+            gemv_parts(tuple(t.reshape(m, -1)[rows] for t in xq), parts, out[rows], geometry)
+        return out
     first = 0
     i = 0
     while i < len(parts):

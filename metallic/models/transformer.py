@@ -130,7 +130,7 @@ class Transformer:
         too (returned second, else None)."""
         eps = self.config.rms_eps
         out_dtype = out_dtype or self.act_dtype
-        rounded = None if consumer is None else rounding_buffers(x.shape[0], consumer)
+        rounded = None if consumer is None else rounding_buffers(x.shape[0], consumer, out_dtype)
         if delta is None:
             return rms_norm(x, weight, eps, out_dtype=out_dtype, rounded=rounded), rounded
         normed = rms_norm(

@@ -132,18 +132,20 @@ def native_path(m: int, parts: Sequence[PackedWeight], dtype: torch.dtype = torc
     from metallic.kernels.quant_gemm import uses_gemm
     from metallic.kernels.quant_gemv import uses_dp4a
 
-    if uses_dp4a(parts, m):
+    if uses_dp4a(parts, m, dtype):
         return "dp4a"
     if uses_gemm(m, parts, dtype):
         return "gemm"
     return "fused" if fuses(m, sum(p.nbytes for p in parts), dtype) else "dequantize"
 
 
-def rounding_buffers(n_rows: int, weight: LinearWeight) -> tuple[torch.Tensor, ...] | None:
-    """Buffers for x rounded to int8 where `linear(x, weight)` with `n_rows` rows of x would
-    round it for the dp4a kernels (up to DP4A_MAX_ROWS rows against native weights), so the op
-    that makes x can round it in the same launch; None where the product takes another path."""
-    if weight.native is None or native_path(n_rows, weight.native) != "dp4a":
+def rounding_buffers(
+    n_rows: int, weight: LinearWeight, dtype: torch.dtype = torch.bfloat16
+) -> tuple[torch.Tensor, ...] | None:
+    """Buffers for x rounded to int8 where `linear(x, weight)` with `n_rows` rows of x in
+    `dtype` would round it for the dp4a kernels (`quant_gemv.uses_dp4a`), so the op that makes
+    x can round it in the same launch; None where the product takes another path."""
+    if weight.native is None or native_path(n_rows, weight.native, dtype) != "dp4a":
         return None
     from metallic.kernels.rounding import empty_quantized_x
 

@@ -74,19 +74,22 @@ def test_rms_norm_post_norm_residual_and_pre_norm_in_one() -> None:
 
 @pytest.mark.parametrize("dim", [96, 640])
 @pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("rows", [1, 3])
-def test_rms_norm_rounds_decode_rows_as_quantize_x_does(dim: int, fused: bool, rows: int) -> None:
+@pytest.mark.parametrize(("rows", "out_dtype"), [(1, torch.bfloat16), (3, torch.bfloat16),
+                                                 (19, torch.float32)])  # fmt: skip
+def test_rms_norm_rounds_decode_rows_as_quantize_x_does(
+    dim: int, fused: bool, rows: int, out_dtype: torch.dtype
+) -> None:
     """Rows normed and rounded to int8 blocks in the norm's launch: the same quants, scales
     and half sums as quantize_x of the stored norm, rows stacked (96: blocks past D in the
-    padded tile)."""
+    padded tile; 19 f32 rows: the final norm before a dp4a output head)."""
     x = torch.randn(rows, dim).half() * 30
     residual = torch.randn(rows, dim) * 3
     weight, post = torch.rand(dim) + 0.5, torch.rand(dim) + 0.5
     extra = {"residual": residual.clone(), "pre_weight": post} if fused else {}
-    plain = rms_norm(x, weight, 1e-6, out_dtype=torch.bfloat16, **extra)
+    plain = rms_norm(x, weight, 1e-6, out_dtype=out_dtype, **extra)
     rounded = empty_quantized_x(dim, x.device, rows)
     extra = {"residual": residual.clone(), "pre_weight": post} if fused else {}
-    out = rms_norm(x, weight, 1e-6, out_dtype=torch.bfloat16, rounded=rounded, **extra)
+    out = rms_norm(x, weight, 1e-6, out_dtype=out_dtype, rounded=rounded, **extra)
     assert torch.equal(out, plain)
     for got, want in zip(rounded, quantize_x(plain), strict=True):
         assert torch.equal(got, want.reshape(-1))

@@ -59,8 +59,9 @@ def test_native_path_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(quant_matmul_module, "FUSED_MIN_BYTES", 0)  # every matrix large
     for m in (17, 32, 33, 64, MAX_FUSED_M):
         assert native_path(m, k_quants) == native_path(m, mixed) == "fused", m
-    assert native_path(64, k_quants, torch.float32) == "dequantize"  # f32 rows: up to 16
-    assert native_path(16, k_quants, torch.float32) == "fused"
+    assert native_path(64, mixed, torch.float32) == "dequantize"  # f32 rows: up to 16
+    assert native_path(16, mixed, torch.float32) == "fused"
+    assert native_path(64, k_quants, torch.float32) == "dp4a"  # f32 rows dp4a reads: up to 64
     assert native_path(MAX_FUSED_M + 1, k_quants) == "dequantize"  # small matrices
     monkeypatch.setattr(quant_gemm_module, "GEMM_MIN_WEIGHTS", 0)  # every matrix large
     assert native_path(MAX_FUSED_M + 1, k_quants) == "gemm"  # prompt chunks, Q4_K among them
@@ -201,3 +202,22 @@ def test_decode_rows_take_dp4a_each_row_as_alone(monkeypatch: pytest.MonkeyPatch
     assert rounded is not None
     normed = rms_norm(x[:3], torch.ones(k), 1e-6, rounded=rounded)
     assert torch.equal(linear(normed, weight, rounded=rounded), linear(normed, weight))
+
+
+def test_f32_rows_past_one_pass_take_dp4a_eight_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """f32 rows (an output head's x) take the dp4a kernels up to DP4A_F32_MAX_ROWS, DP4A_MAX_ROWS
+    rows a pass: 19 rows in passes of 8, 8 and 3, each row the bits it has alone, all near the
+    f64 product; 16-bit rows past DP4A_MAX_ROWS keep the float kernels."""
+    monkeypatch.setattr(quant_gemv, "DP4A_MIN_BYTES", 0)
+    seed = _seed()
+    weight, x16, ref = _stacked_product(19, seed)
+    parts = weight.native
+    x = x16.float()
+    assert native_path(19, parts, torch.float32) == "dp4a"
+    assert native_path(quant_gemv.DP4A_F32_MAX_ROWS + 1, parts, torch.float32) != "dp4a"
+    assert native_path(quant_gemv.DP4A_MAX_ROWS + 1, parts, torch.float16) != "dp4a"
+    out = linear(x, weight)
+    alone = torch.cat([linear(x[i : i + 1], weight) for i in range(x.shape[0])])
+    assert torch.equal(out, alone)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err < 2e-2, f"error {err:.3g} (seed {seed})"  # x rounded to int8 per 32
