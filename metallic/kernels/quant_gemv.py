@@ -61,7 +61,7 @@ GEMV_TYPES = (T.Q4_K, T.Q6_K)
 DP4A_TYPES = (*GEMV_TYPES, T.Q8_0, T.Q5_0, T.Q4_0)  # the last three: kernels/gemv_blocks.py
 DP4A_MIN_BYTES = 8 << 20  # below this a one-row product keeps the float kernel (uses_dp4a)
 DP4A_MAX_ROWS = 8  # rows of x the dp4a kernels take in one pass over the weights
-DP4A_F32_MAX_ROWS = 64  # f32 rows (an output head's) take them up to this, 8 a pass (uses_dp4a)
+DP4A_F32_MAX_ROWS = 32  # f32 rows (an output head's) take them up to this, 8 a pass (uses_dp4a)
 _QUANTIZE_BLOCKS = 32  # x blocks per program of the rounding kernel
 _HIGH_NIBBLES = tl.constexpr(-0x0F0F0F10)  # 0xF0F0F0F0 as a signed 32-bit word
 
@@ -579,9 +579,11 @@ def uses_dp4a(
     the step (a decode step padded for its CUDA graph gives the unpadded logits).
 
     f32 rows (the output head's x, kept in f32 for the logits) take them up to
-    DP4A_F32_MAX_ROWS, DP4A_MAX_ROWS a pass: the float paths multiply f32 x at full precision,
-    and in the profile of benchmarks/records/bench-2026-12-04-3c3ca51.json (H200) the 8B's
-    128256-row head took 2.17 ms a step at 32 and 64 rows (~205 GB/s), Gemma 3's 0.64-0.73 ms."""
+    DP4A_F32_MAX_ROWS, DP4A_MAX_ROWS a pass: the float paths multiply f32 x at full precision.
+    In the profile of benchmarks/records/bench-2026-12-04-3c3ca51.json (H200) the 8B's
+    128256-row Q6_K head took 2.17 ms a step at 32 and at 64 rows (~205 GB/s; 2.9 ms at 8 rows
+    before this path) and 0.41 ms a pass of 8 rows on dp4a, so passes win up to about 40 rows;
+    Gemma 3's Q8_0 head took 0.64-0.73 ms, against 59 us a pass."""
     limit = DP4A_F32_MAX_ROWS if dtype == torch.float32 else DP4A_MAX_ROWS
     return (
         1 <= m <= limit

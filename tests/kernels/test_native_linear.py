@@ -61,7 +61,7 @@ def test_native_path_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
         assert native_path(m, k_quants) == native_path(m, mixed) == "fused", m
     assert native_path(64, mixed, torch.float32) == "dequantize"  # f32 rows: up to 16
     assert native_path(16, mixed, torch.float32) == "fused"
-    assert native_path(64, k_quants, torch.float32) == "dp4a"  # f32 rows dp4a reads: up to 64
+    assert native_path(32, k_quants, torch.float32) == "dp4a"  # f32 rows dp4a reads: up to 32
     assert native_path(MAX_FUSED_M + 1, k_quants) == "dequantize"  # small matrices
     monkeypatch.setattr(quant_gemm_module, "GEMM_MIN_WEIGHTS", 0)  # every matrix large
     assert native_path(MAX_FUSED_M + 1, k_quants) == "gemm"  # prompt chunks, Q4_K among them
