@@ -16,7 +16,7 @@ def gated_activation(
 ) -> torch.Tensor:
     """`act(gate) * up`; with `up=None`, gate is the fused [..., 2F] = [gate | up] output of one
     stacked matmul, and the kernel reads both halves in place. `rounded` (kernels only, see
-    `ops.linear.rounding_buffers`): also round the one row into it for the dp4a product."""
+    `ops.linear.rounding_buffers`): also round its rows into them for the dp4a product."""
     if use_kernels(gate):
         from metallic.kernels.activation import gated_activation as kernel
 

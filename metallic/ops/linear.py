@@ -152,7 +152,9 @@ def rounding_buffers(
     return empty_quantized_x(weight.in_features, weight.native[0].device, n_rows)
 
 
-def fuses_gate(x: torch.Tensor, weight: LinearWeight, act_rounded: object = None) -> bool:
+def fuses_gate(
+    x: torch.Tensor, weight: LinearWeight, act_rounded: tuple[torch.Tensor, ...] | None = None
+) -> bool:
     """Whether `gated_linear` can multiply x by a gated MLP's [gate | up] with the activation
     applied in the product's own kernel: one row against a single part of block quants on the
     fused path (`quant_matmul.fuses_gate`), no bias, and no rounding of the result wanted for a

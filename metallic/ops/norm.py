@@ -23,7 +23,7 @@ def rms_norm(
     block's residual add and norm in one pass over memory. The result is `out_dtype` (default:
     x's dtype, or the promotion of x's and residual's). With `pre_weight`, x is first replaced
     by its own norm times `pre_weight` in f32 (Gemma's post-norm of the block before).
-    `rounded` (kernels only, see `ops.linear.rounding_buffers`): also round the one row into it
+    `rounded` (kernels only, see `ops.linear.rounding_buffers`): also round its rows into them
     for the dp4a products that read it."""
     if out_dtype is None:
         out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
