@@ -30,9 +30,13 @@ _MAX_HEAD_DIM = 256
 _NO_WINDOW = 1 << 30  # the window the kernels get for full attention: farther than any position
 # (query, head) rows of one decode tile, few enough for its f32 accumulator to stay in registers
 _MAX_DECODE_ROWS = 64
-# Keys per decode split at least (default split count). A split walks its keys serially, about
-# a microsecond a tile: with one KV head (Gemma 3) 256-key splits cost 15 us a layer on an H200.
-_MIN_SPLIT_KEYS = 64
+# Keys per decode split at least (default split count). A split's tiles run serially, each a
+# chain of dependent loads (block table, keys, values) of ~3-4 us on an H200 whatever its width,
+# so the default gives each split one tile: as many splits as the SMs take, a tile of 16-64 keys
+# each (benchmarks/gpu_ops.py; Gemma 3's 600-key decode 14.4 -> 5.1 us, Llama-3-8B's 11.7 -> 5.5).
+_MIN_SPLIT_KEYS = 16
+_MAX_DECODE_TILE = 64  # keys per tile at most: wider tiles spill at head_dim 256
+_DECODE_BLOCK_M = 16  # (query, head) rows of a decode tile at least: tl.dot's minimum
 _MAX_SPLITS = 64  # the merge holds every split of a row at once
 # Up to this many splits, the decode kernel's last split of a tile merges them itself (a loop
 # over the splits, in one program) instead of a second launch; more are merged by _combine_kernel,
@@ -63,12 +67,16 @@ def default_prefill_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
     return TileConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
 
 
-def default_decode_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
-    """block_m is only a floor here: decode tiles hold the (query, head) rows of one KV group."""
+def default_decode_config(head_dim: int, dtype: torch.dtype, split_keys: int = 64) -> TileConfig:
+    """Tiles for decode splits of about `split_keys` keys: one tile a split where it fits (the
+    tiles of a split are a serial chain of memory latencies). block_m is only a floor here:
+    decode tiles hold the (query, head) rows of one KV group."""
     if dtype == torch.float32:
         return TileConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
-    block_n = 64 if head_dim <= 128 else 32
-    return TileConfig(block_m=16, block_n=block_n, num_warps=4, num_stages=3)
+    block_n = min(_MAX_DECODE_TILE, max(16, triton.next_power_of_2(split_keys)))
+    if block_n < _MAX_DECODE_TILE:  # one tile: nothing for a pipeline to overlap
+        return TileConfig(_DECODE_BLOCK_M, block_n, num_warps=4, num_stages=1)
+    return TileConfig(_DECODE_BLOCK_M, block_n, num_warps=8, num_stages=2)
 
 
 @triton.jit
@@ -596,9 +604,8 @@ def _multiprocessors(device_index: int) -> int:
 
 
 def _default_splits(q: torch.Tensor, base_programs: int, max_keys: int) -> int:
-    """Enough splits to give every SM about two programs, but each split at least
-    _MIN_SPLIT_KEYS keys: fewer, longer splits keep the merge cheap (and a graph captured for
-    the whole context runs short sequences with few empty splits)."""
+    """Enough splits to give every SM about two programs, each of at least _MIN_SPLIT_KEYS
+    keys. A graph captured for a key bound runs shorter sequences with some splits empty."""
     programs = 2 * _multiprocessors(q.device.index or 0) if q.is_cuda else 4
     by_keys = triton.cdiv(max_keys, _MIN_SPLIT_KEYS)
     return max(1, min(by_keys, triton.cdiv(programs, base_programs), _MAX_SPLITS))
@@ -640,14 +647,14 @@ def paged_attention_decode(
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if n_seqs == 0:
         return out
-    config = config or default_decode_config(layout.head_dim, k_pool.dtype)
     if queries_per_seq > _MAX_DECODE_ROWS:
         raise MetallicError(
             f"paged_attention_decode: {queries_per_seq} queries per sequence (at most "
             f"{_MAX_DECODE_ROWS}; use paged_attention_prefill)"
         )
     rows = queries_per_seq * layout.group
-    block_m = max(config.block_m, triton.next_power_of_2(min(rows, _MAX_DECODE_ROWS)))
+    floor = _DECODE_BLOCK_M if config is None else config.block_m
+    block_m = max(floor, triton.next_power_of_2(min(rows, _MAX_DECODE_ROWS)))
     heads_per_tile = min(layout.group, block_m // queries_per_seq)
     n_subgroups = triton.cdiv(layout.group, heads_per_tile)
     block_d = triton.next_power_of_2(layout.head_dim)
@@ -661,6 +668,9 @@ def paged_attention_decode(
         raise MetallicError(
             f"paged_attention_decode: num_splits {num_splits} outside 1..{_MAX_SPLITS}"
         )
+    if config is None:
+        split_keys = triton.cdiv(max(max_keys, 1), num_splits)
+        config = default_decode_config(layout.head_dim, k_pool.dtype, split_keys)
     split = num_splits > 1
     arrivals = _arrival_counters(q.device) if split else None
     merge = arrivals is not None and num_splits <= _MAX_MERGED_SPLITS

@@ -16,6 +16,7 @@ from metallic.errors import MetallicError
 from metallic.kernels import attention
 from metallic.kernels.attention import (
     TileConfig,
+    default_decode_config,
     paged_attention_decode,
     paged_attention_prefill,
     store_kv,
@@ -232,3 +233,20 @@ def test_attention_rejects_bad_shapes() -> None:
     with pytest.raises(MetallicError, match="queries"):
         q = torch.randn(3, 2, 64).half()
         paged_attention_decode(q, *cache.paged, seq_lens, 0.1, queries_per_seq=2)
+
+
+def test_decode_default_tiles_take_a_split_in_one_tile() -> None:
+    """A split's tiles run serially, so the default tile spans its keys, from 16 up to 64."""
+    widths = [default_decode_config(256, torch.bfloat16, keys).block_n for keys in (5, 25, 64, 300)]
+    assert widths == [16, 32, 64, 64]
+    assert default_decode_config(256, torch.bfloat16, 25).num_stages == 1  # nothing to pipeline
+
+
+def test_decode_with_default_tiles_matches_reference() -> None:
+    seq_lens = [100, 41]
+    cache = build_cache(seq_lens, 1, 256, 8, torch.float16)
+    q = torch.randn(len(seq_lens), 4, 256).half()
+    out = paged_attention_decode(q, *cache.paged, torch.tensor(seq_lens, dtype=torch.int32), 0.06)
+    for seq, length in enumerate(seq_lens):
+        ref = reference(q[seq : seq + 1], cache, seq, torch.tensor([length - 1]), 0.06, 0)
+        assert relative_error(out[seq : seq + 1], ref) < TOLERANCE[torch.float16], f"sequence {seq}"
