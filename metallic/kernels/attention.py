@@ -40,8 +40,9 @@ _DECODE_BLOCK_M = 16  # (query, head) rows of a decode tile at least: tl.dot's m
 _MAX_SPLITS = 64  # the merge holds every split of a row at once
 # Up to this many splits, the decode kernel's last split of a tile merges them itself (a loop
 # over the splits, in one program) instead of a second launch; more are merged by _combine_kernel,
-# which spreads the rows over programs.
-_MAX_MERGED_SPLITS = 16
+# which spreads the rows over programs. Each turn of that loop waits on a load: in the engine
+# (Gemma 3, H200) 16 splits merged so took 1,351 tok/s against 1,546 through the second launch.
+_MAX_MERGED_SPLITS = 4
 
 
 @dataclass(frozen=True)
