@@ -32,10 +32,9 @@ _NO_WINDOW = 1 << 30  # the window the kernels get for full attention: farther t
 _MAX_DECODE_ROWS = 64
 # Keys per decode split at least (default split count). A split's tiles run serially, each a
 # chain of dependent loads (block table, keys, values) of ~3-4 us on an H200 whatever its width,
-# so the default gives each split one tile: as many splits as the SMs take, a tile of 16-64 keys
-# each (benchmarks/gpu_ops.py; Gemma 3's 600-key decode 14.4 -> 5.1 us, Llama-3-8B's 11.7 -> 5.5).
+# so short contexts take as many splits as the SMs hold, each one tile of 16-32 keys (H200, a
+# 600-key decode replayed from a graph: Gemma 3's layer 14.4 -> 5.1 us, Llama-3-8B's 11.7 -> 5.5).
 _MIN_SPLIT_KEYS = 16
-_MAX_DECODE_TILE = 64  # keys per tile at most: wider tiles spill at head_dim 256
 _DECODE_BLOCK_M = 16  # (query, head) rows of a decode tile at least: tl.dot's minimum
 _MAX_SPLITS = 64  # the merge holds every split of a row at once
 # Up to this many splits, the decode kernel's last split of a tile merges them itself (a loop
@@ -70,14 +69,17 @@ def default_prefill_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
 
 def default_decode_config(head_dim: int, dtype: torch.dtype, split_keys: int = 64) -> TileConfig:
     """Tiles for decode splits of about `split_keys` keys: one tile a split where it fits (the
-    tiles of a split are a serial chain of memory latencies). block_m is only a floor here:
-    decode tiles hold the (query, head) rows of one KV group."""
+    tiles of a split are a serial chain of memory latencies), unpipelined since nothing is left
+    to overlap. Longer splits keep the tiles measured before (in the engine, 64-key tiles at
+    head_dim 256 took Gemma 3's decode from 1,508 to 1,206 tok/s). block_m is only a floor
+    here: decode tiles hold the (query, head) rows of one KV group."""
     if dtype == torch.float32:
-        return TileConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
-    block_n = min(_MAX_DECODE_TILE, max(16, triton.next_power_of_2(split_keys)))
-    if block_n < _MAX_DECODE_TILE:  # one tile: nothing for a pipeline to overlap
-        return TileConfig(_DECODE_BLOCK_M, block_n, num_warps=4, num_stages=1)
-    return TileConfig(_DECODE_BLOCK_M, block_n, num_warps=8, num_stages=2)
+        return TileConfig(_DECODE_BLOCK_M, 16, num_warps=4, num_stages=1)
+    widest = 64 if head_dim <= 128 else 32
+    block_n = min(widest, max(16, triton.next_power_of_2(split_keys)))
+    return TileConfig(
+        _DECODE_BLOCK_M, block_n, num_warps=4, num_stages=1 if block_n >= split_keys else 3
+    )
 
 
 @triton.jit

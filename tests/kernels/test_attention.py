@@ -236,10 +236,12 @@ def test_attention_rejects_bad_shapes() -> None:
 
 
 def test_decode_default_tiles_take_a_split_in_one_tile() -> None:
-    """A split's tiles run serially, so the default tile spans its keys, from 16 up to 64."""
-    widths = [default_decode_config(256, torch.bfloat16, keys).block_n for keys in (5, 25, 64, 300)]
-    assert widths == [16, 32, 64, 64]
+    """A split's tiles run serially, so a short split takes one tile, up to the widest measured."""
+    widths = [default_decode_config(256, torch.bfloat16, keys).block_n for keys in (5, 25, 300)]
+    assert widths == [16, 32, 32]
+    assert default_decode_config(128, torch.bfloat16, 64).block_n == 64
     assert default_decode_config(256, torch.bfloat16, 25).num_stages == 1  # nothing to pipeline
+    assert default_decode_config(256, torch.bfloat16, 300).num_stages > 1
 
 
 def test_decode_with_default_tiles_matches_reference() -> None:
