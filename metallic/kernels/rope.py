@@ -50,6 +50,10 @@ def _rope_kernel(
         pos_ptr, cos_ptr, sin_ptr, pairs, pair_ok, n_q_heads, n_heads, stride_qt, stride_qh,
         stride_kt, stride_kh, stride_table, BLOCK_H,
     )  # fmt: skip
+    if STORE:
+        slot = _kv_slot(pos_ptr, block_table_ptr, cu_q_ptr, n_seqs, stride_block_table, stride_pb,
+                        stride_pt, block_size, BLOCK_S)  # fmt: skip
+        v = _head_values(v_ptr, is_k, n_q_heads, kv_dim, stride_vt, stride_vh, BLOCK_H, BLOCK_D)
     if NEOX:  # pairs (i, i + half): two contiguous halves
         _rotate_halves(q_ptr, q_rows, is_q, pairs, pair_ok, half, cos, sin)
         _rotate_halves(k_ptr, k_rows, is_k, pairs, pair_ok, half, cos, sin)
@@ -57,37 +61,48 @@ def _rope_kernel(
         _rotate_adjacent(q_ptr, q_rows, is_q, half, cos, sin, BLOCK_HALF)
         _rotate_adjacent(k_ptr, k_rows, is_k, half, cos, sin, BLOCK_HALF)
     if STORE:
-        _store_heads(k_ptr, k_rows, is_k, n_q_heads, pos_ptr, BLOCK_H, v_ptr, k_pool_ptr,
-                     v_pool_ptr, block_table_ptr, cu_q_ptr, n_seqs, kv_dim, stride_vt, stride_vh,
-                     stride_block_table, stride_pb, stride_pt, stride_ph, block_size, BLOCK_S,
-                     BLOCK_D)  # fmt: skip
+        _store_heads(k_ptr, k_rows, is_k, n_q_heads, slot, v, k_pool_ptr, v_pool_ptr, kv_dim,
+                     stride_ph, BLOCK_H, BLOCK_D)  # fmt: skip
 
 
 @triton.jit
-def _store_heads(k_ptr, k_rows, is_k, n_q_heads, pos_ptr, BLOCK_H: tl.constexpr, v_ptr,
-                 k_pool_ptr, v_pool_ptr, block_table_ptr, cu_q_ptr, n_seqs, kv_dim, stride_vt,
-                 stride_vh, stride_block_table, stride_pb, stride_pt, stride_ph, block_size,
-                 BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
-    """Copy this program's key heads (as just rotated in place) and their value heads into the
-    pools, at the token's position through its sequence's block table (`store_kv`'s layout)."""
-    tl.debug_barrier()  # the rotated keys, written by every thread of the program, are visible
+def _kv_slot(pos_ptr, block_table_ptr, cu_q_ptr, n_seqs, stride_block_table, stride_pb, stride_pt,
+             block_size, BLOCK_S: tl.constexpr):  # fmt: skip
+    """The pool offset of this program's token: its position through its sequence's block
+    table. Called before the rotation, so these dependent loads overlap it."""
     token = tl.program_id(0)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    kv_heads = heads - n_q_heads
     # The token's sequence: how many sequences end at or before its row.
     seqs = tl.arange(0, BLOCK_S)
     ends = tl.load(cu_q_ptr + 1 + seqs, mask=seqs < n_seqs, other=0x7FFFFFFF)
     seq = tl.sum((ends <= token).to(tl.int32), axis=0).to(tl.int64)
     pos = tl.load(pos_ptr + token).to(tl.int64)
     block = tl.load(block_table_ptr + seq * stride_block_table + pos // block_size).to(tl.int64)
-    slot = block * stride_pb + (pos % block_size) * stride_pt
+    return block * stride_pb + (pos % block_size) * stride_pt
+
+
+@triton.jit
+def _head_values(v_ptr, is_k, n_q_heads, kv_dim, stride_vt, stride_vh, BLOCK_H: tl.constexpr,
+                 BLOCK_D: tl.constexpr):  # fmt: skip
+    """The value heads that go with this program's key heads, loaded before the rotation."""
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, BLOCK_D)
+    v_rows = tl.program_id(0).to(tl.int64) * stride_vt + (heads - n_q_heads) * stride_vh
+    return tl.load(v_ptr + v_rows[:, None] + dims[None, :],
+                   mask=is_k[:, None] & (dims < kv_dim)[None, :])  # fmt: skip
+
+
+@triton.jit
+def _store_heads(k_ptr, k_rows, is_k, n_q_heads, slot, v, k_pool_ptr, v_pool_ptr, kv_dim,
+                 stride_ph, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """Copy this program's key heads (as just rotated in place) and their value heads `v` into
+    the pools at `slot` (`store_kv`'s layout)."""
+    tl.debug_barrier()  # the rotated keys, written by every thread of the program, are visible
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     dims = tl.arange(0, BLOCK_D)
     mask = is_k[:, None] & (dims < kv_dim)[None, :]
-    dst = slot + (kv_heads * stride_ph)[:, None] + dims[None, :]
+    dst = slot + ((heads - n_q_heads) * stride_ph)[:, None] + dims[None, :]
     k = tl.load(k_ptr + k_rows[:, None] + dims[None, :], mask=mask)
     tl.store(k_pool_ptr + dst, k.to(k_pool_ptr.dtype.element_ty), mask=mask)
-    v_rows = token.to(tl.int64) * stride_vt + kv_heads * stride_vh
-    v = tl.load(v_ptr + v_rows[:, None] + dims[None, :], mask=mask)
     tl.store(v_pool_ptr + dst, v.to(v_pool_ptr.dtype.element_ty), mask=mask)
 
 
@@ -281,15 +296,17 @@ def _norm_rope_kernel(
         pos_ptr, cos_ptr, sin_ptr, pairs, pair_ok, n_q_heads, n_heads, stride_qt, stride_qh,
         stride_kt, stride_kh, stride_table, BLOCK_H,
     )  # fmt: skip
+    if STORE:
+        slot = _kv_slot(pos_ptr, block_table_ptr, cu_q_ptr, n_seqs, stride_block_table, stride_pb,
+                        stride_pt, block_size, BLOCK_S)  # fmt: skip
+        v = _head_values(v_ptr, is_k, n_q_heads, kv_dim, stride_vt, stride_vh, BLOCK_H, BLOCK_D)
     _norm_rotate(q_ptr, q_rows, is_q, q_w_ptr, pairs, pair_ok, half, rest, rest_ok, head_dim,
                  cos, sin, eps)  # fmt: skip
     _norm_rotate(k_ptr, k_rows, is_k, k_w_ptr, pairs, pair_ok, half, rest, rest_ok, head_dim,
                  cos, sin, eps)  # fmt: skip
     if STORE:
-        _store_heads(k_ptr, k_rows, is_k, n_q_heads, pos_ptr, BLOCK_H, v_ptr, k_pool_ptr,
-                     v_pool_ptr, block_table_ptr, cu_q_ptr, n_seqs, kv_dim, stride_vt, stride_vh,
-                     stride_block_table, stride_pb, stride_pt, stride_ph, block_size, BLOCK_S,
-                     BLOCK_D)  # fmt: skip
+        _store_heads(k_ptr, k_rows, is_k, n_q_heads, slot, v, k_pool_ptr, v_pool_ptr, kv_dim,
+                     stride_ph, BLOCK_H, BLOCK_D)  # fmt: skip
 
 
 @triton.jit
