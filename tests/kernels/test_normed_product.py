@@ -4,16 +4,25 @@ product and for the new residual that rms_norm writes in place."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType
 
+from metallic.engine.engine import Engine
+from metallic.engine.sampling import SamplingParams
+from metallic.engine.scheduler import Chunk
+from metallic.engine.sequence import Sequence
 from metallic.errors import MetallicError
-from metallic.kernels import prepare_weight, quant_matmul
+from metallic.kernels import NormInput, prepare_weight, quant_matmul
 from metallic.kernels.norm import rms_norm
-from metallic.kernels.quant_matmul import NormInput
+from metallic.models import transformer
+from metallic.ops.linear import LinearWeight, fuses_norm, linear, normed_linear
+from metallic.ops.norm import rms_norm as ops_rms_norm
 from metallic.quant.quantize import quantize
+from metallic.testing.synthetic import PRESETS, write_synthetic_model
 
 T = GGMLQuantizationType
 EPS = 1e-6
@@ -116,3 +125,59 @@ def test_normed_product_rejects_what_it_cannot_compute() -> None:
     dense = _packed(T.F16, 8, k, seed=2)
     with pytest.raises(MetallicError, match="F16"):
         quant_matmul(NormInput(delta, norm_weight, EPS, torch.bfloat16), dense, T.F16, 8, k)
+
+
+def test_normed_linear_over_stacked_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gemma's q|k (Q5_0) and v (Q8_0): two launches, each making x, the first storing the sum;
+    the product and residual of rms_norm then linear, bit for bit."""
+    monkeypatch.setenv("METALLIC_FORCE_KERNELS", "1")
+    k = 256
+    qk, v = _packed(T.Q5_0, 48, k, seed=4), _packed(T.Q8_0, 16, k, seed=5)
+    weight = LinearWeight((T.Q5_0, T.Q8_0), (48, 16), k, native=(qk, v))
+    delta, x, pre_weight, norm_weight = _operands(k, torch.bfloat16, True, True, seed=6)
+    assert fuses_norm(delta, weight, torch.bfloat16)
+    updated = x.clone()
+    h = ops_rms_norm(delta, norm_weight, EPS, updated, torch.bfloat16, pre_weight)
+    norm = NormInput(delta, norm_weight, EPS, torch.bfloat16, x, pre_weight)
+    out, new_residual = normed_linear(norm, weight)
+    assert out.shape == (1, 64) and torch.equal(out, linear(h, weight))
+    assert torch.equal(new_residual, updated) and new_residual.data_ptr() != x.data_ptr()
+    assert not fuses_norm(torch.randn(2, k), weight, torch.bfloat16)  # rows: no FMA mode
+    dense = LinearWeight((T.F16,), (8,), k, native=(_packed(T.F16, 8, k, seed=7),))
+    assert not fuses_norm(delta, dense, torch.bfloat16)
+    monkeypatch.setenv("METALLIC_FORCE_KERNELS", "0")
+    assert not fuses_norm(delta, weight, torch.bfloat16)  # the torch path
+
+
+def test_gemma_decode_logits_with_the_norms_fused(tmp_path, monkeypatch) -> None:
+    """A decode step of a tiny Gemma 3 on the kernel path (q|k Q5_0, v Q8_0 as the 270M's
+    Q4_K_M, bf16 activations) gives the same logits with its norms inside the products as with
+    their own launches."""
+    shape = dataclasses.replace(PRESETS["tiny-gemma3"], n_layers=2)
+    mix = {"base": "Q4_K_M", "blk.*.attn_v.weight": "Q8_0"}  # the 270M's layer 0
+    path = write_synthetic_model(tmp_path / "m.gguf", shape, mix, seed=9)
+    monkeypatch.setenv("METALLIC_FORCE_KERNELS", "1")
+    engine = Engine(path, device="cpu", dtype="bf16", context_size=32)
+    runner, model, store = engine.runner, engine.model, engine.store
+    tokens = engine.tokenizer.encode("norms inside the products")[:6]
+    seq = Sequence(0, 0, tokens, SamplingParams(), engine.tokenizer, len(store.n_blocks), 32)
+    assert engine.blocks.reserve(seq, 0, len(tokens) + 1)
+    model.forward(runner.prepare([Chunk(seq, 0, len(tokens))], None)[0], store)
+    seq.token_ids.append(7)
+    decode = [Chunk(seq, len(tokens), len(tokens) + 1)]
+    fused_calls = []
+
+    def counted(*args: object, **kwargs: object):
+        fused_calls.append(args[1])
+        return normed_linear(*args, **kwargs)
+
+    monkeypatch.setattr(transformer, "normed_linear", counted)
+    fused = model.forward(runner.prepare(decode, None)[0], store)
+    layer = model.weights.layers[0]
+    assert [w is layer.qkv for w in fused_calls[:2]] == [True, False]
+    assert sum(w is layer.gate_up for w in fused_calls) == 1  # layer 0's
+    assert [p.ggml_type for p in layer.qkv.native] == [T.Q5_0, T.Q8_0]  # two launches
+    monkeypatch.setattr(transformer, "fuses_norm", lambda *args: False)
+    separate = model.forward(runner.prepare(decode, None)[0], store)
+    assert torch.isfinite(fused).all()
+    assert torch.equal(fused, separate)
