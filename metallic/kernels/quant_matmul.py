@@ -213,6 +213,15 @@ def _geometry(
 # How the FMA mode reads x: element by element, or 8-byte packs of four f16 / bf16.
 _X_SINGLE, _X_F16, _X_BF16 = 0, 1, 2
 _X_NORMED = 3  # x is made from the operands of an RMS norm (`NormInput`), not read
+# A normed x's kind also carries the norm's constexprs (see _normed_kind): a tuple of operands
+# threaded through the step functions keeps its tensors, but on the GPU not constexprs in it.
+
+
+def _normed_kind(delta_kind: int, x_kind: int, has_pre: bool, has_res: bool) -> int:
+    """XKIND of a normed x: _X_NORMED plus delta's and x's kinds and the norm's two flags."""
+    return _X_NORMED + delta_kind + 3 * x_kind + 9 * has_pre + 18 * has_res
+
+
 _X_KINDS = {torch.float32: _X_SINGLE, torch.float16: _X_F16, torch.bfloat16: _X_BF16}
 _FLOAT_DTYPES = tuple(_X_KINDS)
 
@@ -269,8 +278,8 @@ def _affine(s, mn, BITS: tl.constexpr, OFFSET: tl.constexpr, MODE: tl.constexpr)
 def _x_quad(x_ptr, xin, e4, K, XKIND: tl.constexpr, EVEN: tl.constexpr):
     """x[4*e4 + k] for k = 0..3 as four f32 tensors. ``xin``: x as 8-byte packs, or (XKIND
     _X_NORMED) the operands of the RMS norm whose result x is (see _normed_quad)."""
-    if XKIND == 3:
-        x0, x1, x2, x3 = _normed_quad(xin, e4, K, EVEN)
+    if XKIND >= 3:
+        x0, x1, x2, x3 = _normed_quad(xin, e4, K, XKIND, EVEN)
     else:
         x0, x1, x2, x3 = _stored_quad(x_ptr, xin, e4, K, XKIND, EVEN)
     return x0, x1, x2, x3
@@ -348,29 +357,29 @@ def _norm_prologue(delta_ptr, res_ptr, pre_ptr, new_res_ptr, K, eps, HAS_PRE: tl
 
 
 @triton.jit
-def _normed_quad(xin, e4, K, EVEN: tl.constexpr):
+def _normed_quad(xin, e4, K, XKIND: tl.constexpr, EVEN: tl.constexpr):
     """x[4*e4 + k] for k = 0..3 where x = norm(post_norm(delta) + residual) * weight, rounded
     as stored: kernels.norm's operations element by element, on _norm_prologue's scalars.
     ``xin`` = (delta, delta as packs, residual, pre-norm weight, weight (the f32 vectors as
-    int64 pairs), the two scalars, then constexprs: delta's x kind, x's kind, HAS_PRE,
-    HAS_RES)."""
-    delta_ptr, delta64, res64, pre64, w64, root, inv_rms, DKIND, HKIND, HAS_PRE, HAS_RES = xin
-    x0, x1, x2, x3 = _stored_quad(delta_ptr, delta64, e4, K, DKIND, EVEN)
-    if HAS_PRE:
+    int64 pairs) and the two scalars; XKIND holds the rest (_normed_kind)."""
+    delta_ptr, delta64, res64, pre64, w64, root, inv_rms = xin
+    x0, x1, x2, x3 = _stored_quad(delta_ptr, delta64, e4, K, (XKIND - 3) % 3, EVEN)
+    if (XKIND - 3) // 9 % 2 == 1:  # HAS_PRE
         p0, p1, p2, p3 = _f32_quad(pre64, e4, K, EVEN)
         x0 = x0 / root * p0
         x1 = x1 / root * p1
         x2 = x2 / root * p2
         x3 = x3 / root * p3
-    if HAS_RES:
+    if (XKIND - 3) // 18 == 1:  # HAS_RES
         r0, r1, r2, r3 = _f32_quad(res64, e4, K, EVEN)
         x0 += r0
         x1 += r1
         x2 += r2
         x3 += r3
     w0, w1, w2, w3 = _f32_quad(w64, e4, K, EVEN)
-    return (_as_stored(x0 * inv_rms * w0, HKIND), _as_stored(x1 * inv_rms * w1, HKIND),
-            _as_stored(x2 * inv_rms * w2, HKIND), _as_stored(x3 * inv_rms * w3, HKIND))
+    kind: tl.constexpr = (XKIND - 3) // 3 % 3
+    return (_as_stored(x0 * inv_rms * w0, kind), _as_stored(x1 * inv_rms * w1, kind),
+            _as_stored(x2 * inv_rms * w2, kind), _as_stored(x3 * inv_rms * w3, kind))
 
 
 @triton.jit
@@ -769,7 +778,7 @@ def _quant_kernel(x_ptr, x64_ptr, out_ptr, p0, p1, p2, p3, M, N, K, stride_xm, s
                   BN: tl.constexpr, BM: tl.constexpr, XKIND: tl.constexpr, EVEN: tl.constexpr,
                   PARTIAL: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
                   GATED: tl.constexpr = 0, res_ptr=None, pre_ptr=None, nw_ptr=None,
-                  new_res_ptr=None, eps=0.0, DKIND: tl.constexpr = 0, HKIND: tl.constexpr = 0,
+                  new_res_ptr=None, eps=0.0,
                   HAS_PRE: tl.constexpr = False, HAS_RES: tl.constexpr = False,
                   STORE_RES: tl.constexpr = False, BLOCK_K: tl.constexpr = 1):
     """Rows [BN*r, +BN) of out, over K steps [pid1*steps_per_split, +steps_per_split).
@@ -782,19 +791,19 @@ def _quant_kernel(x_ptr, x64_ptr, out_ptr, p0, p1, p2, p3, M, N, K, stride_xm, s
     of every value derived from them inside the loop. GATED = 1 + an activation kind
     (FMA mode): W is a gated MLP's [gate | up] (N = 2F rows); each program takes BN / 2 rows
     of each half and stores act(gate) * up into F columns (see `quant_matmul`).
-    XKIND _X_NORMED (FMA mode): x is the RMS norm (weight ``nw_ptr``) of delta (``x_ptr``,
-    ``x64_ptr`` its packs in kind DKIND), post-normed (HAS_PRE, ``pre_ptr``) and added to a
-    residual (HAS_RES, ``res_ptr``) first, in kind HKIND; it is made here, never stored (see
+    XKIND from _X_NORMED on (FMA mode, `_normed_kind`): x is the RMS norm (weight ``nw_ptr``)
+    of delta (``x_ptr``, ``x64_ptr`` its packs), post-normed (HAS_PRE, ``pre_ptr``) and added to a
+    residual (HAS_RES, ``res_ptr``) first, rounded to its dtype; it is made here, never stored (see
     `NormInput`), and the sum goes to ``new_res_ptr`` (STORE_RES). BLOCK_K: K's power of two.
     """
     wait_for_inputs(PDL)
     xin = x64_ptr
-    if XKIND == 3:
+    if XKIND >= 3:
         root, inv_rms = _norm_prologue(x_ptr, res_ptr, pre_ptr, new_res_ptr, K, eps, HAS_PRE,
                                        HAS_RES, STORE_RES, BLOCK_K)
         pairs = tl.pointer_type(tl.int64)
         xin = (x_ptr, x64_ptr, res_ptr.to(pairs, bitcast=True), pre_ptr.to(pairs, bitcast=True),
-               nw_ptr.to(pairs, bitcast=True), root, inv_rms, DKIND, HKIND, HAS_PRE, HAS_RES)
+               nw_ptr.to(pairs, bitcast=True), root, inv_rms)
     pid_k = tl.program_id(1)
     row_block = tl.program_id(0)
     m_first = 0
@@ -1150,7 +1159,9 @@ def quant_matmul(
     if splits > 1:
         target = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     x64 = norm.pop("x64") if norm else _packed_x(x)
-    xkind = _X_NORMED if norm else _X_SINGLE if x64 is x else _X_KINDS[dtype]
+    xkind = _X_SINGLE if x64 is x else _X_KINDS[dtype]
+    if norm:
+        xkind = _normed_kind(norm.pop("DKIND"), norm.pop("HKIND"), norm["HAS_PRE"], norm["HAS_RES"])
     _quant_kernel[(row_blocks * m_tiles, splits)](
         x, x64, target, *_launch_args(packed), m, n, k, x.stride(0),
         n if splits > 1 else out.stride(0), n_steps, per_split,
