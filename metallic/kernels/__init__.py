@@ -4,7 +4,6 @@ from metallic.kernels.packing import KERNEL_TYPES, PackedWeight, gather_rows, pr
 from metallic.kernels.quant_matmul import (
     MAX_FUSED_M,
     DotTile,
-    NormInput,
     dequantize_gpu,
     dot_tile,
     fuses,
@@ -15,7 +14,6 @@ __all__ = [
     "KERNEL_TYPES",
     "MAX_FUSED_M",
     "DotTile",
-    "NormInput",
     "PackedWeight",
     "dequantize_gpu",
     "dot_tile",

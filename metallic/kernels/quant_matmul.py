@@ -15,10 +15,7 @@ Three modes share the step code:
 - FMA (M = 1): per step and scale, ``p += x * f`` and ``xs += x``, then ``acc += a*p - b*xs``
   where ``w = a*f - b`` is the weight: one FMA per weight in the loop. x comes as 8-byte packs of
   the 4 elements a word's bytes hold, so its loads take the weights' layout. A warp spans 32
-  groups of one row (about 1 KB of contiguous bytes per row and step). x may also be given as
-  the operands of the RMS norm that makes it (`NormInput`): each program then computes the
-  row's norm scalars first and each element of x where it would have loaded it, so the norm
-  needs no launch of its own.
+  groups of one row (about 1 KB of contiguous bytes per row and step).
 - DOT (M >= 2): ``w = a*f - b`` per element; each par's planes are joined into a
   [rows, 8*groups] tile of 8-element runs of K, one ``tl.dot`` (the tensor cores) with a tile of
   x^T: a program takes a tile of rows of W and one of M (padded), so each weight is read and
@@ -212,16 +209,6 @@ def _geometry(
 
 # How the FMA mode reads x: element by element, or 8-byte packs of four f16 / bf16.
 _X_SINGLE, _X_F16, _X_BF16 = 0, 1, 2
-_X_NORMED = 3  # x is made from the operands of an RMS norm (`NormInput`), not read
-# A normed x's kind also carries the norm's constexprs (see _normed_kind): a tuple of operands
-# threaded through the step functions keeps its tensors, but on the GPU not constexprs in it.
-
-
-def _normed_kind(delta_kind: int, x_kind: int, has_pre: bool, has_res: bool) -> int:
-    """XKIND of a normed x: _X_NORMED plus delta's and x's kinds and the norm's two flags."""
-    return _X_NORMED + delta_kind + 3 * x_kind + 9 * has_pre + 18 * has_res
-
-
 _X_KINDS = {torch.float32: _X_SINGLE, torch.float16: _X_F16, torch.bfloat16: _X_BF16}
 _FLOAT_DTYPES = tuple(_X_KINDS)
 
@@ -275,19 +262,8 @@ def _affine(s, mn, BITS: tl.constexpr, OFFSET: tl.constexpr, MODE: tl.constexpr)
 
 
 @triton.jit
-def _x_quad(x_ptr, xin, e4, K, XKIND: tl.constexpr, EVEN: tl.constexpr):
-    """x[4*e4 + k] for k = 0..3 as four f32 tensors. ``xin``: x as 8-byte packs, or (XKIND
-    _X_NORMED) the operands of the RMS norm whose result x is (see _normed_quad)."""
-    if XKIND >= 3:
-        x0, x1, x2, x3 = _normed_quad(xin, e4, K, XKIND, EVEN)
-    else:
-        x0, x1, x2, x3 = _stored_quad(x_ptr, xin, e4, K, XKIND, EVEN)
-    return x0, x1, x2, x3
-
-
-@triton.jit
-def _stored_quad(x_ptr, x64_ptr, e4, K, XKIND: tl.constexpr, EVEN: tl.constexpr):
-    """x[4*e4 + k] for k = 0..3 of a stored x: one 8-byte pack, or four loads for f32."""
+def _x_quad(x_ptr, x64_ptr, e4, K, XKIND: tl.constexpr, EVEN: tl.constexpr):
+    """x[4*e4 + k] for k = 0..3 as four f32 tensors: one 8-byte pack, or four loads for f32."""
     ok = 4 * e4 < K
     if XKIND == 0:
         x0 = _load(x_ptr + 4 * e4, ok, 0.0, EVEN).to(tl.float32)
@@ -312,77 +288,6 @@ def _stored_quad(x_ptr, x64_ptr, e4, K, XKIND: tl.constexpr, EVEN: tl.constexpr)
 
 
 @triton.jit
-def _f32_quad(ptr64, e4, K, EVEN: tl.constexpr):
-    """v[4*e4 + k] for k = 0..3 of an f32 vector read as int64 pairs: two 8-byte loads."""
-    ok = 4 * e4 < K
-    lo = _load(ptr64 + 2 * e4, ok, 0, EVEN)
-    hi = _load(ptr64 + 2 * e4 + 1, ok, 0, EVEN)
-    return (lo.to(tl.int32).to(tl.float32, bitcast=True),
-            (lo >> 32).to(tl.int32).to(tl.float32, bitcast=True),
-            hi.to(tl.int32).to(tl.float32, bitcast=True),
-            (hi >> 32).to(tl.int32).to(tl.float32, bitcast=True))
-
-
-@triton.jit
-def _as_stored(v, KIND: tl.constexpr):
-    """f32 v rounded to the dtype of x kind KIND and back, as a stored and reloaded x would be."""
-    if KIND == 2:
-        v = v.to(tl.bfloat16).to(tl.float32)
-    elif KIND == 1:
-        v = v.to(tl.float16).to(tl.float32)
-    return v
-
-
-@triton.jit
-def _norm_prologue(delta_ptr, res_ptr, pre_ptr, new_res_ptr, K, eps, HAS_PRE: tl.constexpr,
-                   HAS_RES: tl.constexpr, STORE_RES: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The row's two scalars of the norm that makes x, with kernels.norm's float operations:
-    sqrt(mean(delta^2) + eps) (the post-norm's divisor; 1.0 without HAS_PRE) and 1 / rms of
-    s = post_norm(delta) + residual. Program (0, 0) stores s (STORE_RES): every program reads
-    the residual here, so s goes to its own tensor."""
-    cols = tl.arange(0, BLOCK_K)
-    ok = cols < K
-    x = tl.load(delta_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    root = 1.0
-    if HAS_PRE:
-        pre = tl.load(pre_ptr + cols, mask=ok, other=0.0)
-        root = tl.sqrt(tl.sum(x * x, axis=0) / K + eps)
-        x = x / root * pre
-    if HAS_RES:
-        x = x + tl.load(res_ptr + cols, mask=ok, other=0.0)
-        if STORE_RES and tl.program_id(0) + tl.program_id(1) == 0:
-            tl.store(new_res_ptr + cols, x, mask=ok)
-    inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / K + eps)
-    return root, inv_rms
-
-
-@triton.jit
-def _normed_quad(xin, e4, K, XKIND: tl.constexpr, EVEN: tl.constexpr):
-    """x[4*e4 + k] for k = 0..3 where x = norm(post_norm(delta) + residual) * weight, rounded
-    as stored: kernels.norm's operations element by element, on _norm_prologue's scalars.
-    ``xin`` = (delta, delta as packs, residual, pre-norm weight, weight (the f32 vectors as
-    int64 pairs) and the two scalars; XKIND holds the rest (_normed_kind)."""
-    delta_ptr, delta64, res64, pre64, w64, root, inv_rms = xin
-    x0, x1, x2, x3 = _stored_quad(delta_ptr, delta64, e4, K, (XKIND - 3) % 3, EVEN)
-    if (XKIND - 3) // 9 % 2 == 1:  # HAS_PRE
-        p0, p1, p2, p3 = _f32_quad(pre64, e4, K, EVEN)
-        x0 = x0 / root * p0
-        x1 = x1 / root * p1
-        x2 = x2 / root * p2
-        x3 = x3 / root * p3
-    if (XKIND - 3) // 18 == 1:  # HAS_RES
-        r0, r1, r2, r3 = _f32_quad(res64, e4, K, EVEN)
-        x0 += r0
-        x1 += r1
-        x2 += r2
-        x3 += r3
-    w0, w1, w2, w3 = _f32_quad(w64, e4, K, EVEN)
-    kind: tl.constexpr = (XKIND - 3) // 3 % 3
-    return (_as_stored(x0 * inv_rms * w0, kind), _as_stored(x1 * inv_rms * w1, kind),
-            _as_stored(x2 * inv_rms * w2, kind), _as_stored(x3 * inv_rms * w3, kind))
-
-
-@triton.jit
 def _dot4(p, x0, x1, x2, x3, f0, f1, f2, f3):
     """p + x0*f0 + ... + x3*f3 as a chain of four FMAs."""
     p += x0 * f0
@@ -401,7 +306,7 @@ def _assemble(f0, f1, f2, f3, BN: tl.constexpr):
 
 @triton.jit
 def _consume(acc, p0, p1, xs0, xs1, f00, f01, f02, f03, f10, f11, f12, f13, a0, b0, a1, b1,
-             ebase, eb_run, rows, row_ok, x_ptr, xin, out_ptr, M, K, stride_xm,
+             ebase, eb_run, rows, row_ok, x_ptr, x64_ptr, out_ptr, M, K, stride_xm,
              NPAR: tl.constexpr, PAR_STRIDE: tl.constexpr, BITS: tl.constexpr,
              OFFSET: tl.constexpr, XKIND: tl.constexpr, MODE: tl.constexpr,
              EVEN: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
@@ -411,11 +316,11 @@ def _consume(acc, p0, p1, xs0, xs1, f00, f01, f02, f03, f10, f11, f12, f13, a0, 
     """
     if MODE == 0:
         e4 = ebase // 4 + tl.arange(0, f00.shape[2])[None, None, :]
-        x0, x1, x2, x3 = _x_quad(x_ptr, xin, e4, K, XKIND, EVEN)
+        x0, x1, x2, x3 = _x_quad(x_ptr, x64_ptr, e4, K, XKIND, EVEN)
         p0 = _dot4(p0, x0, x1, x2, x3, f00, f01, f02, f03)
         xs0 += (x0 + x1) + (x2 + x3)
         if NPAR == 2:
-            x0, x1, x2, x3 = _x_quad(x_ptr, xin, e4 + PAR_STRIDE // 4, K, XKIND, EVEN)
+            x0, x1, x2, x3 = _x_quad(x_ptr, x64_ptr, e4 + PAR_STRIDE // 4, K, XKIND, EVEN)
             p1 = _dot4(p1, x0, x1, x2, x3, f10, f11, f12, f13)
             xs1 += (x0 + x1) + (x2 + x3)
     elif MODE == 1:
@@ -511,7 +416,7 @@ def _q6_plane(words, high, k: tl.constexpr, par: tl.constexpr, one):
 
 
 @triton.jit
-def _step_q4_0(acc, s, one, one_g, qs_ptr, d_ptr, rows, row_ok, x_ptr, xin, out_ptr, M, K,
+def _step_q4_0(acc, s, one, one_g, qs_ptr, d_ptr, rows, row_ok, x_ptr, x64_ptr, out_ptr, M, K,
                stride_xm, SBS: tl.constexpr, XKIND: tl.constexpr, MODE: tl.constexpr,
                EVEN: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
     # Group g = block 8*SBS*s + g (4 words); sub-tile h takes words 2h, 2h+1: nibble 2k+par of
@@ -535,13 +440,13 @@ def _step_q4_0(acc, s, one, one_g, qs_ptr, d_ptr, rows, row_ok, x_ptr, xin, out_
             _q4_plane(words, 2, 0, one), _q4_plane(words, 3, 0, one),
             _q4_plane(words, 0, 1, one), _q4_plane(words, 1, 1, one),
             _q4_plane(words, 2, 1, one), _q4_plane(words, 3, 1, one),
-            a, b, a, b, 32 * blk + 8 * h, eb_run, rows, row_ok, x_ptr, xin, out_ptr, M, K,
+            a, b, a, b, 32 * blk + 8 * h, eb_run, rows, row_ok, x_ptr, x64_ptr, out_ptr, M, K,
             stride_xm, 2, 16, 4, 8, XKIND, MODE, EVEN, BN, BM, PREC)
     return _fold(acc, p0, p1, xs0, xs1, a, b, a, b, 2, MODE)
 
 
 @triton.jit
-def _step_q5_0(acc, s, one, one_g, qs_ptr, qh_ptr, d_ptr, rows, row_ok, x_ptr, xin, out_ptr,
+def _step_q5_0(acc, s, one, one_g, qs_ptr, qh_ptr, d_ptr, rows, row_ok, x_ptr, x64_ptr, out_ptr,
                M, K, stride_xm, SBS: tl.constexpr, XKIND: tl.constexpr, MODE: tl.constexpr,
                EVEN: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
     # As Q4_0; bit 4 of element e of a block is bit e of its qh word.
@@ -566,13 +471,13 @@ def _step_q5_0(acc, s, one, one_g, qs_ptr, qh_ptr, d_ptr, rows, row_ok, x_ptr, x
             _q5_0_plane(words, high, 2, 0, one), _q5_0_plane(words, high, 3, 0, one),
             _q5_0_plane(words, high, 0, 1, one), _q5_0_plane(words, high, 1, 1, one),
             _q5_0_plane(words, high, 2, 1, one), _q5_0_plane(words, high, 3, 1, one),
-            a, b, a, b, 32 * blk + 8 * h, eb_run, rows, row_ok, x_ptr, xin, out_ptr, M, K,
+            a, b, a, b, 32 * blk + 8 * h, eb_run, rows, row_ok, x_ptr, x64_ptr, out_ptr, M, K,
             stride_xm, 2, 16, 5, 16, XKIND, MODE, EVEN, BN, BM, PREC)
     return _fold(acc, p0, p1, xs0, xs1, a, b, a, b, 2, MODE)
 
 
 @triton.jit
-def _step_q8_0(acc, s, one, one_g, qs_ptr, d_ptr, rows, row_ok, x_ptr, xin, out_ptr, M, K,
+def _step_q8_0(acc, s, one, one_g, qs_ptr, d_ptr, rows, row_ok, x_ptr, x64_ptr, out_ptr, M, K,
                stride_xm, SBS: tl.constexpr, XKIND: tl.constexpr, MODE: tl.constexpr,
                EVEN: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
     # Group g = block 8*SBS*s + g (8 words); sub-tile q takes words 2q, 2q+1: byte k of word u
@@ -595,7 +500,7 @@ def _step_q8_0(acc, s, one, one_g, qs_ptr, d_ptr, rows, row_ok, x_ptr, xin, out_
             acc, p0, p1, xs0, xs1,
             f0, _q8_plane(words, 1, one), _q8_plane(words, 2, one), _q8_plane(words, 3, one),
             f0, f0, f0, f0,
-            a, b, a, b, 32 * blk + 8 * q, eb_run, rows, row_ok, x_ptr, xin, out_ptr, M, K,
+            a, b, a, b, 32 * blk + 8 * q, eb_run, rows, row_ok, x_ptr, x64_ptr, out_ptr, M, K,
             stride_xm, 1, 0, 8, 128, XKIND, MODE, EVEN, BN, BM, PREC)
     return _fold(acc, p0, p1, xs0, xs1, a, b, a, b, 1, MODE)
 
@@ -625,7 +530,7 @@ def _k_scales(hdr_ptr, half16_ptr, base, chunk, ok, par: tl.constexpr, BITS: tl.
 
 
 @triton.jit
-def _step_q4_k(acc, s, one, one_g, hdr_ptr, half16_ptr, rows, row_ok, x_ptr, xin, out_ptr, M,
+def _step_q4_k(acc, s, one, one_g, hdr_ptr, half16_ptr, rows, row_ok, x_ptr, x64_ptr, out_ptr, M,
                K, stride_xm, SBS: tl.constexpr, XKIND: tl.constexpr, MODE: tl.constexpr,
                EVEN: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
     # 36 words a block: d|dmin, 3 of scales, 32 of quants. Group g = 64-element chunk g % 4
@@ -652,13 +557,13 @@ def _step_q4_k(acc, s, one, one_g, hdr_ptr, half16_ptr, rows, row_ok, x_ptr, xin
             _q4_plane(words, 2, 0, one), _q4_plane(words, 3, 0, one),
             _q4_plane(words, 0, 1, one), _q4_plane(words, 1, 1, one),
             _q4_plane(words, 2, 1, one), _q4_plane(words, 3, 1, one),
-            a0, b0, a1, b1, 256 * sb + 64 * chunk + 8 * q, eb_run, rows, row_ok, x_ptr, xin,
+            a0, b0, a1, b1, 256 * sb + 64 * chunk + 8 * q, eb_run, rows, row_ok, x_ptr, x64_ptr,
             out_ptr, M, K, stride_xm, 2, 32, 4, 0, XKIND, MODE, EVEN, BN, BM, PREC)
     return _fold(acc, p0, p1, xs0, xs1, a0, b0, a1, b1, 2, MODE)
 
 
 @triton.jit
-def _step_q5_k(acc, s, one, one_g, hdr_ptr, half16_ptr, rows, row_ok, x_ptr, xin, out_ptr, M,
+def _step_q5_k(acc, s, one, one_g, hdr_ptr, half16_ptr, rows, row_ok, x_ptr, x64_ptr, out_ptr, M,
                K, stride_xm, SBS: tl.constexpr, XKIND: tl.constexpr, MODE: tl.constexpr,
                EVEN: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
     # 44 words a block: as Q4_K with 8 words of high bits (4..11) before the quants (12..43).
@@ -685,7 +590,7 @@ def _step_q5_k(acc, s, one, one_g, hdr_ptr, half16_ptr, rows, row_ok, x_ptr, xin
             _q5_k_plane(words, high, 2, 0, one), _q5_k_plane(words, high, 3, 0, one),
             _q5_k_plane(words, high, 0, 1, one), _q5_k_plane(words, high, 1, 1, one),
             _q5_k_plane(words, high, 2, 1, one), _q5_k_plane(words, high, 3, 1, one),
-            a0, b0, a1, b1, 256 * sb + 64 * chunk + 8 * q, eb_run, rows, row_ok, x_ptr, xin,
+            a0, b0, a1, b1, 256 * sb + 64 * chunk + 8 * q, eb_run, rows, row_ok, x_ptr, x64_ptr,
             out_ptr, M, K, stride_xm, 2, 32, 5, 0, XKIND, MODE, EVEN, BN, BM, PREC)
     return _fold(acc, p0, p1, xs0, xs1, a0, b0, a1, b1, 2, MODE)
 
@@ -697,7 +602,7 @@ def _q6_group_base(grp):
 
 
 @triton.jit
-def _step_q6_k(acc, s, one, one_g, ql_ptr, qh_ptr, sc_ptr, d_ptr, rows, row_ok, x_ptr, xin,
+def _step_q6_k(acc, s, one, one_g, ql_ptr, qh_ptr, sc_ptr, d_ptr, rows, row_ok, x_ptr, x64_ptr,
                out_ptr, M, K, stride_xm, SBS: tl.constexpr, XKIND: tl.constexpr,
                MODE: tl.constexpr, EVEN: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
                PREC: tl.constexpr):
@@ -733,7 +638,7 @@ def _step_q6_k(acc, s, one, one_g, ql_ptr, qh_ptr, sc_ptr, d_ptr, rows, row_ok, 
             _q6_plane(words, high, 0, 1, one), _q6_plane(words, high, 1, 1, one),
             _q6_plane(words, high, 2, 1, one), _q6_plane(words, high, 3, 1, one),
             a0, b0, a1, b1, 256 * sb + _q6_group_base(g) + 8 * t, eb_run, rows, row_ok, x_ptr,
-            xin, out_ptr, M, K, stride_xm, 2, 64, 6, 32, XKIND, MODE, EVEN, BN, BM, PREC)
+            x64_ptr, out_ptr, M, K, stride_xm, 2, 64, 6, 32, XKIND, MODE, EVEN, BN, BM, PREC)
     return _fold(acc, p0, p1, xs0, xs1, a0, b0, a1, b1, 2, MODE)
 
 
@@ -777,10 +682,7 @@ def _quant_kernel(x_ptr, x64_ptr, out_ptr, p0, p1, p2, p3, M, N, K, stride_xm, s
                   MODE: tl.constexpr, G: tl.constexpr, W: tl.constexpr, SBS: tl.constexpr,
                   BN: tl.constexpr, BM: tl.constexpr, XKIND: tl.constexpr, EVEN: tl.constexpr,
                   PARTIAL: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
-                  GATED: tl.constexpr = 0, res_ptr=None, pre_ptr=None, nw_ptr=None,
-                  new_res_ptr=None, eps=0.0,
-                  HAS_PRE: tl.constexpr = False, HAS_RES: tl.constexpr = False,
-                  STORE_RES: tl.constexpr = False, BLOCK_K: tl.constexpr = 1):
+                  GATED: tl.constexpr = 0):
     """Rows [BN*r, +BN) of out, over K steps [pid1*steps_per_split, +steps_per_split).
 
     DOT mode: program pid0 = r * m_tiles + t also takes rows [BM*t, +BM) of x (t varies
@@ -791,19 +693,8 @@ def _quant_kernel(x_ptr, x64_ptr, out_ptr, p0, p1, p2, p3, M, N, K, stride_xm, s
     of every value derived from them inside the loop. GATED = 1 + an activation kind
     (FMA mode): W is a gated MLP's [gate | up] (N = 2F rows); each program takes BN / 2 rows
     of each half and stores act(gate) * up into F columns (see `quant_matmul`).
-    XKIND from _X_NORMED on (FMA mode, `_normed_kind`): x is the RMS norm (weight ``nw_ptr``)
-    of delta (``x_ptr``, ``x64_ptr`` its packs), post-normed (HAS_PRE, ``pre_ptr``) and added to a
-    residual (HAS_RES, ``res_ptr``) first, rounded to its dtype; it is made here, never stored (see
-    `NormInput`), and the sum goes to ``new_res_ptr`` (STORE_RES). BLOCK_K: K's power of two.
     """
     wait_for_inputs(PDL)
-    xin = x64_ptr
-    if XKIND >= 3:
-        root, inv_rms = _norm_prologue(x_ptr, res_ptr, pre_ptr, new_res_ptr, K, eps, HAS_PRE,
-                                       HAS_RES, STORE_RES, BLOCK_K)
-        pairs = tl.pointer_type(tl.int64)
-        xin = (x_ptr, x64_ptr, res_ptr.to(pairs, bitcast=True), pre_ptr.to(pairs, bitcast=True),
-               nw_ptr.to(pairs, bitcast=True), root, inv_rms)
     pid_k = tl.program_id(1)
     row_block = tl.program_id(0)
     m_first = 0
@@ -833,22 +724,22 @@ def _quant_kernel(x_ptr, x64_ptr, out_ptr, p0, p1, p2, p3, M, N, K, stride_xm, s
     one_g = group_stride
     for s in range(first, tl.minimum(first + steps_per_split, n_steps)):
         if FMT == 0:
-            acc = _step_q4_0(acc, s, one, one_g, p0, p1, rows, row_ok, x_ptr, xin, out_ptr,
+            acc = _step_q4_0(acc, s, one, one_g, p0, p1, rows, row_ok, x_ptr, x64_ptr, out_ptr,
                              m_left, K, stride_xm, SBS, XKIND, MODE, EVEN, BN, BM, PREC)
         elif FMT == 1:
-            acc = _step_q5_0(acc, s, one, one_g, p0, p1, p2, rows, row_ok, x_ptr, xin,
+            acc = _step_q5_0(acc, s, one, one_g, p0, p1, p2, rows, row_ok, x_ptr, x64_ptr,
                              out_ptr, m_left, K, stride_xm, SBS, XKIND, MODE, EVEN, BN, BM, PREC)
         elif FMT == 2:
-            acc = _step_q8_0(acc, s, one, one_g, p0, p1, rows, row_ok, x_ptr, xin, out_ptr,
+            acc = _step_q8_0(acc, s, one, one_g, p0, p1, rows, row_ok, x_ptr, x64_ptr, out_ptr,
                              m_left, K, stride_xm, SBS, XKIND, MODE, EVEN, BN, BM, PREC)
         elif FMT == 3:
-            acc = _step_q4_k(acc, s, one, one_g, p0, p1, rows, row_ok, x_ptr, xin, out_ptr,
+            acc = _step_q4_k(acc, s, one, one_g, p0, p1, rows, row_ok, x_ptr, x64_ptr, out_ptr,
                              m_left, K, stride_xm, SBS, XKIND, MODE, EVEN, BN, BM, PREC)
         elif FMT == 4:
-            acc = _step_q5_k(acc, s, one, one_g, p0, p1, rows, row_ok, x_ptr, xin, out_ptr,
+            acc = _step_q5_k(acc, s, one, one_g, p0, p1, rows, row_ok, x_ptr, x64_ptr, out_ptr,
                              m_left, K, stride_xm, SBS, XKIND, MODE, EVEN, BN, BM, PREC)
         elif FMT == 5:
-            acc = _step_q6_k(acc, s, one, one_g, p0, p1, p2, p3, rows, row_ok, x_ptr, xin,
+            acc = _step_q6_k(acc, s, one, one_g, p0, p1, p2, p3, rows, row_ok, x_ptr, x64_ptr,
                              out_ptr, m_left, K, stride_xm, SBS, XKIND, MODE, EVEN, BN, BM, PREC)
         else:
             acc = _step_dense(acc, s, p0, rows, row_ok, x_ptr, out_ptr, m_left, K, stride_xm, MODE,
@@ -1001,83 +892,8 @@ def _packed_x(x: torch.Tensor) -> torch.Tensor:
     return x.view(torch.int64)
 
 
-@dataclass(frozen=True)
-class NormInput:
-    """One row of x given as the RMS norm that makes it, for `quant_matmul` to compute in the
-    product's own kernel (a decode step's norm launch fewer):
-    ``x = kernels.norm.rms_norm(delta, weight, eps, residual, dtype, pre_weight)``, with that
-    kernel's float operations (bit for bit in the interpreter). Every program of the product
-    reads the residual, so it is not updated in place: with ``new_residual``, the product's
-    first program stores the sum ``post_norm(delta) + residual`` there instead."""
-
-    delta: torch.Tensor  # K elements (one row) in f32, f16 or bf16
-    weight: torch.Tensor  # [K] f32
-    eps: float
-    dtype: torch.dtype  # x's: the product's input and output dtype
-    residual: torch.Tensor | None = None  # K elements f32
-    pre_weight: torch.Tensor | None = None  # [K] f32: post-norm delta first (Gemma)
-    new_residual: torch.Tensor | None = None  # K elements f32, not residual's memory
-
-
-_MAX_NORM_K = 16384  # each program holds the row in registers for its prologue
-
-
-def fuses_norm(ggml_type: GGMLQuantizationType | int, k: int) -> bool:
-    """Whether `quant_matmul` takes a `NormInput` against a matrix of this format and width:
-    block formats (the FMA steps that read x as packs), K up to _MAX_NORM_K."""
-    return _FMT_IDS[T(ggml_type)] != _FMT_DENSE and k <= _MAX_NORM_K
-
-
-def _vector(t: torch.Tensor | None, name: str, k: int, dtypes: tuple[torch.dtype, ...]) -> None:
-    if t is not None and (t.numel() != k or t.dtype not in dtypes or not t.is_contiguous()):
-        raise MetallicError(
-            f"NormInput.{name} must be {k} contiguous elements of {', '.join(map(str, dtypes))}, "
-            f"got {list(t.shape)} {t.dtype}"
-        )
-
-
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """t, or a copy where it does not start on 8 bytes (the kernel reads f32 pairs as int64)."""
-    return t if t.data_ptr() % 8 == 0 else t.clone()
-
-
-def _norm_launch(norm: NormInput, ggml_type: GGMLQuantizationType | int, k: int) -> dict:
-    """The kernel's arguments for x made from ``norm`` (checked) against an [n, k] matrix."""
-    if not fuses_norm(ggml_type, k):
-        raise MetallicError(
-            f"quant_matmul computes an RMS-normed x against block formats of K <= "
-            f"{_MAX_NORM_K}, not {T(ggml_type).name} of K = {k}"
-        )
-    _vector(norm.delta, "delta", k, _FLOAT_DTYPES)
-    for name in ("weight", "residual", "pre_weight", "new_residual"):
-        _vector(getattr(norm, name), name, k, (torch.float32,))
-    if norm.dtype not in _FLOAT_DTYPES:
-        raise MetallicError(f"NormInput.dtype must be f32, f16 or bf16, not {norm.dtype}")
-    res, new_res = norm.residual, norm.new_residual
-    if new_res is not None and (res is None or new_res.data_ptr() == res.data_ptr()):
-        raise MetallicError("NormInput.new_residual needs a residual, in memory of its own")
-    delta = norm.delta.view(1, k)
-    x64 = _packed_x(delta)
-    weight = _aligned(norm.weight)
-    return {
-        "x": delta,
-        "x64": x64,
-        "res_ptr": weight if res is None else _aligned(res),
-        "pre_ptr": weight if norm.pre_weight is None else _aligned(norm.pre_weight),
-        "nw_ptr": weight,
-        "new_res_ptr": weight if new_res is None else new_res,
-        "eps": norm.eps,
-        "DKIND": _X_SINGLE if x64 is delta else _X_KINDS[delta.dtype],
-        "HKIND": _X_KINDS[norm.dtype],
-        "HAS_PRE": norm.pre_weight is not None,
-        "HAS_RES": res is not None,
-        "STORE_RES": new_res is not None,
-        "BLOCK_K": triton.next_power_of_2(k),
-    }
-
-
 def quant_matmul(
-    x: torch.Tensor | NormInput,
+    x: torch.Tensor,
     weight: torch.Tensor | PackedWeight,
     ggml_type: GGMLQuantizationType | int,
     n: int,
@@ -1099,14 +915,7 @@ def quant_matmul(
     the result in place. ``gated`` ("silu", "gelu_tanh"; one row, `fuses_gate`): W is a gated
     MLP's [gate | up] and the result [1, n / 2] is ``gated_activation`` of the product, applied
     by the product's own kernel (a decode step's activation launch fewer), bit for bit.
-    x a `NormInput` (`fuses_norm`): one row, made by the FMA mode's own programs from the
-    norm's operands (each program recomputes the row's two norm scalars, then each element of
-    x where it would have loaded it).
     """
-    norm = _norm_launch(x, ggml_type, k) if isinstance(x, NormInput) else {}
-    dtype = x.dtype  # x's, or the normed x's: the product's
-    if norm:
-        x = norm.pop("x")  # delta, as one row
     if gated is not None and not fuses_gate(x.shape[0], ggml_type, n):
         raise MetallicError(
             f"quant_matmul applies a gated activation to one row against a quantized [gate | up] "
@@ -1118,8 +927,8 @@ def quant_matmul(
         )
     if x.dim() != 2 or x.shape[1] != k:
         raise MetallicError(f"x must be [M, {k}], got {list(x.shape)}")
-    if dtype not in _FLOAT_DTYPES:
-        raise MetallicError(f"x must be f32, f16 or bf16, got {dtype}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise MetallicError(f"x must be f32, f16 or bf16, got {x.dtype}")
     if steps_per_split is not None and steps_per_split < 1:
         raise MetallicError(f"steps_per_split must be at least 1, got {steps_per_split}")
     packed = _as_packed(weight, ggml_type, n, k)
@@ -1128,13 +937,13 @@ def quant_matmul(
         raise MetallicError(f"x is on {x.device} but the weight is on {packed.device}")
     m = x.shape[0]
     n_out = n // 2 if gated else n
-    if out is not None and (out.shape != (m, n_out) or out.dtype != dtype or out.stride(1) != 1):
+    if out is not None and (out.shape != (m, n_out) or out.dtype != x.dtype or out.stride(1) != 1):
         raise MetallicError(
-            f"out must be [{m}, {n_out}] {dtype} with contiguous rows, got {list(out.shape)} "
+            f"out must be [{m}, {n_out}] {x.dtype} with contiguous rows, got {list(out.shape)} "
             f"{out.dtype} strides {out.stride()}"
         )
     if out is None:
-        out = torch.empty((m, n_out), dtype=dtype, device=x.device)
+        out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
     if x.stride(1) != 1:
@@ -1158,20 +967,17 @@ def quant_matmul(
     target = out
     if splits > 1:
         target = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
-    x64 = norm.pop("x64") if norm else _packed_x(x)
-    xkind = _X_SINGLE if x64 is x else _X_KINDS[dtype]
-    if norm:
-        xkind = _normed_kind(norm.pop("DKIND"), norm.pop("HKIND"), norm["HAS_PRE"], norm["HAS_RES"])
+    x64 = _packed_x(x)
     _quant_kernel[(row_blocks * m_tiles, splits)](
         x, x64, target, *_launch_args(packed), m, n, k, x.stride(0),
         n if splits > 1 else out.stride(0), n_steps, per_split,
         _ONE_BITS, 1,
         FMT=fmt, MODE=mode, G=groups, W=words, SBS=sbs, BN=rows,
-        BM=tile.bm if tile else 1, XKIND=xkind,
+        BM=tile.bm if tile else 1, XKIND=_X_SINGLE if x64 is x else _X_KINDS[x.dtype],
         EVEN=k % (sbs * STEP) == 0, PARTIAL=splits > 1,
-        PREC="ieee" if dtype == torch.float32 else "tf32",
+        PREC="ieee" if x.dtype == torch.float32 else "tf32",
         GATED=0 if gated is None else 1 + ACTIVATION_KINDS[gated],
-        enable_fp_fusion=True, **options, **pdl_launch(x.device), **norm,
+        enable_fp_fusion=True, **options, **pdl_launch(x.device),
     )  # fmt: skip
     if splits > 1:
         sum_splits(target, out, gated)

@@ -5,14 +5,10 @@ each) and returns logits for each sequence's last token or for every token.
 
 The residual stream stays float32; activations entering the matrix products are in the compute
 dtype. Each residual add is folded into the norm that follows it (`rms_norm(..., residual=x)`),
-so on the GPU the add costs no pass over memory of its own. Where the product after a norm can
-compute the norm itself (a decode row, `ops.linear.fuses_norm`), that product does it, and the sum
-goes to a new tensor that becomes the residual stream.
+so on the GPU the add costs no pass over memory of its own.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,22 +16,12 @@ from metallic.gguf.config import ModelConfig
 from metallic.models.kv_store import KVStore
 from metallic.models.weights import LayerWeights, ModelWeights
 from metallic.ops import RopeTable, apply_rope, embed, gated_activation, linear, rms_norm
-from metallic.ops.linear import (
-    LinearWeight,
-    fuses_gate,
-    fuses_norm,
-    gated_linear,
-    normed_linear,
-    rounding_buffers,
-)
+from metallic.ops.linear import LinearWeight, fuses_gate, gated_linear, rounding_buffers
 from metallic.ops.rope import RopeStep
 from metallic.runtime.batch import StepBatch
 from metallic.runtime.memory import MemoryPool
 from metallic.runtime.profiler import OFF, Hooks
 from metallic.runtime.streaming import LayerStreamer
-
-if TYPE_CHECKING:  # the kernels need triton, which CPU-only installs may lack
-    from metallic.kernels import NormInput
 
 
 class Transformer:
@@ -107,7 +93,7 @@ class Transformer:
             if streamer is not None and i:
                 streamer.after_layer(i - 1)  # its post-norm weight was read just now
             rope = steps[self.layer_rope_base[i]]
-            delta, delta_norm, x = self._block(i, layer, (h, h8), x, rope, batch, cache)
+            delta, delta_norm = self._block(i, layer, (h, h8), x, rope, batch, cache)
         profiler.mark("output_norm")
         if not every_row and not batch.decode:  # a decode step's rows are all last rows
             rows = batch.last_rows.long()
@@ -117,7 +103,7 @@ class Transformer:
         output = self.weights.output
         h, h8 = self._norm(delta, delta_norm, x, self.weights.output_norm, torch.float32, output)
         profiler.mark("output")
-        logits = self._product(h, output, h8, x)[0].float()
+        logits = self._linear(h, output, h8).float()
         profiler.end(logits)
         return logits
 
@@ -137,21 +123,13 @@ class Transformer:
         weight: torch.Tensor,
         out_dtype: torch.dtype | None = None,
         consumer: LinearWeight | None = None,
-    ) -> tuple[torch.Tensor | NormInput, tuple[torch.Tensor, ...] | None]:
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """norm(x + post_norm(delta)) in the activation dtype, leaving the sum in x: one kernel
         for a block's post-norm, the residual add and the next block's pre-norm. Where the
         `consumer` product rounds its rows of input to int8 (dp4a), the same kernel rounds them
-        too (returned second, else None). Where it can compute the norm itself (`fuses_norm`),
-        nothing runs here: the norm's operands go to `_product` (a `NormInput`). Not while
-        layers stream: their slot is handed on once this norm has read the post-norm weight."""
+        too (returned second, else None)."""
         eps = self.config.rms_eps
         out_dtype = out_dtype or self.act_dtype
-        rows = x if delta is None else delta
-        if consumer is not None and self.streamer is None and fuses_norm(rows, consumer, out_dtype):
-            from metallic.kernels import NormInput  # the kernels run, so triton is there
-
-            residual = None if delta is None else x
-            return NormInput(rows, weight, eps, out_dtype, residual, delta_norm), None
         rounded = None if consumer is None else rounding_buffers(x.shape[0], consumer, out_dtype)
         if delta is None:
             return rms_norm(x, weight, eps, out_dtype=out_dtype, rounded=rounded), rounded
@@ -166,43 +144,23 @@ class Transformer:
         )
         return normed, rounded
 
-    def _product(
-        self,
-        h: torch.Tensor | NormInput,
-        weight: LinearWeight,
-        rounded: tuple[torch.Tensor, ...] | None,
-        x: torch.Tensor,
-        gated: str | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`weight`'s product of _norm's result (then the `gated` activation, where `fuses_gate`)
-        and the residual stream after it: x, or the new tensor a norm fused into the product
-        wrote (`normed_linear`)."""
-        if not isinstance(h, torch.Tensor):
-            out, new_x = normed_linear(h, weight, gated)
-            return out, x if new_x is None else new_x
-        if gated is not None:
-            return gated_linear(h, weight, gated), x
-        return self._linear(h, weight, rounded), x
-
     def _block(
         self,
         i: int,
         w: LayerWeights,
-        normed: tuple[torch.Tensor | NormInput, tuple[torch.Tensor, ...] | None],
+        normed: tuple[torch.Tensor, tuple[torch.Tensor, ...] | None],
         x: torch.Tensor,
         rope: RopeStep,
         batch: StepBatch,
         cache: KVStore,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Layer i on its normed input (_norm's result); adds the attention half into the
-        residual stream x and returns the MLP half's output with its post-norm weight (both
-        applied by the next norm), and the residual stream (x, or a new tensor where a product
-        computed its norm)."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Layer i on its normed input (h, and h rounded for dp4a products or None); adds the
+        attention half into x and returns the MLP half's output with its post-norm weight (both
+        applied by the next norm)."""
         c, mark = self.config, self.profiler.mark
         mark("qkv", i)
         h, h8 = normed
-        qkv, x = self._product(h, w.qkv, h8, x)
-        q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        q, k, v = self._linear(h, w.qkv, h8).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
         q = q.view(-1, c.n_heads, c.head_dim)
         k = k.view(-1, c.n_kv_heads, c.head_dim)
         v = v.view(-1, c.n_kv_heads, c.head_dim)
@@ -220,16 +178,16 @@ class Transformer:
         mark("ffn_norm", i)
         h, h8 = self._norm(a, w.post_attn_norm, x, w.ffn_norm, consumer=w.gate_up)
         mark("gate_up", i)
-        act8 = rounding_buffers(a.shape[0], w.down)
+        act8 = rounding_buffers(h.shape[0], w.down)
         if fuses_gate(h, w.gate_up, act8):  # the gate|up product's kernel applies it
-            act, x = self._product(h, w.gate_up, None, x, c.activation)
+            act = gated_linear(h, w.gate_up, c.activation)
             mark("activation", i)
         else:
-            gate_up, x = self._product(h, w.gate_up, h8, x)
+            gate_up = self._linear(h, w.gate_up, h8)
             mark("activation", i)
             act = gated_activation(gate_up, None, c.activation, rounded=act8)
         mark("down", i)
-        return self._linear(act, w.down, act8), w.post_ffn_norm, x
+        return self._linear(act, w.down, act8), w.post_ffn_norm
 
 
 def _pooled(memory: MemoryPool, t: torch.Tensor, name: str) -> torch.Tensor:

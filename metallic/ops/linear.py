@@ -10,7 +10,7 @@ pass: dense parts are concatenated once at load; native parts are merged per run
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType
 from metallic.ops.dispatch import use_kernels
 
 if TYPE_CHECKING:  # the kernels need triton, which CPU-only installs may lack
-    from metallic.kernels import NormInput, PackedWeight
+    from metallic.kernels import PackedWeight
 
 
 @dataclass
@@ -153,20 +153,16 @@ def rounding_buffers(
 
 
 def fuses_gate(
-    x: torch.Tensor | NormInput,
-    weight: LinearWeight,
-    act_rounded: tuple[torch.Tensor, ...] | None = None,
+    x: torch.Tensor, weight: LinearWeight, act_rounded: tuple[torch.Tensor, ...] | None = None
 ) -> bool:
-    """Whether `gated_linear` (or `normed_linear`, for x given as the norm that makes it) can
-    multiply x by a gated MLP's [gate | up] with the activation applied in the product's own
-    kernel: one row against a single part of block quants on the fused path
-    (`quant_matmul.fuses_gate`), no bias, and no rounding of the result wanted for a dp4a
-    product after (`act_rounded`, from `rounding_buffers`)."""
+    """Whether `gated_linear` can multiply x by a gated MLP's [gate | up] with the activation
+    applied in the product's own kernel: one row against a single part of block quants on the
+    fused path (`quant_matmul.fuses_gate`), no bias, and no rounding of the result wanted for a
+    dp4a product after (`act_rounded`, from `rounding_buffers`)."""
     native = weight.native
     if act_rounded is not None or native is None or weight.bias is not None or len(native) != 1:
         return False
-    rows = x if isinstance(x, torch.Tensor) else x.delta
-    if not use_kernels(rows) or rows.numel() != rows.shape[-1]:
+    if not use_kernels(x) or x.numel() != x.shape[-1]:
         return False
     from metallic.kernels.quant_matmul import fuses_gate as kernel_fuses_gate
 
@@ -183,50 +179,6 @@ def gated_linear(x: torch.Tensor, weight: LinearWeight, kind: str) -> torch.Tens
     (part,) = weight.native or ()
     out = quant_matmul(x.reshape(1, -1), part, part.ggml_type, part.n, part.k, gated=kind)
     return out.view(*x.shape[:-1], part.n // 2)
-
-
-def fuses_norm(rows: torch.Tensor, weight: LinearWeight, dtype: torch.dtype) -> bool:
-    """Whether `normed_linear` can multiply weight by the RMS norm (in `dtype`) of `rows` (the
-    norm's input: one row) with the norm computed in the product's own kernels: native block
-    quants whose every part takes the fused path at one row (`native_path`; the FMA mode,
-    `quant_matmul.fuses_norm`), and no bias."""
-    native = weight.native
-    if native is None or weight.bias is not None or not use_kernels(rows):
-        return False
-    if rows.numel() != rows.shape[-1]:
-        return False
-    from metallic.kernels.quant_matmul import fuses_norm as kernel_fuses_norm
-
-    return native_path(1, native, dtype) == "fused" and all(
-        kernel_fuses_norm(p.ggml_type, p.k) for p in native
-    )
-
-
-def normed_linear(
-    norm: NormInput, weight: LinearWeight, gated: str | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`linear(h, weight)` for h = the norm `norm` describes (`ops.norm.rms_norm`'s result
-    there), where `fuses_norm`: the product's kernels compute h, without a norm launch, bit for
-    bit. With `gated` (`fuses_gate`), `gated_linear(h, weight, gated)`. Returns the product
-    [..., out] and the new residual: the sum `rms_norm` would leave in `norm.residual`, here
-    in a new tensor of its shape (stored by the first part's launch), or None without a
-    residual."""
-    from metallic.kernels import quant_matmul
-
-    parts = weight.native or ()
-    if gated is not None and len(parts) != 1:
-        raise ValueError("a gated product fuses the activation into a single [gate | up] part")
-    new_residual = None if norm.residual is None else torch.empty_like(norm.residual)
-    widths = [p.n // 2 if gated else p.n for p in parts]
-    out = torch.empty(1, sum(widths), dtype=norm.dtype, device=norm.delta.device)
-    first = 0
-    for p, width in zip(parts, widths, strict=True):
-        # The first launch stores the new residual; the others only read the old one.
-        part_norm = replace(norm, new_residual=new_residual if first == 0 else None)
-        cols = out[:, first : first + width]
-        quant_matmul(part_norm, p, p.ggml_type, p.n, p.k, out=cols, gated=gated)
-        first += width
-    return out.view(*norm.delta.shape[:-1], first), new_residual
 
 
 def _native_linear(
