@@ -1,4 +1,9 @@
-"""Kernel tests run in the Triton interpreter (CI has no GPU) with NaN-poisoned allocations."""
+"""Kernel tests run in the Triton interpreter (CI has no GPU) with NaN-poisoned allocations.
+
+The interpreter's `tl.dot` multiplies bfloat16 operands as their raw bit patterns (values near
+1e10; triton-lang/triton#11584, "not supported yet"), so the kernels that call `tl.dot` (attention,
+the DOT and GEMM tiles) are tested in float16 and float32; bfloat16 runs them on the GPU only.
+"""
 
 import os
 
