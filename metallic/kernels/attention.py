@@ -33,7 +33,7 @@ _MAX_DECODE_ROWS = 64
 # Keys per decode split at least (default split count). A split's tiles run serially, each a
 # chain of dependent loads (block table, keys, values) of ~3-4 us on an H200 whatever its width,
 # so short contexts take as many splits as the SMs hold, each one tile of 16-32 keys (H200, a
-# 600-key decode replayed from a graph: Gemma 3's layer 14.4 -> 5.1 us, Llama-3-8B's 11.7 -> 5.5).
+# 600-key decode replayed from a graph: Gemma 3's layer 14.9 -> 5.2 us, Llama-3-8B's ~11.7 -> 5.5).
 _MIN_SPLIT_KEYS = 16
 _DECODE_BLOCK_M = 16  # (query, head) rows of a decode tile at least: tl.dot's minimum
 _MAX_SPLITS = 64  # the merge holds every split of a row at once
