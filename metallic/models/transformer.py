@@ -178,7 +178,7 @@ class Transformer:
         mark("ffn_norm", i)
         h, h8 = self._norm(a, w.post_attn_norm, x, w.ffn_norm, consumer=w.gate_up)
         mark("gate_up", i)
-        act8 = rounding_buffers(h.shape[0], w.down)
+        act8 = rounding_buffers(h.shape[0], w.down, h.dtype)
         if fuses_gate(h, w.gate_up, act8):  # the gate|up product's kernel applies it
             act = gated_linear(h, w.gate_up, c.activation)
             mark("activation", i)
