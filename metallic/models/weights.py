@@ -8,6 +8,7 @@ gemma3, the sandwich norms of gemma).
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any, TypeVar
@@ -19,8 +20,9 @@ from metallic.errors import GGUFError, MetallicError
 from metallic.gguf.config import ModelConfig
 from metallic.gguf.reader import GGUFFile, TensorInfo
 from metallic.ops.linear import LinearWeight, stack
-from metallic.quant.formats import block_format
+from metallic.quant.formats import block_format, tensor_nbytes
 from metallic.quant.reference import dequantize_rows
+from metallic.quant.transcode import held_types, to_q8_0
 from metallic.runtime.staging import StagingRing
 
 
@@ -203,9 +205,10 @@ class WeightLoader:
         from metallic.kernels import prepare_weight
 
         packed = []
-        for qtype, run in itertools.groupby(infos, key=lambda info: info.ggml_type):
-            run = list(run)
-            raw = self._upload(run)
+        held = held_types(tuple(info.ggml_type for info in infos))
+        for qtype, run in itertools.groupby(zip(held, infos, strict=True), key=lambda p: p[0]):
+            run = [info for _, info in run]
+            raw = self._upload(run, qtype)
             rows = sum(info.shape[0] for info in run)
             name = "+".join(info.name for info in run)
             packed.append(prepare_weight(raw, qtype, rows, cols, tensor_name=name))
@@ -217,16 +220,22 @@ class WeightLoader:
             bias=None if biases[0] is None else torch.cat(biases),  # type: ignore[arg-type]
         )
 
-    def _upload(self, infos: list[TensorInfo]) -> torch.Tensor:
-        """The tensors' bytes back to back on the device, straight from the map through the
-        staging ring (a stack is assembled on the device, never copied on the host)."""
-        if len(infos) == 1:
+    def _upload(self, infos: list[TensorInfo], held: GGMLQuantizationType) -> torch.Tensor:
+        """The tensors' bytes back to back on the device in the `held` format, straight from
+        the map through the staging ring (a stack is assembled on the device, never copied on
+        the host; a part in another format is widened there, see quant.transcode)."""
+        if len(infos) == 1 and infos[0].ggml_type == held:
             return self.staging.upload(infos[0].raw_bytes())
-        out = torch.empty(sum(i.n_bytes for i in infos), dtype=torch.uint8, device=self.device)
+        sizes = [held_bytes(info, held) for info in infos]
+        out = torch.empty(sum(sizes), dtype=torch.uint8, device=self.device)
         first = 0
-        for info in infos:
-            self.staging.upload(info.raw_bytes(), out[first : first + info.n_bytes])
-            first += info.n_bytes
+        for info, size in zip(infos, sizes, strict=True):
+            if info.ggml_type == held:
+                self.staging.upload(info.raw_bytes(), out[first : first + size])
+            else:
+                raw = self.staging.upload(info.raw_bytes())
+                out[first : first + size] = to_q8_0(raw, info.ggml_type)
+            first += size
         return out
 
     def matrix(self, name: str, rows: int, cols: int, dense_dtype: torch.dtype) -> LinearWeight:
@@ -237,6 +246,15 @@ class WeightLoader:
             if self.native
             else self.dense(name, rows, cols, dtype=dense_dtype)
         )
+
+
+# Matrices of a layer that share an input and are stacked into one weight (see load_weights).
+STACKS = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
+
+
+def held_bytes(info: TensorInfo, held: GGMLQuantizationType) -> int:
+    """Bytes of a native matrix kept in the `held` format (quant.transcode)."""
+    return info.n_bytes if info.ggml_type == held else tensor_nbytes(held, math.prod(info.shape))
 
 
 def _kernel_types() -> tuple[GGMLQuantizationType, ...]:
@@ -251,13 +269,20 @@ def estimate_bytes(
     """(bytes of the non-layer weights, bytes of each layer) as `load_weights` will hold them:
     a memory plan is made before anything is loaded."""
     kernel_types = _kernel_types() if native else ()
+    held: dict[str, GGMLQuantizationType] = {}  # native matrices kept in another format
+    for i in range(config.n_layers):
+        for kinds in STACKS:
+            infos = [gguf.tensors.get(f"blk.{i}.{kind}.weight") for kind in kinds]
+            types = tuple(info.ggml_type for info in infos if info is not None)
+            if len(types) == len(kinds) and all(t in kernel_types for t in types):
+                held |= {info.name: t for info, t in zip(infos, held_types(types), strict=True)}
 
     def size(name: str) -> int:
         info = gguf.tensor(name)
         if len(info.shape) == 1:
             return info.shape[0] * 4  # vectors are kept in f32
         if info.ggml_type in kernel_types:
-            return info.n_bytes
+            return held_bytes(info, held.get(name, info.ggml_type))
         return info.shape[0] * info.shape[1] * dtype.itemsize
 
     layers = [0] * config.n_layers
