@@ -157,11 +157,15 @@ class ModelRunner:
             if len(rows) != logits.shape[0]:  # filler rows, or chunks that do not sample yet
                 logits = logits[self.uploads.upload(rows)]
             seq_ids = [seq.seq_id for seq, _ in sampled]
-            tokens = self.sampler.sample(logits, seq_ids) if rows else logits.new_empty(0).long()
-            parts = [tokens.double()]  # ids and log-probabilities travel in one copy
-            if logprob_rows:
-                parts.append(self._logprobs(logits, tokens, logprob_rows, top_k).reshape(-1))
-            host, ready = self.downloads.download(torch.cat(parts))
+            if not rows:
+                tokens = logits.new_empty(0).long()
+            else:  # log-probabilities are of the raw logits: those keep them unmasked
+                tokens = self.sampler.sample(logits, seq_ids, in_place=not logprob_rows)
+            if logprob_rows:  # ids and log-probabilities travel in one copy
+                logprobs = self._logprobs(logits, tokens, logprob_rows, top_k).reshape(-1)
+                host, ready = self.downloads.download(torch.cat((tokens.double(), logprobs)))
+            else:
+                host, ready = self.downloads.download(tokens)
         for row, (seq, index) in enumerate(sampled):
             seq.token_ids.append(PENDING)
             seq.pending_row = row
@@ -236,13 +240,13 @@ class ModelRunner:
     ) -> None:
         """Write decode inputs whose ids are still on the device (previous step's samples)."""
         assert previous is not None
-        source = previous.tokens.to(torch.int32)
-        if rows == sources == list(range(len(rows))):
+        source = previous.tokens
+        if rows == sources == list(range(len(rows))):  # one launch, converting to int32
             batch.tokens[: len(rows)].copy_(source[: len(rows)])
             return
         index = self.uploads.upload(sources)
         at = self.uploads.upload(rows)
-        batch.tokens.index_copy_(0, at, source.index_select(0, index))
+        batch.tokens.index_copy_(0, at, source.index_select(0, index).to(torch.int32))
 
     def execute(self, batch: StepBatch, graphed: bool) -> torch.Tensor:
         """Logits [sequences (filler included), vocab] of each sequence's last token."""

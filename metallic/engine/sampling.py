@@ -215,7 +215,7 @@ class _Batch:
     """
 
     groups: list[_Group]
-    ignore_eos: torch.Tensor | None  # [B] bool, None when no row ignores EOS
+    ignore_eos: torch.Tensor | None  # rows that ignore EOS (int64 indices), None when none do
     penalties: _Penalties | None
 
 
@@ -271,10 +271,16 @@ class Sampler:
         self._free_slots.append(sequence.slot)
         self._batch_key = None
 
-    def sample(self, logits: torch.Tensor, seq_ids: Sequence[int]) -> torch.Tensor:
+    def sample(
+        self, logits: torch.Tensor, seq_ids: Sequence[int], in_place: bool = False
+    ) -> torch.Tensor:
         """Choose one token per row of ``logits`` [B, V] (row i belongs to ``seq_ids[i]``).
 
         Returns int64 ids [B] on the logits' device and records them in each sequence's history.
+        ``in_place``: the caller has no further use for ``logits``, so the end-of-generation
+        mask is written into them instead of a copy (a decode step of one sequence is a few
+        hundred microseconds; a copy of Gemma 3's 262,144 logits and the launches around it
+        took a tenth of that).
         """
         if logits.dim() != 2 or logits.shape != (len(seq_ids), self.vocab_size):
             raise SamplingError(
@@ -288,8 +294,9 @@ class Sampler:
 
         scores = logits.float()
         if batch.ignore_eos is not None and self._eog.numel():
-            eog_scores = scores[:, self._eog].masked_fill(batch.ignore_eos[:, None], -math.inf)
-            scores = scores.index_copy(1, self._eog, eog_scores)
+            if not in_place and scores.data_ptr() == logits.data_ptr():
+                scores = scores.clone()
+            scores[batch.ignore_eos[:, None], self._eog[None, :]] = -math.inf
         if batch.penalties is not None:
             penalties = batch.penalties
             scores = apply_penalties(
@@ -436,10 +443,10 @@ class Sampler:
                 recording_rows_t=on_device(recording_rows, torch.long),
                 recording_slots_t=on_device([slots[r] for r in recording_rows], torch.long),
             )
-        ignoring_eos = [p.ignore_eos for p in params]
+        ignoring_eos = [r for r, p in enumerate(params) if p.ignore_eos]
         batch = _Batch(
             groups=groups,
-            ignore_eos=on_device(ignoring_eos, torch.bool) if any(ignoring_eos) else None,
+            ignore_eos=on_device(ignoring_eos, torch.long) if ignoring_eos else None,
             penalties=penalties,
         )
         self._batch_key, self._batch = key, batch
