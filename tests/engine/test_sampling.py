@@ -244,6 +244,17 @@ def test_ignore_eos_masks_end_of_generation_tokens() -> None:
     sampler.add(1, SamplingParams(temperature=0))
     logits = torch.tensor([[0.0, 1.0, 0.5, 9.0]] * 2)
     assert sampler.sample(logits, [0, 1]).tolist() == [1, 3]
+    assert logits[0, 3] == 9.0  # the caller's logits are left as they were
+
+
+def test_ignore_eos_in_place_masks_the_callers_logits_of_those_rows_only() -> None:
+    sampler = Sampler(5, eog_token_ids=[3, 4])
+    sampler.add(0, SamplingParams(temperature=0))
+    sampler.add(1, SamplingParams(temperature=0, ignore_eos=True))
+    logits = torch.tensor([[0.0, 1.0, 0.5, 9.0, 8.0]] * 2)
+    assert sampler.sample(logits, [0, 1], in_place=True).tolist() == [3, 1]
+    assert logits[0].tolist() == [0.0, 1.0, 0.5, 9.0, 8.0]
+    assert logits[1].tolist() == [0.0, 1.0, 0.5, -math.inf, -math.inf]
 
 
 def test_batch_rows_are_independent_of_their_batch_mates() -> None:
