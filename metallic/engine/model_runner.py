@@ -27,6 +27,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -223,13 +224,19 @@ class ModelRunner:
             graphed = not self.budgeted  # padded all the same: the kernels of the graph
         else:
             graphed = False
+        upload = self.uploads.upload
+        if graphed:  # a captured graph's own input takes the step's metadata: no copy to it
+            n_tokens = sum(len(c.tokens) for c in seq_chunks)
+            static = self._step_graphs().inputs((n_tokens, len(seq_chunks), bound))
+            if static is not None:
+                upload = partial(self.uploads.upload, out=static.packed)
         batch = StepBatch.build(
             seq_chunks,
             self.device,
             width,
             max_q_len=pad_to or None,
             max_keys=bound,
-            upload=self.uploads.upload,
+            upload=upload,
         )
         if fill_rows:
             self._fill(batch, fill_rows, fill_from, previous)
@@ -258,6 +265,12 @@ class ModelRunner:
             compile_ahead(lambda: self.model.forward(batch, self.store))
         if not graphed:
             return self.model.forward(batch, self.store)
+        logits = self._step_graphs().run(batch)
+        self.model.profiler.replayed(logits, batch)
+        return logits
+
+    def _step_graphs(self) -> StepGraphs:
+        """The captured graphs, new ones when anything they baked in moved."""
         # A profiler's timing events are part of the graphs captured while it is attached.
         key = (self.store.generation, self.version(), self.model.profiler)
         if self.graphs is None or key != self._graphs_key:
@@ -265,9 +278,7 @@ class ModelRunner:
                 lambda b: self.model.forward(b, self.store), release_cache=self.budgeted
             )
             self._graphs_key = key
-        logits = self.graphs.run(batch)
-        self.model.profiler.replayed(logits, batch)
-        return logits
+        return self.graphs
 
     def forward_chunk(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         """Logits [end - start, vocab] of every token of `seq` in [start, end), run eagerly

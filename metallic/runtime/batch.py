@@ -152,7 +152,9 @@ class StepBatch:
         )
 
     def load(self, other: StepBatch) -> None:
-        """Refresh this static batch in place from `other` (same layout) for a graph replay."""
-        self.packed.copy_(other.packed, non_blocking=True)
+        """Refresh this static batch in place from `other` (same layout; maybe built in this
+        very buffer) for a graph replay."""
+        if other.packed.data_ptr() != self.packed.data_ptr():
+            self.packed.copy_(other.packed, non_blocking=True)
         self.chunks = other.chunks
         self.max_position = other.max_position

@@ -43,6 +43,12 @@ class StepGraphs:
         self.pool: tuple[int, int] | None = None  # one memory pool shared by every graph
         self.guards: dict[GraphKey, GraphGuard] | None = {} if debug_enabled() else None
 
+    def inputs(self, key: GraphKey) -> StepBatch | None:
+        """The static input of the graph of shape `key` once captured: a step of that shape
+        built in it (same layout) replays without copying its metadata there."""
+        captured = self.graphs.get(key)
+        return None if captured is None else captured[1]
+
     def run(self, batch: StepBatch) -> torch.Tensor:
         """The step's output for `batch` (valid until the next call)."""
         key = (batch.n_tokens, len(batch.chunks), batch.max_keys if batch.decode else 0)

@@ -46,21 +46,29 @@ class PinnedRing:
         assert event is not None
         event.record()
 
-    def upload(self, values: np.ndarray | Sequence[int] | torch.Tensor) -> torch.Tensor:
+    def upload(
+        self, values: np.ndarray | Sequence[int] | torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`values` (an array, a list of ints: int64, or a CPU tensor) on the device, without
-        waiting for the device."""
+        waiting for the device: in `out` (of their dtype and size) or a new tensor."""
         if isinstance(values, torch.Tensor):
             host = values
         elif isinstance(values, np.ndarray):
             host = torch.from_numpy(values)
         else:  # a list of ints, maybe empty
             host = torch.from_numpy(np.asarray(values, dtype=np.int64))
+        if out is not None and (out.dtype != host.dtype or out.numel() != host.numel()):
+            raise ValueError(f"upload: {host.numel()} {host.dtype} values into {out.numel()} "
+                             f"{out.dtype}")  # fmt: skip
         if not self.cuda:
-            return host.to(self.device)
+            return host.to(self.device) if out is None else out.copy_(host.view(out.shape))
         buffer = self._slot(host.nbytes)
         staged = buffer[: host.nbytes].view(host.dtype).view(host.shape)
         staged.copy_(host)
-        on_device = staged.to(self.device, non_blocking=True)
+        if out is None:
+            on_device = staged.to(self.device, non_blocking=True)
+        else:
+            on_device = out.copy_(staged.view(out.shape), non_blocking=True)
         self._record()
         return on_device
 
