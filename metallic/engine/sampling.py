@@ -239,6 +239,7 @@ class Sampler:
         self.vocab_size = vocab_size
         self.device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0" for comparisons
         self._eog = torch.tensor(list(eog_token_ids), dtype=torch.long, device=self.device)
+        self._minus_inf = torch.tensor(-math.inf, device=self.device)
         self._sequences: dict[int, _Sequence] = {}
         self._free_slots: list[int] = []
         self._history = torch.full((0, 0), -1, dtype=torch.long, device=self.device)
@@ -296,7 +297,9 @@ class Sampler:
         if batch.ignore_eos is not None and self._eog.numel():
             if not in_place and scores.data_ptr() == logits.data_ptr():
                 scores = scores.clone()
-            scores[batch.ignore_eos[:, None], self._eog[None, :]] = -math.inf
+            # A device scalar: a Python one would be copied from pageable memory, which waits
+            # for the device to finish all the work queued before it.
+            scores.index_put_((batch.ignore_eos[:, None], self._eog[None, :]), self._minus_inf)
         if batch.penalties is not None:
             penalties = batch.penalties
             scores = apply_penalties(
