@@ -21,30 +21,30 @@ SLOTS = 8  # buffers per direction: a step uses up to four, and two steps are in
 
 class PinnedRing:
     def __init__(self, device: torch.device, slots: int = SLOTS) -> None:
-        self.device = device
         self.cuda = device.type == "cuda"
+        if self.cuda and device.index is None:  # else torch looks it up, in Python, every call
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
         self.buffers: list[torch.Tensor] = [torch.empty(0, dtype=torch.uint8)] * slots
-        self.events: list[torch.cuda.Event | None] = [None] * slots
+        # One event per buffer, recorded again at each use: a step makes a few transfers, and
+        # creating an event and finding the stream cost the host more than the copy itself.
+        self.events = [torch.cuda.Event() for _ in range(slots)] if self.cuda else []
         self.next = 0
 
     def _slot(self, n_bytes: int) -> torch.Tensor:
         """The next buffer (grown to `n_bytes`), once its last copy has completed."""
         i = self.next
         self.next = (i + 1) % len(self.buffers)
-        event = self.events[i]
-        if event is not None:
-            event.synchronize()
+        self.events[i].synchronize()  # returns at once for an event never recorded
         if self.buffers[i].numel() < n_bytes:
             size = max(n_bytes, 2 * self.buffers[i].numel(), 4096)
             self.buffers[i] = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-        event = torch.cuda.Event()
-        self.events[i] = event
         return self.buffers[i]
 
-    def _record(self) -> None:
+    def _record(self) -> torch.cuda.Event:
         event = self.events[(self.next - 1) % len(self.buffers)]
-        assert event is not None
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
 
     def upload(
         self, values: np.ndarray | Sequence[int] | torch.Tensor, out: torch.Tensor | None = None
@@ -80,5 +80,4 @@ class PinnedRing:
         buffer = self._slot(values.nbytes)
         host = buffer[: values.nbytes].view(values.dtype).view(values.shape)
         host.copy_(values, non_blocking=True)
-        self._record()
-        return host, self.events[(self.next - 1) % len(self.buffers)]
+        return host, self._record()
