@@ -279,9 +279,8 @@ class Sampler:
 
         Returns int64 ids [B] on the logits' device and records them in each sequence's history.
         ``in_place``: the caller has no further use for ``logits``, so the end-of-generation
-        mask is written into them instead of a copy (a decode step of one sequence is a few
-        hundred microseconds; a copy of Gemma 3's 262,144 logits and the launches around it
-        took a tenth of that).
+        mask is written into them instead of a copy (Gemma 3's 262,144 logits and the launches
+        around their copy, in a decode step that takes a few hundred microseconds).
         """
         if logits.dim() != 2 or logits.shape != (len(seq_ids), self.vocab_size):
             raise SamplingError(

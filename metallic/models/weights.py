@@ -205,7 +205,7 @@ class WeightLoader:
         from metallic.kernels import prepare_weight
 
         packed = []
-        held = held_types(tuple(info.ggml_type for info in infos))
+        held = held_types(tuple(i.ggml_type for i in infos), sum(math.prod(i.shape) for i in infos))
         for qtype, run in itertools.groupby(zip(held, infos, strict=True), key=lambda p: p[0]):
             run = [info for _, info in run]
             raw = self._upload(run, qtype)
@@ -273,9 +273,11 @@ def estimate_bytes(
     for i in range(config.n_layers):
         for kinds in STACKS:
             infos = [gguf.tensors.get(f"blk.{i}.{kind}.weight") for kind in kinds]
-            types = tuple(info.ggml_type for info in infos if info is not None)
+            found = [info for info in infos if info is not None]
+            types = tuple(info.ggml_type for info in found)
             if len(types) == len(kinds) and all(t in kernel_types for t in types):
-                held |= {info.name: t for info, t in zip(infos, held_types(types), strict=True)}
+                kept = held_types(types, sum(math.prod(info.shape) for info in found))
+                held |= {info.name: t for info, t in zip(found, kept, strict=True)}
 
     def size(name: str) -> int:
         info = gguf.tensor(name)

@@ -6,6 +6,7 @@ holds every such integer, so a Q4_0 or Q5_0 block rewritten as Q8_0 (same d, the
 bytes) dequantizes to the same values bit for bit. The kernels launch once per format run of a
 stacked matrix: Gemma 3 270M keeps q and k in Q5_0 and v in Q8_0 in half its layers, and its
 one-row decode step is bound by launches, not bytes (1.5x the bytes of q and k: ~0.5 MB a layer).
+Larger stacks keep their formats: there a product's time is its bytes (Q4_0 would read 1.9x).
 """
 
 from __future__ import annotations
@@ -18,13 +19,20 @@ from metallic.quant.formats import block_format
 T = GGMLQuantizationType
 
 WIDENS_TO_Q8_0 = (T.Q4_0, T.Q5_0)
+# The largest stack widened: below ~8 MB a one-row product on the H200 takes the same time
+# whatever its bytes (kernels.quant_gemv.DP4A_MIN_BYTES has the measurements).
+MAX_WIDENED_BYTES = 8 << 20
 
 
-def held_types(types: tuple[GGMLQuantizationType, ...]) -> tuple[GGMLQuantizationType, ...]:
-    """The formats a stack of matrices in `types` is kept in: all Q8_0 where it mixes Q8_0 with
-    Q4_0 or Q5_0 only (one format, so one launch), else `types` themselves."""
+def held_types(
+    types: tuple[GGMLQuantizationType, ...], n_elements: int
+) -> tuple[GGMLQuantizationType, ...]:
+    """The formats a stack of matrices in `types` (`n_elements` in all) is kept in: all Q8_0
+    where it mixes Q8_0 with Q4_0 or Q5_0 only and stays small in Q8_0 (one format, so one
+    launch), else `types` themselves."""
     mixed = len(set(types)) > 1 and T.Q8_0 in types
-    if mixed and all(t == T.Q8_0 or t in WIDENS_TO_Q8_0 for t in types):
+    small = n_elements // 32 * 34 <= MAX_WIDENED_BYTES
+    if mixed and small and all(t == T.Q8_0 or t in WIDENS_TO_Q8_0 for t in types):
         return (T.Q8_0,) * len(types)
     return types
 

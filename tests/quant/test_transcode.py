@@ -36,9 +36,13 @@ def test_widening_rejects_other_formats() -> None:
         to_q8_0(torch.zeros(34, dtype=torch.uint8), T.Q8_0)
 
 
-def test_held_types_widen_only_a_mixed_stack_of_legacy_blocks() -> None:
-    assert held_types((T.Q5_0, T.Q5_0, T.Q8_0)) == (T.Q8_0,) * 3
-    assert held_types((T.Q4_0, T.Q8_0)) == (T.Q8_0, T.Q8_0)
-    assert held_types((T.Q5_0, T.Q5_0, T.Q5_0)) == (T.Q5_0,) * 3  # one format already
-    assert held_types((T.Q4_K, T.Q4_K, T.Q6_K)) == (T.Q4_K, T.Q4_K, T.Q6_K)
-    assert held_types((T.Q5_0, T.Q4_K, T.Q8_0)) == (T.Q5_0, T.Q4_K, T.Q8_0)  # not only legacy
+def test_held_types_widen_only_a_small_mixed_stack_of_legacy_blocks() -> None:
+    gemma_qkv = (1024 + 256 + 256) * 640  # Gemma 3 270M's q|k|v: 1 MB in Q8_0
+    assert held_types((T.Q5_0, T.Q5_0, T.Q8_0), gemma_qkv) == (T.Q8_0,) * 3
+    assert held_types((T.Q4_0, T.Q8_0), gemma_qkv) == (T.Q8_0, T.Q8_0)
+    assert held_types((T.Q5_0,) * 3, gemma_qkv) == (T.Q5_0,) * 3  # one format already
+    assert held_types((T.Q4_K, T.Q4_K, T.Q6_K), gemma_qkv) == (T.Q4_K, T.Q4_K, T.Q6_K)
+    mixed = (T.Q5_0, T.Q4_K, T.Q8_0)  # not only legacy blocks
+    assert held_types(mixed, gemma_qkv) == mixed
+    llama_8b_qkv = (4096 + 1024 + 1024) * 4096  # 27 MB in Q8_0: bytes set its product's time
+    assert held_types((T.Q4_0, T.Q4_0, T.Q8_0), llama_8b_qkv) == (T.Q4_0, T.Q4_0, T.Q8_0)
