@@ -5,7 +5,7 @@ signed integer (q - 8 for Q4_0's 4-bit q, q - 16 for Q5_0's 5-bit q, Q8_0's int8
 holds every such integer, so a Q4_0 or Q5_0 block rewritten as Q8_0 (same d, the integers as
 bytes) dequantizes to the same values bit for bit. The kernels launch once per format run of a
 stacked matrix: Gemma 3 270M keeps q and k in Q5_0 and v in Q8_0 in half its layers, and its
-one-row decode step is bound by launches, not bytes (1.5x the bytes of q and k: ~0.5 MB a layer).
+one-row decode step is bound by launches, not bytes (q and k in Q8_0: 0.3 MB more a layer).
 Larger stacks keep their formats: there a product's time is its bytes (Q4_0 would read 1.9x).
 """
 
@@ -14,13 +14,14 @@ from __future__ import annotations
 import torch
 from gguf import GGMLQuantizationType
 
-from metallic.quant.formats import block_format
+from metallic.quant.formats import block_format, tensor_nbytes
 
 T = GGMLQuantizationType
 
 WIDENS_TO_Q8_0 = (T.Q4_0, T.Q5_0)
-# The largest stack widened: below ~8 MB a one-row product on the H200 takes the same time
-# whatever its bytes (kernels.quant_gemv.DP4A_MIN_BYTES has the measurements).
+# The largest stack widened. Gemma 3's products of 0.2-1.8 MB all took ~3.7 us on the H200 (a
+# graph's kernel profile); 8 MB is where the dp4a kernels start to pay for rounding x
+# (kernels.quant_gemv.DP4A_MIN_BYTES), i.e. where bytes begin to set a product's time.
 MAX_WIDENED_BYTES = 8 << 20
 
 
@@ -31,7 +32,7 @@ def held_types(
     where it mixes Q8_0 with Q4_0 or Q5_0 only and stays small in Q8_0 (one format, so one
     launch), else `types` themselves."""
     mixed = len(set(types)) > 1 and T.Q8_0 in types
-    small = n_elements // 32 * 34 <= MAX_WIDENED_BYTES
+    small = tensor_nbytes(T.Q8_0, n_elements) <= MAX_WIDENED_BYTES
     if mixed and small and all(t == T.Q8_0 or t in WIDENS_TO_Q8_0 for t in types):
         return (T.Q8_0,) * len(types)
     return types
