@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 from gguf import GGMLQuantizationType
 
+from metallic.kernels import cuda_gemv
 from metallic.kernels.packing import PackedWeight
 from metallic.kernels.pdl import pdl_launch, wait_for_inputs
 from metallic.kernels.quant_matmul import interpreting, sum_splits
@@ -63,6 +64,7 @@ DP4A_MIN_BYTES = 8 << 20  # below this a one-row product keeps the float kernel 
 DP4A_MAX_ROWS = 8  # rows of x the dp4a kernels take in one pass over the weights
 DP4A_F32_MAX_ROWS = 32  # f32 rows (an output head's) take them up to this, 8 a pass (uses_dp4a)
 _QUANTIZE_BLOCKS = 32  # x blocks per program of the rounding kernel
+CUDA_ROWS = cuda_gemv.DEFAULT_ROWS  # rows a block of the CUDA kernel, where it is enabled()
 _HIGH_NIBBLES = tl.constexpr(-0x0F0F0F10)  # 0xF0F0F0F0 as a signed 32-bit word
 
 
@@ -598,8 +600,9 @@ class Geometry:
     programs along K (partial sums in an f32 scratch, added by one more kernel), `warps` per
     program; `kernel` is "owner" (each thread owns whole super-blocks of its rows), "staged"
     (Q4_K: the same, its quants loaded contiguously and passed on through shared memory; Q6_K
-    takes "owner") or "tile" (the earlier kernels: threads share a super-block's words;
-    `stages` pipelines them)."""
+    takes "owner"), "tile" (the earlier kernels: threads share a super-block's words;
+    `stages` pipelines them) or "cuda" (one row of x against Q4_K: kernels/cuda_gemv.py, `rows`
+    rows a block, its warps splitting K; the other fields do not apply)."""
 
     rows: int
     sbs: int
@@ -720,7 +723,11 @@ def _launch(
             f"gemv: out {list(out.shape)} and x of {q.numel()} quants do not fit M <= "
             f"{DP4A_MAX_ROWS} rows of K = {k} times N = {n}"
         )
+    if geometry is None and cuda_gemv.enabled() and cuda_gemv.takes(xq, parts, m, CUDA_ROWS):
+        return cuda_gemv.gemv_q4_k(xq, parts, out, CUDA_ROWS)
     g = normalized(geometry or default_geometry(weight.ggml_type, n, k, m), k)
+    if g.kernel == "cuda":
+        return cuda_gemv.gemv_q4_k(xq, parts, out, g.rows)
     if g.kernel == "tile" and m > 1:
         raise ValueError("gemv: the tile kernels take one row of x")
     n_sb, splits, sbs = k // 256, g.splits, g.sbs

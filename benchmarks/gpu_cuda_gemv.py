@@ -1,0 +1,164 @@
+"""The CUDA C one-row Q4_K product (metallic.kernels.cuda_gemv) against the Triton dp4a kernels.
+
+Correctness first: every variant against x W^T in float64 (W dequantized on the GPU, checked
+bit-exact against metallic.quant.reference; x as rounded to int8, what both kernels multiply),
+and the CUDA kernel against the Triton kernel's output. Then the product alone, replayed back to
+back from one CUDA graph over enough weight copies to defeat the L2 (gpu_quant_matmul.py's
+method), with programmatic dependent launch as in a decode step: the Triton default
+(quant_gemv.default_geometry, its split sums included), the CUDA kernel at 1, 2 and 4 rows a
+block, and a plain streaming read of the same bytes, as shares of a device-to-device copy's
+bandwidth measured in the same run. Shapes: Llama-3-8B's Q4_K products (q and o, k, gate|up in
+one launch, down) and Gemma 3 270M's attn_output (small: bound by latency, not bytes).
+
+With --engine MODEL, then whole decode runs: `metallic bench MODEL -p 512 -n 128` in separate
+processes, alternating METALLIC_CUDA_GEMV=0 and 1, so the engine says what the kernel is worth.
+
+GPU:   python benchmarks/gpu_cuda_gemv.py [--engine MODEL.gguf]   (JSON to $OUT or
+       benchmarks/results; exit 1 if a check fails)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from common import copy_bandwidth, device_name, out_dir
+from gguf import GGMLQuantizationType
+from gpu_gemv import read_us
+from gpu_quant_matmul import (
+    ROTATION_BYTES,
+    check_reference_rows,
+    graph_us,
+    random_blocks,
+    relative_error,
+)
+
+from metallic.kernels import dequantize_gpu, prepare_weight
+from metallic.kernels.cuda_gemv import ROW_CHOICES
+from metallic.kernels.quant_gemv import Geometry, gemv_parts, quantize_x
+
+T = GGMLQuantizationType
+TOLERANCE = 1e-2  # bf16 output against the float64 product with x as rounded
+AGREEMENT = 2e-2  # relative difference of the two kernels' bf16 outputs (two roundings)
+SHAPES = (  # (label, rows of each part, K)
+    ("8B q, o", (4096,), 4096),
+    ("8B k", (1024,), 4096),
+    ("8B gate|up", (14336, 14336), 4096),
+    ("8B down", (4096,), 14336),
+    ("Gemma o", (640,), 1024),
+)
+
+
+def bench_shape(
+    label: str, part_rows: tuple[int, ...], k: int, gen: torch.Generator, copy_bw: float,
+    failures: list[str],
+) -> dict[str, object]:  # fmt: skip
+    n = sum(part_rows)
+    one_copy = n * k // 256 * 144
+    count = max(1, min(16, -(-ROTATION_BYTES // one_copy)))
+    raws = [[random_blocks(T.Q4_K, rows, k, gen) for rows in part_rows] for _ in range(count)]
+    copies = [
+        tuple(prepare_weight(r, T.Q4_K, rows, k) for r, rows in zip(c, part_rows, strict=True))
+        for c in raws
+    ]
+    dense = torch.cat([dequantize_gpu(p, T.Q4_K, p.n, k) for p in copies[0]])
+    check_reference_rows(T.Q4_K, raws[0][0], dense[: part_rows[0]], k, failures)
+    x = torch.randn(k, device=gen.device, generator=gen, dtype=torch.bfloat16)
+    xq = quantize_x(x)
+    rounded = (xq[0].view(-1, 32).double() * xq[1][:, None].double()).view(1, k)
+    exact = rounded @ dense.double().T
+    del dense
+    variants: dict[str, Geometry | None] = {"triton": None}
+    variants |= {f"cuda r{r}": Geometry(r, 8, kernel="cuda") for r in ROW_CHOICES}
+    outputs = {}
+    row: dict[str, object] = {"shape": label, "n": n, "k": k, "weight_bytes": one_copy}
+    for name, geometry in variants.items():
+        out = torch.full((1, n), float("nan"), device=gen.device, dtype=torch.bfloat16)
+        try:
+            gemv_parts(xq, copies[0], out, geometry)
+        except Exception as error:  # a variant that fails: report it, time the others
+            failures.append(f"{label} {name}: {str(error).splitlines()[-1][:200]}")
+            continue
+        err = relative_error(out, exact)
+        row[f"{name} err"] = err
+        if not err <= TOLERANCE:
+            failures.append(f"{label} {name}: relative error {err:.3g} vs rounded x")
+            continue
+        outputs[name] = out
+        us = graph_us([lambda c=c, g=geometry, o=out: gemv_parts(xq, c, o, g) for c in copies])
+        row[f"{name} us"] = us
+        row[f"{name} pct"] = 100 * one_copy / (us * 1e-6) / copy_bw
+    for name, out in outputs.items():
+        if name != "triton" and "triton" in outputs:
+            diff = relative_error(out, outputs["triton"])
+            row[f"{name} vs triton"] = diff
+            if not diff <= AGREEMENT:
+                failures.append(f"{label} {name}: {diff:.3g} from the Triton kernel")
+    read = read_us([torch.cat([r.view(-1) for r in c]) for c in raws])
+    row["read us"], row["read pct"] = read, 100 * one_copy / (read * 1e-6) / copy_bw
+    return row
+
+
+def engine_runs(model: Path, rounds: int) -> list[dict[str, object]]:
+    """tg128 of `metallic bench` with the CUDA kernel off and on, alternating processes."""
+    results = []
+    for turn in range(2 * rounds):
+        flag = str(turn % 2)
+        with tempfile.TemporaryDirectory() as folder:
+            record = Path(folder) / "record.json"
+            command = [sys.executable, "-m", "metallic", "bench", str(model), "-p", "512",
+                       "-n", "128", "-r", "2", "--record", str(record)]  # fmt: skip
+            env = dict(os.environ, METALLIC_CUDA_GEMV=flag)
+            done = subprocess.run(command, env=env, capture_output=True, text=True)
+            if done.returncode:
+                results.append({"cuda_gemv": flag, "error": done.stderr.strip()[-300:]})
+                continue
+            rows = json.loads(record.read_text())["rows"]
+        values = {r["test"]: r["value"] for r in rows if r["engine"] == "metallic"}
+        results.append({"cuda_gemv": flag, **values})
+        print(f"METALLIC_CUDA_GEMV={flag}: {values}", flush=True)
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engine", type=Path, help="a GGUF file to decode with the kernel off/on")
+    parser.add_argument("--rounds", type=int, default=2, help="off/on pairs of engine runs")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_cuda_gemv.py needs a CUDA device", file=sys.stderr)
+        return 2
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    copy_bw = copy_bandwidth()
+    failures: list[str] = []
+    rows = [bench_shape(*shape, gen, copy_bw, failures) for shape in SHAPES]
+    names = ["triton", *(f"cuda r{r}" for r in ROW_CHOICES), "read"]
+    print(f"\ncopy bandwidth {copy_bw / 1e9:,.0f} GB/s; µs (share of copy bandwidth)")
+    print(f"| shape | N x K | MB | {' | '.join(names)} |")
+    print("|---|---|---|" + "---|" * len(names))
+    for row in rows:
+        cells = [
+            f"{row[f'{name} us']:.2f} ({row[f'{name} pct']:.0f}%)" if f"{name} us" in row else "-"
+            for name in names
+        ]
+        mb = row["weight_bytes"] / 1e6
+        print(f"| {row['shape']} | {row['n']} x {row['k']} | {mb:.1f} | {' | '.join(cells)} |")
+    engine = engine_runs(args.engine, args.rounds) if args.engine else []
+    path = out_dir() / "cuda-gemv.json"
+    doc = {"device": device_name(torch.device("cuda")), "copy_bandwidth": copy_bw, "rows": rows,
+           "engine": engine, "failures": failures}  # fmt: skip
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"\nwrote {path}")
+    for failure in failures:
+        print(f"FAILED {failure}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
