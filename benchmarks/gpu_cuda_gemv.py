@@ -1,4 +1,4 @@
-"""The CUDA C one-row Q4_K product (metallic.kernels.cuda_gemv) against the Triton dp4a kernels.
+"""The CUDA C one-row K-quant products (metallic.kernels.cuda_gemv) against the Triton dp4a kernels.
 
 Correctness first: every variant against x W^T in float64 (W dequantized on the GPU, checked
 bit-exact against metallic.quant.reference; x as rounded to int8, what both kernels multiply),
@@ -7,8 +7,9 @@ back from one CUDA graph over enough weight copies to defeat the L2 (gpu_quant_m
 method), with programmatic dependent launch as in a decode step: the Triton default
 (quant_gemv.default_geometry, its split sums included), the CUDA kernel at 1, 2 and 4 rows a
 block, and a plain streaming read of the same bytes, as shares of a device-to-device copy's
-bandwidth measured in the same run. Shapes: Llama-3-8B's Q4_K products (q and o, k, gate|up in
-one launch, down) and Gemma 3 270M's attn_output (small: bound by latency, not bytes).
+bandwidth measured in the same run. Shapes: Llama-3-8B's products (Q4_K: q and o, k, gate|up in
+one launch, down; Q6_K: v, down, the output head into f32) and Gemma 3 270M's attn_output
+(Q4_K, small: bound by latency, not bytes).
 
 With --engine MODEL, then whole decode runs: `metallic bench MODEL -p 512 -n 128` in separate
 processes, alternating METALLIC_CUDA_GEMV=0 and 1, so the engine says what the kernel is worth.
@@ -40,46 +41,56 @@ from gpu_quant_matmul import (
 )
 
 from metallic.kernels import dequantize_gpu, prepare_weight
-from metallic.kernels.cuda_gemv import ROW_CHOICES
+from metallic.kernels.cuda_gemv import DEFAULT_ROWS, ROW_CHOICES, block_warps
 from metallic.kernels.quant_gemv import Geometry, gemv_parts, quantize_x
+from metallic.quant.formats import block_format
 
 T = GGMLQuantizationType
 TOLERANCE = 1e-2  # bf16 output against the float64 product with x as rounded
 AGREEMENT = 2e-2  # relative difference of the two kernels' bf16 outputs (two roundings)
-SHAPES = (  # (label, rows of each part, K)
-    ("8B q, o", (4096,), 4096),
-    ("8B k", (1024,), 4096),
-    ("8B gate|up", (14336, 14336), 4096),
-    ("8B down", (4096,), 14336),
-    ("Gemma o", (640,), 1024),
+TURNS = (1, 2, 4)  # turns of eight super-blocks a lane: warps a block by block_warps
+SHAPES = (  # (label, format, rows of each part, K, output dtype)
+    ("8B q, o", T.Q4_K, (4096,), 4096, torch.bfloat16),
+    ("8B k", T.Q4_K, (1024,), 4096, torch.bfloat16),
+    ("8B gate|up", T.Q4_K, (14336, 14336), 4096, torch.bfloat16),
+    ("8B down", T.Q4_K, (4096,), 14336, torch.bfloat16),
+    ("8B v", T.Q6_K, (1024,), 4096, torch.bfloat16),
+    ("8B down", T.Q6_K, (4096,), 14336, torch.bfloat16),
+    ("8B output", T.Q6_K, (128256,), 4096, torch.float32),
+    ("Gemma o", T.Q4_K, (640,), 1024, torch.bfloat16),
 )
 
 
 def bench_shape(
-    label: str, part_rows: tuple[int, ...], k: int, gen: torch.Generator, copy_bw: float,
-    failures: list[str],
+    label: str, qtype: GGMLQuantizationType, part_rows: tuple[int, ...], k: int,
+    dtype: torch.dtype, gen: torch.Generator, copy_bw: float, failures: list[str],
 ) -> dict[str, object]:  # fmt: skip
+    label = f"{label} {qtype.name}"
     n = sum(part_rows)
-    one_copy = n * k // 256 * 144
+    one_copy = n * k // 256 * block_format(qtype).type_size
     count = max(1, min(16, -(-ROTATION_BYTES // one_copy)))
-    raws = [[random_blocks(T.Q4_K, rows, k, gen) for rows in part_rows] for _ in range(count)]
+    raws = [[random_blocks(qtype, rows, k, gen) for rows in part_rows] for _ in range(count)]
     copies = [
-        tuple(prepare_weight(r, T.Q4_K, rows, k) for r, rows in zip(c, part_rows, strict=True))
+        tuple(prepare_weight(r, qtype, rows, k) for r, rows in zip(c, part_rows, strict=True))
         for c in raws
     ]
-    dense = torch.cat([dequantize_gpu(p, T.Q4_K, p.n, k) for p in copies[0]])
-    check_reference_rows(T.Q4_K, raws[0][0], dense[: part_rows[0]], k, failures)
+    dense = torch.cat([dequantize_gpu(p, qtype, p.n, k) for p in copies[0]])
+    check_reference_rows(qtype, raws[0][0], dense[: part_rows[0]], k, failures)
     x = torch.randn(k, device=gen.device, generator=gen, dtype=torch.bfloat16)
     xq = quantize_x(x)
     rounded = (xq[0].view(-1, 32).double() * xq[1][:, None].double()).view(1, k)
     exact = rounded @ dense.double().T
     del dense
     variants: dict[str, Geometry | None] = {"triton": None}
-    variants |= {f"cuda r{r}": Geometry(r, 8, kernel="cuda") for r in ROW_CHOICES}
+    for rows in ROW_CHOICES:
+        for turns in TURNS:
+            warps = block_warps(k, turns)
+            variants.setdefault(f"cuda r{rows} w{warps}", Geometry(rows, 8, warps=warps,
+                                                                  kernel="cuda"))  # fmt: skip
     outputs = {}
     row: dict[str, object] = {"shape": label, "n": n, "k": k, "weight_bytes": one_copy}
     for name, geometry in variants.items():
-        out = torch.full((1, n), float("nan"), device=gen.device, dtype=torch.bfloat16)
+        out = torch.full((1, n), float("nan"), device=gen.device, dtype=dtype)
         try:
             gemv_parts(xq, copies[0], out, geometry)
         except Exception as error:  # a variant that fails: report it, time the others
@@ -103,6 +114,12 @@ def bench_shape(
     read = read_us([torch.cat([r.view(-1) for r in c]) for c in raws])
     row["read us"], row["read pct"] = read, 100 * one_copy / (read * 1e-6) / copy_bw
     return row
+
+
+def cell(row: dict[str, object], name: str) -> str:
+    """A variant's time and share of copy bandwidth, or "-" where it failed."""
+    us, pct = row.get(f"{name} us"), row.get(f"{name} pct")
+    return f"{us:.2f} ({pct:.0f}%)" if us is not None else "-"
 
 
 def engine_runs(model: Path, rounds: int) -> list[dict[str, object]]:
@@ -138,17 +155,19 @@ def main() -> int:
     copy_bw = copy_bandwidth()
     failures: list[str] = []
     rows = [bench_shape(*shape, gen, copy_bw, failures) for shape in SHAPES]
-    names = ["triton", *(f"cuda r{r}" for r in ROW_CHOICES), "read"]
     print(f"\ncopy bandwidth {copy_bw / 1e9:,.0f} GB/s; µs (share of copy bandwidth)")
-    print(f"| shape | N x K | MB | {' | '.join(names)} |")
-    print("|---|---|---|" + "---|" * len(names))
+    print("| shape | N x K | MB | Triton | CUDA default | CUDA best | plain read |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
-        cells = [
-            f"{row[f'{name} us']:.2f} ({row[f'{name} pct']:.0f}%)" if f"{name} us" in row else "-"
-            for name in names
-        ]
         mb = row["weight_bytes"] / 1e6
-        print(f"| {row['shape']} | {row['n']} x {row['k']} | {mb:.1f} | {' | '.join(cells)} |")
+        timed = sorted((row[key], key[:-3]) for key in row if key.startswith("cuda") and
+                       key.endswith(" us"))  # fmt: skip
+        best = f"{cell(row, timed[0][1])} {timed[0][1][5:]}" if timed else "-"
+        default = f"cuda r{DEFAULT_ROWS} w{block_warps(row['k'])}"
+        print(
+            f"| {row['shape']} | {row['n']} x {row['k']} | {mb:.1f} | {cell(row, 'triton')} | "
+            f"{cell(row, default)} | {best} | {cell(row, 'read')} |"
+        )
     engine = engine_runs(args.engine, args.rounds) if args.engine else []
     path = out_dir() / "cuda-gemv.json"
     doc = {"device": device_name(torch.device("cuda")), "copy_bandwidth": copy_bw, "rows": rows,

@@ -601,8 +601,8 @@ class Geometry:
     program; `kernel` is "owner" (each thread owns whole super-blocks of its rows), "staged"
     (Q4_K: the same, its quants loaded contiguously and passed on through shared memory; Q6_K
     takes "owner"), "tile" (the earlier kernels: threads share a super-block's words;
-    `stages` pipelines them) or "cuda" (one row of x against Q4_K: kernels/cuda_gemv.py, `rows`
-    rows a block, its warps splitting K; the other fields do not apply)."""
+    `stages` pipelines them) or "cuda" (one row of x: kernels/cuda_gemv.py, `rows` rows a
+    block of `warps` warps splitting K; `sbs` and `splits` do not apply)."""
 
     rows: int
     sbs: int
@@ -724,10 +724,10 @@ def _launch(
             f"{DP4A_MAX_ROWS} rows of K = {k} times N = {n}"
         )
     if geometry is None and cuda_gemv.enabled() and cuda_gemv.takes(xq, parts, m, CUDA_ROWS):
-        return cuda_gemv.gemv_q4_k(xq, parts, out, CUDA_ROWS)
+        return cuda_gemv.gemv(xq, parts, out, CUDA_ROWS)
     g = normalized(geometry or default_geometry(weight.ggml_type, n, k, m), k)
     if g.kernel == "cuda":
-        return cuda_gemv.gemv_q4_k(xq, parts, out, g.rows)
+        return cuda_gemv.gemv(xq, parts, out, g.rows, g.warps)
     if g.kernel == "tile" and m > 1:
         raise ValueError("gemv: the tile kernels take one row of x")
     n_sb, splits, sbs = k // 256, g.splits, g.sbs
