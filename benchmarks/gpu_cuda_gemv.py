@@ -1,21 +1,23 @@
-"""The CUDA C one-row K-quant products (metallic.kernels.cuda_gemv) against the Triton dp4a kernels.
+"""The CUDA C one-row K-quant products (metallic.kernels.cuda_gemv) against the Triton kernels.
 
 Correctness first: every variant against x W^T in float64 (W dequantized on the GPU, checked
 bit-exact against metallic.quant.reference; x as rounded to int8, what both kernels multiply),
 and the CUDA kernel against the Triton kernel's output. Then the product alone, replayed back to
 back from one CUDA graph over enough weight copies to defeat the L2 (gpu_quant_matmul.py's
-method), with programmatic dependent launch as in a decode step: the Triton default
+method), with programmatic dependent launch as in a decode step: the Triton dp4a default
 (quant_gemv.default_geometry, its split sums included), the CUDA kernel at 1, 2 and 4 rows a
-block, and a plain streaming read of the same bytes, as shares of a device-to-device copy's
-bandwidth measured in the same run. Shapes: Llama-3-8B's products (Q4_K: q and o, k, gate|up in
-one launch, down; Q6_K: v, down, the output head into f32) and Gemma 3 270M's attn_output
-(Q4_K, small: bound by latency, not bytes).
+block and one, two or four turns a lane, the float kernel (quant_matmul at one row: what
+products under quant_gemv.DP4A_MIN_BYTES take, Gemma's) and a plain streaming read of the same
+bytes, as shares of a device-to-device copy's bandwidth measured in the same run. Shapes:
+Llama-3-8B's products (Q4_K: q and o, k, gate|up in one launch, down; Q6_K: v, down, the output
+head into f32) and Gemma 3 270M's attn_output (Q4_K, small: bound by latency, not bytes).
 
-With --engine MODEL, then whole decode runs: `metallic bench MODEL -p 512 -n 128` in separate
-processes, alternating METALLIC_CUDA_GEMV=0 and 1, so the engine says what the kernel is worth.
+With --engine MODEL (or --synthetic llama3-8b, written to --workdir unless there), then whole
+decode runs: `metallic bench MODEL -p 512 -n 128` in separate processes, alternating
+METALLIC_CUDA_GEMV=0 and 1, so the engine says what the kernels are worth.
 
-GPU:   python benchmarks/gpu_cuda_gemv.py [--engine MODEL.gguf]   (JSON to $OUT or
-       benchmarks/results; exit 1 if a check fails)
+GPU:   python benchmarks/gpu_cuda_gemv.py [--engine MODEL.gguf | --synthetic llama3-8b]
+       (JSON to $OUT or benchmarks/results; exit 1 if a check fails)
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import copy_bandwidth, device_name, out_dir
+from common import copy_bandwidth, device_name, out_dir, synthetic_model
 from gguf import GGMLQuantizationType
 from gpu_gemv import read_us
 from gpu_quant_matmul import (
@@ -40,7 +42,7 @@ from gpu_quant_matmul import (
     relative_error,
 )
 
-from metallic.kernels import dequantize_gpu, prepare_weight
+from metallic.kernels import dequantize_gpu, prepare_weight, quant_matmul
 from metallic.kernels.cuda_gemv import DEFAULT_ROWS, ROW_CHOICES, block_warps
 from metallic.kernels.quant_gemv import Geometry, gemv_parts, quantize_x
 from metallic.quant.formats import block_format
@@ -111,6 +113,10 @@ def bench_shape(
             row[f"{name} vs triton"] = diff
             if not diff <= AGREEMENT:
                 failures.append(f"{label} {name}: {diff:.3g} from the Triton kernel")
+    if len(part_rows) == 1:  # the float kernel (quant_matmul, M = 1: bf16 x, no rounding)
+        xs = x.view(1, k)
+        float_us = graph_us([lambda c=c: quant_matmul(xs, c[0], qtype, n, k) for c in copies])
+        row["float us"], row["float pct"] = float_us, 100 * one_copy / (float_us * 1e-6) / copy_bw
     read = read_us([torch.cat([r.view(-1) for r in c]) for c in raws])
     row["read us"], row["read pct"] = read, 100 * one_copy / (read * 1e-6) / copy_bw
     return row
@@ -146,6 +152,8 @@ def engine_runs(model: Path, rounds: int) -> list[dict[str, object]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine", type=Path, help="a GGUF file to decode with the kernel off/on")
+    parser.add_argument("--synthetic", help="a preset (llama3-8b) to write and decode instead")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/metallic-bench"))
     parser.add_argument("--rounds", type=int, default=2, help="off/on pairs of engine runs")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -156,8 +164,8 @@ def main() -> int:
     failures: list[str] = []
     rows = [bench_shape(*shape, gen, copy_bw, failures) for shape in SHAPES]
     print(f"\ncopy bandwidth {copy_bw / 1e9:,.0f} GB/s; µs (share of copy bandwidth)")
-    print("| shape | N x K | MB | Triton | CUDA default | CUDA best | plain read |")
-    print("|---|---|---|---|---|---|---|")
+    print("| shape | N x K | MB | Triton dp4a | CUDA default | CUDA best | float | plain read |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         mb = row["weight_bytes"] / 1e6
         timed = sorted((row[key], key[:-3]) for key in row if key.startswith("cuda") and
@@ -168,7 +176,10 @@ def main() -> int:
             f"| {row['shape']} | {row['n']} x {row['k']} | {mb:.1f} | {cell(row, 'triton')} | "
             f"{cell(row, default)} | {best} | {cell(row, 'read')} |"
         )
-    engine = engine_runs(args.engine, args.rounds) if args.engine else []
+    model = args.engine
+    if args.synthetic:
+        model = synthetic_model(args.workdir, args.synthetic)
+    engine = engine_runs(model, args.rounds) if model else []
     path = out_dir() / "cuda-gemv.json"
     doc = {"device": device_name(torch.device("cuda")), "copy_bandwidth": copy_bw, "rows": rows,
            "engine": engine, "failures": failures}  # fmt: skip

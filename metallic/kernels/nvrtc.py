@@ -19,6 +19,8 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import importlib.util
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -53,19 +55,41 @@ class _LaunchConfig(ctypes.Structure):
 
 @functools.cache
 def _nvrtc() -> ctypes.CDLL:
-    """NVRTC as torch's CUDA build loaded it (its soname carries CUDA's major version)."""
-    names = []
-    if torch.version.cuda:
-        names.append(f"libnvrtc.so.{torch.version.cuda.split('.')[0]}")
+    """NVRTC: as torch's CUDA build loaded it (its soname carries CUDA's major version), else
+    from the nvidia wheels beside torch or $CUDA_HOME."""
+    major = torch.version.cuda.split(".")[0] if torch.version.cuda else ""
+    names = [f"libnvrtc.so.{major}"] if major else []
     names.append("libnvrtc.so")
     for name in names:
         try:
             return ctypes.CDLL(name)
         except OSError:
             continue
+    for path in _nvrtc_files(major):
+        try:
+            return ctypes.CDLL(str(path))
+        except OSError:
+            continue
     raise MetallicError(
         f"NVRTC is not available ({', '.join(names)} not found): the CUDA kernels need torch's "
         "CUDA build, which ships it"
+    )
+
+
+def _nvrtc_files(major: str) -> list[Path]:
+    """libnvrtc files where pip's nvidia wheels or a CUDA toolkit keep them."""
+    folders = []
+    spec = importlib.util.find_spec("nvidia")
+    if spec is not None and spec.submodule_search_locations:
+        folders += [Path(p) for p in spec.submodule_search_locations]
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    folders.append(Path(cuda_home))
+    pattern = f"libnvrtc.so.{major}*" if major else "libnvrtc.so*"
+    return sorted(
+        path
+        for folder in folders
+        for path in folder.glob(f"**/{pattern}")
+        if "builtins" not in path.name
     )
 
 
