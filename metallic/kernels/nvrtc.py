@@ -2,8 +2,9 @@
 
 For the hottest decode product a hand-written kernel controls what Triton decides for itself:
 which loads go out before the wait on the previous kernel, how many bytes each thread keeps in
-flight, which cache each load fills. NVRTC ships with torch's CUDA wheels (torch loads it), so
-no compiler is needed on the user's machine; the CPU path and Triton stay as they are.
+flight, which cache each load fills. NVRTC comes with torch's CUDA wheels (a dependency of
+theirs), so no compiler is needed on the user's machine; the CPU path and Triton stay as they
+are.
 
 A kernel is compiled once per source, macro values and GPU architecture to a cubin (SASS, no
 JIT at load), which is kept in metallic's cache folder (`cuda/`), and loaded once per device and
