@@ -42,6 +42,31 @@ def pdl_launch(device: torch.device) -> dict[str, bool]:
     return {"PDL": False}
 
 
+def prefetch_enabled(device: torch.device) -> bool:
+    """Whether the decode products that can prefetch their weights into L2 before waiting for
+    their inputs do: METALLIC_PREFETCH=1 where PDL is on (without PDL there is no earlier
+    kernel to overlap), until an engine run has measured it."""
+    return os.environ.get("METALLIC_PREFETCH") == "1" and pdl_enabled(device)
+
+
+@triton.jit
+def prefetch_l2(ptr, offset, nbytes):
+    """Ask the L2 for `nbytes` bytes from byte `offset` of `ptr` (one bulk prefetch a warp, from
+    its first thread; the range widened to 16-byte bounds, as the instruction needs).
+
+    Issued before ``wait_for_inputs``, it reads only what no earlier kernel writes (weights), so
+    it may run while the previous kernel does: the L2 is coherent, a prefetch is only a hint,
+    and the loads after the wait find the bytes there instead of in DRAM."""
+    start = ptr.to(tl.int64) + offset
+    low = start & -16
+    size = (((start + nbytes + 15) & -16) - low).to(tl.int32)
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; and.b32 t, t, 31; setp.eq.u32 p, t, 0;"
+        " @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r", [low, size], dtype=tl.int32, is_pure=False, pack=1,
+    )  # fmt: skip
+
+
 @triton.jit
 def wait_for_inputs(PDL: tl.constexpr):
     """Wait until the previous kernel has finished (its writes visible), then let the next one

@@ -41,7 +41,7 @@ from gguf import GGMLQuantizationType
 from metallic.errors import MetallicError
 from metallic.kernels.activation import ACTIVATION_KINDS, gated_value
 from metallic.kernels.packing import PackedWeight, check_shape, prepare_weight
-from metallic.kernels.pdl import pdl_launch, wait_for_inputs
+from metallic.kernels.pdl import pdl_launch, prefetch_enabled, prefetch_l2, wait_for_inputs
 
 T = GGMLQuantizationType
 
@@ -676,13 +676,42 @@ def _step_dense(acc, s, w_ptr, rows, row_ok, x_ptr, out_ptr, M, K, stride_xm,
     return acc
 
 
+@triton.jit
+def _prefetch_rows(p0, p1, p2, p3, first, count, K, FMT: tl.constexpr):
+    """L2 prefetch of rows [first, first + count) of each of the format's planes (packing.py's
+    layouts; a plane's row is a fixed number of bytes per element of K)."""
+    first = first.to(tl.int64)
+    count = count.to(tl.int64)
+    if FMT == 0:  # Q4_0: quants (K/2 bytes a row), f16 scales (K/16)
+        prefetch_l2(p0, first * (K // 2), count * (K // 2))
+        prefetch_l2(p1, first * (K // 16), count * (K // 16))
+    elif FMT == 1:  # Q5_0: quants, high bits (K/8), scales
+        prefetch_l2(p0, first * (K // 2), count * (K // 2))
+        prefetch_l2(p1, first * (K // 8), count * (K // 8))
+        prefetch_l2(p2, first * (K // 16), count * (K // 16))
+    elif FMT == 2:  # Q8_0: quants (K), scales
+        prefetch_l2(p0, first * K, count * K)
+        prefetch_l2(p1, first * (K // 16), count * (K // 16))
+    elif FMT == 3:  # Q4_K: 144-byte blocks in place
+        prefetch_l2(p0, first * (K // 256 * 144), count * (K // 256 * 144))
+    elif FMT == 4:  # Q5_K: 176-byte blocks in place
+        prefetch_l2(p0, first * (K // 256 * 176), count * (K // 256 * 176))
+    elif FMT == 5:  # Q6_K: ql (K/2), qh (K/4), int8 scales (K/16), f16 d (K/128)
+        prefetch_l2(p0, first * (K // 2), count * (K // 2))
+        prefetch_l2(p1, first * (K // 4), count * (K // 4))
+        prefetch_l2(p2, first * (K // 16), count * (K // 16))
+        prefetch_l2(p3, first * (K // 128), count * (K // 128))
+    else:  # F16 / BF16 rows
+        prefetch_l2(p0, first * (2 * K), count * (2 * K))
+
+
 @triton.jit(do_not_specialize=["group_stride"])
 def _quant_kernel(x_ptr, x64_ptr, out_ptr, p0, p1, p2, p3, M, N, K, stride_xm, stride_om,
                   n_steps, steps_per_split, one_bits, group_stride, FMT: tl.constexpr,
                   MODE: tl.constexpr, G: tl.constexpr, W: tl.constexpr, SBS: tl.constexpr,
                   BN: tl.constexpr, BM: tl.constexpr, XKIND: tl.constexpr, EVEN: tl.constexpr,
                   PARTIAL: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
-                  GATED: tl.constexpr = 0):
+                  GATED: tl.constexpr = 0, PREFETCH: tl.constexpr = False):
     """Rows [BN*r, +BN) of out, over K steps [pid1*steps_per_split, +steps_per_split).
 
     DOT mode: program pid0 = r * m_tiles + t also takes rows [BM*t, +BM) of x (t varies
@@ -692,8 +721,19 @@ def _quant_kernel(x_ptr, x64_ptr, out_ptr, p0, p1, p2, p3, M, N, K, stride_xm, s
     along the groups, which would give them a layout other than the words' and a conversion
     of every value derived from them inside the loop. GATED = 1 + an activation kind
     (FMA mode): W is a gated MLP's [gate | up] (N = 2F rows); each program takes BN / 2 rows
-    of each half and stores act(gate) * up into F columns (see `quant_matmul`).
+    of each half and stores act(gate) * up into F columns (see `quant_matmul`). PREFETCH (FMA
+    mode, K whole in every program): the program's rows of every plane are asked of the L2
+    before the wait for the previous kernel (pdl.prefetch_l2).
     """
+    if PREFETCH:
+        if GATED:
+            first = tl.program_id(0) * (BN // 2)
+            count = tl.minimum(BN // 2, N // 2 - first)
+            _prefetch_rows(p0, p1, p2, p3, first, count, K, FMT)
+            _prefetch_rows(p0, p1, p2, p3, N // 2 + first, count, K, FMT)
+        else:
+            first = tl.program_id(0) * BN
+            _prefetch_rows(p0, p1, p2, p3, first, tl.minimum(BN, N - first), K, FMT)
     wait_for_inputs(PDL)
     pid_k = tl.program_id(1)
     row_block = tl.program_id(0)
@@ -977,6 +1017,7 @@ def quant_matmul(
         EVEN=k % (sbs * STEP) == 0, PARTIAL=splits > 1,
         PREC="ieee" if x.dtype == torch.float32 else "tf32",
         GATED=0 if gated is None else 1 + ACTIVATION_KINDS[gated],
+        PREFETCH=mode == _MODE_FMA and splits == 1 and prefetch_enabled(x.device),
         enable_fp_fusion=True, **options, **pdl_launch(x.device),
     )  # fmt: skip
     if splits > 1:

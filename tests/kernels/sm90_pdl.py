@@ -1,5 +1,6 @@
 """Compiles every decode-path kernel for sm_90 with PDL on and off, without a GPU; prints, per
-kernel, whether its PTX waits on the grid dependency (`griddepcontrol.wait`), as JSON.
+kernel, whether its PTX waits on the grid dependency (`griddepcontrol.wait`), as JSON. With
+--prefetch instead: per format, where the one-row product's L2 prefetches land in its SASS.
 
 Run in a process without TRITON_INTERPRET (test_pdl.py does): the interpreter replaces the
 kernels with Python functions that cannot be compiled. ptxas (shipped in Triton's wheel) then
@@ -11,17 +12,26 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from metallic.kernels import activation, attention, host_rows, norm, rope
+from metallic.kernels import activation, attention, host_rows, norm, prepare_weight, rope
+from metallic.quant.formats import block_format
 
 qm = importlib.import_module("metallic.kernels.quant_matmul")  # the package exports a function
+_TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+_POINTERS = {torch.int32: "*i32", torch.int8: "*i8", torch.float16: "*fp16",
+             torch.bfloat16: "*bf16"}  # fmt: skip
 _FLOATS = {"eps", "qk_scale"}
 
 
@@ -40,8 +50,10 @@ def _signature(fn: triton.JITFunction, pointers: dict[str, str], constants: dict
     return types
 
 
-def compile_sm90(fn, constants: dict, pdl: bool, pointers: dict | None = None, **options) -> str:
-    """The PTX of `fn` for sm_90 with the given constexprs and PDL, assembled by ptxas."""
+def compile_sm90(
+    fn, constants: dict, pdl: bool, pointers: dict | None = None, **options
+) -> triton.compiler.CompiledKernel:
+    """`fn` compiled for sm_90 with the given constexprs and PDL, assembled by ptxas."""
     constants = {**constants, "PDL": pdl}
     signature = _signature(fn, pointers or {}, constants)
     source = ASTSource(
@@ -51,7 +63,40 @@ def compile_sm90(fn, constants: dict, pdl: bool, pointers: dict | None = None, *
         source, target=GPUTarget("cuda", 90, 32), options={"launch_pdl": pdl, **options}
     )
     assert kernel.asm["cubin"], f"{fn.__name__}: no cubin"
-    return kernel.asm["ptx"]
+    return kernel
+
+
+def sass(kernel: triton.compiler.CompiledKernel) -> list[str]:
+    """The opcodes of a compiled kernel's SASS, in order (cuobjdump from Triton's wheel)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.cubin"
+        path.write_bytes(kernel.asm["cubin"])
+        text = subprocess.run(
+            [str(_TOOLS / "cuobjdump"), "-sass", str(path)], capture_output=True, text=True
+        ).stdout
+    return re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", text)
+
+
+def prefetch_order() -> dict[str, dict[str, object]]:
+    """Per format, the one-row product with PREFETCH (gated too): its bulk L2 prefetches
+    (UBLKPF) and whether they all come before the grid dependency wait (ACQBULK)."""
+    result = {}
+    for qtype, fmt in qm._FMT_IDS.items():
+        layout = block_format(qtype)
+        raw = torch.zeros(8 * 256 // layout.block_size * layout.type_size, dtype=torch.uint8)
+        planes = qm._launch_args(prepare_weight(raw, qtype, 8, 256))  # for their dtypes
+        pointers = {"x_ptr": "*bf16", "x64_ptr": "*i64", "out_ptr": "*bf16"}
+        pointers |= {f"p{i}": _POINTERS[plane.dtype] for i, plane in enumerate(planes)}
+        for gated in (0, 2):
+            constants = dict(_fma_constants(fmt), GATED=gated, PREFETCH=True)
+            ops = sass(compile_sm90(qm._quant_kernel, constants, True, pointers, num_warps=4))
+            prefetches = [i for i, op in enumerate(ops) if op.startswith("UBLKPF")]
+            wait = ops.index("ACQBULK") if "ACQBULK" in ops else -1
+            result[f"{qtype.name} gated={gated}"] = {
+                "prefetches": len(prefetches),
+                "before_wait": bool(prefetches) and max(prefetches) < wait,
+            }
+    return result
 
 
 def _fma_constants(fmt: int) -> dict:
@@ -122,12 +167,16 @@ def kernels() -> dict[str, tuple]:
 
 
 def main(names: list[str]) -> int:
+    if names == ["--prefetch"]:
+        print(json.dumps(prefetch_order()))
+        return 0
     table = kernels()
     result = {}
     for name in names or table:
         fn, constants, pointers, options = table[name]
         result[name] = {
-            str(pdl): "griddepcontrol.wait" in compile_sm90(fn, constants, pdl, pointers, **options)
+            str(pdl): "griddepcontrol.wait"
+            in compile_sm90(fn, constants, pdl, pointers, **options).asm["ptx"]
             for pdl in (True, False)
         }
     print(json.dumps(result))

@@ -13,28 +13,57 @@ import pytest
 import torch
 import triton
 
-from metallic.kernels.pdl import pdl_enabled, pdl_launch
+from metallic.kernels.pdl import pdl_enabled, pdl_launch, prefetch_enabled
 
 ROOT = Path(__file__).resolve().parents[2]
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
 
-@pytest.mark.skipif(not PTXAS.exists(), reason="Triton's wheel ships no ptxas here")
-def test_every_decode_kernel_waits_for_its_inputs_on_sm90() -> None:
+def _sm90(*args: str) -> dict:
+    """sm90_pdl.py's JSON, run in a process without the interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
     done = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("sm90_pdl.py"))],
+        [sys.executable, str(Path(__file__).with_name("sm90_pdl.py")), *args],
         capture_output=True,
         text=True,
         env=env,
-        timeout=300,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    waits = json.loads(done.stdout.splitlines()[-1])
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.skipif(not PTXAS.exists(), reason="Triton's wheel ships no ptxas here")
+def test_every_decode_kernel_waits_for_its_inputs_on_sm90() -> None:
+    waits = _sm90()
     assert len(waits) >= 15
     for name, by_pdl in waits.items():
         assert by_pdl == {"True": True, "False": False}, name
+
+
+@pytest.mark.skipif(not PTXAS.exists(), reason="Triton's wheel ships no ptxas here")
+def test_one_row_products_prefetch_every_plane_before_the_wait_on_sm90() -> None:
+    """With PREFETCH the FMA mode asks the L2 for each of its format's planes (twice, gated:
+    gate rows and up rows) and ptxas keeps every prefetch ahead of the grid dependency wait,
+    so they overlap the previous kernel."""
+    order = _sm90("--prefetch")
+    planes = {"Q4_0": 2, "Q5_0": 3, "Q8_0": 2, "Q4_K": 1, "Q5_K": 1, "Q6_K": 4, "F16": 1, "BF16": 1}
+    for qtype, count in planes.items():
+        for gated, factor in ((0, 1), (2, 2)):
+            assert order[f"{qtype} gated={gated}"] == {
+                "prefetches": count * factor,
+                "before_wait": True,
+            }, qtype
+
+
+def test_prefetch_is_asked_for_and_needs_pdl(monkeypatch) -> None:
+    monkeypatch.delenv("METALLIC_PREFETCH", raising=False)
+    assert not prefetch_enabled(torch.device("cpu"))
+    monkeypatch.setenv("METALLIC_PREFETCH", "1")
+    assert not prefetch_enabled(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not prefetch_enabled(torch.device("cuda", 0))
 
 
 def test_cpu_and_the_interpreter_launch_without_pdl(monkeypatch) -> None:
