@@ -52,7 +52,7 @@ from gguf import GGMLQuantizationType
 
 from metallic.kernels import cuda_gemv
 from metallic.kernels.packing import PackedWeight
-from metallic.kernels.pdl import pdl_launch, wait_for_inputs
+from metallic.kernels.pdl import pdl_launch, prefetch_enabled, prefetch_l2, wait_for_inputs
 from metallic.kernels.quant_matmul import interpreting, sum_splits
 from metallic.kernels.rounding import X_BLOCK, empty_quantized_x, store_rounded_blocks
 
@@ -230,6 +230,22 @@ def _store_rows(out_ptr, accs, ids, N, out_stride, PARTIAL: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_blocks(ptr, row, count, n_sb, sb_per_split, block_bytes, BN: tl.constexpr):
+    """L2 prefetch of a program's share of a plane of `block_bytes` bytes a super-block: its
+    super-blocks [pid1 * sb_per_split, +sb_per_split) of rows [row, row + count): one range
+    where a program takes whole rows, else one a row."""
+    row = row.to(tl.int64)
+    row_bytes = n_sb.to(tl.int64) * block_bytes
+    if sb_per_split == n_sb:
+        prefetch_l2(ptr, row * row_bytes, count * row_bytes)
+    else:
+        first = tl.program_id(1).to(tl.int64) * sb_per_split * block_bytes
+        for i in tl.static_range(BN):
+            if i < count:
+                prefetch_l2(ptr, (row + i) * row_bytes + first, sb_per_split * block_bytes)
+
+
+@triton.jit
 def _byte(word, k: tl.constexpr):
     """Byte k of word, unsigned."""
     return (word >> (8 * k)) & 0xFF if k < 3 else (word >> 24) & 0xFF
@@ -240,7 +256,7 @@ def _gemv_q4_k_owner_kernel(w_ptr, w2_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N, n
                             sb_per_split, out_stride, BN: tl.constexpr, S: tl.constexpr,
                             PARTIAL: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
                             STAGED: tl.constexpr = False, HOIST: tl.constexpr = True,
-                            M: tl.constexpr = 1):
+                            M: tl.constexpr = 1, PREFETCH: tl.constexpr = False):
     """out[:M, rows] over super-blocks [pid1 * sb_per_split, +sb_per_split), S at a time, for M
     rows of x (each row's arithmetic the same whatever M: see _x_rows).
 
@@ -253,8 +269,17 @@ def _gemv_q4_k_owner_kernel(w_ptr, w2_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N, n
     loaded by eight neighbouring threads, contiguous, and handed to their owner through shared
     memory. Output rows from n_first on (a multiple of BN) are the rows of a second matrix at
     w2_ptr: gate and up in one launch. A masked quant word serves all M rows of x: two dp4a
-    per row.
+    per row. PREFETCH: the program's blocks are asked of the L2 before the wait on the previous
+    kernel (pdl.prefetch_l2).
     """
+    if PREFETCH:
+        row = tl.program_id(0) * BN
+        count = tl.minimum(BN, N - row)
+        blocks = w_ptr
+        if row >= n_first:
+            blocks = w2_ptr
+            row -= n_first
+        _prefetch_blocks(blocks, row, count, n_sb, sb_per_split, 144, BN)
     ids, rows, accs, first = _owner_start(N, sb_per_split, BN, S, PDL, M)
     if tl.program_id(0) * BN >= n_first:
         w_ptr = w2_ptr
@@ -439,7 +464,8 @@ def _dot4(q, x, c, BN: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr,
 def _gemv_q6_k_owner_kernel(ql_ptr, qh_ptr, sc_ptr, d_ptr, xq_ptr, dx_ptr, xs_ptr, out_ptr, N,
                             n_sb, sb_per_split, out_stride, BN: tl.constexpr, S: tl.constexpr,
                             PARTIAL: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
-                            HOIST: tl.constexpr = True, M: tl.constexpr = 1):
+                            HOIST: tl.constexpr = True, M: tl.constexpr = 1,
+                            PREFETCH: tl.constexpr = False):
     """out[:M, rows] over super-blocks [pid1 * sb_per_split, +sb_per_split), S at a time, for M
     rows of x (each row's arithmetic the same whatever M).
 
@@ -449,8 +475,15 @@ def _gemv_q6_k_owner_kernel(ql_ptr, qh_ptr, sc_ptr, d_ptr, xq_ptr, dx_ptr, xs_pt
     high bits 0-1, of the second with bits 2-3, high nibbles with bits 4-5 and 6-7): words t of
     sub-block 8h + 2c + p. Each quant byte is one bit-select of a nibble and a masked, shifted
     high word, made once for all M rows. The stored quant is q + 32: a sub-block's dot starts
-    at -32 * (its sum of x), an exact integer.
+    at -32 * (its sum of x), an exact integer. PREFETCH: as the Q4_K kernel's, every plane.
     """
+    if PREFETCH:
+        row = tl.program_id(0) * BN
+        count = tl.minimum(BN, N - row)
+        _prefetch_blocks(ql_ptr, row, count, n_sb, sb_per_split, 128, BN)
+        _prefetch_blocks(qh_ptr, row, count, n_sb, sb_per_split, 64, BN)
+        _prefetch_blocks(sc_ptr, row, count, n_sb, sb_per_split, 16, BN)
+        _prefetch_blocks(d_ptr, row, count, n_sb, sb_per_split, 2, BN)
     ids, rows, accs, first = _owner_start(N, sb_per_split, BN, S, PDL, M)
     quad = tl.arange(0, 4)[None, None, :]
     for s in tl.range(first, first + sb_per_split, S):
@@ -740,7 +773,7 @@ def _launch(
     if g.kernel == "tile":
         common["STAGES"] = g.stages
     else:
-        common |= dict(M=m, HOIST=g.hoist)
+        common |= dict(M=m, HOIST=g.hoist, PREFETCH=prefetch_enabled(q.device))
     if weight.ggml_type == T.Q4_K:
         blocks, halves = weight.planes
         if g.kernel == "tile":

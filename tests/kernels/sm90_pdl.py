@@ -29,6 +29,7 @@ from metallic.kernels import activation, attention, host_rows, norm, prepare_wei
 from metallic.quant.formats import block_format
 
 qm = importlib.import_module("metallic.kernels.quant_matmul")  # the package exports a function
+gv = importlib.import_module("metallic.kernels.quant_gemv")
 _TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 _POINTERS = {torch.int32: "*i32", torch.int8: "*i8", torch.float16: "*fp16",
              torch.bfloat16: "*bf16"}  # fmt: skip
@@ -78,8 +79,9 @@ def sass(kernel: triton.compiler.CompiledKernel) -> list[str]:
 
 
 def prefetch_order() -> dict[str, dict[str, object]]:
-    """Per format, the one-row product with PREFETCH (gated too): its bulk L2 prefetches
-    (UBLKPF) and whether they all come before the grid dependency wait (ACQBULK)."""
+    """Per format, the one-row float product with PREFETCH (gated too), and the dp4a owner
+    kernels with it: their bulk L2 prefetches (UBLKPF) and whether they all come before the
+    grid dependency wait (ACQBULK)."""
     result = {}
     for qtype, fmt in qm._FMT_IDS.items():
         layout = block_format(qtype)
@@ -90,13 +92,30 @@ def prefetch_order() -> dict[str, dict[str, object]]:
         for gated in (0, 2):
             constants = dict(_fma_constants(fmt), GATED=gated, PREFETCH=True)
             ops = sass(compile_sm90(qm._quant_kernel, constants, True, pointers, num_warps=4))
-            prefetches = [i for i, op in enumerate(ops) if op.startswith("UBLKPF")]
-            wait = ops.index("ACQBULK") if "ACQBULK" in ops else -1
-            result[f"{qtype.name} gated={gated}"] = {
-                "prefetches": len(prefetches),
-                "before_wait": bool(prefetches) and max(prefetches) < wait,
-            }
+            result[f"{qtype.name} gated={gated}"] = _order(ops)
+    words = {"xq_ptr": "*i32", "out_ptr": "*bf16"}
+    owners = {
+        "Q4_K owner": (gv._gemv_q4_k_owner_kernel, {"w_ptr": "*i32", "w2_ptr": "*i32"},
+                       {"STAGED": False}),
+        "Q4_K staged": (gv._gemv_q4_k_owner_kernel, {"w_ptr": "*i32", "w2_ptr": "*i32"},
+                        {"STAGED": True}),
+        "Q6_K owner": (gv._gemv_q6_k_owner_kernel, {"ql_ptr": "*i32", "qh_ptr": "*i32",
+                                                    "sc_ptr": "*i32", "d_ptr": "*fp16"}, {}),
+    }  # fmt: skip
+    for name, (fn, planes, extra) in owners.items():
+        constants = {"BN": 16, "S": 8, "PARTIAL": False, "ASM": True, "HOIST": True, "M": 1,
+                     "PREFETCH": True}  # fmt: skip
+        kernel = compile_sm90(fn, constants | extra, True, planes | words, num_warps=4)
+        result[name] = _order(sass(kernel))
     return result
+
+
+def _order(ops: list[str]) -> dict[str, object]:
+    """The bulk L2 prefetches of a SASS listing and whether all come before the wait."""
+    prefetches = [i for i, op in enumerate(ops) if op.startswith("UBLKPF")]
+    wait = ops.index("ACQBULK") if "ACQBULK" in ops else -1
+    before = bool(prefetches) and max(prefetches) < wait
+    return {"prefetches": len(prefetches), "before_wait": before}
 
 
 def _fma_constants(fmt: int) -> dict:

@@ -43,10 +43,10 @@ def test_every_decode_kernel_waits_for_its_inputs_on_sm90() -> None:
 
 
 @pytest.mark.skipif(not PTXAS.exists(), reason="Triton's wheel ships no ptxas here")
-def test_one_row_products_prefetch_every_plane_before_the_wait_on_sm90() -> None:
+def test_decode_products_prefetch_every_plane_before_the_wait_on_sm90() -> None:
     """With PREFETCH the FMA mode asks the L2 for each of its format's planes (twice, gated:
-    gate rows and up rows) and ptxas keeps every prefetch ahead of the grid dependency wait,
-    so they overlap the previous kernel."""
+    gate rows and up rows), the dp4a kernels for theirs, and ptxas keeps every prefetch ahead
+    of the grid dependency wait, so they overlap the previous kernel."""
     order = _sm90("--prefetch")
     planes = {"Q4_0": 2, "Q5_0": 3, "Q8_0": 2, "Q4_K": 1, "Q5_K": 1, "Q6_K": 4, "F16": 1, "BF16": 1}
     for qtype, count in planes.items():
@@ -55,6 +55,10 @@ def test_one_row_products_prefetch_every_plane_before_the_wait_on_sm90() -> None
                 "prefetches": count * factor,
                 "before_wait": True,
             }, qtype
+    # The dp4a owner kernels (16 rows a program): a plane's whole rows in one range, or with
+    # K split a range a row.
+    for name, count in (("Q4_K owner", 1), ("Q4_K staged", 1), ("Q6_K owner", 4)):
+        assert order[name] == {"prefetches": count * (1 + 16), "before_wait": True}, name
 
 
 def test_prefetch_is_asked_for_and_needs_pdl(monkeypatch) -> None:
