@@ -1,16 +1,18 @@
 """The CUDA C one-row K-quant products (metallic.kernels.cuda_gemv) against the Triton kernels.
 
 Correctness first: every variant against x W^T in float64 (W dequantized on the GPU, checked
-bit-exact against metallic.quant.reference; x as rounded to int8, what both kernels multiply),
-and the CUDA kernel against the Triton kernel's output. Then the product alone, replayed back to
-back from one CUDA graph over enough weight copies to defeat the L2 (gpu_quant_matmul.py's
-method), with programmatic dependent launch as in a decode step: the Triton dp4a default
-(quant_gemv.default_geometry, its split sums included), the CUDA kernel at 1, 2 and 4 rows a
-block and one, two or four turns a lane, the float kernel (quant_matmul at one row: what
-products under quant_gemv.DP4A_MIN_BYTES take, Gemma's) and a plain streaming read of the same
-bytes, as shares of a device-to-device copy's bandwidth measured in the same run. Shapes:
-Llama-3-8B's products (Q4_K: q and o, k, gate|up in one launch, down; Q6_K: v, down, the output
-head into f32) and Gemma 3 270M's attn_output (Q4_K, small: bound by latency, not bytes).
+bit-exact against metallic.quant.reference; x as rounded to int8, what both kernels multiply), and
+the CUDA kernel against the Triton kernel's output. Then the product alone, replayed back to back
+from one CUDA graph over enough weight copies to defeat the L2 (gpu_quant_matmul.py's method), with
+programmatic dependent launch as in a decode step: the Triton dp4a default
+(quant_gemv.default_geometry, its split sums included), the CUDA kernel at 1, 2 and 4 rows a block
+and one, two or four turns a lane, the float kernel (quant_matmul at one row: what products under
+quant_gemv.DP4A_MIN_BYTES take, Gemma's), both Triton kernels again with METALLIC_PREFETCH=1 (their
+weights asked of the L2 before the wait; the dp4a one must give the same bits), and a plain
+streaming read of the same bytes, as shares of a device-to-device copy's bandwidth measured in the
+same run. Shapes: Llama-3-8B's products (Q4_K: q and o, k, gate|up in one launch, down; Q6_K: v,
+down, the output head into f32) and Gemma 3 270M's attn_output (Q4_K, small: bound by latency, not
+bytes).
 
 With --engine MODEL (or --synthetic llama3-8b, written to --workdir unless there), then whole
 decode runs: `metallic bench MODEL -p 512 -n 128` in separate processes, alternating
@@ -23,11 +25,13 @@ GPU:   python benchmarks/gpu_cuda_gemv.py [--engine MODEL.gguf | --synthetic lla
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -83,43 +87,64 @@ def bench_shape(
     rounded = (xq[0].view(-1, 32).double() * xq[1][:, None].double()).view(1, k)
     exact = rounded @ dense.double().T
     del dense
-    variants: dict[str, Geometry | None] = {"triton": None}
+    # name -> (geometry, METALLIC_PREFETCH): "pf" variants ask the L2 before the PDL wait
+    variants: dict[str, tuple[Geometry | None, bool]] = {"triton": (None, False),
+                                                         "triton pf": (None, True)}  # fmt: skip
     for rows in ROW_CHOICES:
         for turns in TURNS:
             warps = block_warps(k, turns)
-            variants.setdefault(f"cuda r{rows} w{warps}", Geometry(rows, 8, warps=warps,
-                                                                  kernel="cuda"))  # fmt: skip
+            geometry = Geometry(rows, 8, warps=warps, kernel="cuda")
+            variants.setdefault(f"cuda r{rows} w{warps}", (geometry, False))
     outputs = {}
     row: dict[str, object] = {"shape": label, "n": n, "k": k, "weight_bytes": one_copy}
-    for name, geometry in variants.items():
+    for name, (geometry, prefetch) in variants.items():
         out = torch.full((1, n), float("nan"), device=gen.device, dtype=dtype)
-        try:
-            gemv_parts(xq, copies[0], out, geometry)
-        except Exception as error:  # a variant that fails: report it, time the others
-            failures.append(f"{label} {name}: {str(error).splitlines()[-1][:200]}")
-            continue
-        err = relative_error(out, exact)
-        row[f"{name} err"] = err
-        if not err <= TOLERANCE:
-            failures.append(f"{label} {name}: relative error {err:.3g} vs rounded x")
-            continue
-        outputs[name] = out
-        us = graph_us([lambda c=c, g=geometry, o=out: gemv_parts(xq, c, o, g) for c in copies])
+        with prefetching(prefetch):
+            try:
+                gemv_parts(xq, copies[0], out, geometry)
+            except Exception as error:  # a variant that fails: report it, time the others
+                failures.append(f"{label} {name}: {str(error).splitlines()[-1][:200]}")
+                continue
+            err = relative_error(out, exact)
+            row[f"{name} err"] = err
+            if not err <= TOLERANCE:
+                failures.append(f"{label} {name}: relative error {err:.3g} vs rounded x")
+                continue
+            outputs[name] = out
+            calls = [lambda c=c, g=geometry, o=out: gemv_parts(xq, c, o, g) for c in copies]
+            us = graph_us(calls)
         row[f"{name} us"] = us
         row[f"{name} pct"] = 100 * one_copy / (us * 1e-6) / copy_bw
     for name, out in outputs.items():
         if name != "triton" and "triton" in outputs:
             diff = relative_error(out, outputs["triton"])
             row[f"{name} vs triton"] = diff
-            if not diff <= AGREEMENT:
+            exact_copy = name == "triton pf" and not torch.equal(out, outputs["triton"])
+            if not diff <= AGREEMENT or exact_copy:
                 failures.append(f"{label} {name}: {diff:.3g} from the Triton kernel")
     if len(part_rows) == 1:  # the float kernel (quant_matmul, M = 1: bf16 x, no rounding)
         xs = x.view(1, k)
-        float_us = graph_us([lambda c=c: quant_matmul(xs, c[0], qtype, n, k) for c in copies])
-        row["float us"], row["float pct"] = float_us, 100 * one_copy / (float_us * 1e-6) / copy_bw
+        for name, prefetch in (("float", False), ("float pf", True)):
+            with prefetching(prefetch):
+                us = graph_us([lambda c=c: quant_matmul(xs, c[0], qtype, n, k) for c in copies])
+            row[f"{name} us"], row[f"{name} pct"] = us, 100 * one_copy / (us * 1e-6) / copy_bw
     read = read_us([torch.cat([r.view(-1) for r in c]) for c in raws])
     row["read us"], row["read pct"] = read, 100 * one_copy / (read * 1e-6) / copy_bw
     return row
+
+
+@contextlib.contextmanager
+def prefetching(on: bool) -> Iterator[None]:
+    """METALLIC_PREFETCH set to `on` inside (read at each launch, so at a graph's capture)."""
+    before = os.environ.get("METALLIC_PREFETCH")
+    os.environ["METALLIC_PREFETCH"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["METALLIC_PREFETCH"]
+        else:
+            os.environ["METALLIC_PREFETCH"] = before
 
 
 def cell(row: dict[str, object], name: str) -> str:
@@ -164,8 +189,9 @@ def main() -> int:
     failures: list[str] = []
     rows = [bench_shape(*shape, gen, copy_bw, failures) for shape in SHAPES]
     print(f"\ncopy bandwidth {copy_bw / 1e9:,.0f} GB/s; µs (share of copy bandwidth)")
-    print("| shape | N x K | MB | Triton dp4a | CUDA default | CUDA best | float | plain read |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| shape | N x K | MB | Triton dp4a | + prefetch | CUDA default | CUDA best | float | "
+          "+ prefetch | plain read |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         mb = row["weight_bytes"] / 1e6
         timed = sorted((row[key], key[:-3]) for key in row if key.startswith("cuda") and
@@ -174,7 +200,8 @@ def main() -> int:
         default = f"cuda r{DEFAULT_ROWS} w{block_warps(row['k'])}"
         print(
             f"| {row['shape']} | {row['n']} x {row['k']} | {mb:.1f} | {cell(row, 'triton')} | "
-            f"{cell(row, default)} | {best} | {cell(row, 'read')} |"
+            f"{cell(row, 'triton pf')} | {cell(row, default)} | {best} | {cell(row, 'float')} | "
+            f"{cell(row, 'float pf')} | {cell(row, 'read')} |"
         )
     model = args.engine
     if args.synthetic:
