@@ -11,6 +11,9 @@ the weights one thread handles per iteration, the 16-byte loads, spills and regi
                                             instructions per weight, and per weight per row)
     python benchmarks/sass.py --launched   (compile all that gpu_gemv.py launches; --quick: as
                                             gpu_gemv.py --quick, rows of x included)
+    python benchmarks/sass.py --cuda       (the CUDA C kernels, kernels/cuda/gemv.cu, compiled
+                                            by nvcc at 1, 2 and 4 rows a block: their loop per
+                                            lane's 64 weights a row and turn)
 """
 
 from __future__ import annotations
@@ -218,7 +221,41 @@ def _launched(qtype, geo, partial: bool, m: int) -> Variant:
     return _variant(name, fn, args, geo.rows, geo.sbs, geo.warps, **extra)
 
 
+def cuda_table() -> int:
+    """The CUDA C kernels' SASS (nvcc for sm_90; NVRTC compiles the same source at run time)."""
+    import shutil
+
+    from metallic.kernels.nvrtc import SOURCES
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        print("sass.py --cuda needs nvcc on PATH (the CUDA toolkit)", file=sys.stderr)
+        return 2
+    columns = ("kernel", "rows", "SASS", "loop", "weights/lane/turn", "instr/weight",
+               "dp4a/weight", "LDG.128", "spills")  # fmt: skip
+    print("| " + " | ".join(columns) + " |")
+    print("|---" * len(columns) + "|")
+    for rows in (1, 2, 4):
+        with tempfile.TemporaryDirectory() as tmp:
+            cubin = Path(tmp) / "gemv.cubin"
+            subprocess.run([nvcc, "-arch=sm_90", "-cubin", "-O3", f"-DROWS={rows}", "-o",
+                            str(cubin), str(SOURCES / "gemv.cu")], check=True)  # fmt: skip
+            text = subprocess.run(
+                [CUOBJDUMP, "-sass", cubin], capture_output=True, text=True, check=True
+            ).stdout
+        for function in text.split("Function : ")[1:]:
+            c = count(function)
+            weights = 64 * rows
+            cells = (function.split()[0], rows, c["total"], c["loop"], weights,
+                     f"{c['loop'] / weights:.2f}", f"{c['loop_dp4a'] / weights:.2f}",
+                     c["loop_ldg128"], c["spills"])  # fmt: skip
+            print("| " + " | ".join(str(x) for x in cells) + " |", flush=True)
+    return 0
+
+
 def main() -> int:
+    if "--cuda" in sys.argv:
+        return cuda_table()
     if "--launched" in sys.argv:  # compile all that gpu_gemv.py launches; report failures
         failed = 0
         for v in launched_variants("--quick" in sys.argv):
