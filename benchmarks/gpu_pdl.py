@@ -17,7 +17,8 @@ sums in another order, so tokens and logits are reported, not required equal):
 3. Speed: one decode step's graph replayed, timed with CUDA events (median); then `metallic
    bench -p 16 -n 128` (tg128: 128 tokens after a 1-token prompt, graphs on), its JSON parsed.
 
-Prints a table and writes gpu_pdl.json to $OUT (or benchmarks/results/).
+Prints a table and writes gpu_pdl.json (gpu_metallic_prefetch.json, ...) to $OUT (or
+benchmarks/results/).
 
     python benchmarks/gpu_pdl.py                      # on the GPU
     python benchmarks/gpu_pdl.py --model gemma.gguf   # the real Gemma 3 270M as well
@@ -141,9 +142,9 @@ def against_cpu(
     }
 
 
-def bench_tg(path: Path, label: str, workdir: Path) -> dict[str, float]:
-    """`metallic bench`'s tg128 (graphs on) in this process: mean and spread of tok/s."""
-    doc = workdir / f"bench-{label}-{os.environ.get('METALLIC_AB', 'ab')}.json"
+def bench_tg(path: Path, label: str, doc: Path) -> dict[str, float]:
+    """`metallic bench`'s tg128 (graphs on) in this process, its JSON in `doc`: mean and spread
+    of tok/s."""
     args = ["bench", str(path), "--device", "cuda", "-p", "16", "-n", str(GENERATED)]
     args += ["-r", "5", "--name", label, "--json", str(doc)]
     assert cli.main(args) == 0, "metallic bench failed"
@@ -173,7 +174,7 @@ def worker(args: argparse.Namespace) -> int:
             result |= against_cpu(args.path, prompt, graphed["inputs"], graphed["logits"])
         del engine
         torch.cuda.empty_cache()
-        result |= bench_tg(args.path, args.label, args.result.parent)
+        result |= bench_tg(args.path, args.label, args.result.with_suffix(".bench.json"))
     torch.save(tensors, args.result.with_suffix(".pt"))
     args.result.write_text(json.dumps(result))
     return 0
@@ -183,9 +184,8 @@ def run_setting(
     path: Path, label: str, variable: str, value: int, smoke: bool, workdir: Path
 ) -> dict[str, Any]:
     """The worker for one model and value of `variable`, in a fresh process."""
-    tag = f"{variable.lower()}{value}"
-    result = workdir / f"{label}-{tag}.json"
-    env = dict(os.environ, **{variable: str(value)}, METALLIC_AB=tag)
+    result = workdir / f"{label}-{variable.lower()}{value}.json"
+    env = dict(os.environ, **{variable: str(value)})
     command = [sys.executable, __file__, "--worker", "--path", str(path), "--label", label]
     command += ["--result", str(result)] + (["--smoke"] if smoke else [])
     subprocess.run(command, env=env, check=True)

@@ -50,7 +50,7 @@ def takes(
     xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     parts: Sequence[PackedWeight],
     m: int,
-    rows: int,
+    rows: int = DEFAULT_ROWS,
 ) -> bool:
     """Whether the kernels can multiply m rows of x (rounded: quants, scales, half sums) by
     `parts` stacked, `rows` rows a block: one row of x; one Q6_K part, or one or two Q4_K parts
@@ -75,8 +75,8 @@ def takes(
 
 def enabled() -> bool:
     """Whether one-row products take these kernels by default: METALLIC_CUDA_GEMV=1, until
-    benchmarks/gpu_cuda_gemv.py and an engine run have measured them against the Triton
-    kernels."""
+    benchmarks/gpu_cuda_gemv.py and an engine run (gpu_pdl.py --variable METALLIC_CUDA_GEMV)
+    have measured them against the Triton kernels."""
     return os.environ.get("METALLIC_CUDA_GEMV") == "1"
 
 

@@ -174,9 +174,8 @@ def cached_cubin(file: str, defines: Mapping[str, int], arch: str) -> bytes:
     metallic's cache folder when an earlier run compiled the same source the same way."""
     source = (SOURCES / file).read_text()
     options = _options(arch, defines)
-    key = hashlib.sha256("\0".join([source, *options, repr(nvrtc_version())]).encode()).hexdigest()[
-        :24
-    ]
+    identity = "\0".join([source, *options, repr(nvrtc_version())])
+    key = hashlib.sha256(identity.encode()).hexdigest()[:24]
     path = cache_dir() / "cuda" / f"{Path(file).stem}-{key}.cubin"
     try:
         return path.read_bytes()

@@ -64,7 +64,6 @@ DP4A_MIN_BYTES = 8 << 20  # below this a one-row product keeps the float kernel 
 DP4A_MAX_ROWS = 8  # rows of x the dp4a kernels take in one pass over the weights
 DP4A_F32_MAX_ROWS = 32  # f32 rows (an output head's) take them up to this, 8 a pass (uses_dp4a)
 _QUANTIZE_BLOCKS = 32  # x blocks per program of the rounding kernel
-CUDA_ROWS = cuda_gemv.DEFAULT_ROWS  # rows a block of the CUDA kernel, where it is enabled()
 _HIGH_NIBBLES = tl.constexpr(-0x0F0F0F10)  # 0xF0F0F0F0 as a signed 32-bit word
 
 
@@ -756,8 +755,8 @@ def _launch(
             f"gemv: out {list(out.shape)} and x of {q.numel()} quants do not fit M <= "
             f"{DP4A_MAX_ROWS} rows of K = {k} times N = {n}"
         )
-    if geometry is None and cuda_gemv.enabled() and cuda_gemv.takes(xq, parts, m, CUDA_ROWS):
-        return cuda_gemv.gemv(xq, parts, out, CUDA_ROWS)
+    if geometry is None and cuda_gemv.enabled() and cuda_gemv.takes(xq, parts, m):
+        return cuda_gemv.gemv(xq, parts, out)
     g = normalized(geometry or default_geometry(weight.ggml_type, n, k, m), k)
     if g.kernel == "cuda":
         return cuda_gemv.gemv(xq, parts, out, g.rows, g.warps)
